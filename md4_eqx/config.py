@@ -1,0 +1,248 @@
+"""Configuration: one frozen dataclass per concern, and the paper's presets (MD4_MATH.md, last tables).
+
+Every field is a plain value (int, float, bool, str or an Enum) so that `train.py` can expose each
+one as a command-line flag and a checkpoint can store the whole `Config` as JSON.
+"""
+
+import dataclasses
+import enum
+from typing import Any
+
+import jax.numpy as jnp
+
+
+class Schedule(enum.Enum):
+    """The masking schedule a(t) of paper section 2 (see `md4_eqx.schedule`)."""
+
+    LINEAR = "linear"
+    COSINE = "cosine"
+    POLY = "poly"
+
+
+class MLPKind(enum.Enum):
+    """Gated MLP flavour: W2(act(W1 x) * W3 x) with act = sigmoid, swish or gelu."""
+
+    GLU = "glu"
+    SWIGLU = "swiglu"
+    GEGLU = "geglu"
+
+
+class Precision(enum.Enum):
+    """Compute dtype of the transformer's matmuls. Parameters always stay float32."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+    @property
+    def dtype(self) -> Any:
+        return jnp.dtype(self.value)
+
+
+class Sampler(enum.Enum):
+    """Reverse-process samplers of paper section 4 (see `md4_eqx.sampling`)."""
+
+    ANCESTRAL = "ancestral"
+    TOP_P = "top_p"
+    MEAN = "mean"
+
+
+class TimeGrid(enum.Enum):
+    """Time discretisation of the reverse process."""
+
+    UNIFORM = "uniform"
+    COSINE = "cosine"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The bidirectional transformer backbone (MD4_MATH.md, "Network")."""
+
+    vocab_size: int = 256
+    seq_len: int = 256
+    width: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp: MLPKind = MLPKind.GLU
+    mlp_hidden: int = 0  # 0: 2/3 of 4 * width rounded up to a multiple of 32 (2048 at width 768)
+    cond_dim: int = 64  # width of the time (and class) conditioning vector
+    num_classes: int = 0  # > 0 adds a class-label embedding (CIFAR-10: 10)
+    dropout: float = 0.0
+    precision: Precision = Precision.BFLOAT16
+    remat: bool = False  # rematerialise each block in the backward pass
+    rope_theta: float = 10_000.0
+    attention: str = "auto"  # md4_eqx.kernels.attention `impl`
+    attention_interpret: bool = False  # run a Pallas attention kernel in interpret mode (CPU)
+
+    def __post_init__(self):
+        if self.width % self.num_heads:
+            raise ValueError(f"{self.width=} must be a multiple of {self.num_heads=}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{self.dropout=} must be in [0, 1)")
+        for name in ("vocab_size", "seq_len", "width", "num_layers", "num_heads", "cond_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def hidden(self) -> int:
+        if self.mlp_hidden:
+            return self.mlp_hidden
+        return -(-(2 * 4 * self.width // 3) // 32) * 32
+
+    @property
+    def padded_vocab(self) -> int:
+        """V + 1 ids (the mask is id V) rounded up to a multiple of 128, for fast matmuls and
+        so that a vocabulary-parallel table splits evenly over up to 128 devices."""
+        return -(-(self.vocab_size + 1) // 128) * 128
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process and the loss (MD4_MATH.md, "Forward process" to "GenMD4")."""
+
+    schedule: Schedule = Schedule.LINEAR
+    exponent: float = 1.0  # k of the polynomial schedule a(t) = 1 - t^k
+    eps: float = 1e-4  # alpha(t) = (1 - 2 eps) a(t) + eps
+    timesteps: int = 0  # 0: continuous-time NELBO; T > 0: the discrete-time NELBO with T steps
+    antithetic: bool = True  # t_b = (u + b / B) mod 1 across the global batch
+    learnable: bool = False  # GenMD4: a learnable per-token polynomial schedule
+    t1: float = 1e-3  # GenMD4 draws t in [t1, 1]
+
+    def __post_init__(self):
+        if not 0.0 < self.eps < 0.5:
+            raise ValueError(f"{self.eps=} must be in (0, 0.5)")
+        if self.exponent <= 0:
+            raise ValueError(f"{self.exponent=} must be positive")
+        if self.timesteps < 0:
+            raise ValueError(f"{self.timesteps=} must be >= 0 (0 means continuous time)")
+        if self.learnable and self.timesteps:
+            raise ValueError("GenMD4 (learnable=True) is a continuous-time model: set timesteps=0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """The reverse process (MD4_MATH.md, "Reverse process")."""
+
+    sampler: Sampler = Sampler.ANCESTRAL
+    steps: int = 1000
+    grid: TimeGrid = TimeGrid.COSINE
+    top_p: float = 0.98
+
+    def __post_init__(self):
+        if self.steps <= 0:
+            raise ValueError(f"{self.steps=} must be positive")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"{self.top_p=} must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay, clipping and an EMA of the parameters."""
+
+    lr: float = 3e-4
+    warmup: int = 2000
+    min_lr_ratio: float = 0.0  # the cosine decays to lr * min_lr_ratio at the last step
+    b1: float = 0.9
+    b2: float = 0.999
+    weight_decay: float = 0.0
+    clip: float = 1.0  # global gradient norm; 0 disables clipping
+    ema: float = 0.9999
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"{self.lr=} must be positive")
+        if self.warmup < 0:
+            raise ValueError(f"{self.warmup=} must be >= 0")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"{self.ema=} must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The training loop: batch, length of the run, logging, evaluation and checkpoints."""
+
+    dataset: str = "pystdlib"
+    batch_size: int = 512  # global batch, over every device and microbatch
+    microbatches: int = 1  # gradient accumulation: the batch is split into this many chunks
+    steps: int = 1_000_000
+    seed: int = 0
+    log_every: int = 100
+    eval_every: int = 5000
+    eval_batches: int = 20
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    num_samples: int = 4  # samples written at each evaluation
+
+    def __post_init__(self):
+        for name in ("batch_size", "microbatches", "steps", "log_every", "eval_every",
+                     "eval_batches", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+        if self.batch_size % self.microbatches:
+            raise ValueError(f"{self.batch_size=} must be a multiple of {self.microbatches=}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run needs; a preset fills it, command-line flags override fields."""
+
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def _md4_s() -> Config:
+    """The paper's OpenWebText MD4-S: 12 layers, width 768, 12 heads, seq 1024, GLU, linear."""
+    return Config(
+        model=ModelConfig(vocab_size=50257, seq_len=1024),
+        train=TrainConfig(dataset="owt", batch_size=512),
+    )
+
+
+def _text8() -> Config:
+    """text8: the MD4-S network over 27 characters, sequences of 256."""
+    return Config(
+        model=ModelConfig(vocab_size=27, seq_len=256),
+        train=TrainConfig(dataset="text8", batch_size=512),
+    )
+
+
+def _cifar10() -> Config:
+    """CIFAR-10 as a flattened 32x32x3 sub-pixel sequence (ours: a transformer, not a UNet)."""
+    return Config(
+        model=ModelConfig(vocab_size=256, seq_len=3072, num_classes=10, dropout=0.1),
+        sampler=SamplerConfig(steps=256),
+        optim=OptimConfig(lr=2e-4, warmup=100, b2=0.99, weight_decay=0.01),
+        train=TrainConfig(dataset="cifar10", batch_size=256, steps=2_000_000),
+    )
+
+
+def _tiny() -> Config:
+    """Trains in minutes on 2 CPU cores: byte-level Python source from the standard library."""
+    return Config(
+        model=ModelConfig(
+            vocab_size=256, seq_len=128, width=128, num_layers=4, num_heads=4,
+            precision=Precision.FLOAT32,
+        ),
+        sampler=SamplerConfig(steps=128),
+        optim=OptimConfig(lr=2e-3, warmup=50, ema=0.99),
+        train=TrainConfig(
+            dataset="pystdlib", batch_size=32, steps=600, log_every=20, eval_every=200,
+            eval_batches=4, checkpoint_every=200,
+        ),
+    )
+
+
+PRESETS = {"md4-s": _md4_s, "text8": _text8, "cifar10": _cifar10, "tiny": _tiny}
+
+
+def preset(name: str) -> Config:
+    """The named preset; raises ValueError listing the known names."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()

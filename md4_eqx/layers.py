@@ -1,0 +1,163 @@
+"""The transformer's layers, written for the local slice of a tensor-parallel mesh.
+
+Each layer sees its own slice of a `model`-split weight (see `md4_eqx.parallel`): a COLUMN layer
+produces a slice of the features, a ROW layer sums partial products over `model`. On a (1, 1)
+mesh the slices are whole and the sums are over one device. Activations accumulate in float32;
+matmul inputs are cast to the configured compute dtype.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from md4_eqx.config import MLPKind
+from md4_eqx.kernels import attention
+from md4_eqx.parallel import MODEL, Sharded, Split, vocab_offset
+
+
+def _truncated_normal(key: PRNGKeyArray, shape: tuple[int, ...], scale: float) -> Array:
+    """Fan-in truncated normal with variance scale / fan_in (as Flax's variance_scaling)."""
+    std = math.sqrt(scale / shape[0]) / 0.87962566103423978  # std of N(0,1) truncated to [-2, 2]
+    return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+
+
+class Linear(Sharded):
+    """y = x W (+ b), W of shape [in, out], split over `model` as `split` says."""
+
+    weight: Float[Array, "fan_in fan_out"]
+    bias: Float[Array, " fan_out"] | None
+    split: Split = eqx.field(static=True)
+
+    def __init__(
+        self,
+        fan_in: int,
+        fan_out: int,
+        *,
+        key: PRNGKeyArray,
+        split: Split = Split.REPLICATED,
+        scale: float = 1.0,
+        zero: bool = False,
+        bias: bool = False,
+    ):
+        if bias and split is not Split.REPLICATED:
+            raise ValueError(f"a bias is only supported on replicated layers, not {split=}")
+        shape = (fan_in, fan_out)
+        self.weight = jnp.zeros(shape) if zero else _truncated_normal(key, shape, scale)
+        self.bias = jnp.zeros((fan_out,)) if bias else None
+        self.split = split
+
+    def __call__(self, x: Float[Array, "*b fan_in"]) -> Float[Array, "*b fan_out"]:
+        y = jnp.einsum(
+            "...i,io->...o", x, self.weight.astype(x.dtype), preferred_element_type=jnp.float32
+        )
+        if self.split is Split.ROW:
+            y = lax.psum(y, MODEL)  # partial sums over the split input features
+        return y if self.bias is None else y + self.bias
+
+
+class Embedding(Sharded):
+    """A vocabulary-parallel embedding table [padded_vocab, width]: rows split over `model`."""
+
+    weight: Float[Array, "vocab width"]
+    split: Split = eqx.field(static=True)
+
+    def __init__(self, num: int, width: int, *, key: PRNGKeyArray):
+        self.weight = jax.random.normal(key, (num, width)) / math.sqrt(width)
+        self.split = Split.VOCAB
+
+    def __call__(self, ids: Int[Array, "*b"]) -> Float[Array, "*b width"]:
+        rows = self.weight.shape[0]
+        local = ids - vocab_offset(rows)
+        inside = (local >= 0) & (local < rows)
+        found = jnp.where(inside[..., None], self.weight[jnp.clip(local, 0, rows - 1)], 0.0)
+        return lax.psum(found, MODEL)  # each id lives on exactly one device
+
+
+def layer_norm(x: Float[Array, "*b d"]) -> Float[Array, "*b d"]:
+    """LayerNorm without scale or bias (adaLN supplies them), in float32."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * lax.rsqrt(var + 1e-6)
+
+
+def activation(kind: MLPKind):
+    """The gate activation of a GLU-family MLP; adaLN uses the same one (MD4_MATH.md)."""
+    return {MLPKind.GLU: jax.nn.sigmoid, MLPKind.SWIGLU: jax.nn.swish, MLPKind.GEGLU: jax.nn.gelu}[kind]
+
+
+def rope(x: Float[Array, "b l h d"], theta: float) -> Float[Array, "b l h d"]:
+    """Rotary position embedding over the head dim (pairs (i, i + d/2))."""
+    seq, half = x.shape[1], x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (d/2,)
+    angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs  # (l, d/2)
+    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]  # (l, 1, d/2)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
+
+
+def dropout(
+    x: Float[Array, "b *rest"], rate: float, keys: PRNGKeyArray | None
+) -> Float[Array, "b *rest"]:
+    """Inverted dropout with one key per example (keys=None: inference, identity)."""
+    if keys is None or rate == 0.0:
+        return x
+    keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - rate, x.shape[1:]))(keys)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+class Attention(eqx.Module):
+    """Bidirectional multi-head self-attention with RoPE and no biases; heads split over `model`."""
+
+    wq: Linear
+    wk: Linear
+    wv: Linear
+    wo: Linear
+    head_dim: int = eqx.field(static=True)
+    rope_theta: float = eqx.field(static=True)
+    impl: str = eqx.field(static=True)
+    interpret: bool = eqx.field(static=True)
+
+    def __init__(self, width: int, num_heads: int, *, key: PRNGKeyArray, rope_theta: float,
+                 impl: str, interpret: bool):
+        kq, kk, kv, ko = jax.random.split(key, 4)
+        self.wq, self.wk, self.wv = (
+            Linear(width, width, key=k, split=Split.COLUMN) for k in (kq, kk, kv)
+        )
+        self.wo = Linear(width, width, key=ko, split=Split.ROW)
+        self.head_dim = width // num_heads
+        self.rope_theta, self.impl, self.interpret = rope_theta, impl, interpret
+
+    def __call__(self, x: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
+        b, l, _ = x.shape
+
+        def heads(proj: Linear) -> Float[Array, "b l h hd"]:
+            return proj(x).astype(x.dtype).reshape(b, l, -1, self.head_dim)  # local heads
+
+        q, k, v = rope(heads(self.wq), self.rope_theta), rope(heads(self.wk), self.rope_theta), heads(self.wv)
+        out = attention(q, k, v, impl=self.impl, interpret=self.interpret)  # (b, l, h_local, hd)
+        return self.wo(out.reshape(b, l, -1))
+
+
+class MLP(eqx.Module):
+    """Gated MLP W2(act(W1 x) * W3 x); hidden units split over `model`."""
+
+    w1: Linear
+    w3: Linear
+    w2: Linear
+    kind: MLPKind = eqx.field(static=True)
+
+    def __init__(self, width: int, hidden: int, kind: MLPKind, *, key: PRNGKeyArray, scale: float):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.w1 = Linear(width, hidden, key=k1, split=Split.COLUMN, scale=scale)
+        self.w3 = Linear(width, hidden, key=k3, split=Split.COLUMN, scale=scale)
+        self.w2 = Linear(hidden, width, key=k2, split=Split.ROW, scale=scale)
+        self.kind = kind
+
+    def __call__(self, x: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
+        gate = activation(self.kind)(self.w1(x)) * self.w3(x)  # (b, l, hidden_local), float32
+        return self.w2(gate.astype(x.dtype))

@@ -1,0 +1,186 @@
+"""The forward process and the NELBOs of MD4 and GenMD4 (MD4_MATH.md; paper sections 3 and 5).
+
+All functions run per device inside the training `shard_map` (see `md4_eqx.parallel`): they see
+this device's examples and this device's slice of the vocabulary. The randomness of example b is
+keyed by its *global* index, so any mesh draws the same times and masks. Losses are returned per
+example, summed over positions, in nats; `bits_per_token` turns them into the reported number.
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+
+from md4_eqx.model import MD4
+from md4_eqx.parallel import MODEL, vocab_gather, vocab_log_normaliser, vocab_offset
+
+
+class Losses(NamedTuple):
+    """Per-example terms, in nats summed over positions."""
+
+    diffusion: Float[Array, " b"]  # the diffusion term of the NELBO
+    recon: Float[Array, " b"]  # the reconstruction term
+    objective: Float[Array, " b"]  # what the gradient is taken of (GenMD4: the RLOO surrogate)
+
+    @property
+    def nelbo(self) -> Float[Array, " b"]:
+        return self.diffusion + self.recon
+
+
+def bits_per_token(nats: Float[Array, "*b"], seq_len: int) -> Float[Array, "*b"]:
+    """NELBO per sequence in nats -> bits per token: nats / (L ln 2)."""
+    return nats / (seq_len * math.log(2.0))
+
+
+def example_keys(key: PRNGKeyArray, ids: Int[Array, " b"]) -> PRNGKeyArray:
+    """One key per example, from its global index."""
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+
+
+def sample_times(
+    key: PRNGKeyArray, ids: Int[Array, " b"], global_batch: int, antithetic: bool
+) -> Float[Array, " b"]:
+    """t ~ U[0, 1), antithetic across the global batch: t_b = (u + b / B) mod 1 with one u."""
+    if antithetic:
+        u = jax.random.uniform(key, ())
+        return jnp.mod(u + ids.astype(jnp.float32) / global_batch, 1.0)
+    return jax.vmap(lambda k: jax.random.uniform(k, ()))(example_keys(key, ids))
+
+
+def forward_mask(
+    keys: PRNGKeyArray, x: Int[Array, "b l"], alpha: Float[Array, "b #l"], mask_id: int
+) -> Int[Array, "b l"]:
+    """z_t ~ q(z_t | x): each token kept with probability alpha_t, else replaced by the mask m = V."""
+    u = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:]))(keys)  # (b, l)
+    return jnp.where(u < alpha, x, mask_id)
+
+
+def log_probs_at(
+    logits: Float[Array, "b l v_local"], x: Int[Array, "b l"], vocab_size: int
+) -> Float[Array, "b l"]:
+    """log mu_theta[x] at every position: a gather and a distributed log-normaliser, no one-hot."""
+    return vocab_gather(logits, x) - vocab_log_normaliser(logits, vocab_size)
+
+
+def md4_losses(
+    model: MD4,
+    x: Int[Array, "b l"],
+    labels: Int[Array, " b"] | None,
+    ids: Int[Array, " b"],
+    key: PRNGKeyArray,
+    *,
+    global_batch: int,
+    train: bool,
+) -> Losses:
+    """MD4's NELBO. Continuous time (timesteps = 0), MD4_MATH.md "Continuous-time NELBO":
+        L_inf = E_t [ alpha'(t) / (1 - alpha(t)) * sum_{i: z_t^i = m} log mu_theta(z_t, t)[x^i] ];
+    discrete time (T = timesteps), "Discrete-time NELBO":
+        L_T = T E_t [ (alpha_s - alpha_t) / (1 - alpha_t) * sum_{i masked} -log mu_theta(z_t, t)[x^i] ].
+    Plus the reconstruction term L (1 - alpha(0)) log V.
+    """
+    cfg, schedule = model.config.diffusion, model.schedule
+    time_key, example_key = jax.random.split(key)
+    keys = example_keys(example_key, ids)
+    t = sample_times(time_key, ids, global_batch, cfg.antithetic)  # (b,)
+    if cfg.timesteps:
+        big_t = cfg.timesteps
+        t = (jnp.floor(t * big_t) + 1.0) / big_t  # round up to the grid: t in {1/T, ..., 1}
+        s = t - 1.0 / big_t
+        alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(s)
+        weight = -big_t * (alpha_s - alpha_t) / (1.0 - alpha_t)  # multiplies sum log mu <= 0
+    else:
+        alpha_t, weight = schedule.alpha(t), schedule.weight(t)
+    z = forward_mask(jax.vmap(jax.random.split)(keys)[:, 0], x, alpha_t[:, None], model.mask_id)
+    dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys) if train else None
+    logp = log_probs_at(model.logits(z, t, labels, keys=dropout_keys), x, model.vocab_size)
+    masked = z == model.mask_id  # (b, l)
+    diffusion = weight * jnp.sum(jnp.where(masked, logp, 0.0), axis=-1)  # (b,)
+    seq_len = x.shape[1]
+    recon = jnp.full_like(diffusion, seq_len * (1.0 - schedule.alpha(jnp.zeros(()))) * math.log(model.vocab_size))
+    return Losses(diffusion, recon, diffusion + recon)
+
+
+def genmd4_integrand(
+    logits: Float[Array, "b l v_local"],
+    x: Int[Array, "b l"],
+    w: Float[Array, " v_pad"],
+    t: Float[Array, " b"],
+    masked: Bool[Array, "b l"],
+    vocab_size: int,
+) -> Float[Array, " b"]:
+    """GenMD4's diffusion term for one draw of z_t (MD4_MATH.md, "GenMD4"):
+        L_diff = sum_{i masked} sum_v (-w_v / t) [(log p[x^i] + 1) 1{v = x^i} - p[v]]
+               = sum_{i masked} [ -w_{x^i} / t (log p[x^i] + 1) + (1 / t) sum_v w_v p[v] ].
+    With all w_v = k it is -k / t sum_{i masked} log p[x^i], MD4's polynomial-schedule loss.
+    `w` is padded to the padded vocabulary (zeros past V) so each device takes its slice.
+    """
+    v_local = logits.shape[-1]
+    w_local = jax.lax.dynamic_slice_in_dim(w, vocab_offset(v_local), v_local)  # (v_local,)
+    log_norm = vocab_log_normaliser(logits, vocab_size)  # (b, l)
+    logp = vocab_gather(logits, x) - log_norm
+    probs = jnp.exp(logits - log_norm[..., None])  # padded columns are multiplied by w = 0 below
+    expected_w = jax.lax.psum(jnp.einsum("blv,v->bl", probs, w_local), MODEL)  # sum_v w_v p[v]
+    per_position = -w[x] * (logp + 1.0) + expected_w  # (b, l), times 1 / t below
+    return jnp.sum(jnp.where(masked, per_position, 0.0), axis=-1) / t
+
+
+def genmd4_losses(
+    model: MD4,
+    x: Int[Array, "b l"],
+    labels: Int[Array, " b"] | None,
+    ids: Int[Array, " b"],
+    key: PRNGKeyArray,
+    *,
+    global_batch: int,
+    train: bool,
+) -> Losses:
+    """GenMD4's NELBO with the RLOO REINFORCE estimator for the schedule's gradient: two draws
+    z1, z2 of z_t, surrogate = (L1 + L2) / 2 + sg(L1 - L2) / 2 * (log q(z1|x) - log q(z2|x))."""
+    cfg, learned = model.config.diffusion, model.learned
+    assert learned is not None
+    time_key, example_key = jax.random.split(key)
+    keys = example_keys(example_key, ids)
+    t = sample_times(time_key, ids, global_batch, cfg.antithetic)
+    t = (1.0 - cfg.t1) * t + cfg.t1  # t in [t1, 1]
+    w = learned.w  # (V,)
+    w_pad = jnp.zeros((model.config.model.padded_vocab,)).at[: model.vocab_size].set(w)
+    w_x = w[x]  # (b, l)
+    alpha = learned.alpha(t[:, None], w_x)  # (b, l): alpha_t(x^i)
+    dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys) if train else None
+
+    def one_draw(draw: int) -> tuple[Float[Array, " b"], Float[Array, " b"]]:
+        mask_keys = jax.vmap(lambda k: jax.random.fold_in(k, draw))(keys)
+        z = forward_mask(mask_keys, x, jax.lax.stop_gradient(alpha), model.mask_id)
+        masked = z == model.mask_id
+        logits = model.logits(z, t, labels, keys=dropout_keys)
+        loss = genmd4_integrand(logits, x, w_pad, t, masked, model.vocab_size)
+        log_q_masked = jnp.log1p(-learned.eps) + w_x * jnp.log(t)[:, None]
+        log_q = jnp.sum(jnp.where(masked, log_q_masked, jnp.log(alpha)), axis=-1)  # log q(z | x)
+        return loss, log_q
+
+    (l1, q1), (l2, q2) = one_draw(1), one_draw(2)
+    diffusion = 0.5 * (l1 + l2)
+    surrogate = diffusion + 0.5 * jax.lax.stop_gradient(l1 - l2) * (q1 - q2)
+    log_t1 = math.log(cfg.t1)
+    recon = jnp.sum(  # sum_i -(1 - eps) t1^{w_x} (w_x log t1 - logsumexp_v(w_v log t1))
+        -(1.0 - learned.eps) * jnp.exp(w_x * log_t1) * (w_x * log_t1 - jax.nn.logsumexp(w * log_t1)),
+        axis=-1,
+    )
+    return Losses(diffusion, recon, surrogate + recon)
+
+
+def losses(
+    model: MD4,
+    x: Int[Array, "b l"],
+    labels: Int[Array, " b"] | None,
+    ids: Int[Array, " b"],
+    key: PRNGKeyArray,
+    *,
+    global_batch: int,
+    train: bool,
+) -> Losses:
+    """The model's NELBO terms for a batch: GenMD4's if it learns its schedule, else MD4's."""
+    fn = genmd4_losses if model.learned is not None else md4_losses
+    return fn(model, x, labels, ids, key, global_batch=global_batch, train=train)

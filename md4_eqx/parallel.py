@@ -1,0 +1,160 @@
+"""The (data, model) mesh and the few collectives that tensor parallelism needs.
+
+Every model computation runs inside one `jax.shard_map` over a 2-D mesh: the batch is split over
+`data`, and Megatron-style tensor parallelism splits attention heads, MLP hidden units and the
+(padded) vocabulary over `model`. Inside the map each device sees its local slice of every
+parameter, so the layers are written once, for the local slice; a (1, 1) mesh is simply the
+single-device run. Gradients need no explicit all-reduce: with `check_vma=True`, differentiating
+through a replicated parameter sums its cotangents over the axes the computation varied on.
+"""
+
+import enum
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int, PyTree
+
+DATA = "data"
+MODEL = "model"
+
+
+class Split(enum.Enum):
+    """How a [in, out] weight (or a [vocab, width] table) is laid out over the `model` axis."""
+
+    REPLICATED = "replicated"
+    COLUMN = "column"  # output features split: no communication, output is a local slice
+    ROW = "row"  # input features split: partial outputs are summed over `model`
+    VOCAB = "vocab"  # rows of an embedding table split
+
+
+def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
+    """A (data, model) mesh; `data` defaults to every device not used by `model`."""
+    devices = list(jax.devices() if devices is None else devices)
+    if data is None:
+        data = len(devices) // model if len(devices) % model == 0 else -1
+    if data <= 0 or model <= 0 or data * model != len(devices):
+        raise ValueError(
+            f"mesh data={data} x model={model} does not match the {len(devices)} devices"
+        )
+    array = np.asarray(devices, dtype=object).reshape(data, model)
+    return Mesh(array, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def model_index() -> Int[Array, ""]:
+    """This device's position on the `model` axis (0 on a single device)."""
+    return lax.axis_index(MODEL)
+
+
+def data_index() -> Int[Array, ""]:
+    """This device's position on the `data` axis."""
+    return lax.axis_index(DATA)
+
+
+def spec(split: Split, ndim: int) -> P:
+    """The PartitionSpec of a weight of `ndim` dims (leading dims, e.g. stacked layers, unsplit)."""
+    lead = (None,) * (ndim - 2)
+    match split:
+        case Split.REPLICATED:
+            return P()
+        case Split.COLUMN:
+            return P(*lead, None, MODEL)
+        case Split.ROW | Split.VOCAB:
+            return P(*lead, MODEL, None)
+
+
+class Sharded(eqx.Module):
+    """Base class of the layers that own a weight split over `model`."""
+
+    weight: eqx.AbstractVar[Float[Array, "..."]]
+    split: eqx.AbstractVar[Split]
+
+
+def param_specs(tree: PyTree) -> PyTree:
+    """A pytree of PartitionSpecs matching `tree`: `Sharded` weights split, everything else replicated."""
+
+    def leaf_spec(node):
+        if isinstance(node, Sharded):
+            specs = jax.tree.map(lambda _: P(), node)
+            return eqx.tree_at(lambda n: n.weight, specs, spec(node.split, node.weight.ndim))
+        return P()
+
+    return jax.tree.map(leaf_spec, tree, is_leaf=lambda n: isinstance(n, Sharded))
+
+
+def shard_map_modules(fn, mesh: Mesh, in_specs, out_specs):
+    """`jax.shard_map` for functions of Equinox modules: the arrays of every argument are mapped
+    (`in_specs(*array_args)` gives their specs), static fields are closed over."""
+
+    def wrapped(*args):
+        arrays, static = eqx.partition(args, eqx.is_array)
+
+        def inner(*arrays):
+            return fn(*eqx.combine(arrays, static))
+
+        return jax.shard_map(inner, mesh=mesh, in_specs=in_specs(*arrays), out_specs=out_specs)(*arrays)
+
+    return wrapped
+
+
+def shardings(mesh: Mesh, specs: PyTree) -> PyTree:
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
+
+
+def vocab_offset(local_vocab: int) -> Int[Array, ""]:
+    """Global id of this device's first vocabulary row/column."""
+    return model_index() * local_vocab
+
+
+def vocab_log_normaliser(
+    logits: Float[Array, "*b v_local"], vocab_size: int
+) -> Float[Array, "*b"]:
+    """log sum_v exp(logits_v) over the real vocabulary (ids < V), with the vocabulary split over
+    `model`: padded columns are excluded, and no device ever holds the full [*b, V] logits."""
+    v_local = logits.shape[-1]
+    ids = vocab_offset(v_local) + jnp.arange(v_local)
+    logits = jnp.where(ids < vocab_size, logits, -jnp.inf)
+    # The max is only a numerical shift: its gradient cancels, so it is held constant.
+    m = lax.pmax(lax.stop_gradient(jnp.max(logits, axis=-1)), MODEL)
+    total = lax.psum(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1), MODEL)
+    return jnp.log(total) + m
+
+
+def vocab_gather(values: Float[Array, "*b v_local"], ids: Int[Array, "*b"]) -> Float[Array, "*b"]:
+    """values[..., ids] with the last axis split over `model` (gather, never a one-hot)."""
+    v_local = values.shape[-1]
+    local = ids - vocab_offset(v_local)
+    inside = (local >= 0) & (local < v_local)
+    picked = jnp.take_along_axis(values, jnp.clip(local, 0, v_local - 1)[..., None], axis=-1)[..., 0]
+    return lax.psum(jnp.where(inside, picked, 0.0), MODEL)
+
+
+def vocab_all_gather(values: Float[Array, "*b v_local"], vocab_size: int) -> Float[Array, "*b v"]:
+    """The full last axis, [..., :V], on every device (used by the samplers only). Written as a
+    psum of zero-padded slices so the result is known to be replicated over `model`."""
+    v_local = values.shape[-1]
+    full = jnp.zeros(values.shape[:-1] + (v_local * lax.axis_size(MODEL),), values.dtype)
+    full = lax.dynamic_update_slice_in_dim(full, values, vocab_offset(v_local), axis=-1)
+    return lax.psum(full, MODEL)[..., :vocab_size]
+
+
+def global_norm(tree: PyTree, specs: PyTree) -> Float[Array, ""]:
+    """The L2 norm of a pytree whose leaves may be split over `model` (as `specs` says): a split
+    leaf contributes the sum over its slices, a replicated leaf counts once."""
+    total = jnp.zeros((), jnp.float32)
+    leaves = jax.tree.leaves(tree)
+    leaf_specs = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
+    for leaf, leaf_spec in zip(leaves, leaf_specs, strict=True):
+        sq = jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+        total = total + (lax.psum(sq, MODEL) if MODEL in leaf_spec else sq)
+    return jnp.sqrt(total)
+
+
+def example_ids(local_batch: int) -> Int[Array, " b"]:
+    """Global indices of this device's examples: the randomness of each example is keyed by
+    its global index, so any mesh draws the same times, masks and dropout."""
+    return data_index() * local_batch + jnp.arange(local_batch)

@@ -1,0 +1,145 @@
+"""Samplers for the reverse process (paper section 4; MD4_MATH.md, "Reverse process").
+
+From t to s < t, independently per position: an unmasked token stays; a masked one becomes
+x ~ mu_theta(z_t, t) with probability (alpha_s - alpha_t) / (1 - alpha_t), else stays masked.
+The whole loop is one `lax.scan`, jit-compiled, batched, and run on the (data, model) mesh like
+training. Positions given in the template (infilling, prompts) are never masked, so never change.
+"""
+
+import functools
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from md4_eqx.config import Sampler, SamplerConfig, TimeGrid
+from md4_eqx.loss import example_keys
+from md4_eqx.model import MD4
+from md4_eqx.parallel import DATA, example_ids, param_specs, shard_map_modules, vocab_all_gather
+
+
+class Samples(NamedTuple):
+    tokens: Int[Array, "b l"]
+    trajectory: Int[Array, "steps b l"] | None  # z after each step, if asked for
+
+
+def time_grid(steps: int, grid: TimeGrid) -> tuple[Float[Array, " steps"], Float[Array, " steps"]]:
+    """(t, s) for steps i = 0..T-1: t = (T - i) / T, s = t - 1/T; the cosine grid maps both
+    through u -> cos(pi/2 (1 - u))."""
+    t = (steps - jnp.arange(steps, dtype=jnp.float32)) / steps
+    s = t - 1.0 / steps
+    if grid is TimeGrid.COSINE:
+        t, s = (jnp.cos(jnp.pi / 2 * (1.0 - u)) for u in (t, s))
+    return t, s
+
+
+def top_p_filter(logits: Float[Array, "*b v"], top_p: float) -> Float[Array, "*b v"]:
+    """Keep the smallest set of tokens whose probability reaches top_p; the rest get -inf."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    sorted_probs = jnp.sort(probs, axis=-1)[..., ::-1]
+    # A token is kept if the mass strictly above it is still below top_p.
+    mass_above = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    kept = jnp.where(mass_above < top_p, sorted_probs, jnp.inf)
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    return jnp.where(probs >= threshold, logits, -jnp.inf)
+
+
+def reverse_step(
+    keys: PRNGKeyArray,
+    z: Int[Array, "b l"],
+    logits: Float[Array, "b l v"],
+    unmask_prob: Float[Array, ""],
+    mask_id: int,
+    cfg: SamplerConfig,
+) -> Int[Array, "b l"]:
+    """One step t -> s of the reverse process, given mu_theta(z_t, t) as logits over V."""
+    if cfg.sampler is Sampler.TOP_P:
+        logits = top_p_filter(logits, cfg.top_p)
+
+    def one_step(key, z, logits):
+        # ANCESTRAL / TOP_P: one categorical over V + 1 outcomes, the V tokens with probability
+        # unmask_prob * mu[v] and "stay masked" with 1 - unmask_prob (the paper's one-step form).
+        log_mu = jax.nn.log_softmax(logits, axis=-1)  # (l, V)
+        stay = jnp.broadcast_to(jnp.log1p(-unmask_prob), log_mu.shape[:-1] + (1,))
+        x = jax.random.categorical(key, jnp.concatenate([log_mu + jnp.log(unmask_prob), stay], -1))
+        return jnp.where(z == mask_id, x, z)  # outcome V is the mask id itself
+
+    def two_steps(key, z, logits):
+        # MEAN: draw z0 ~ mu first, then unmask with unmask_prob taking z0's values. The same law;
+        # the paper (App. G) finds it samples worse in finite precision than the one-step form.
+        k_draw, k_unmask = jax.random.split(key)
+        z0 = jax.random.categorical(k_draw, logits, axis=-1)  # (l,)
+        unmask = jax.random.bernoulli(k_unmask, unmask_prob, z.shape)
+        return jnp.where((z == mask_id) & unmask, z0, z)
+
+    per_example = two_steps if cfg.sampler is Sampler.MEAN else one_step
+    return jax.vmap(per_example)(keys, z, logits)
+
+
+def sample_local(
+    model: MD4,
+    key: PRNGKeyArray,
+    template: Int[Array, "b l"],
+    labels: Int[Array, " b"] | None,
+    cfg: SamplerConfig,
+    trajectory: bool,
+) -> Samples:
+    """The sampling loop on this device's examples (runs inside the mesh's shard_map)."""
+    mask_id, schedule = model.mask_id, model.schedule
+    keys = example_keys(key, example_ids(template.shape[0]))
+    ts, ss = time_grid(cfg.steps, cfg.grid)
+
+    def mu_logits(z, t):  # full-vocabulary logits: sampling gathers the vocabulary slices
+        t_b = jnp.full((z.shape[0],), t)
+        return vocab_all_gather(model.logits(z, t_b, labels), model.vocab_size)
+
+    def step(z, inputs):
+        i, t, s = inputs
+        alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(s)
+        unmask_prob = (alpha_s - alpha_t) / (1.0 - alpha_t)
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+        z = reverse_step(step_keys, z, mu_logits(z, t), unmask_prob, mask_id, cfg)
+        return z, (z if trajectory else None)
+
+    z, traj = jax.lax.scan(step, template, (jnp.arange(cfg.steps), ts, ss))
+    # Any position still masked after the last step takes the argmax of mu_theta(z, 0).
+    final = jnp.argmax(mu_logits(z, jnp.zeros(())), axis=-1).astype(z.dtype)
+    z = jnp.where(z == mask_id, final, z)
+    return Samples(z, traj)
+
+
+@eqx.filter_jit
+def _generate(model, key, template, labels, mesh, cfg, trajectory):
+    def specs(model, key, template, labels):
+        return (param_specs(model), P(), P(DATA), None if labels is None else P(DATA))
+
+    out = Samples(P(DATA), P(None, DATA) if trajectory else None)
+    run = shard_map_modules(
+        functools.partial(sample_local, cfg=cfg, trajectory=trajectory), mesh, specs, out
+    )
+    return run(model, key, template, labels)
+
+
+def generate(
+    model: MD4,
+    key: PRNGKeyArray,
+    template: Int[Array, "b l"],
+    mesh: Mesh,
+    cfg: SamplerConfig,
+    labels: Int[Array, " b"] | None = None,
+    trajectory: bool = False,
+) -> Samples:
+    """Samples for every row of `template`: positions equal to the mask id V are generated, the
+    others are kept (all masks: unconditional; a prompt or an infilling template otherwise).
+    The batch is split over the mesh's `data` axis; the result does not depend on the mesh."""
+    if template.shape[0] % mesh.shape[DATA]:
+        raise ValueError(
+            f"batch {template.shape[0]} must be a multiple of the mesh's data={mesh.shape[DATA]}"
+        )
+    if template.shape[1] != model.config.model.seq_len:
+        raise ValueError(f"template length {template.shape[1]} != seq_len {model.config.model.seq_len}")
+    return _generate(model, key, template, labels, mesh, cfg, trajectory)

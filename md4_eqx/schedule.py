@@ -1,0 +1,81 @@
+"""Masking schedules alpha(t) (paper section 2; MD4_MATH.md, "Forward process and schedules").
+
+alpha(t) is the probability that a token is still unmasked at time t. Following the paper's code
+it is kept away from 0 and 1: alpha(t) = (1 - 2 eps) a(t) + eps, so alpha(0) = 1 - eps and
+alpha(1) = eps. GenMD4's `LearnableSchedule` gives every vocabulary token its own exponent.
+"""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from md4_eqx.config import DiffusionConfig, Schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskingSchedule:
+    """alpha(t), alpha'(t) and the loss weight alpha'(t) / (1 - alpha(t)) of one schedule."""
+
+    kind: Schedule = Schedule.LINEAR
+    exponent: float = 1.0
+    eps: float = 1e-4
+
+    @classmethod
+    def from_config(cls, cfg: DiffusionConfig) -> "MaskingSchedule":
+        return cls(cfg.schedule, cfg.exponent, cfg.eps)
+
+    def _a(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
+        match self.kind:
+            case Schedule.LINEAR:
+                return 1.0 - t
+            case Schedule.COSINE:
+                return 1.0 - jnp.cos(jnp.pi / 2 * (1.0 - t))
+            case Schedule.POLY:
+                return 1.0 - t**self.exponent
+
+    def _da(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
+        match self.kind:
+            case Schedule.LINEAR:
+                return -jnp.ones_like(t)
+            case Schedule.COSINE:
+                return -jnp.pi / 2 * jnp.sin(jnp.pi / 2 * (1.0 - t))
+            case Schedule.POLY:
+                return -self.exponent * t ** (self.exponent - 1.0)
+
+    def alpha(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
+        """alpha(t) = (1 - 2 eps) a(t) + eps."""
+        return (1.0 - 2 * self.eps) * self._a(t) + self.eps
+
+    def dalpha(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
+        """alpha'(t) = (1 - 2 eps) a'(t)."""
+        return (1.0 - 2 * self.eps) * self._da(t)
+
+    def weight(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
+        """alpha'(t) / (1 - alpha(t)) <= 0: the continuous-time NELBO's weight."""
+        return self.dalpha(t) / (1.0 - self.alpha(t))
+
+
+class LearnableSchedule(eqx.Module):
+    """GenMD4's per-token polynomial schedule alpha_t(v) = 1 - (1 - eps) t^(w_v), w = softplus(theta).
+
+    Initialised at w = 1 for every token (MD4_MATH.md, "GenMD4").
+    """
+
+    theta: Float[Array, " vocab"]
+    eps: float = eqx.field(static=True)
+
+    def __init__(self, vocab_size: int, eps: float = 1e-4):
+        # softplus(theta) = 1  <=>  theta = log(e - 1)
+        self.theta = jnp.full((vocab_size,), jnp.log(jnp.expm1(1.0)), jnp.float32)
+        self.eps = eps
+
+    @property
+    def w(self) -> Float[Array, " vocab"]:
+        return jax.nn.softplus(self.theta)
+
+    def alpha(self, t: Float[Array, "*b"], w: Float[Array, "*b"]) -> Float[Array, "*b"]:
+        """alpha_t for tokens whose exponent is w (broadcast against t)."""
+        return 1.0 - (1.0 - self.eps) * jnp.exp(w * jnp.log(t))

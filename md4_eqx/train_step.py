@@ -1,0 +1,187 @@
+"""The training state and the ONE training step: a `jax.shard_map` over the (data, model) mesh.
+
+Inside the map each device holds its slice of the parameters, the EMA and the optimizer state
+(split over `model` like the parameters, replicated over `data`) and its slice of the batch
+(split over `data`). It computes the loss on its examples, gets gradients that JAX already summed
+over `data` (see `md4_eqx.parallel`), clips by the global norm, and applies AdamW and the EMA, all
+in the same compiled step. A (1, 1) mesh is the single-device run; there is no other code path.
+"""
+
+import functools
+import math
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+
+from md4_eqx.config import Config, OptimConfig
+from md4_eqx.loss import losses
+from md4_eqx.model import MD4
+from md4_eqx.parallel import DATA, example_ids, global_norm, param_specs, shard_map_modules
+
+
+class TrainState(eqx.Module):
+    """Everything a checkpoint holds but the data position: resuming it continues the run exactly."""
+
+    step: Int[Array, ""]
+    model: MD4
+    ema: MD4  # exponential moving average of the parameters, used for evaluation and sampling
+    opt_state: PyTree
+    key: PRNGKeyArray  # the run's base key; step i uses fold_in(key, i)
+
+
+class Metrics(NamedTuple):
+    """Global-batch means, identical on every device."""
+
+    bpt: Float[Array, ""]  # NELBO, bits per token
+    objective: Float[Array, ""]  # the differentiated loss, nats per token
+    grad_norm: Float[Array, ""]
+    lr: Float[Array, ""]
+
+
+def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup then cosine decay. On short runs the warmup is capped at a tenth of the run."""
+    warmup = min(cfg.warmup, max(1, total_steps // 10))
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, warmup, max(total_steps, warmup + 1), cfg.lr * cfg.min_lr_ratio
+    )
+
+
+def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW; weight decay only on weight matrices and embedding tables (fields named `weight`)."""
+
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: getattr(path[-1], "name", None) == "weight", params
+        )
+
+    return optax.adamw(
+        learning_rate(cfg, total_steps), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay,
+        mask=decay_mask,
+    )
+
+
+def init_state(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """A fresh state, placed on the mesh with every array's sharding (see `state_specs`)."""
+    model = MD4(config, key=jax.random.key(config.train.seed))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        model=model,
+        ema=jax.tree.map(jnp.copy, model),  # its own buffers: the step donates both
+        opt_state=optimizer.init(eqx.filter(model, eqx.is_array)),
+        key=jax.random.key(config.train.seed + 1),
+    )
+    return place(state, optimizer, mesh)
+
+
+def state_specs(state: TrainState, optimizer: optax.GradientTransformation) -> PyTree:
+    """PartitionSpecs of every array of the state: the optimizer state is split like the params."""
+    arrays = eqx.filter(state, eqx.is_array)
+    params = param_specs(arrays.model)
+    opt = optax.tree_map_params(
+        optimizer, lambda _, spec: spec, arrays.opt_state, params,
+        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P),
+    )
+    return TrainState(step=P(), model=params, ema=params, opt_state=opt, key=P())
+
+
+def place(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """Put every array of `state` on `mesh` with its sharding."""
+    arrays, static = eqx.partition(state, eqx.is_array)
+    specs = eqx.filter(state_specs(state, optimizer), lambda s: isinstance(s, P), is_leaf=lambda s: isinstance(s, P))
+    placed = jax.tree.map(
+        lambda x, s: jax.device_put(x, jax.sharding.NamedSharding(mesh, s)),
+        arrays, specs, is_leaf=lambda s: isinstance(s, P),
+    )
+    return eqx.combine(placed, static)
+
+
+def _step(
+    state: TrainState,
+    tokens: Int[Array, "b l"],
+    labels: Int[Array, " b"] | None,
+    *,
+    optimizer: optax.GradientTransformation,
+    specs: PyTree,
+    global_batch: int,
+) -> tuple[TrainState, Metrics]:
+    """One optimisation step on this device's slice of the batch and of the parameters."""
+    cfg = state.model.config
+    micro = cfg.train.microbatches
+    seq_len = tokens.shape[1]
+    key = jax.random.fold_in(state.key, state.step)
+    ids = example_ids(tokens.shape[0])
+    params, static = eqx.partition(state.model, eqx.is_array)
+
+    def loss_fn(params, x, y, ids):
+        terms = losses(eqx.combine(params, static), x, y, ids, key, global_batch=global_batch, train=True)
+        norm = global_batch * seq_len
+        return jnp.sum(terms.objective) / norm, jnp.sum(terms.nelbo) / norm
+
+    def chunks(a):  # (b, ...) -> (micro, b / micro, ...)
+        return None if a is None else a.reshape(micro, a.shape[0] // micro, *a.shape[1:])
+
+    def accumulate(carry, batch):
+        grads, objective, nelbo = carry
+        (obj, nll), g = jax.value_and_grad(loss_fn, has_aux=True)(params, *batch)
+        return (jax.tree.map(jnp.add, grads, g), objective + obj, nelbo + nll), None
+
+    zero_loss = lax.pcast(jnp.zeros(()), (DATA,), to="varying")  # a per-device partial sum
+    zero = (jax.tree.map(jnp.zeros_like, params), zero_loss, zero_loss)
+    (grads, objective, nelbo), _ = lax.scan(accumulate, zero, (chunks(tokens), chunks(labels), chunks(ids)))
+    objective, nelbo = lax.psum(objective, DATA), lax.psum(nelbo, DATA)
+
+    optim = cfg.optim
+    grad_norm = global_norm(grads, specs.model)
+    if optim.clip:
+        grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, optim.clip / (grad_norm + 1e-6)), grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    params = optax.apply_updates(params, updates)
+    # EMA decay warmed up as min(decay, (1 + step) / (10 + step)), so short runs are not all init.
+    step = state.step.astype(jnp.float32)
+    decay = jnp.minimum(optim.ema, (1.0 + step) / (10.0 + step))
+    ema = optax.incremental_update(params, eqx.filter(state.ema, eqx.is_array), 1.0 - decay)
+    new_state = TrainState(
+        step=state.step + 1,
+        model=eqx.combine(params, static),
+        ema=eqx.combine(ema, static),
+        opt_state=opt_state,
+        key=state.key,
+    )
+    lr = learning_rate(optim, cfg.train.steps)(state.step)
+    metrics = Metrics(nelbo / math.log(2.0), objective, grad_norm, jnp.asarray(lr, jnp.float32))
+    return new_state, metrics
+
+
+def make_train_step(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh):
+    """The jitted step `(state, tokens, labels) -> (state, metrics)`; it donates `state`.
+
+    `tokens` is the global batch [B, L] (B divisible by the mesh's `data` size times the number
+    of microbatches), `labels` [B] or None."""
+    specs = state_specs(state, optimizer)
+
+    def in_specs(state, tokens, labels):
+        return (specs, P(DATA), P(DATA) if labels is not None else None)
+
+    @functools.partial(eqx.filter_jit, donate="all-except-first")
+    def step(tokens, state, labels):
+        run = shard_map_modules(
+            functools.partial(_step, optimizer=optimizer, specs=specs, global_batch=tokens.shape[0]),
+            mesh, in_specs, (specs, P()),
+        )
+        return run(state, tokens, labels)
+
+    def checked(state: TrainState, tokens, labels=None):
+        b = tokens.shape[0]
+        parts = mesh.shape[DATA] * state.model.config.train.microbatches
+        if b % parts:
+            raise ValueError(f"batch {b} must be a multiple of data={mesh.shape[DATA]} x microbatches")
+        return step(tokens, state, labels)
+
+    return checked

@@ -1,0 +1,139 @@
+"""The bidirectional transformer mu_theta(z_t, t) of MD4 (MD4_MATH.md, "Network").
+
+Tokens (V + 1 ids, the mask is V) -> embedding -> N adaLN-zero blocks conditioned on t (and a
+class label) -> final adaLN LayerNorm -> a zero-initialised head to the padded vocabulary. The
+head being zero makes a fresh model predict the uniform distribution over V: log2(V) bits/token.
+Images use the same network over their flattened sub-pixel sequence.
+
+Blocks are stacked along a leading layer axis and run with `lax.scan`, so compile time does not
+grow with depth.
+"""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from md4_eqx.config import ModelConfig
+from md4_eqx.layers import MLP, Attention, Embedding, Linear, activation, dropout, layer_norm
+from md4_eqx.parallel import Split
+
+
+def time_embedding(t: Float[Array, " b"], dim: int) -> Float[Array, "b dim"]:
+    """Sinusoidal embedding of 1000 t: half sin, half cos, frequencies exp(-k log(1e4) / (dim/2 - 1))."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+    args = 1000.0 * t[:, None] * freqs  # (b, dim/2)
+    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class Conditioning(eqx.Module):
+    """c = Dense(cond)(swish(Dense(256)([time_emb(t), class_emb(y)])))."""
+
+    class_embed: Float[Array, "classes cond"] | None
+    dense1: Linear
+    dense2: Linear
+    dim: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, num_classes: int, *, key: PRNGKeyArray):
+        kc, k1, k2 = jax.random.split(key, 3)
+        self.class_embed = (
+            jax.random.normal(kc, (num_classes, dim)) / math.sqrt(dim) if num_classes else None
+        )
+        in_dim = dim * (2 if num_classes else 1)
+        self.dense1 = Linear(in_dim, 4 * dim, key=k1, bias=True)
+        self.dense2 = Linear(4 * dim, dim, key=k2, bias=True)
+        self.dim = dim
+
+    def __call__(self, t: Float[Array, " b"], labels: Int[Array, " b"] | None) -> Float[Array, "b c"]:
+        h = time_embedding(t, self.dim)
+        if self.class_embed is not None:
+            if labels is None:
+                raise ValueError("this model is class-conditional: pass `labels`")
+            h = jnp.concatenate([h, self.class_embed[labels]], axis=-1)
+        return self.dense2(jax.nn.swish(self.dense1(h)))
+
+
+class Block(eqx.Module):
+    """One adaLN-zero block:
+    h = x + gate_a * Attn(LN(x) (1 + scale_a) + shift_a);  out = h + gate_m * MLP(LN(h) (1 + scale_m) + shift_m).
+    """
+
+    ada: Linear  # zero-initialised: a fresh block is the identity
+    attn: Attention
+    mlp: MLP
+    cfg: ModelConfig = eqx.field(static=True)
+
+    def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
+        ka, km, kd = jax.random.split(key, 3)
+        self.ada = Linear(cfg.cond_dim, 6 * cfg.width, key=kd, zero=True, bias=True)
+        self.attn = Attention(
+            cfg.width, cfg.num_heads, key=ka, rope_theta=cfg.rope_theta,
+            impl=cfg.attention, interpret=cfg.attention_interpret,
+        )
+        # Depth-scaled init: MLP weights with variance 2 / num_layers (fan-in).
+        self.mlp = MLP(cfg.width, cfg.hidden, cfg.mlp, key=km, scale=2.0 / cfg.num_layers)
+        self.cfg = cfg
+
+    def __call__(
+        self, x: Float[Array, "b l d"], c: Float[Array, "b c"], keys: PRNGKeyArray | None
+    ) -> Float[Array, "b l d"]:
+        dtype = self.cfg.precision.dtype
+        mods = self.ada(activation(self.cfg.mlp)(c))[:, None, :]  # (b, 1, 6 d)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mods, 6, axis=-1)
+        ka, km = (None, None) if keys is None else jax.vmap(jax.random.split, out_axes=1)(keys)
+        a = self.attn((layer_norm(x) * (1 + scale_a) + shift_a).astype(dtype))
+        h = x + gate_a * dropout(a, self.cfg.dropout, ka)
+        m = self.mlp((layer_norm(h) * (1 + scale_m) + shift_m).astype(dtype))
+        return h + gate_m * dropout(m, self.cfg.dropout, km)
+
+
+class Transformer(eqx.Module):
+    """mu_theta: (z_t, t, label) -> logits over this device's slice of the padded vocabulary."""
+
+    embed: Embedding
+    cond: Conditioning
+    blocks: Block  # every array has a leading [num_layers] axis
+    final_ada: Linear
+    head: Linear
+    cfg: ModelConfig = eqx.field(static=True)
+
+    def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
+        ke, kc, kb, kf, kh = jax.random.split(key, 5)
+        self.embed = Embedding(cfg.padded_vocab, cfg.width, key=ke)
+        self.cond = Conditioning(cfg.cond_dim, cfg.num_classes, key=kc)
+        self.blocks = eqx.filter_vmap(lambda k: Block(cfg, key=k))(
+            jax.random.split(kb, cfg.num_layers)
+        )
+        self.final_ada = Linear(cfg.cond_dim, 2 * cfg.width, key=kf, zero=True, bias=True)
+        self.head = Linear(cfg.width, cfg.padded_vocab, key=kh, split=Split.COLUMN, zero=True)
+        self.cfg = cfg
+
+    def __call__(
+        self,
+        z: Int[Array, "b l"],
+        t: Float[Array, " b"],
+        labels: Int[Array, " b"] | None = None,
+        *,
+        keys: PRNGKeyArray | None = None,
+    ) -> Float[Array, "b l v_local"]:
+        """Logits (float32) for this device's vocabulary slice; `keys` (one per example) enable dropout."""
+        c = self.cond(t, labels)  # (b, cond)
+        x = self.embed(z)  # (b, l, d), float32 residual stream
+        params, static = eqx.partition(self.blocks, eqx.is_array)
+
+        def layer(x, inputs):
+            block_params, i = inputs
+            block = eqx.combine(block_params, static)
+            layer_keys = None if keys is None else jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+            return block(x, c, layer_keys), None
+
+        if self.cfg.remat:
+            layer = jax.checkpoint(layer)
+        x, _ = lax.scan(layer, x, (params, jnp.arange(self.cfg.num_layers)))
+        shift, scale = jnp.split(self.final_ada(activation(self.cfg.mlp)(c))[:, None, :], 2, axis=-1)
+        x = layer_norm(x) * (1 + scale) + shift
+        return self.head(x.astype(self.cfg.precision.dtype))  # (b, l, padded_vocab / M)
