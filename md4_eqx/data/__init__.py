@@ -1,0 +1,14 @@
+"""Datasets for MD4: prepared once into an on-disk token cache, read as seq_len windows.
+
+    from md4_eqx.data import DataError, Dataset, BatchLoader, load
+    ds = load("pystdlib", seq_len=256)            # or text8, owt, cifar10, file:PATH, hf:NAME
+    loader = BatchLoader(ds.split("train"), batch_size=64, seed=0)
+    batch = next(loader)                           # {"tokens": int32 [64, 256]}
+"""
+
+from md4_eqx.data.cache import default_cache_dir
+from md4_eqx.data.dataset import Dataset, Split, load
+from md4_eqx.data.errors import DataError
+from md4_eqx.data.loader import BatchLoader
+
+__all__ = ["BatchLoader", "DataError", "Dataset", "Split", "default_cache_dir", "load"]

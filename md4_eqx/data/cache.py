@@ -1,0 +1,101 @@
+"""The on-disk cache: one directory per prepared dataset, written atomically.
+
+    <cache_dir>/<name>-<key>/meta.json        tokenizer, vocabulary, source fingerprint, splits
+                             <stream>.bin      token ids, a flat memmap (uint8/16/32 by vocab)
+                             <stream>.labels   int32 class labels, one per example (images)
+                             tokenizer/        a saved Hugging Face tokenizer, when one is used
+
+The directory is built under a temporary name and renamed into place once complete, so a
+reader sees either a whole entry or none, even if preparation is killed halfway.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = 1  # bump when the layout changes: old entries then get new keys
+
+
+def default_cache_dir() -> Path:
+    """$MD4_CACHE, else ~/.cache/md4_eqx."""
+    return Path(os.environ.get("MD4_CACHE") or Path.home() / ".cache" / "md4_eqx")
+
+
+def digest(obj: object) -> str:
+    """A short stable hash of a JSON-able object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint(parts: dict) -> str:
+    """The cache key of a source and its tokenizer, described by JSON-able `parts`."""
+    return digest({"format": FORMAT, **parts})
+
+
+def path_fingerprint(path: Path) -> str:
+    """A digest of the names, sizes and modification times below `path` (cheap to compute,
+    and it changes whenever a file does)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stats = [(p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return digest([str(path.resolve()), [str(p) for p in files], stats])
+
+
+def entry_dir(cache_dir: Path, name: str, key: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:48]
+    return cache_dir / f"{slug}-{key}"
+
+
+def read_meta(entry: Path) -> dict | None:
+    """The entry's metadata, or None when the entry has not been (fully) prepared."""
+    try:
+        return json.loads((entry / "meta.json").read_text())
+    except FileNotFoundError:
+        return None
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned dtype holding ids < vocab_size (GPT-2's 50257 fits uint16)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if vocab_size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    raise ValueError(f"{vocab_size=} does not fit uint32")
+
+
+def open_tokens(path: Path, dtype: str, count: int) -> np.ndarray:
+    """A read-only memmap of `count` ids (an empty array for an empty stream)."""
+    if count == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+class EntryWriter:
+    """Builds an entry in a temporary sibling directory; `commit` renames it into place.
+
+    Used as a context manager: leaving the block without `commit` (an error, Ctrl-C) removes
+    the temporary directory.
+    """
+
+    def __init__(self, entry: Path):
+        self.entry = entry
+        self.tmp = entry.with_name(f"{entry.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.tmp.mkdir(parents=True)
+
+    def __enter__(self) -> "EntryWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def commit(self, meta: dict) -> None:
+        (self.tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        try:
+            os.rename(self.tmp, self.entry)
+        except OSError:
+            # Another process prepared the same entry first: keep theirs (ours is identical).
+            if read_meta(self.entry) is None:
+                raise

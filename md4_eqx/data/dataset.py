@@ -1,0 +1,150 @@
+"""A prepared dataset: `load` tokenises once (or reuses the cache) and opens the splits.
+
+Streams are stored flat; a split reads them as consecutive seq_len windows ("chunks"), so one
+cache serves every seq_len. For an image, seq_len is the flattened image, 32 * 32 * 3 = 3072
+sub-pixels (the paper's x in {0..255}^L with L = 3072 for CIFAR-10).
+"""
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+from jaxtyping import Int32, Integer
+
+from md4_eqx.data.cache import default_cache_dir, entry_dir, fingerprint, open_tokens, read_meta
+from md4_eqx.data.errors import DataError
+from md4_eqx.data.prepare import prepare
+from md4_eqx.data.sources import Layout, parse
+from md4_eqx.data.tokenizers import ByteTokenizer, HFTokenizer, Text8Tokenizer, Tokenizer
+
+
+class Split:
+    """One split: examples are seq_len windows of a stream, possibly every n-th (a hold-out)."""
+
+    def __init__(self, name: str, tokens: np.ndarray, labels: np.ndarray | None, seq_len: int,
+                 layout: Layout):
+        self.name = name
+        self.seq_len = seq_len
+        self._tokens = tokens  # [stream_len], a read-only memmap
+        self._labels = labels  # [stream_len // seq_len] or None
+        self._layout = layout
+        chunks = tokens.size // seq_len
+        if layout.every == 0:
+            self.num_examples = chunks
+        elif layout.held_out:
+            self.num_examples = chunks // layout.every
+        else:
+            self.num_examples = chunks - chunks // layout.every
+
+    def chunks(self, indices: Integer[np.ndarray, " n"]) -> Integer[np.ndarray, " n"]:
+        """The stream chunk behind each example index."""
+        every = self._layout.every
+        if every == 0:
+            return indices
+        if self._layout.held_out:
+            return indices * every + (every - 1)  # chunks every-1, 2*every-1, ...
+        return indices + indices // (every - 1)  # skips one chunk after every every-1 kept
+
+    def get(self, indices: Integer[np.ndarray, " n"]) -> tuple[
+        Int32[np.ndarray, "n seq_len"], Int32[np.ndarray, " n"] | None
+    ]:
+        """Tokens [n, seq_len] (and class labels [n] for images) of the given examples."""
+        indices = np.asarray(indices, np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= self.num_examples):
+            raise IndexError(f"example indices must lie in [0, {self.num_examples}) for {self.name!r}")
+        chunks = self.chunks(indices)
+        windows = chunks[:, None] * self.seq_len + np.arange(self.seq_len)  # [n, seq_len]
+        tokens = np.asarray(self._tokens[windows], np.int32)
+        labels = None if self._labels is None else np.asarray(self._labels[chunks], np.int32)
+        return tokens, labels
+
+
+class Dataset:
+    """A cache entry opened at one seq_len. See `load`."""
+
+    def __init__(self, path: Path, meta: dict, seq_len: int):
+        self.path = path
+        self.name: str = meta["name"]
+        self.vocab_size: int = meta["vocab_size"]
+        self.seq_len = seq_len
+        self.image_shape = None if meta["image_shape"] is None else tuple(meta["image_shape"])
+        self.num_classes: int = meta["num_classes"]
+        self.eos_id: int | None = meta["eos_id"]
+        self.meta = meta
+        self.splits = tuple(meta["splits"])
+
+    def split(self, name: str) -> Split:
+        if name not in self.meta["splits"]:
+            raise DataError(f"{self.name} has no split {name!r}; it has {', '.join(self.splits)}")
+        layout = Layout(**self.meta["splits"][name])
+        stream = self.meta["streams"][layout.stream]
+        tokens = open_tokens(self.path / f"{layout.stream}.bin", self.meta["dtype"], stream["tokens"])
+        labels = None
+        if stream["labels"]:
+            labels = open_tokens(self.path / f"{layout.stream}.labels", "int32", stream["labels"])
+        split = Split(name, tokens, labels, self.seq_len, layout)
+        if split.num_examples == 0:
+            raise DataError(
+                f"the {name!r} split of {self.name} has {tokens.size} tokens: "
+                f"not one example of seq_len={self.seq_len}"
+            )
+        return split
+
+    @functools.cached_property
+    def tokenizer(self) -> Tokenizer:
+        kind = self.meta["tokenizer"]["kind"]
+        if self.image_shape is not None:
+            raise DataError(f"{self.name} is an image dataset: reshape tokens to {self.image_shape}")
+        if kind == "hf":
+            return HFTokenizer(str(self.path / "tokenizer"))
+        return Text8Tokenizer() if kind == "text8" else ByteTokenizer()
+
+    def encode(self, text: str) -> Int32[np.ndarray, " n"]:
+        """Token ids of `text` (a prompt), without EOS."""
+        return self.tokenizer.encode(text)
+
+    def decode(self, tokens: Integer[np.ndarray, " n"]) -> str:
+        return self.tokenizer.decode(np.asarray(tokens))
+
+
+def load(
+    spec: str,
+    *,
+    seq_len: int | None = None,
+    cache_dir: str | Path | None = None,
+    tokenizer: str | None = None,
+    num_proc: int | None = None,
+    progress: bool = True,
+    data_path: str | None = None,
+) -> Dataset:
+    """Prepares the dataset named by `spec` (or reuses its cache) and opens it.
+
+    spec: pystdlib | text8 | owt | cifar10 | file:PATH | hf:NAME[:CONFIG] (see sources.py).
+    seq_len: window length; None takes the dataset's default (owt 1024, text8 256, ...).
+      For images it must be None or the flattened image size, 3072.
+    cache_dir: default $MD4_CACHE or ~/.cache/md4_eqx.
+    tokenizer: "bytes" or a Hugging Face tokenizer name / directory, for text sources.
+    num_proc: worker processes for tokenising (default: all cores).
+    data_path: text8's zip, or the hub name / local directory owt and cifar10 read.
+    """
+    for flag, value in (("seq_len", seq_len), ("num_proc", num_proc)):
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise DataError(f"{flag} must be a positive integer, got {value}")
+    cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    source = parse(spec, tokenizer=tokenizer, data_path=data_path, cache_dir=cache_dir)
+    if source.image_shape is not None and seq_len not in (None, source.default_seq_len):
+        raise DataError(
+            f"{spec} examples are whole images of 32*32*3 = {source.default_seq_len} tokens; "
+            f"got seq_len={seq_len}"
+        )
+    key = fingerprint(source.fingerprint())
+    entry = entry_dir(cache_dir, source.name, key)
+    meta = read_meta(entry)
+    if meta is None:
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataError(f"cannot create cache directory {cache_dir}: {e.strerror}") from None
+        meta = prepare(source, entry, key, num_proc=num_proc or os.cpu_count() or 1, progress=progress)
+    return Dataset(entry, meta, seq_len or source.default_seq_len)

@@ -1,0 +1,156 @@
+"""Deterministic, resumable, per-process batches with background prefetching.
+
+Epoch e visits the split's examples in the order `permutation(seed, e)`; global batch b of
+the epoch is the b-th run of `batch_size` of them (the last incomplete run is dropped), and
+process p of P takes its p-th contiguous slice of batch_size / P examples. The position (epoch,
+examples consumed) is the same on every process, small, and JSON-able: save it with the
+checkpoint and pass it back as `state` to continue the identical stream.
+"""
+
+import functools
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from md4_eqx.data.dataset import Split
+from md4_eqx.data.errors import DataError
+
+
+class BatchLoader:
+    """Iterator of {"tokens": int32 [batch_size // process_count, seq_len], "labels": int32 [...]}
+    ("labels" for labelled datasets only)."""
+
+    def __init__(
+        self,
+        split: Split,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        state: dict | None = None,
+        prefetch: int = 2,
+        shuffle: bool = True,
+    ):
+        if not 0 < batch_size <= split.num_examples:
+            raise DataError(f"{batch_size=} must lie in [1, {split.num_examples}] (examples in {split.name!r})")
+        if process_count < 1 or batch_size % process_count:
+            raise DataError(f"{batch_size=} must be a multiple of {process_count=}")
+        if not 0 <= process_index < process_count:
+            raise DataError(f"{process_index=} must lie in [0, {process_count})")
+        if prefetch < 0:
+            raise DataError(f"{prefetch=} must be >= 0")
+        self.split = split
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self._slice = slice(process_index * batch_size // process_count,
+                            (process_index + 1) * batch_size // process_count)
+        self._state = self._check_state(state) if state is not None else {"epoch": 0, "position": 0}
+        batches = _batches(split, batch_size, self._slice, self._order, **self._state)
+        self._source = _Prefetcher(batches, prefetch) if prefetch else batches
+
+    def _check_state(self, state: dict) -> dict:
+        try:
+            seed, epoch, position = (state[k] for k in ("seed", "epoch", "position"))
+        except (KeyError, TypeError):
+            raise DataError(f"loader state must have seed, epoch and position; got {state!r}") from None
+        if seed != self.seed:
+            raise DataError(f"loader state was saved with seed={seed}, but seed={self.seed} was given")
+        if not (isinstance(epoch, int) and isinstance(position, int) and epoch >= 0
+                and 0 <= position <= self.split.num_examples):
+            raise DataError(f"loader state has a bad epoch or position: {state!r}")
+        return {"epoch": epoch, "position": position}
+
+    @property
+    def _order(self) -> Callable[[int], np.ndarray]:
+        """epoch -> the order of the split's examples in that epoch."""
+        return functools.partial(_order, self.split.num_examples, self.seed, self.shuffle)
+
+    def __iter__(self) -> "BatchLoader":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch, self._state = next(self._source)
+        return batch
+
+    def state(self) -> dict:
+        """The position after the last batch returned: {"seed", "epoch", "position"}."""
+        return {"seed": self.seed, **self._state}
+
+    def close(self) -> None:
+        """Stops the prefetch thread (also done when the loader is garbage-collected)."""
+        if isinstance(self._source, _Prefetcher):
+            self._source.close()
+
+    def __enter__(self) -> "BatchLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _order(n: int, seed: int, shuffle: bool, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+
+
+def _batches(
+    split: Split, batch_size: int, part: slice, order: Callable[[int], np.ndarray], *,
+    epoch: int, position: int,
+) -> Iterator[tuple[dict, dict]]:
+    """(this process's part of the next global batch, the state after it), forever.
+
+    A plain function, not a method: the prefetch thread runs it and must not keep the
+    loader alive."""
+    examples = order(epoch)
+    while True:
+        if position + batch_size > examples.size:  # drop the incomplete last batch
+            epoch, position = epoch + 1, 0
+            examples = order(epoch)
+        global_batch = examples[position : position + batch_size]
+        position += batch_size
+        tokens, labels = split.get(global_batch[part])
+        batch = {"tokens": tokens} if labels is None else {"tokens": tokens, "labels": labels}
+        yield batch, {"epoch": epoch, "position": position}
+
+
+class _Prefetcher:
+    """Runs an iterator in a daemon thread, `size` items ahead of the consumer."""
+
+    def __init__(self, items: Iterator, size: int):
+        self._queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+        thread = threading.Thread(target=_fill, args=(items, self._queue, self._stop), daemon=True)
+        thread.start()
+        # The thread holds neither self nor the loader, so dropping the loader stops it.
+        self._finalizer = weakref.finalize(self, self._stop.set)
+
+    def __iter__(self) -> "_Prefetcher":
+        return self
+
+    def __next__(self):
+        item, error = self._queue.get()
+        if error is not None:
+            raise error
+        return item
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def _fill(items: Iterator, out: queue.Queue, stop: threading.Event) -> None:
+    try:
+        for item in items:
+            while not stop.is_set():
+                try:
+                    out.put((item, None), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if stop.is_set():
+                return
+    except Exception as e:  # handed to the consumer, raised by its next()
+        out.put((None, e))

@@ -1,0 +1,378 @@
+"""Where token streams come from: one class per kind of dataset, and `parse` to pick one.
+
+A source names its streams (flat token sequences stored in the cache) and the splits read
+from them (`Layout`), cuts its work into picklable `Task`s (a list of files, a byte range, a
+shard of a hub dataset), and turns one task into `Block`s of token ids. `prepare.py` runs the
+tasks, in worker processes where the source is `parallel` (tokenising or decoding images).
+
+    pystdlib          the running Python's standard library, bytes (the offline default)
+    text8             text8.zip: 27 characters, 90M / 5M / 5M characters as the paper
+    owt               OpenWebText: GPT-2 tokens, EOS after each document, 2% of chunks held out
+    cifar10           32x32x3 images as 3072 sub-pixel tokens (V = 256) with class labels
+    file:PATH         a local file, bytes by default; its last 10% is held out
+    hf:NAME[:CONFIG]  any hub dataset with a text column, packed like owt
+"""
+
+import os
+import sys
+import sysconfig
+import urllib.request
+import uuid
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+from md4_eqx.data.cache import digest, path_fingerprint
+from md4_eqx.data.errors import DataError, first_line
+from md4_eqx.data.tokenizers import Tokenizer
+
+TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
+OWT_DATASET = "Skylion007/openwebtext"
+CIFAR10_DATASET = "uoft-cs/cifar10"
+GPT2_TOKENIZER = "gpt2"
+HOLDOUT_EVERY = 50  # every 50th chunk held out: the paper's 2% of OpenWebText chunks
+FILE_PIECE = 1 << 24  # a file is tokenised in 16 MiB pieces, one task each
+HUB_BATCH = 256  # rows read (and tokenised) at a time from a hub dataset
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a split reads a stream: all of its chunks (`every` = 0), or, when `every` > 0,
+    the chunks c with c % every == every - 1 (`held_out`) or all the others."""
+
+    stream: str
+    every: int = 0
+    held_out: bool = False
+
+
+TRAIN_VALID = {"train": Layout("train"), "valid": Layout("valid")}
+HOLDOUT = {
+    "train": Layout("all", HOLDOUT_EVERY, held_out=False),
+    "valid": Layout("all", HOLDOUT_EVERY, held_out=True),
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work: shard `shard` of stream `stream`; `payload` is the source's own."""
+
+    stream: str
+    shard: int
+    payload: tuple
+
+
+class Block(NamedTuple):
+    tokens: np.ndarray  # int32 [n]
+    labels: np.ndarray | None  # int32 [n // example_len], image datasets only
+
+
+class Source:
+    """Defaults that the sources below override (they are frozen dataclasses)."""
+
+    default_seq_len = 256
+    image_shape = None
+    num_classes = 0
+    layouts = TRAIN_VALID
+
+    @property
+    def parallel(self) -> bool:
+        """Whether worker processes pay off: for a real tokenizer, not for bytes or characters."""
+        return self.tokenizer not in ("bytes", "text8")
+
+    def fetch(self, progress: bool) -> None:
+        """Downloads what `tasks` needs (only text8 downloads by itself)."""
+
+
+@dataclass(frozen=True)
+class PyStdlib(Source):
+    """The `.py` files of the running Python's standard library (no tests, no site-packages),
+    about 12 MB; a file goes to "valid" when crc32 of its relative path is 0 mod 20 (~5%)."""
+
+    tokenizer: str = "bytes"
+    name = "pystdlib"
+
+    @property
+    def root(self) -> Path:
+        return Path(sysconfig.get_paths()["stdlib"])
+
+    def files(self) -> list[str]:
+        """Relative POSIX paths, sorted."""
+        skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+        found = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = [d for d in dirnames if d not in skip]
+            rel = Path(dirpath).relative_to(self.root)
+            found += [(rel / f).as_posix() for f in filenames if f.endswith(".py")]
+        if not found:
+            raise DataError(f"no .py files in the standard library at {self.root}")
+        return sorted(found)
+
+    @staticmethod
+    def split_of(relpath: str) -> str:
+        return "valid" if zlib.crc32(relpath.encode()) % 20 == 0 else "train"
+
+    def fingerprint(self) -> dict:
+        files = self.files()
+        sizes = [(self.root / f).stat().st_size for f in files]
+        return {"kind": "pystdlib", "python": sys.version, "files": digest([files, sizes]),
+                "tokenizer": _tok_id(self.tokenizer)}
+
+    def tasks(self) -> list[Task]:
+        files = self.files()
+        return [
+            Task(split, 0, tuple(f for f in files if self.split_of(f) == split))
+            for split in ("train", "valid")
+        ]
+
+    def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
+        for rel in task.payload:
+            yield Block(tokenizer.encode_raw((self.root / rel).read_bytes(), rel), None)
+
+
+@dataclass(frozen=True)
+class Text8(Source):
+    """text8.zip (the first 10^8 characters of English Wikipedia, letters and spaces only),
+    split at 90% / 95% of its length: 90M / 5M / 5M characters, as the paper."""
+
+    zip_path: Path
+    user_given: bool  # a local zip named by the user, rather than the downloaded one
+    name = "text8"
+    tokenizer = "text8"
+    layouts = {**TRAIN_VALID, "test": Layout("test")}
+
+    def fingerprint(self) -> dict:
+        where = path_fingerprint(self.zip_path) if self.user_given else TEXT8_URL
+        return {"kind": "text8", "zip": where}
+
+    def fetch(self, progress: bool) -> None:
+        if not self.zip_path.exists():
+            _download(TEXT8_URL, self.zip_path, progress)
+
+    def tasks(self) -> list[Task]:
+        with self._open() as archive:
+            n = archive.getinfo("text8").file_size
+        spans = {"train": (0, n * 90 // 100), "valid": (n * 90 // 100, n * 95 // 100),
+                 "test": (n * 95 // 100, n)}
+        return [Task(split, 0, span) for split, span in spans.items()]
+
+    def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
+        start, stop = task.payload
+        with self._open() as archive:
+            raw = archive.read("text8")[start:stop]
+        yield Block(tokenizer.encode_raw(raw, f"{self.zip_path}:text8"), None)
+
+    def _open(self) -> zipfile.ZipFile:
+        try:
+            archive = zipfile.ZipFile(self.zip_path)
+        except (OSError, zipfile.BadZipFile) as e:
+            raise DataError(f"cannot read {self.zip_path} as a zip file: {e}") from None
+        if "text8" not in archive.namelist():
+            archive.close()
+            raise DataError(f"{self.zip_path} has no member named 'text8'")
+        return archive
+
+
+@dataclass(frozen=True)
+class TextFile(Source):
+    """A local file; the tail from 90% of its bytes on (at a UTF-8 character start) is "valid"."""
+
+    name: str
+    path: Path
+    tokenizer: str = "bytes"
+
+    def fingerprint(self) -> dict:
+        return {"kind": "file", "file": path_fingerprint(self.path), "tokenizer": _tok_id(self.tokenizer)}
+
+    def tasks(self) -> list[Task]:
+        size = self.path.stat().st_size
+        tasks = []
+        with open(self.path, "rb") as f:
+            tail = _char_start(f, size * 9 // 10)
+            for split, (lo, hi) in {"train": (0, tail), "valid": (tail, size)}.items():
+                inner = (_char_start(f, pos) for pos in range(lo + FILE_PIECE, hi, FILE_PIECE))
+                cuts = sorted({lo, hi, *inner})
+                tasks += [Task(split, i, span) for i, span in enumerate(zip(cuts, cuts[1:]))]
+        return tasks
+
+    def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
+        start, stop = task.payload
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            yield Block(tokenizer.encode_raw(f.read(stop - start), str(self.path)), None)
+
+
+@dataclass(frozen=True)
+class HubText(Source):
+    """A dataset's "train" split, streamed shard by shard: each document tokenised, EOS
+    appended, all concatenated; 2% of the seq_len chunks held out (OpenWebText, the paper)."""
+
+    name: str
+    path: str  # hub name, or a local directory of data files
+    config: str | None
+    tokenizer: str = GPT2_TOKENIZER
+    default_seq_len = 1024
+    parallel = True
+    layouts = HOLDOUT
+
+    def fingerprint(self) -> dict:
+        local = path_fingerprint(Path(self.path)) if Path(self.path).exists() else None
+        return {"kind": "hub-text", "path": self.path, "config": self.config, "local": local,
+                "tokenizer": _tok_id(self.tokenizer)}
+
+    def tasks(self) -> list[Task]:
+        ds = _open_stream(self.path, self.config, "train")
+        column = _text_column(ds, self.path)
+        return [Task("all", i, (column, ds.num_shards)) for i in range(ds.num_shards)]
+
+    def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
+        column, num_shards = task.payload
+        ds = _open_stream(self.path, self.config, "train")
+        eos = [] if tokenizer.eos_id is None else [np.array([tokenizer.eos_id], np.int32)]
+        for batch in ds.shard(num_shards=num_shards, index=task.shard).iter(HUB_BATCH):
+            docs = tokenizer.encode_batch([text for text in batch[column] if text])
+            if docs:
+                yield Block(np.concatenate([part for doc in docs for part in [doc, *eos]]), None)
+
+
+@dataclass(frozen=True)
+class Cifar10(Source):
+    """CIFAR-10 with columns "img" and "label": each image flattened row-major (H, W, C) into
+    32 * 32 * 3 = 3072 sub-pixel tokens in [0, 256); the hub's "test" split is our "valid"."""
+
+    path: str = CIFAR10_DATASET
+    name = "cifar10"
+    tokenizer = "bytes"
+    image_shape = (32, 32, 3)
+    default_seq_len = 32 * 32 * 3
+    num_classes = 10
+    parallel = True
+    hub_splits = {"train": "train", "valid": "test"}
+
+    def fingerprint(self) -> dict:
+        local = path_fingerprint(Path(self.path)) if Path(self.path).exists() else None
+        return {"kind": "cifar10", "path": self.path, "local": local}
+
+    def tasks(self) -> list[Task]:
+        tasks = []
+        for split, hub_split in self.hub_splits.items():
+            ds = _open_stream(self.path, None, hub_split)
+            missing = {"img", "label"} - set(ds.features or {})
+            if missing:
+                raise DataError(f"dataset {self.path!r} lacks column(s) {sorted(missing)}")
+            tasks += [Task(split, i, (hub_split, ds.num_shards)) for i in range(ds.num_shards)]
+        return tasks
+
+    def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
+        del tokenizer  # sub-pixel values are the tokens
+        hub_split, num_shards = task.payload
+        ds = _open_stream(self.path, None, hub_split).shard(num_shards=num_shards, index=task.shard)
+        for batch in ds.iter(HUB_BATCH):
+            images = np.stack([np.asarray(img.convert("RGB")) for img in batch["img"]])
+            labels = np.asarray(batch["label"], np.int32)
+            if images.shape[1:] != self.image_shape or labels.min() < 0 or labels.max() >= 10:
+                raise DataError(
+                    f"dataset {self.path!r} is not CIFAR-10: images {images.shape[1:]}, "
+                    f"labels {labels.min()}..{labels.max()}"
+                )
+            yield Block(images.reshape(-1).astype(np.int32), labels)  # [n * 3072], [n]
+
+
+def parse(spec: str, *, tokenizer: str | None, data_path: str | None, cache_dir: Path) -> Source:
+    """The source named by `spec`; `tokenizer` and `data_path` override its defaults
+    (data_path: text8's zip, or the hub name / local directory that owt and cifar10 read)."""
+    kind, _, rest = spec.partition(":")
+    if data_path is not None and spec not in ("text8", "owt", "cifar10"):
+        raise DataError(f"--data-path applies to text8, owt and cifar10, not {spec!r}")
+    if tokenizer is not None and spec in ("text8", "cifar10"):
+        raise DataError(f"{spec} has a fixed vocabulary; --tokenizer does not apply")
+    if spec == "pystdlib":
+        return PyStdlib(tokenizer or "bytes")
+    if spec == "text8":
+        if data_path is None:
+            return Text8(cache_dir / "downloads" / "text8.zip", user_given=False)
+        return Text8(_readable_file(Path(data_path).expanduser()), user_given=True)
+    if spec == "owt":
+        return HubText("owt", data_path or OWT_DATASET, None, tokenizer or GPT2_TOKENIZER)
+    if spec == "cifar10":
+        return Cifar10(data_path or CIFAR10_DATASET)
+    if kind == "file" and rest:
+        return TextFile(spec, _readable_file(Path(rest).expanduser()), tokenizer or "bytes")
+    if kind == "hf" and rest:
+        name, _, config = rest.partition(":")
+        return HubText(spec, name, config or None, tokenizer or GPT2_TOKENIZER)
+    raise DataError(
+        f"unknown dataset {spec!r}: choose pystdlib, text8, owt, cifar10, file:PATH or hf:NAME[:CONFIG]"
+    )
+
+
+def _readable_file(path: Path) -> Path:
+    if not path.exists():
+        raise DataError(f"no such file: {path}")
+    if not path.is_file():
+        raise DataError(f"not a regular file: {path}")
+    try:
+        with open(path, "rb") as f:
+            empty = not f.read(1)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    if empty:
+        raise DataError(f"empty file: {path}")
+    return path
+
+
+def _tok_id(tokenizer: str) -> str:
+    """A tokenizer's name, plus its files' fingerprint when it is a local directory."""
+    local = Path(tokenizer)
+    return f"{tokenizer}@{path_fingerprint(local)}" if local.exists() else tokenizer
+
+
+def _char_start(f, pos: int) -> int:
+    """The first UTF-8 character start at or after byte `pos` (continuation bytes are 10xxxxxx)."""
+    f.seek(pos)
+    head = f.read(4)
+    return pos + next((i for i, b in enumerate(head) if b & 0xC0 != 0x80), len(head))
+
+
+def _open_stream(path: str, config: str | None, split: str):
+    """A hub (or local) dataset split as a streamed `datasets.IterableDataset`: nothing is
+    converted or held in memory, so OpenWebText needs no disk beyond its tokens."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(path, config, split=split, streaming=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise DataError(f"cannot open dataset {path!r} ({split=}): {first_line(e)}") from None
+
+
+def _text_column(ds, path: str) -> str:
+    """"text" if present, else the first string column."""
+    features = ds.features or {}
+    strings = [k for k, v in features.items() if getattr(v, "dtype", None) in ("string", "large_string")]
+    if not strings:
+        raise DataError(f"dataset {path!r} has no text column (columns: {', '.join(features)})")
+    return "text" if "text" in strings else strings[0]
+
+
+def _download(url: str, dest: Path, progress: bool) -> None:
+    """Downloads `url` to `dest` through a temporary file, renamed once complete."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {dest.name}",
+                      delay=1, disable=not progress) as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, dest)
+    except OSError as e:  # urllib's URLError included
+        raise DataError(f"cannot download {url}: {e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
