@@ -138,13 +138,13 @@ def load(
             f"{spec} examples are whole images of 32*32*3 = {source.default_seq_len} tokens; "
             f"got seq_len={seq_len}"
         )
-    key = fingerprint(source.fingerprint())
-    entry = entry_dir(cache_dir, source.name, key)
+    parts = source.fingerprint()
+    entry = entry_dir(cache_dir, source.name, fingerprint(parts))
     meta = read_meta(entry)
     if meta is None:
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DataError(f"cannot create cache directory {cache_dir}: {e.strerror}") from None
-        meta = prepare(source, entry, key, num_proc=num_proc or os.cpu_count() or 1, progress=progress)
+        meta = prepare(source, entry, parts, num_proc=num_proc or os.cpu_count() or 1, progress=progress)
     return Dataset(entry, meta, seq_len or source.default_seq_len)

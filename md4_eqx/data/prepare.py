@@ -35,8 +35,8 @@ class _Worker:
 _worker: _Worker | None = None
 
 
-def prepare(source: Source, entry: Path, key: str, *, num_proc: int, progress: bool) -> dict:
-    """Writes the cache entry for `source` and returns its metadata."""
+def prepare(source: Source, entry: Path, fingerprint: dict, *, num_proc: int, progress: bool) -> dict:
+    """Writes the cache entry for `source` (identified by `fingerprint`); returns its metadata."""
     source.fetch(progress)
     tokenizer = get_tokenizer(source.tokenizer)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -61,8 +61,7 @@ def prepare(source: Source, entry: Path, key: str, *, num_proc: int, progress: b
         meta = {
             "format": FORMAT,
             "name": source.name,
-            "key": key,
-            "fingerprint": source.fingerprint(),
+            "fingerprint": fingerprint,
             "tokenizer": tokenizer.describe(),
             "vocab_size": tokenizer.vocab_size,
             "eos_id": tokenizer.eos_id,
