@@ -1,0 +1,373 @@
+"""Flash attention in Pallas, written for Mosaic TPU: bidirectional, forward and backward.
+
+Dao et al., "FlashAttention" (2022), Algorithms 1 and 2, the TPU way: a grid whose innermost
+axis walks the blocks being reduced over ("arbitrary"), with float32 accumulators in VMEM
+scratch that live across those steps. Three kernels:
+
+  forward   grid (b, h, q-block, kv-block): online softmax, writes o and the log-sum-exp
+            lse = m + log(l) of every query row;
+  dq        grid (b, h, q-block, kv-block): dq = sum_kv dS K * scale;
+  dk, dv    grid (b, h, kv-block, q-block): dv = sum_q P^T dO,  dk = sum_q dS^T Q * scale,
+with P = exp(Q K^T * scale - lse) recomputed from the residual and
+dS = P * (dO V^T - delta), delta = rowsum(dO * O).
+
+The public layout is [batch, seq, heads, head_dim]; the kernels see [batch, heads, seq,
+head_dim] so that every block is a (rows, head_dim) tile (Mosaic tiles the last two dims).
+Sequences are zero-padded to whole blocks. Each kernel masks the padded tail of the axis it
+reduces over; padded rows of the other axis compute values that the wrapper slices away.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jaxtyping import Array, Float
+
+# m and l are kept broadcast over one vreg's 128 lanes, the layout Mosaic handles natively.
+LANES = 128
+# Interpret mode fills every output buffer with NaN first, so an unwritten element shows.
+INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Rows per block: block_q / block_k for the forward, *_bwd for both backward kernels.
+
+    Blocks are clamped to the (rounded-up) sequence length, so short sequences are not
+    padded to a whole default block. They change speed, not the result (up to rounding).
+    """
+
+    block_q: int
+    block_k: int
+    block_q_bwd: int
+    block_k_bwd: int
+
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if value <= 0 or value % 8:
+                raise ValueError(f"{name}={value} must be a positive multiple of 8")
+
+    @classmethod
+    def default(cls, backend: Literal["tpu", "interpret"]) -> "BlockSizes":
+        """Defaults for the compiled Mosaic TPU kernel or for the CPU interpreter.
+
+        TPU: 512-row forward tiles keep the MXU busy and s (512 x 512 float32, 1 MiB) well
+        inside scoped VMEM; the backward holds more live tiles per step, hence 256. These
+        are untuned (no TPU was available). Interpret: 128, since every grid step costs a
+        host round trip, while padding a short sequence to a big block wastes work.
+        """
+        if backend == "tpu":
+            return cls(block_q=512, block_k=512, block_q_bwd=256, block_k_bwd=256)
+        if backend == "interpret":
+            return cls(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
+        raise ValueError(f"no default block sizes for {backend=}; expected 'tpu' or 'interpret'")
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _out_struct(shape: tuple[int, ...], dtype, *like: jax.Array) -> jax.ShapeDtypeStruct:
+    """An output type varying over the mesh axes its inputs vary over.
+
+    Inside `jax.shard_map(..., check_vma=True)` a pallas_call must declare this; outside it
+    the set is empty.
+    """
+    varying = frozenset().union(*(jax.typeof(x).mat.varying for x in like))
+    return jax.ShapeDtypeStruct(
+        shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying)
+    )
+
+
+def _nt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b^T in float32: contracts the last dim of both."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _nn(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a @ b in float32."""
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _scores(rows: jax.Array, cols: jax.Array, *, scale: float, start: jax.Array, length: int) -> jax.Array:
+    """rows @ cols^T * scale in float32, -inf in the columns of padding.
+
+    Column j is sequence position start + j; positions >= length are padding. The mask is
+    traced only when the sequence does not fill its last block.
+    """
+    s = _nt(rows, cols) * scale  # (rows, cols)
+    if length % cols.shape[0] == 0:
+        return s
+    position = start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    return jnp.where(position < length, s, -jnp.inf)
+
+
+def _forward_kernel(
+    q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, scale, kv_len
+):
+    """One (q-block, kv-block) step of the online softmax (FlashAttention Algorithm 1)."""
+    kv_index, num_kv = pl.program_id(3), pl.num_programs(3)
+
+    @pl.when(kv_index == 0)
+    def _init():
+        m_scratch[...] = jnp.full(m_scratch.shape, -jnp.inf, jnp.float32)
+        l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
+        acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
+
+    start = kv_index * k_ref.shape[0]
+    s = _scores(q_ref[...], k_ref[...], scale=scale, start=start, length=kv_len)  # (block_q, block_k)
+    m_prev, l_prev = m_scratch[...], l_scratch[...]  # (block_q, LANES)
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # (block_q, LANES)
+    # Every kv block holds at least one real key, so m_next is finite and no inf - inf occurs.
+    p = jnp.exp(s - m_next[:, :1])  # (block_q, block_k)
+    alpha = jnp.exp(m_prev - m_next)  # rescales what was accumulated under the old max
+    l_scratch[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+    m_scratch[...] = m_next
+    acc_scratch[...] = acc_scratch[...] * alpha[:, :1] + _nn(p.astype(v_ref.dtype), v_ref[...])
+
+    @pl.when(kv_index == num_kv - 1)
+    def _finish():
+        l = l_scratch[...]
+        o_ref[...] = (acc_scratch[...] / l[:, :1]).astype(o_ref.dtype)
+        lse_ref[...] = m_scratch[...] + jnp.log(l)
+
+
+def _dq_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scratch, *, scale, kv_len
+):
+    """dq for one q block, accumulated over kv blocks (FlashAttention Algorithm 2)."""
+    kv_index, num_kv = pl.program_id(3), pl.num_programs(3)
+
+    @pl.when(kv_index == 0)
+    def _init():
+        dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
+
+    k = k_ref[...]
+    start = kv_index * k.shape[0]
+    s = _scores(q_ref[...], k, scale=scale, start=start, length=kv_len)  # (block_q, block_k)
+    lse = jnp.expand_dims(lse_ref[0], -1)  # (block_q, 1)
+    delta = jnp.expand_dims(delta_ref[0], -1)  # (block_q, 1)
+    p = jnp.exp(s - lse)
+    dp = _nt(do_ref[...], v_ref[...])  # (block_q, block_k)
+    ds = p * (dp - delta)
+    dq_scratch[...] += _nn(ds.astype(k.dtype), k)  # (block_q, head_dim)
+
+    @pl.when(kv_index == num_kv - 1)
+    def _finish():
+        dq_ref[...] = (dq_scratch[...] * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    dk_scratch,
+    dv_scratch,
+    *,
+    scale,
+    q_len,
+):
+    """dk and dv for one kv block, accumulated over q blocks, computed transposed so that
+    lse and delta broadcast as rows (FlashAttention Algorithm 2)."""
+    q_index, num_q = pl.program_id(3), pl.num_programs(3)
+
+    @pl.when(q_index == 0)
+    def _init():
+        dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
+        dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
+
+    q, do = q_ref[...], do_ref[...]
+    start = q_index * q.shape[0]
+    s_t = _scores(k_ref[...], q, scale=scale, start=start, length=q_len)  # (block_k, block_q)
+    p_t = jnp.exp(s_t - lse_ref[...])  # lse row (1, block_q)
+    dv_scratch[...] += _nn(p_t.astype(do.dtype), do)  # (block_k, head_dim)
+    dp_t = _nt(v_ref[...], do)  # (block_k, block_q)
+    ds_t = p_t * (dp_t - delta_ref[...])
+    dk_scratch[...] += _nn(ds_t.astype(q.dtype), q)  # (block_k, head_dim)
+
+    @pl.when(q_index == num_q - 1)
+    def _finish():
+        dk_ref[...] = (dk_scratch[...] * scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
+
+
+def _rows(block: int, head_dim: int, *, seq_axis: int) -> pl.BlockSpec:
+    """Spec for a (block, head_dim) tile of a [b, h, seq, d] array; the grid's
+    `seq_axis`-th index (2 or 3) picks the block along seq."""
+    return pl.BlockSpec(
+        (None, None, block, head_dim), lambda b, h, i, j: (b, h, (i, j)[seq_axis - 2], 0)
+    )
+
+
+def _row_vector(block: int, *, seq_axis: int) -> pl.BlockSpec:
+    """Spec for a (1, block) slice of a [b, h, 1, seq] array of per-query statistics."""
+    return pl.BlockSpec((None, None, 1, block), lambda b, h, i, j: (b, h, 0, (i, j)[seq_axis - 2]))
+
+
+def _backward_specs(bq: int, bk: int, d: int, *, q_axis: int, kv_axis: int) -> list[pl.BlockSpec]:
+    """Specs for (q, k, v, do, lse rows, delta rows); q_axis and kv_axis are the grid axes
+    (2 or 3) that walk the query and key blocks."""
+    q_rows, kv_rows = _rows(bq, d, seq_axis=q_axis), _rows(bk, d, seq_axis=kv_axis)
+    stats = _row_vector(bq, seq_axis=q_axis)
+    return [q_rows, kv_rows, kv_rows, q_rows, stats, stats]
+
+
+def _compiler_params() -> pltpu.CompilerParams:
+    # The last grid axis carries the accumulators, so it runs in order on one core.
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+
+
+def _forward(q, k, v, *, kv_len, blocks, interpret):
+    """o and lse (float32, [b, h, tq]) of padded [b, h, seq, d] inputs."""
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    bq, bk = blocks.block_q, blocks.block_k
+    o, lse = pl.pallas_call(
+        functools.partial(_forward_kernel, scale=d**-0.5, kv_len=kv_len),
+        grid=(b, h, tq // bq, tk // bk),
+        in_specs=[_rows(bq, d, seq_axis=2), _rows(bk, d, seq_axis=3), _rows(bk, d, seq_axis=3)],
+        out_specs=[
+            _rows(bq, d, seq_axis=2),
+            pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j: (b, h, i, 0)),
+        ],
+        out_shape=[
+            _out_struct(q.shape, q.dtype, q, k, v),
+            _out_struct((b, h, tq, LANES), jnp.float32, q, k, v),
+        ],
+        scratch_shapes=[
+            pltpu.VMEM((bq, LANES), jnp.float32),  # m: running row max
+            pltpu.VMEM((bq, LANES), jnp.float32),  # l: running row sum of exp(s - m)
+            pltpu.VMEM((bq, d), jnp.float32),  # acc: unnormalised output
+        ],
+        compiler_params=_compiler_params(),
+        interpret=INTERPRET if interpret else False,
+        name="flash_attention_forward",
+    )(q, k, v)
+    return o, lse[..., 0]  # lse: (b, h, tq)
+
+
+def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
+    """dq, dk, dv of padded [b, h, seq, d] inputs."""
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
+    scale = d**-0.5
+    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # (b, h, tq)
+    lse_rows, delta_rows = lse[:, :, None, :], delta[:, :, None, :]  # (b, h, 1, tq)
+    operands = (q, k, v, do, lse_rows, delta_rows)
+    interpret_params = INTERPRET if interpret else False
+
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, scale=scale, kv_len=kv_len),
+        grid=(b, h, tq // bq, tk // bk),
+        in_specs=_backward_specs(bq, bk, d, q_axis=2, kv_axis=3),
+        out_specs=_rows(bq, d, seq_axis=2),
+        out_shape=_out_struct(q.shape, q.dtype, *operands),
+        scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
+        compiler_params=_compiler_params(),
+        interpret=interpret_params,
+        name="flash_attention_dq",
+    )(*operands)
+
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, scale=scale, q_len=q_len),
+        grid=(b, h, tk // bk, tq // bq),
+        in_specs=_backward_specs(bq, bk, d, q_axis=3, kv_axis=2),
+        out_specs=[_rows(bk, d, seq_axis=2), _rows(bk, d, seq_axis=2)],
+        out_shape=[
+            _out_struct(k.shape, k.dtype, *operands),
+            _out_struct(v.shape, v.dtype, *operands),
+        ],
+        scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
+        compiler_params=_compiler_params(),
+        interpret=interpret_params,
+        name="flash_attention_dkv",
+    )(*operands)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _flash(q, k, v, q_len, kv_len, blocks, interpret):
+    o, _ = _forward(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret)
+    return o
+
+
+def _flash_fwd(q, k, v, q_len, kv_len, blocks, interpret):
+    o, lse = _forward(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret)
+    return o, (q, k, v, o, lse)
+
+
+def _flash_bwd(q_len, kv_len, blocks, interpret, residuals, do):
+    q, k, v, o, lse = residuals
+    return _backward(
+        q, k, v, o, lse, do, q_len=q_len, kv_len=kv_len, blocks=blocks, interpret=interpret
+    )
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _fit(blocks: BlockSizes, q_len: int, kv_len: int, align: int) -> BlockSizes:
+    """Clamps each block to its sequence length rounded up to `align`."""
+    q_cap, kv_cap = _round_up(q_len, align), _round_up(kv_len, align)
+    return BlockSizes(
+        block_q=min(blocks.block_q, q_cap),
+        block_k=min(blocks.block_k, kv_cap),
+        block_q_bwd=min(blocks.block_q_bwd, q_cap),
+        block_k_bwd=min(blocks.block_k_bwd, kv_cap),
+    )
+
+
+def flash_attention(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b s h d"],
+    v: Float[Array, "b s h d"],
+    *,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool = False,
+) -> Float[Array, "b t h d"]:
+    """softmax(q k^T / sqrt(d)) v with the Pallas kernels; differentiable.
+
+    Compiles for TPU through Mosaic, or runs anywhere with `interpret=True`. Inputs may be
+    bfloat16 or float32 (one dtype for all three); accumulation is float32.
+    """
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype: {q.dtype=}, {k.dtype=}, {v.dtype=}")
+    _, q_len, _, _ = q.shape
+    kv_len = k.shape[1]
+    if block_sizes is None:
+        block_sizes = BlockSizes.default("interpret" if interpret else "tpu")
+    # Mosaic TPU: block_k is the lane dim of s and block_q that of s^T and of the lse rows.
+    align = 8 if interpret else LANES
+    if not interpret:
+        for name, value in dataclasses.asdict(block_sizes).items():
+            if value % LANES:
+                raise ValueError(f"{name}={value} must be a multiple of {LANES} on TPU")
+    blocks = _fit(block_sizes, q_len, kv_len, align)
+    q_padded = _round_up(q_len, math.lcm(blocks.block_q, blocks.block_q_bwd))
+    kv_padded = _round_up(kv_len, math.lcm(blocks.block_k, blocks.block_k_bwd))
+
+    def to_kernel_layout(x, padded_len):  # (b, seq, h, d) -> (b, h, padded_len, d)
+        x = jnp.swapaxes(x, 1, 2)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, padded_len - x.shape[2]), (0, 0)))
+
+    o = _flash(
+        to_kernel_layout(q, q_padded),
+        to_kernel_layout(k, kv_padded),
+        to_kernel_layout(v, kv_padded),
+        q_len,
+        kv_len,
+        blocks,
+        interpret,
+    )  # (b, h, q_padded, d)
+    return jnp.swapaxes(o[:, :, :q_len], 1, 2)

@@ -1,0 +1,204 @@
+"""Attention: every implementation against a float64 numpy reference, forward and gradients.
+
+The Pallas kernel runs in interpret mode on CPU. The interpreter fills every output buffer
+with NaN before the kernel runs, so an output block the kernel never wrote fails the
+comparison (test_interpreter_poisons_unwritten_outputs shows the poison is there). Interpret mode pays
+a host round trip per grid step, so shapes are small and blocks cover few steps.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
+
+from md4_eqx.kernels import BlockSizes, attention, available_impls, flash_attention, resolve_impl
+from md4_eqx.kernels.flash_attention import INTERPRET
+
+# Tolerance on max |error| / max |reference|, per input dtype.
+# float32: the kernel differs from the float64 reference only by float32 rounding in sums of
+#   <= ~100 terms taken in another order (online softmax); observed <= 1e-6, i.e. ~8 eps.
+# bfloat16: inputs are bf16-exact for both sides, but P and dS are rounded to bf16 before
+#   their matmuls and the outputs to bf16: each rounding is up to 2^-8 = 3.9e-3 relative;
+#   observed <= 6e-3, so 2e-2 is about five bf16 ulps of the largest element.
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def reference_float64(q, k, v, do):
+    """o = softmax(q k^T / sqrt(d)) v and the gradients of <o, do>, in float64 numpy."""
+    q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
+    scale = q.shape[-1] ** -0.5
+    s = np.einsum("bthd,bshd->bhts", q, k) * scale
+    p = np.exp(s - s.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)  # (b, h, t, s)
+    o = np.einsum("bhts,bshd->bthd", p, v)
+    dp = np.einsum("bthd,bshd->bhts", do, v)
+    ds = p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+    dq = np.einsum("bhts,bshd->bthd", ds, k) * scale
+    dk = np.einsum("bhts,bthd->bshd", ds, q) * scale
+    dv = np.einsum("bhts,bthd->bshd", p, do)
+    return o, dq, dk, dv
+
+
+def random_inputs(key, batch, q_len, kv_len, heads, head_dim, dtype):
+    """Standard-normal q, k, v and an output cotangent do."""
+    kq, kk, kv, kd = jax.random.split(key, 4)
+    q_shape, kv_shape = (batch, q_len, heads, head_dim), (batch, kv_len, heads, head_dim)
+    return (
+        jax.random.normal(kq, q_shape, jnp.float32).astype(dtype),
+        jax.random.normal(kk, kv_shape, jnp.float32).astype(dtype),
+        jax.random.normal(kv, kv_shape, jnp.float32).astype(dtype),
+        jax.random.normal(kd, q_shape, jnp.float32).astype(dtype),
+    )
+
+
+def output_and_gradients(fn, q, k, v, do):
+    """fn(q, k, v) and the gradients of <fn(q, k, v), do>, in one jitted program."""
+
+    @jax.jit
+    def run(q, k, v, do):
+        o, vjp = jax.vjp(fn, q, k, v)
+        return (o, *vjp(do))
+
+    return run(q, k, v, do)
+
+
+def assert_matches(actual, expected, dtype):
+    for name, a, e in zip(("o", "dq", "dk", "dv"), actual, expected):
+        a = np.asarray(a, np.float64)
+        assert np.isfinite(a).all(), f"{name} has non-finite elements (unwritten?)"
+        error = np.abs(a - e).max() / np.abs(e).max()
+        assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e} with {dtype=}"
+
+
+# (batch, q_len, kv_len, heads, head_dim, dtype): no length is a multiple of its blocks.
+CASES = [
+    (1, 70, 70, 3, 64, jnp.float32),
+    (2, 45, 45, 2, 128, jnp.bfloat16),
+    (1, 61, 40, 2, 128, jnp.float32),
+    (1, 70, 70, 2, 64, jnp.bfloat16),
+]
+CASE_IDS = [f"b{b}-t{t}-s{s}-h{h}-d{d}-{dt.__name__}" for b, t, s, h, d, dt in CASES]
+# Forward and backward blocks differ, so the sequences pad to their least common multiple.
+SMALL_BLOCKS = BlockSizes(block_q=32, block_k=24, block_q_bwd=16, block_k_bwd=24)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_pallas_matches_float64(case):
+    batch, q_len, kv_len, heads, head_dim, dtype = case
+    inputs = random_inputs(jax.random.key(q_len), batch, q_len, kv_len, heads, head_dim, dtype)
+
+    def fn(q, k, v):
+        return flash_attention(q, k, v, block_sizes=SMALL_BLOCKS, interpret=True)
+
+    assert_matches(output_and_gradients(fn, *inputs), reference_float64(*inputs), dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_xla_matches_float64(case):
+    batch, q_len, kv_len, heads, head_dim, dtype = case
+    inputs = random_inputs(jax.random.key(q_len), batch, q_len, kv_len, heads, head_dim, dtype)
+
+    def fn(q, k, v):
+        return attention(q, k, v, impl="xla")
+
+    assert_matches(output_and_gradients(fn, *inputs), reference_float64(*inputs), dtype)
+
+
+def test_pallas_default_blocks_long_sequence():
+    """T = 1000 with the default interpret blocks (128): an 8 x 8 grid with a ragged tail."""
+    inputs = random_inputs(jax.random.key(1000), 1, 1000, 1000, 1, 64, jnp.float32)
+
+    def fn(q, k, v):
+        return attention(q, k, v, impl="pallas", interpret=True)
+
+    assert_matches(output_and_gradients(fn, *inputs), reference_float64(*inputs), jnp.float32)
+
+
+def test_pallas_inside_shard_map():
+    """Batch over "data", heads over "model", vma checked: how the training step calls it."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    spec = P("data", None, "model")
+    inputs = random_inputs(jax.random.key(7), 2, 40, 40, 4, 64, jnp.float32)
+    sharded = [jax.device_put(x, jax.NamedSharding(mesh, spec)) for x in inputs]
+    blocks = BlockSizes(block_q=24, block_k=24, block_q_bwd=24, block_k_bwd=24)
+
+    def per_shard(q, k, v, do):
+        o, vjp = jax.vjp(lambda *qkv: flash_attention(*qkv, block_sizes=blocks, interpret=True), q, k, v)
+        return (o, *vjp(do))
+
+    run = jax.jit(
+        jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec,) * 4, check_vma=True)
+    )
+    assert_matches(run(*sharded), reference_float64(*inputs), jnp.float32)
+
+
+def test_interpreter_poisons_unwritten_outputs():
+    """The NaN fill that the comparisons above rely on: a block the kernel never wrote comes
+    back NaN. (A block skipped after another was written holds that block's stale values,
+    as on a TPU; the numerical comparisons catch those.)"""
+
+    def write_last_block_only(x_ref, o_ref):
+        @pl.when(pl.program_id(0) == 1)
+        def _():
+            o_ref[...] = x_ref[...]
+
+    x = jnp.ones((16, 128), jnp.float32)
+    out = pl.pallas_call(
+        write_last_block_only,
+        grid=(2,),
+        in_specs=[pl.BlockSpec((8, 128), lambda i: (i, 0))],
+        out_specs=pl.BlockSpec((8, 128), lambda i: (i, 0)),
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        interpret=INTERPRET,
+    )(x)
+    assert np.isnan(out[:8]).all() and np.isfinite(out[8:]).all()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_pallas_lowers_for_tpu(dtype, head_dim):
+    """Forward and backward lower through Pallas to Mosaic TPU with the TPU default blocks.
+
+    Only the lowering runs here (no TPU): it checks block shapes and the ops the kernels use,
+    not Mosaic's own compilation.
+    """
+    x = jax.ShapeDtypeStruct((2, 1000, 2, head_dim), dtype)
+
+    def loss(q, k, v):
+        return jnp.sum(flash_attention(q, k, v).astype(jnp.float32))
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, x, x).lower(lowering_platforms=("tpu",))
+    assert lowered.as_text().count("tpu_custom_call") == 3  # forward, dq, dk+dv
+
+
+def test_auto_picks_xla_on_cpu():
+    assert available_impls("cpu") == ("xla",)
+    assert available_impls("tpu") == ("pallas", "xla")
+    assert available_impls("gpu") == ("cudnn", "xla")
+    assert resolve_impl("auto", jnp.dtype(jnp.bfloat16), 64) == "xla"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"impl": "flash"}, "impl='flash'"),
+        ({"impl": "cudnn"}, "impl='cudnn' needs a GPU, this is backend='cpu'"),
+        ({"impl": "pallas"}, "impl='pallas' compiles only for TPU, this is backend='cpu'"),
+        ({"impl": "xla", "interpret": True}, "interpret=True runs the Pallas kernel"),
+    ],
+)
+def test_attention_rejects_bad_impl(kwargs, message):
+    q = jnp.zeros((1, 8, 1, 64), jnp.float32)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        attention(q, q, q, **kwargs)
+
+
+def test_block_size_errors_name_the_value():
+    with pytest.raises(ValueError, match="block_k=12 must be a positive multiple of 8"):
+        BlockSizes(block_q=128, block_k=12, block_q_bwd=128, block_k_bwd=128)
+    q = jnp.zeros((1, 8, 1, 64), jnp.float32)
+    blocks = BlockSizes(block_q=64, block_k=128, block_q_bwd=128, block_k_bwd=128)
+    with pytest.raises(ValueError, match="block_q=64 must be a multiple of 128 on TPU"):
+        flash_attention(q, q, q, block_sizes=blocks)
