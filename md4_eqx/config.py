@@ -44,6 +44,7 @@ class Sampler(enum.Enum):
     ANCESTRAL = "ancestral"
     TOP_P = "top_p"
     MEAN = "mean"
+    EXACT_SKIP = "exact_skip"  # the ancestral law, calling the network only on steps that unmask
 
 
 class TimeGrid(enum.Enum):

@@ -4,6 +4,10 @@ From t to s < t, independently per position: an unmasked token stays; a masked o
 x ~ mu_theta(z_t, t) with probability (alpha_s - alpha_t) / (1 - alpha_t), else stays masked.
 The whole loop is one `lax.scan`, jit-compiled, batched, and run on the (data, model) mesh like
 training. Positions given in the template (infilling, prompts) are never masked, so never change.
+
+`Sampler.EXACT_SKIP` samples the same law with fewer network calls: which step unmasks a position
+does not depend on the network, so it draws every position's unmask step up front and calls the
+network only at steps where something unmasks (`sample_skip_local`).
 """
 
 import functools
@@ -12,6 +16,7 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray
@@ -20,11 +25,13 @@ from md4_eqx.config import Sampler, SamplerConfig, TimeGrid
 from md4_eqx.loss import example_keys
 from md4_eqx.model import MD4
 from md4_eqx.parallel import DATA, example_ids, param_specs, shard_map_modules, vocab_all_gather
+from md4_eqx.schedule import MaskingSchedule
 
 
 class Samples(NamedTuple):
     tokens: Int[Array, "b l"]
     trajectory: Int[Array, "steps b l"] | None  # z after each step, if asked for
+    calls: Int[Array, " data"] | None = None  # EXACT_SKIP: network calls made on each data shard
 
 
 def time_grid(steps: int, grid: TimeGrid) -> tuple[Float[Array, " steps"], Float[Array, " steps"]]:
@@ -112,14 +119,91 @@ def sample_local(
     return Samples(z, traj)
 
 
+def log_survival(schedule: MaskingSchedule, steps: int, grid: TimeGrid) -> Float[Array, " steps"]:
+    """log P(a masked position is still masked after step i) = sum_{j<=i} log(1 - p_j), with p_j
+    = (alpha_s - alpha_t) / (1 - alpha_t) the unmask probability of step j."""
+    ts, ss = time_grid(steps, grid)
+    alpha_t, alpha_s = schedule.alpha(ts), schedule.alpha(ss)
+    return jnp.cumsum(jnp.log1p(-(alpha_s - alpha_t) / (1.0 - alpha_t)))
+
+
+def unmask_step_probs(
+    schedule: MaskingSchedule, steps: int, grid: TimeGrid
+) -> Float[Array, " steps_and_final"]:
+    """The law of the step at which a masked position unmasks, the same for every position and
+    independent of the network (MD4_MATH.md, "Reverse process"): entry i < T is
+    prod_{j<i} (1 - p_j) p_i and entry T is prod_j (1 - p_j), the chance of still being masked
+    for the final argmax fill."""
+    survival = jnp.exp(log_survival(schedule, steps, grid))  # (T,)
+    return -jnp.diff(jnp.concatenate([jnp.ones(1), survival, jnp.zeros(1)]))
+
+
+def expected_skip_calls(schedule: MaskingSchedule, cfg: SamplerConfig, seq_len: int) -> float:
+    """E[network calls] of `Sampler.EXACT_SKIP` for one all-mask sequence: the expected number of
+    distinct unmask steps (the final fill counted as one), sum_i 1 - (1 - P_i)^L. The ancestral
+    sampler makes T + 1 calls."""
+    probs = np.asarray(unmask_step_probs(schedule, cfg.steps, cfg.grid), np.float64)
+    return float(np.sum(-np.expm1(seq_len * np.log1p(-probs))))
+
+
+def sample_skip_local(
+    model: MD4,
+    key: PRNGKeyArray,
+    template: Int[Array, "b l"],
+    labels: Int[Array, " b"] | None,
+    cfg: SamplerConfig,
+    trajectory: bool,
+) -> Samples:
+    """The ancestral law with network calls only where something unmasks (runs inside shard_map).
+
+    Each masked position unmasks at exactly one step k in {0..T-1}, or is still masked at the end
+    (k = T, the final argmax fill), with the law of `unmask_step_probs` whatever the network says;
+    given that it unmasks at step i, its value is x ~ mu_theta(z_t_i, t_i). So draw every k up
+    front (inverse CDF: k = #{i : -log P(k > i) < E}, E ~ Exp(1)), then let each example jump from
+    one of its unmask steps to the next: a step where nothing unmasks leaves z as it is, so skipping
+    it is exact, time conditioning included. Every call serves each example at its own next step
+    and time (the network takes a time per example), so a device makes as many calls as its
+    busiest example has distinct unmask steps. The trajectory is rebuilt from the k's afterwards.
+    """
+    steps, mask_id = cfg.steps, model.mask_id
+    keys = example_keys(key, example_ids(template.shape[0]))
+    step_keys, token_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
+    ts, _ = time_grid(steps, grid=cfg.grid)
+    ts = jnp.concatenate([ts, jnp.zeros(1)])  # step T: the final argmax fill at t = 0
+    energy = jax.vmap(lambda k: jax.random.exponential(k, template.shape[1:]))(step_keys)  # (b, l)
+    hazard = -log_survival(model.schedule, steps, cfg.grid)  # (T,), increasing
+    drawn = jnp.searchsorted(hazard, energy).astype(template.dtype)  # (b, l) in [0, T]
+    done = steps + 1  # k of a position that is given, or already unmasked
+    first = jnp.where(template == mask_id, drawn, done)  # (b, l)
+
+    def body(carry):
+        z, k, calls = carry
+        now = jnp.min(k, axis=-1)  # (b,) each example's next step with an unmasking
+        logits = vocab_all_gather(model.logits(z, ts[jnp.minimum(now, steps)], labels), model.vocab_size)
+        draw = jax.vmap(lambda key, i, lg: jax.random.categorical(jax.random.fold_in(key, i), lg))
+        x = jnp.where((now == steps)[:, None], jnp.argmax(logits, axis=-1), draw(token_keys, now, logits))
+        unmask = (k == now[:, None]) & (now < done)[:, None]  # (b, l)
+        return jnp.where(unmask, x.astype(z.dtype), z), jnp.where(unmask, done, k), calls + 1
+
+    z, _, calls = jax.lax.while_loop(
+        lambda carry: jnp.any(carry[1] < done), body, (template, first, jnp.zeros((1,), jnp.int32))
+    )
+    traj = None
+    if trajectory:  # z after step i keeps the values of the positions with k <= i
+        traj = jnp.where(first[None] <= jnp.arange(steps)[:, None, None], z[None], template[None])
+    return Samples(z, traj, calls)
+
+
 @eqx.filter_jit
 def _generate(model, key, template, labels, mesh, cfg, trajectory):
     def specs(model, key, template, labels):
         return (param_specs(model), P(), P(DATA), None if labels is None else P(DATA))
 
-    out = Samples(P(DATA), P(None, DATA) if trajectory else None)
+    skip = cfg.sampler is Sampler.EXACT_SKIP
+    out = Samples(P(DATA), P(None, DATA) if trajectory else None, P(DATA) if skip else None)
+    local = sample_skip_local if skip else sample_local
     run = shard_map_modules(
-        functools.partial(sample_local, cfg=cfg, trajectory=trajectory), mesh, specs, out
+        functools.partial(local, cfg=cfg, trajectory=trajectory), mesh, specs, out
     )
     return run(model, key, template, labels)
 
