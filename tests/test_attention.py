@@ -73,11 +73,12 @@ def assert_matches(actual, expected, dtype):
 
 
 # (batch, q_len, kv_len, heads, head_dim, dtype): no length is a multiple of its blocks.
+# With the long-sequence test (bfloat16, 64) every head_dim meets every dtype; each case
+# costs seconds in the interpreter, so there are no more.
 CASES = [
     (1, 70, 70, 3, 64, jnp.float32),
     (2, 45, 45, 2, 128, jnp.bfloat16),
     (1, 61, 40, 2, 128, jnp.float32),
-    (1, 70, 70, 2, 64, jnp.bfloat16),
 ]
 CASE_IDS = [f"b{b}-t{t}-s{s}-h{h}-d{d}-{dt.__name__}" for b, t, s, h, d, dt in CASES]
 # Forward and backward blocks differ, so the sequences pad to their least common multiple.
@@ -108,12 +109,12 @@ def test_xla_matches_float64(case):
 
 def test_pallas_default_blocks_long_sequence():
     """T = 1000 with the default interpret blocks (128): an 8 x 8 grid with a ragged tail."""
-    inputs = random_inputs(jax.random.key(1000), 1, 1000, 1000, 1, 64, jnp.float32)
+    inputs = random_inputs(jax.random.key(1000), 1, 1000, 1000, 1, 64, jnp.bfloat16)
 
     def fn(q, k, v):
         return attention(q, k, v, impl="pallas", interpret=True)
 
-    assert_matches(output_and_gradients(fn, *inputs), reference_float64(*inputs), jnp.float32)
+    assert_matches(output_and_gradients(fn, *inputs), reference_float64(*inputs), jnp.bfloat16)
 
 
 def test_pallas_inside_shard_map():
