@@ -12,7 +12,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
 from md4_eqx.config import MLPKind
 from md4_eqx.kernels import attention
@@ -56,7 +56,7 @@ class Linear(Sharded):
         )
         if self.split is Split.ROW:
             y = lax.psum(y, MODEL)  # partial sums over the split input features
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias[(None,) * (y.ndim - 1)]
 
 
 class Embedding(Sharded):
@@ -94,14 +94,14 @@ def rope(x: Float[Array, "b l h d"], theta: float) -> Float[Array, "b l h d"]:
     """Rotary position embedding over the head dim (pairs (i, i + d/2))."""
     seq, half = x.shape[1], x.shape[-1] // 2
     freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (d/2,)
-    angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs  # (l, d/2)
-    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]  # (l, 1, d/2)
+    angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None, :]  # (l, d/2)
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]  # (1, l, 1, d/2)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
 def dropout(
-    x: Float[Array, "b *rest"], rate: float, keys: PRNGKeyArray | None
+    x: Float[Array, "b *rest"], rate: float, keys: Key[Array, " b"] | None
 ) -> Float[Array, "b *rest"]:
     """Inverted dropout with one key per example (keys=None: inference, identity)."""
     if keys is None or rate == 0.0:

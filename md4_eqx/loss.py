@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray
 
 from md4_eqx.model import MD4
 from md4_eqx.parallel import MODEL, vocab_gather, vocab_log_normaliser, vocab_offset
@@ -34,7 +34,7 @@ def bits_per_token(nats: Float[Array, "*b"], seq_len: int) -> Float[Array, "*b"]
     return nats / (seq_len * math.log(2.0))
 
 
-def example_keys(key: PRNGKeyArray, ids: Int[Array, " b"]) -> PRNGKeyArray:
+def example_keys(key: PRNGKeyArray, ids: Int[Array, " b"]) -> Key[Array, " b"]:
     """One key per example, from its global index."""
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
 
@@ -50,7 +50,7 @@ def sample_times(
 
 
 def forward_mask(
-    keys: PRNGKeyArray, x: Int[Array, "b l"], alpha: Float[Array, "b #l"], mask_id: int
+    keys: Key[Array, " b"], x: Int[Array, "b l"], alpha: Float[Array, "b #l"], mask_id: int
 ) -> Int[Array, "b l"]:
     """z_t ~ q(z_t | x): each token kept with probability alpha_t, else replaced by the mask m = V."""
     u = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:]))(keys)  # (b, l)
@@ -88,8 +88,8 @@ def md4_losses(
         big_t = cfg.timesteps
         t = (jnp.floor(t * big_t) + 1.0) / big_t  # round up to the grid: t in {1/T, ..., 1}
         s = t - 1.0 / big_t
-        alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(s)
-        weight = -big_t * (alpha_s - alpha_t) / (1.0 - alpha_t)  # multiplies sum log mu <= 0
+        alpha_t, mask_t = schedule.alpha(t), schedule.mask_prob(t)
+        weight = -big_t * (mask_t - schedule.mask_prob(s)) / mask_t  # (alpha_s - alpha_t) / (1 - alpha_t)
     else:
         alpha_t, weight = schedule.alpha(t), schedule.weight(t)
     z = forward_mask(jax.vmap(jax.random.split)(keys)[:, 0], x, alpha_t[:, None], model.mask_id)
@@ -98,7 +98,7 @@ def md4_losses(
     masked = z == model.mask_id  # (b, l)
     diffusion = weight * jnp.sum(jnp.where(masked, logp, 0.0), axis=-1)  # (b,)
     seq_len = x.shape[1]
-    recon = jnp.full_like(diffusion, seq_len * (1.0 - schedule.alpha(jnp.zeros(()))) * math.log(model.vocab_size))
+    recon = jnp.full_like(diffusion, seq_len * schedule.mask_prob(jnp.zeros(())) * math.log(model.vocab_size))
     return Losses(diffusion, recon, diffusion + recon)
 
 

@@ -1,7 +1,7 @@
 """MD4 and GenMD4 as one Equinox module: the network mu_theta plus the masking schedule."""
 
 import equinox as eqx
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
 from md4_eqx.config import Config
 from md4_eqx.schedule import LearnableSchedule, MaskingSchedule
@@ -40,7 +40,7 @@ class MD4(eqx.Module):
         t: Float[Array, " b"],
         labels: Int[Array, " b"] | None = None,
         *,
-        keys: PRNGKeyArray | None = None,
+        keys: Key[Array, " b"] | None = None,
     ) -> Float[Array, "b l v_local"]:
         """mu_theta(z_t, t) as logits over this device's vocabulary slice (see `md4_eqx.parallel`)."""
         return self.net(z, t, labels, keys=keys)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
 from md4_eqx.config import Sampler, SamplerConfig, TimeGrid
 from md4_eqx.loss import example_keys
@@ -56,7 +56,7 @@ def top_p_filter(logits: Float[Array, "*b v"], top_p: float) -> Float[Array, "*b
 
 
 def reverse_step(
-    keys: PRNGKeyArray,
+    keys: Key[Array, " b"],
     z: Int[Array, "b l"],
     logits: Float[Array, "b l v"],
     unmask_prob: Float[Array, ""],
@@ -106,8 +106,8 @@ def sample_local(
 
     def step(z, inputs):
         i, t, s = inputs
-        alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(s)
-        unmask_prob = (alpha_s - alpha_t) / (1.0 - alpha_t)
+        mask_t = schedule.mask_prob(t)
+        unmask_prob = (mask_t - schedule.mask_prob(s)) / mask_t  # (alpha_s - alpha_t) / (1 - alpha_t)
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
         z = reverse_step(step_keys, z, mu_logits(z, t), unmask_prob, mask_id, cfg)
         return z, (z if trajectory else None)

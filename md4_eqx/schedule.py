@@ -28,13 +28,17 @@ class MaskingSchedule:
         return cls(cfg.schedule, cfg.exponent, cfg.eps)
 
     def _a(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
+        return 1.0 - self._one_minus_a(t)
+
+    def _one_minus_a(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
+        """1 - a(t), written out so that 1 - alpha(t) keeps its precision near t = 0."""
         match self.kind:
             case Schedule.LINEAR:
-                return 1.0 - t
+                return t
             case Schedule.COSINE:
-                return 1.0 - jnp.cos(jnp.pi / 2 * (1.0 - t))
+                return jnp.cos(jnp.pi / 2 * (1.0 - t))
             case Schedule.POLY:
-                return 1.0 - t**self.exponent
+                return t**self.exponent
 
     def _da(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
         match self.kind:
@@ -53,9 +57,13 @@ class MaskingSchedule:
         """alpha'(t) = (1 - 2 eps) a'(t)."""
         return (1.0 - 2 * self.eps) * self._da(t)
 
+    def mask_prob(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
+        """1 - alpha(t) = (1 - 2 eps)(1 - a(t)) + eps, the probability a token is masked at t."""
+        return (1.0 - 2 * self.eps) * self._one_minus_a(t) + self.eps
+
     def weight(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
         """alpha'(t) / (1 - alpha(t)) <= 0: the continuous-time NELBO's weight."""
-        return self.dalpha(t) / (1.0 - self.alpha(t))
+        return self.dalpha(t) / self.mask_prob(t)
 
 
 class LearnableSchedule(eqx.Module):
@@ -76,6 +84,6 @@ class LearnableSchedule(eqx.Module):
     def w(self) -> Float[Array, " vocab"]:
         return jax.nn.softplus(self.theta)
 
-    def alpha(self, t: Float[Array, "*b"], w: Float[Array, "*b"]) -> Float[Array, "*b"]:
+    def alpha(self, t: Float[Array, "*#b"], w: Float[Array, "*#b"]) -> Float[Array, "*#b"]:
         """alpha_t for tokens whose exponent is w (broadcast against t)."""
         return 1.0 - (1.0 - self.eps) * jnp.exp(w * jnp.log(t))

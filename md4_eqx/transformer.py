@@ -15,7 +15,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
 from md4_eqx.config import ModelConfig
 from md4_eqx.layers import MLP, Attention, Embedding, Linear, activation, dropout, layer_norm
@@ -26,7 +26,7 @@ def time_embedding(t: Float[Array, " b"], dim: int) -> Float[Array, "b dim"]:
     """Sinusoidal embedding of 1000 t: half sin, half cos, frequencies exp(-k log(1e4) / (dim/2 - 1))."""
     half = dim // 2
     freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
-    args = 1000.0 * t[:, None] * freqs  # (b, dim/2)
+    args = 1000.0 * t[:, None] * freqs[None, :]  # (b, dim/2)
     return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
 
 
@@ -79,7 +79,7 @@ class Block(eqx.Module):
         self.cfg = cfg
 
     def __call__(
-        self, x: Float[Array, "b l d"], c: Float[Array, "b c"], keys: PRNGKeyArray | None
+        self, x: Float[Array, "b l d"], c: Float[Array, "b c"], keys: Key[Array, " b"] | None
     ) -> Float[Array, "b l d"]:
         dtype = self.cfg.precision.dtype
         mods = self.ada(activation(self.cfg.mlp)(c))[:, None, :]  # (b, 1, 6 d)
@@ -118,7 +118,7 @@ class Transformer(eqx.Module):
         t: Float[Array, " b"],
         labels: Int[Array, " b"] | None = None,
         *,
-        keys: PRNGKeyArray | None = None,
+        keys: Key[Array, " b"] | None = None,
     ) -> Float[Array, "b l v_local"]:
         """Logits (float32) for this device's vocabulary slice; `keys` (one per example) enable dropout."""
         c = self.cond(t, labels)  # (b, cond)

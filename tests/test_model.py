@@ -1,0 +1,135 @@
+"""The transformer backbone: shapes, zero head, precision, remat, dropout, runtime type checks."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from jaxtyping import TypeCheckError
+
+from md4_eqx.config import Config, MLPKind, ModelConfig, Precision, preset
+from md4_eqx.model import MD4
+from md4_eqx.parallel import MODEL, make_mesh, param_specs, shard_map_modules
+
+MESH = make_mesh(1, 1, jax.devices()[:1])
+
+
+def small(**overrides) -> ModelConfig:
+    fields = dict(vocab_size=50, seq_len=24, width=32, num_layers=2, num_heads=4, cond_dim=16,
+                  precision=Precision.FLOAT32)
+    return ModelConfig(**(fields | overrides))
+
+
+def logits_fn(model: MD4, z, t, labels=None, keys=None):
+    """model.logits on the (1, 1) mesh, jitted, as training and sampling call it."""
+
+    def specs(model, z, t, labels, keys):
+        batch = lambda a: None if a is None else P()  # noqa: E731
+        return (param_specs(model), P(), P(), batch(labels), batch(keys))
+
+    def fn(model, z, t, labels, keys):
+        return model.logits(z, t, labels, keys=keys)
+
+    logits_spec = P(None, None, MODEL)  # the vocabulary is split over `model`
+    return eqx.filter_jit(shard_map_modules(fn, MESH, specs, logits_spec))(model, z, t, labels, keys)
+
+
+def with_random_head(model: MD4, key) -> MD4:
+    """Fill the zero-initialised weights (adaLN and head) so that t, labels and dropout matter."""
+    where = lambda m: (m.net.head.weight, m.net.final_ada.weight, m.net.blocks.ada.weight)  # noqa: E731
+    keys = jax.random.split(key, 3)
+    return eqx.tree_at(where, model, [0.3 * jax.random.normal(k, w.shape) for k, w in zip(keys, where(model))])
+
+
+def test_paper_sizes():
+    cfg = preset("md4-s").model
+    assert cfg.hidden == 2048  # 2/3 of 4 * 768 rounded to a multiple of 32
+    assert cfg.padded_vocab == 50304 and cfg.padded_vocab % 128 == 0 and cfg.padded_vocab > 50257
+    assert cfg.head_dim == 64
+
+
+@pytest.mark.parametrize("mlp", list(MLPKind), ids=lambda k: k.value)
+def test_fresh_model_is_uniform(getkey, mlp):
+    cfg = small(mlp=mlp)
+    model = MD4(Config(model=cfg), key=getkey())
+    z = jax.random.randint(getkey(), (3, cfg.seq_len), 0, cfg.vocab_size + 1)
+    logits = logits_fn(model, z, jnp.array([0.1, 0.5, 0.9]))
+    assert logits.shape == (3, cfg.seq_len, cfg.padded_vocab) and logits.dtype == jnp.float32
+    np.testing.assert_array_equal(logits, 0.0)  # zero head: uniform over V
+
+
+def test_bfloat16_compute_matches_float32(getkey):
+    key, head_key = getkey(), getkey()
+    z = jax.random.randint(getkey(), (2, 24), 0, 51)
+    t = jnp.array([0.3, 0.8])
+    out = {}
+    for precision in Precision:
+        model = with_random_head(MD4(Config(model=small(precision=precision)), key=key), head_key)
+        out[precision] = logits_fn(model, z, t)
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+    f32, bf16 = out[Precision.FLOAT32], out[Precision.BFLOAT16]
+    # bfloat16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); a few roundings through 2
+    # blocks and a 32-wide head of unit-variance weights: a few percent of the logits' scale.
+    scale = float(jnp.std(f32))
+    np.testing.assert_allclose(bf16, f32, atol=0.05 * scale)
+    assert not np.allclose(bf16, f32, atol=1e-6)  # it really computed in bfloat16
+
+
+def test_remat_gives_the_same_gradients(getkey):
+    key, head_key = getkey(), getkey()
+    z = jax.random.randint(getkey(), (2, 24), 0, 51)
+    t = jnp.array([0.3, 0.8])
+    grads = []
+    for remat in (False, True):
+        model = with_random_head(MD4(Config(model=small(remat=remat)), key=key), head_key)
+        loss = lambda m: jnp.sum(jnp.sin(logits_fn(m, z, t)))  # noqa: E731
+        grads.append(jax.tree.leaves(eqx.filter_grad(loss)(model)))
+    for a, b in zip(*grads, strict=True):
+        # Recomputation may fuse differently: float32 rounding, relative to each leaf's scale.
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b))))
+
+
+def test_dropout_needs_keys_and_is_per_example(getkey):
+    model = with_random_head(MD4(Config(model=small(dropout=0.5)), key=getkey()), getkey())
+    z = jnp.tile(jax.random.randint(getkey(), (1, 24), 0, 51), (2, 1))
+    t = jnp.array([0.5, 0.5])
+    eval_out = logits_fn(model, z, t)
+    np.testing.assert_array_equal(eval_out, logits_fn(model, z, t))  # no keys: deterministic
+    keys = jax.random.split(getkey(), 2)
+    train_out = logits_fn(model, z, t, keys=keys)
+    assert not np.allclose(train_out, eval_out)
+    assert not np.allclose(train_out[0], train_out[1])  # each example draws its own mask
+    same_keys = jnp.stack([keys[0], keys[0]])
+    out = logits_fn(model, z, t, keys=same_keys)
+    np.testing.assert_allclose(out[0], out[1], rtol=1e-6)
+
+
+def test_class_embedding_changes_the_output(getkey):
+    model = with_random_head(MD4(Config(model=small(num_classes=10)), key=getkey()), getkey())
+    z = jnp.full((2, 24), 50)
+    out = logits_fn(model, z, jnp.array([0.5, 0.5]), jnp.array([1, 7]))
+    assert not np.allclose(out[0], out[1])
+
+
+def test_runtime_type_checks_are_on(getkey):
+    """jaxtyping + beartype check public signatures under pytest: float tokens are refused."""
+    from md4_eqx.layers import layer_norm, rope
+
+    with pytest.raises(TypeCheckError):
+        layer_norm(jnp.zeros((3,), jnp.int32))
+    with pytest.raises(TypeCheckError):
+        rope(jnp.zeros((2, 3, 4)), 10_000.0)  # missing the head axis
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(width=30, num_heads=4), "multiple of"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(num_layers=0), "num_layers"),
+    ],
+)
+def test_config_errors_name_the_value(fields, message):
+    with pytest.raises(ValueError, match=message):
+        small(**fields)
