@@ -6,6 +6,9 @@ comparison (test_interpreter_poisons_unwritten_outputs shows the poison is there
 a host round trip per grid step, so shapes are small and blocks cover few steps.
 """
 
+import dataclasses
+
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +16,11 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
+from md4_eqx.config import preset
 from md4_eqx.kernels import BlockSizes, attention, available_impls, flash_attention, resolve_impl
 from md4_eqx.kernels.flash_attention import INTERPRET
+from md4_eqx.parallel import make_mesh
+from md4_eqx.train_step import init_state, make_optimizer, make_train_step
 
 # Tolerance on max |error| / max |reference|, per input dtype.
 # float32: the kernel differs from the float64 reference only by float32 rounding in sums of
@@ -203,3 +209,38 @@ def test_block_size_errors_name_the_value():
     blocks = BlockSizes(block_q=64, block_k=128, block_q_bwd=128, block_k_bwd=128)
     with pytest.raises(ValueError, match="block_q=64 must be a multiple of 128 on TPU"):
         flash_attention(q, q, q, block_sizes=blocks)
+
+
+@pytest.mark.slow
+def test_tiny_model_trains_the_same_with_pallas_as_with_xla():
+    """The real train step (shard_map over a (2, 2) mesh, heads split over "model") with the
+    interpreted kernel follows the XLA run. The tiny preset, shrunk so that the interpreter's
+    grid stays small; compiling the train step twice takes most of the time. float32 throughout: the two runs differ by attention's rounding (~1e-6
+    relative, see TOLERANCE), which AdamW turns into parameter differences far below lr."""
+    base = preset("tiny")
+    config = dataclasses.replace(
+        base,
+        model=dataclasses.replace(base.model, seq_len=48, width=64, num_layers=1, num_heads=2),
+        optim=dataclasses.replace(base.optim, lr=1e-2, warmup=1),
+        train=dataclasses.replace(base.train, batch_size=4, steps=4),
+    )
+    mesh = make_mesh(2, 2, jax.devices()[:4])
+    tokens = jax.random.randint(jax.random.key(3), (4, 4, 48), 0, config.model.vocab_size, jnp.int32)
+
+    def train(impl: str, interpret: bool):
+        cfg = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, attention=impl, attention_interpret=interpret)
+        )
+        optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+        state = init_state(cfg, optimizer, mesh)
+        step = make_train_step(state, optimizer, mesh)
+        losses = []
+        for batch in tokens:
+            state, metrics = step(state, batch)
+            losses.append(float(metrics.objective))
+        return np.asarray(losses), [np.asarray(x) for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_array))]
+
+    xla_losses, xla_params = train("xla", False)
+    pallas_losses, pallas_params = train("pallas", True)
+    np.testing.assert_allclose(pallas_losses, xla_losses, rtol=1e-5)
+    assert max(np.abs(a - b).max() for a, b in zip(pallas_params, xla_params, strict=True)) < 1e-4
