@@ -42,7 +42,9 @@ def seconds_per_call(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(impl: str, shape: tuple[int, int, int, int], dtype, repeats: int) -> tuple[float, float]:
+def measure(
+    impl: str, shape: tuple[int, int, int, int], dtype, repeats: int
+) -> tuple[float, float]:
     """(forward seconds, forward+backward seconds) of `impl` at `shape`."""
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v, do = (jax.random.normal(key, shape, dtype) for key in keys)
@@ -81,9 +83,11 @@ def main(argv: list[str] | None = None) -> None:
 
     device = jax.devices()[0]
     cores = f", {os.cpu_count()} cores" if device.platform == "cpu" else ""
-    print(f"machine: {device.device_kind} ({device.platform}{cores}), JAX {jax.__version__}, {args.dtype}")
+    machine = f"{device.device_kind} ({device.platform}{cores})"
+    print(f"machine: {machine}, JAX {jax.__version__}, {args.dtype}")
     print("fwd / fwd+bwd; speed-up = baseline time / this time\n")
-    print("| B, T, H, D | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | vs cuDNN | vs XLA |")
+    print("| B, T, H, D | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s "
+          "| vs cuDNN | vs XLA |")
     print("|---|---|---|---|---|---|---|---|")
     for shape in SMALL_SHAPES if args.small else SHAPES:
         b, t, h, d = shape

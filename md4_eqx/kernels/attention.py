@@ -27,7 +27,9 @@ def attention_reference(
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(logits, axis=-1)  # (b, h, t, s), float32
-    out = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "bhts,bshd->bthd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
     return out.astype(q.dtype)
 
 
@@ -46,7 +48,9 @@ def resolve_impl(impl: str, dtype: jnp.dtype, head_dim: int, *, interpret: bool 
     if impl not in IMPLS:
         raise ValueError(f"unknown attention {impl=}; expected one of {IMPLS}")
     if interpret and impl != "pallas":
-        raise ValueError(f"{interpret=} runs the Pallas kernel; it needs impl='pallas', not {impl=}")
+        raise ValueError(
+            f"{interpret=} runs the Pallas kernel; it needs impl='pallas', not {impl=}"
+        )
     backend = jax.default_backend()
     if impl == "auto":
         if backend == "tpu":
@@ -82,5 +86,6 @@ def attention(
     if chosen == "pallas":
         return flash_attention(q, k, v, interpret=interpret)
     if chosen == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, implementation="cudnn")
+        scale = q.shape[-1] ** -0.5
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
     return attention_reference(q, k, v)

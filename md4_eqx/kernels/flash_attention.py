@@ -94,7 +94,9 @@ def _nn(a: jax.Array, b: jax.Array) -> jax.Array:
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _scores(rows: jax.Array, cols: jax.Array, *, scale: float, start: jax.Array, length: int) -> jax.Array:
+def _scores(
+    rows: jax.Array, cols: jax.Array, *, scale: float, start: jax.Array, length: int
+) -> jax.Array:
     """rows @ cols^T * scale in float32, -inf in the columns of padding.
 
     Column j is sequence position start + j; positions >= length are padding. The mask is
@@ -120,10 +122,10 @@ def _forward_kernel(
         acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
     start = kv_index * k_ref.shape[0]
-    s = _scores(q_ref[...], k_ref[...], scale=scale, start=start, length=kv_len)  # (block_q, block_k)
+    s = _scores(q_ref[...], k_ref[...], scale=scale, start=start, length=kv_len)  # (bq, bk)
     m_prev, l_prev = m_scratch[...], l_scratch[...]  # (block_q, LANES)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # (block_q, LANES)
-    # Every kv block holds at least one real key, so m_next is finite and no inf - inf occurs.
+    # The first kv block holds a real key, so m_next is finite from then on: no inf - inf.
     p = jnp.exp(s - m_next[:, :1])  # (block_q, block_k)
     alpha = jnp.exp(m_prev - m_next)  # rescales what was accumulated under the old max
     l_scratch[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
@@ -149,7 +151,7 @@ def _dq_kernel(
 
     k = k_ref[...]
     start = kv_index * k.shape[0]
-    s = _scores(q_ref[...], k, scale=scale, start=start, length=kv_len)  # (block_q, block_k)
+    s = _scores(q_ref[...], k, scale=scale, start=start, length=kv_len)  # (bq, bk)
     lse = jnp.expand_dims(lse_ref[0], -1)  # (block_q, 1)
     delta = jnp.expand_dims(delta_ref[0], -1)  # (block_q, 1)
     p = jnp.exp(s - lse)
@@ -214,7 +216,9 @@ def _row_vector(block: int, *, seq_axis: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, 1, block), lambda b, h, i, j: (b, h, 0, (i, j)[seq_axis - 2]))
 
 
-def _backward_specs(bq: int, bk: int, d: int, *, q_axis: int, kv_axis: int) -> list[pl.BlockSpec]:
+def _backward_specs(
+    bq: int, bk: int, d: int, *, q_axis: int, kv_axis: int
+) -> list[pl.BlockSpec]:
     """Specs for (q, k, v, do, lse rows, delta rows); q_axis and kv_axis are the grid axes
     (2 or 3) that walk the query and key blocks."""
     q_rows, kv_rows = _rows(bq, d, seq_axis=q_axis), _rows(bk, d, seq_axis=kv_axis)
@@ -224,7 +228,9 @@ def _backward_specs(bq: int, bk: int, d: int, *, q_axis: int, kv_axis: int) -> l
 
 def _compiler_params() -> pltpu.CompilerParams:
     # The last grid axis carries the accumulators, so it runs in order on one core.
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+    return pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+    )
 
 
 def _forward(q, k, v, *, kv_len, blocks, interpret):
