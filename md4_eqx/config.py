@@ -10,6 +10,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from md4_eqx.kernels.attention import IMPLS
+
 
 class Schedule(enum.Enum):
     """The masking schedule a(t) of paper section 2 (see `md4_eqx.schedule`)."""
@@ -77,6 +79,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.width % self.num_heads:
             raise ValueError(f"{self.width=} must be a multiple of {self.num_heads=}")
+        if self.attention not in IMPLS:
+            raise ValueError(f"unknown attention={self.attention!r}; choose one of {IMPLS}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{self.dropout=} must be in [0, 1)")
         for name in ("vocab_size", "seq_len", "width", "num_layers", "num_heads", "cond_dim"):

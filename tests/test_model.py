@@ -128,6 +128,7 @@ def test_runtime_type_checks_are_on(getkey):
         (dict(width=30, num_heads=4), "multiple of"),
         (dict(dropout=1.0), "dropout"),
         (dict(num_layers=0), "num_layers"),
+        (dict(attention="flash"), "attention='flash'"),
     ],
 )
 def test_config_errors_name_the_value(fields, message):
