@@ -1,0 +1,255 @@
+"""Checkpoints with orbax: atomic, the last k kept, restorable onto any mesh.
+
+    WORKDIR/checkpoints/<step>/state   step, model, optimizer state, base key (arrays)
+                              /ema     the EMA model (arrays; all that inference reads)
+                              /meta    JSON: the full Config, the data position, the step
+
+Orbax writes each step into a temporary directory and renames it when complete, so a run killed
+while saving leaves the previous checkpoints intact. Restoring builds the state abstractly
+(`eqx.filter_eval_shape`) and asks orbax for every array with the `NamedSharding` it has on the
+target mesh, so a checkpoint saved on one mesh restores onto another; in a multi-process run
+every process reads only its own shards. PRNG keys are stored as their raw uint32 data.
+"""
+
+import dataclasses
+import enum
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from md4_eqx.config import Config
+from md4_eqx.model import MD4
+from md4_eqx.parallel import make_mesh, param_specs, shardings
+from md4_eqx.train_step import TrainState, init_state, state_specs
+
+# Fields that only say how the model is computed, not what it is: they may differ on resume.
+EXECUTION_FIELDS = {"remat", "attention", "attention_interpret"}
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable, corrupt or does not fit the run (one line)."""
+
+
+def config_to_json(config: Config) -> dict[str, dict[str, Any]]:
+    """{section: {field: value}} with enums as their values."""
+
+    def plain(v):
+        return v.value if isinstance(v, enum.Enum) else v
+
+    return {
+        section.name: {f.name: plain(getattr(getattr(config, section.name), f.name))
+                       for f in dataclasses.fields(section.type)}
+        for section in dataclasses.fields(Config)
+    }
+
+
+def config_from_json(data: dict) -> Config:
+    """The inverse of `config_to_json`; a missing field takes its default, an unknown one fails."""
+    sections = {}
+    for section in dataclasses.fields(Config):
+        values = dict(data.get(section.name, {}))
+        fields = {f.name: f for f in dataclasses.fields(section.type)}
+        unknown = set(values) - set(fields)
+        if unknown:
+            raise CheckpointError(f"unknown config fields {section.name}.{sorted(unknown)}")
+        for name, value in values.items():
+            kind = fields[name].type
+            if isinstance(kind, type) and issubclass(kind, enum.Enum):
+                values[name] = kind(value)
+        sections[section.name] = section.type(**values)
+    return Config(**sections)
+
+
+def model_differences(saved: Config, config: Config) -> list[str]:
+    """`section.field: saved -> new` for every field that changes the model: the network
+    (`model`, but for `EXECUTION_FIELDS`), the diffusion process, and the dataset."""
+    out = []
+    for section in ("model", "diffusion"):
+        old, new = getattr(saved, section), getattr(config, section)
+        for f in dataclasses.fields(old):
+            a, b = getattr(old, f.name), getattr(new, f.name)
+            if f.name not in EXECUTION_FIELDS and a != b:
+                out.append(f"{section}.{f.name}: {_show(a)} -> {_show(b)}")
+    if saved.train.dataset != config.train.dataset:
+        out.append(f"train.dataset: {saved.train.dataset} -> {config.train.dataset}")
+    return out
+
+
+def _show(v) -> str:
+    return str(v.value if isinstance(v, enum.Enum) else v)
+
+
+def _directory(workdir: str | Path) -> Path:
+    return Path(workdir).absolute() / "checkpoints"
+
+
+def _manager(workdir: str | Path, keep: int | None = None, create: bool = False) -> ocp.CheckpointManager:
+    """Saves are synchronous: `save` returns once the checkpoint is complete on disk."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(_directory(workdir), options=options, item_names=("state", "ema", "meta"))
+
+
+def latest_step(workdir: str | Path) -> int | None:
+    """The newest complete checkpoint's step, or None (no checkpoint, or no such directory)."""
+    if not _directory(workdir).is_dir():
+        return None
+    with _manager(workdir) as manager:
+        return manager.latest_step()
+
+
+def _flat(tree) -> dict[str, Any]:
+    """{"model.net.embed.weight": array, ...} for the arrays of a module; keys as raw data."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="."): (
+            jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+        )
+        for path, x in leaves
+    }
+
+
+def _unflat(flat: dict[str, Any], like):
+    """The pytree of `like` (arrays or abstract arrays) with its leaves taken from `flat`."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    values = []
+    for path, x in leaves:
+        value = flat[jax.tree_util.keystr(path, simple=True, separator=".")]
+        is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        values.append(jax.random.wrap_key_data(value) if is_key else value)
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def _arrays(abstract):
+    """The abstract arrays of an `eqx.filter_eval_shape` result (None elsewhere)."""
+    return eqx.filter(abstract, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+
+
+def _targets(arrays, specs, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """Restore targets: every array's shape, dtype and sharding on `mesh`, flattened like `_flat`."""
+    with_sharding = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        arrays, shardings(mesh, specs),
+    )
+    return _flat(jax.tree.map(_raw_abstract, with_sharding))
+
+
+def _raw_abstract(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return x
+    raw = jax.eval_shape(jax.random.key_data, x)
+    return jax.ShapeDtypeStruct(raw.shape, raw.dtype, sharding=NamedSharding(x.sharding.mesh, P()))
+
+
+def save(workdir: str | Path, state: TrainState, data_state: dict, config: Config) -> None:
+    """Writes checkpoint `state.step` (atomically) and keeps the newest `train.keep_checkpoints`.
+    Every process calls it; each writes its own shards."""
+    step = int(state.step)
+    rest = eqx.filter(eqx.tree_at(lambda s: s.ema, state, None), eqx.is_array)
+    meta = {"step": step, "config": config_to_json(config), "data": data_state}
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(_flat(rest)),
+        ema=ocp.args.StandardSave(_flat(eqx.filter(state.ema, eqx.is_array))),
+        meta=ocp.args.JsonSave(meta),
+    )
+    with _manager(workdir, keep=config.train.keep_checkpoints, create=True) as manager:
+        manager.save(step, args=args)
+        manager.wait_until_finished()
+
+
+def _step_or_latest(workdir: str | Path, step: int | None) -> int:
+    found = latest_step(workdir)
+    if found is None:
+        raise CheckpointError(f"no checkpoint in {_directory(workdir)}")
+    if step is None:
+        return found
+    with _manager(workdir) as manager:
+        steps = manager.all_steps()
+    if step not in steps:
+        raise CheckpointError(f"no checkpoint for step {step} in {_directory(workdir)}; it has {sorted(steps)}")
+    return step
+
+
+def _read(workdir: str | Path, step: int, **items) -> ocp.args.Composite:
+    """Restores the named items of checkpoint `step`; any failure becomes a CheckpointError."""
+    where = _directory(workdir) / str(step)
+    try:
+        with _manager(workdir) as manager:
+            return manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax / tensorstore / json errors: the checkpoint is unreadable
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first})") from None
+
+
+def read_meta(workdir: str | Path, step: int | None = None) -> tuple[int, Config, dict]:
+    """(step, config, data position) of checkpoint `step` (default: the newest)."""
+    step = _step_or_latest(workdir, step)
+    meta = _read(workdir, step, meta=ocp.args.JsonRestore())["meta"]
+    try:
+        return step, config_from_json(meta["config"]), meta["data"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {_directory(workdir) / str(step)} has a bad config: {e}") from None
+
+
+def restore(
+    workdir: str | Path,
+    mesh: Mesh,
+    optimizer: optax.GradientTransformation,
+    config: Config | None = None,
+    step: int | None = None,
+) -> tuple[Config, TrainState, dict]:
+    """(config, state on `mesh`, data position) of checkpoint `step` (default: the newest).
+
+    With `config`, the state is built for it (e.g. more steps, another learning rate), after
+    checking that it describes the same model as the checkpoint (`model_differences`)."""
+    step, saved, data_state = read_meta(workdir, step)
+    if config is None:
+        config = saved
+    elif differences := model_differences(saved, config):
+        raise CheckpointError(
+            f"the checkpoint in {workdir} is a different model: {'; '.join(differences)}"
+        )
+    abstract = eqx.filter_eval_shape(init_state, config, optimizer, mesh)
+    arrays, specs = _arrays(abstract), state_specs(abstract, optimizer)
+    rest, rest_specs = (eqx.tree_at(lambda s: s.ema, tree, None) for tree in (arrays, specs))
+    targets = {"state": _targets(rest, rest_specs, mesh), "ema": _targets(arrays.ema, specs.ema, mesh)}
+    items = _read(workdir, step, **{k: ocp.args.StandardRestore(v) for k, v in targets.items()})
+    _check_shapes(workdir, step, targets, items)
+    restored = eqx.tree_at(
+        lambda s: s.ema, _unflat(items["state"], rest), _unflat(items["ema"], arrays.ema),
+        is_leaf=lambda x: x is None,
+    )
+    return config, eqx.combine(restored, abstract), data_state
+
+
+def load_for_inference(
+    workdir: str | Path, step: int | None = None, mesh: Mesh | None = None
+) -> tuple[Config, MD4]:
+    """(config, EMA model) of checkpoint `step` (default: the newest), its parameters placed on
+    `mesh` (default: the first device); only the EMA is read."""
+    step, config, _ = read_meta(workdir, step)
+    mesh = make_mesh(1, 1, jax.devices()[:1]) if mesh is None else mesh
+    abstract = eqx.filter_eval_shape(MD4, config, key=jax.random.key(0))
+    arrays = _arrays(abstract)
+    target = _targets(arrays, param_specs(arrays), mesh)
+    items = _read(workdir, step, ema=ocp.args.StandardRestore(target))
+    _check_shapes(workdir, step, {"ema": target}, items)
+    return config, eqx.combine(_unflat(items["ema"], arrays), abstract)
+
+
+def _check_shapes(workdir: str | Path, step: int, targets: dict, items: ocp.args.Composite) -> None:
+    """Orbax restores into the target's shape; a stored array of another shape means the
+    checkpoint does not belong to this config."""
+    for item, target in targets.items():
+        for name, want in target.items():
+            got = items[item][name]
+            if got.shape != want.shape or got.dtype != want.dtype:
+                raise CheckpointError(
+                    f"checkpoint {_directory(workdir) / str(step)}: {name} is {got.dtype}{list(got.shape)}, "
+                    f"the config needs {want.dtype}{list(want.shape)}"
+                )

@@ -1,0 +1,153 @@
+"""sample.py on a checkpoint saved on another mesh; prompts, infilling, trajectories, bad input;
+and the pictures of md4_eqx.visualize."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sample
+from md4_eqx.visualize import (
+    MASK_CHAR, frame_indices, image_grid, render_text, to_images, trajectory_gif, trajectory_strip,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+SEQ = 32
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A 4-step run on a (data=2, model=2) mesh of 4 CPU devices, checkpoints at steps 2 and 4."""
+    tmp = tmp_path_factory.mktemp("sample")
+    data = tmp / "code.py"
+    data.write_text(Path(json.__file__).read_text() * 4)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp / "run"), "--dataset", f"file:{data}",
+         "--cache-dir", str(tmp / "cache"), "--mesh", "data=2,model=2", "--width", "32", "--num-layers", "1",
+         "--num-heads", "2", "--seq-len", str(SEQ), "--batch-size", "8", "--steps", "4", "--eval-every", "4",
+         "--checkpoint-every", "2", "--eval-batches", "1", "--sampler.steps", "4", "--num-samples", "2",
+         "--no-progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return tmp / "run"
+
+
+def cache_flags(workdir: Path) -> list[str]:
+    return ["--workdir", str(workdir), "--cache-dir", str(workdir.parent / "cache")]
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """sample.main in-process: (exit status, stdout, stderr)."""
+    try:
+        code = sample.main(argv)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_writes_jsonl_from_a_checkpoint_of_another_mesh(workdir, tmp_path):
+    out = tmp_path / "s.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), *cache_flags(workdir), "--num-samples", "3", "--steps", "8",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,  # one device: restored from (2, 2)
+    )
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 3 and proc.stdout.count("sample ") == 3
+    for r in records:
+        assert len(r["tokens"]) == SEQ and all(0 <= t < 256 for t in r["tokens"])
+        assert r["text"] == bytes(r["tokens"]).decode("utf-8", "replace")
+
+
+def test_prompt_infill_and_trajectory(workdir, tmp_path, capsys):
+    out = tmp_path / "p.jsonl"
+    flags = [*cache_flags(workdir), "--num-samples", "2", "--steps", "6", "--out", str(out)]
+    code, stdout, _ = run_main([*flags, "--prompt", "def ", "--step", "2", "--top-p", "0.9"], capsys)
+    assert code == 0 and "(step 2)" in stdout
+    for r in map(json.loads, out.read_text().splitlines()):
+        assert r["tokens"][:4] == list(b"def ")
+
+    template = "x = [MASK:3]\nreturn [MASK:2]!"
+    code, stdout, _ = run_main([*flags, "--infill", template, "--trajectory", "--seed", "3"], capsys)
+    assert code == 0 and "after step 6/6" in stdout
+    for r in map(json.loads, out.read_text().splitlines()):
+        tokens = r["tokens"]
+        assert tokens[:4] == list(b"x = ") and tokens[7:15] == list(b"\nreturn ") and tokens[17] == ord("!")
+        snapshots = r["trajectory"]
+        assert snapshots[-1]["text"] == r["text"] and MASK_CHAR in snapshots[0]["text"]
+        assert snapshots[0]["text"].startswith("x = ")  # given tokens are never masked
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--step", "3"], "[2, 4]"),
+        (["--label", "1"], "0 classes"),
+        (["--prompt", "a" * (SEQ + 1)], f"{SEQ + 1} tokens"),
+        (["--prompt", "a", "--infill", "[MASK:2]"], "not both"),
+        (["--infill", "[MASK:40]"], "40 tokens"),
+        (["--out", "x.png"], ".jsonl"),
+        (["--num-samples", "0"], "positive"),
+        (["--top-p", "1.5"], "(0, 1]"),
+        (["--sampler", "greedy"], "ancestral"),
+        (["--steps", "many"], "expected int"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(v)[:30],
+)
+def test_bad_input_exits_2_with_one_line(workdir, argv, needle, capsys):
+    code, _, err = run_main([*cache_flags(workdir), *argv], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_missing_or_corrupt_checkpoint(workdir, tmp_path, capsys):
+    code, _, err = run_main(["--workdir", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "no checkpoint" in err
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(workdir), str(broken)], check=True)
+    for f in (broken / "checkpoints" / "4" / "ema").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(b"not an array")
+    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--workdir", str(broken)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "unreadable" in proc.stderr
+
+
+def test_image_grid_strip_and_gif(tmp_path):
+    shape = (4, 5, 3)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (6, 60)).astype(np.int32)
+    images = to_images(tokens, shape, mask_id=256)
+    assert images.shape == (6, 4, 5, 3) and images.dtype == np.uint8
+    grid = image_grid(images, columns=3, scale=2, pad=1)
+    assert grid.size == ((3 * 6 + 1) * 2, (2 * 5 + 1) * 2)  # (width, height)
+
+    steps = 7
+    traj = np.where(rng.random((steps, 2, 60)) < np.linspace(1, 0, steps)[:, None, None], 256, tokens[:2])
+    assert to_images(traj[0], shape, 256)[traj[0].reshape(2, *shape) == 256].tolist() == [128] * int(
+        (traj[0] == 256).sum()
+    )
+    strip = trajectory_strip(traj, shape, 256, frames=4)
+    assert strip.size == ((4 * 7 + 2) * 2, (2 * 6 + 2) * 2)
+    gif = tmp_path / "t.gif"
+    trajectory_gif(traj, shape, 256, gif, frames=5)
+    with Image.open(gif) as animation:
+        assert animation.n_frames == 5
+
+
+def test_frames_and_text_rendering():
+    assert frame_indices(1000, 4) == [0, 333, 666, 999]
+    assert frame_indices(3, 10) == [0, 1, 2]
+    decode = lambda ids: bytes(ids.astype(np.uint8)).decode("utf-8", "replace")  # noqa: E731
+    tokens = np.array([*b"ab", 256, 256, *"é".encode(), 256])
+    assert render_text(tokens, decode, 256) == f"ab{MASK_CHAR * 2}é{MASK_CHAR}"

@@ -1,0 +1,215 @@
+"""train.py end to end through its command line: train, checkpoint, resume after SIGKILL, bad input.
+
+Every run uses a model far smaller than the tiny preset (flags below) on a ~100 KB local file.
+The subprocesses run XLA:CPU single-threaded so two runs of the same step give the same bits,
+and "the resumed run's metrics equal the uninterrupted run's" can be checked exactly.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import train
+from md4_eqx.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--seq-len", "32", "--batch-size", "8",
+         "--eval-batches", "2", "--sampler.steps", "4", "--num-samples", "2", "--no-progress"]
+ENV = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "JAX_PLATFORMS": "cpu"}
+
+
+def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env or ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit status 2, exactly one line on stderr, no traceback."""
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[list[str], Path]:
+    """(dataset flags, a scratch directory): a ~100 KB Python file and its own cache."""
+    tmp = tmp_path_factory.mktemp("train")
+    sources = [Path(module.__file__).read_text() for module in (json, subprocess, signal)]
+    path = tmp / "code.py"
+    path.write_text("\n".join(sources)[:100_000])
+    return ["--dataset", f"file:{path}", "--cache-dir", str(tmp / "cache")], tmp
+
+
+def events(workdir: Path) -> list[dict]:
+    """metrics.jsonl without the timing, which differs between runs."""
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
+
+
+def tree_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(path)).encode() + f.read_bytes())
+    return digest.hexdigest()
+
+
+RESUME = ["--steps", "30", "--log-every", "1", "--eval-every", "10", "--checkpoint-every", "5"]
+
+
+@pytest.fixture(scope="module")
+def trained(data) -> tuple[list[str], Path]:
+    """(flags, workdir) of an uninterrupted 30-step run."""
+    flags, tmp = data
+    flags = [*flags, *SMALL, *RESUME]
+    proc = run("train.py", "--workdir", str(tmp / "full"), *flags)
+    assert proc.returncode == 0, proc.stderr
+    return flags, tmp / "full"
+
+
+@pytest.mark.slow
+def test_run_writes_metrics_samples_and_last_checkpoints(trained):
+    flags, workdir = trained
+    log = events(workdir)
+    evals = [e for e in log if "eval_bpt" in e]
+    assert [e["step"] for e in evals] == [0, 10, 20, 30]
+    assert [e["step"] for e in log if "train_bpt" in e] == list(range(1, 31))
+    assert evals[0]["eval_bpt"] == pytest.approx(8.0, abs=1.0)  # the zero-initialised head: log2(256)
+    assert evals[-1]["eval_bpt"] < evals[0]["eval_bpt"]
+    assert all({"lr", "train_bpt"} <= set(e) for e in log if "train_bpt" in e)
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [20, 25, 30]  # keep 3
+    assert sorted(p.name for p in (workdir / "samples").iterdir()) == [
+        f"step_{s:07d}.txt" for s in (0, 10, 20, 30)
+    ]
+    # Rerunning the finished command does nothing.
+    before = tree_digest(workdir)
+    proc = run("train.py", "--workdir", str(workdir), *flags)
+    assert proc.returncode == 0 and "already reaches" in proc.stdout
+    assert tree_digest(workdir) == before
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_matches_the_uninterrupted_run(trained, data):
+    flags, full = trained
+    workdir = data[1] / "killed"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and '"step": 7,' in metrics.read_text()):  # after checkpoint 5
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert 5 <= max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) < 30
+
+    resumed = run("train.py", "--workdir", str(workdir), *flags)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    assert events(workdir) == events(full)
+
+
+@pytest.mark.slow
+def test_damaged_or_different_checkpoint_is_reported_and_left_alone(trained, tmp_path):
+    flags, full = trained
+    # A checkpoint of another model: flags that change the network are refused.
+    before = tree_digest(full)
+    proc = run("train.py", "--workdir", str(full), *flags, "--steps", "40", "--width", "64")
+    assert_usage_error(proc, "different model", "model.width: 32 -> 64")
+    assert tree_digest(full) == before
+
+    for damage in ("arrays", "meta"):
+        workdir = tmp_path / damage
+        subprocess.run(["cp", "-r", str(full), str(workdir)], check=True)
+        latest = workdir / "checkpoints" / "30"
+        if damage == "arrays":  # every stored array's bytes garbled
+            for f in (latest / "state").rglob("*"):
+                if f.is_file() and f.parent.name == "d":
+                    f.write_bytes(b"\x00garbage" * 16)
+        else:
+            (latest / "meta" / "metadata").write_text("{not json")
+        before = tree_digest(workdir)
+        proc = run("train.py", "--workdir", str(workdir), *flags, "--steps", "40")
+        assert_usage_error(proc, "checkpoint", "unreadable")
+        assert tree_digest(workdir) == before  # nothing overwritten: no checkpoint, no metrics
+
+
+def test_bad_dataset_is_reported_in_one_line(data):
+    flags, tmp = data
+    proc = run("train.py", "--dataset", "nosuch", "--workdir", str(tmp / "bad"), *SMALL)
+    assert_usage_error(proc, "nosuch")
+    assert not (tmp / "bad").exists()
+
+
+def main_exit(argv: list[str], capsys) -> tuple[int, str]:
+    """train.main in-process: (exit status, stderr)."""
+    try:
+        code = train.main(argv)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--dataset", "file:/no/such/file.txt"], "/no/such/file.txt"),
+        (["--dataset", "file:{empty}"], "empty"),
+        (["--width", "-3"], "width=-3"),
+        (["--width", "wide"], "expected int"),
+        (["--schedule", "square"], "linear"),
+        (["--antithetic", "maybe"], "true or false"),
+        (["--batch-size", "0"], "batch_size=0"),
+        (["--preset", "huge"], "huge"),
+        (["--no-such-flag", "1"], "--no-such-flag"),
+        (["--mesh", "data=3"], "data=3"),
+        (["--mesh", "model=16"], "model=16"),
+        (["--mesh", "data=2,pipeline=4"], "data=D,model=M"),
+        (["--vocab-size", "100"], "outside"),
+        (["--num-classes", "10"], "classes"),
+        (["--num-processes", "2"], "go together"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(v),
+)
+def test_bad_input_exits_2_with_one_line(argv, needle, data, capsys):
+    flags, tmp = data
+    empty = tmp / "empty.txt"
+    empty.write_text("")
+    argv = [a.format(empty=empty) for a in argv]
+    code, err = main_exit(["--workdir", str(tmp / "never"), *flags, *SMALL, *argv], capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
+    assert not (tmp / "never").exists()
+
+
+def test_config_flags_cover_every_field():
+    args = train.build_parser().parse_args(
+        ["--model.num-layers", "3", "--width", "64", "--sampler.steps", "7", "--steps", "9",
+         "--schedule", "cosine", "--learnable", "true", "--optim.lr", "1e-3"]
+    )
+    cfg, given = train.make_config(args)
+    assert (cfg.model.num_layers, cfg.model.width, cfg.sampler.steps, cfg.train.steps) == (3, 64, 7, 9)
+    assert cfg.diffusion.schedule.value == "cosine" and cfg.diffusion.learnable and cfg.optim.lr == 1e-3
+    assert given == {"model.num_layers", "model.width", "sampler.steps", "train.steps",
+                     "diffusion.schedule", "diffusion.learnable", "optim.lr"}
+    # Every field of every section has a --section.field flag.
+    flags = {o for a in train.build_parser()._actions for o in a.option_strings}
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.type):
+            assert f"--{section.name}.{f.name.replace('_', '-')}" in flags
+
+
+def test_default_workdir_names():
+    assert train.default_workdir("tiny", "pystdlib") == Path("runs/tiny-pystdlib")
+    assert train.default_workdir("md4-s", "hf:roneneldan/TinyStories") == Path("runs/md4-s-TinyStories")
+    assert train.default_workdir("tiny", "file:/data/my code.py") == Path("runs/tiny-my-code.py")
