@@ -120,11 +120,11 @@ def sample_local(
 
 
 def log_survival(schedule: MaskingSchedule, steps: int, grid: TimeGrid) -> Float[Array, " steps"]:
-    """log P(a masked position is still masked after step i) = sum_{j<=i} log(1 - p_j), with p_j
-    = (alpha_s - alpha_t) / (1 - alpha_t) the unmask probability of step j."""
+    """log P(a masked position is still masked after step i) = sum_{j<=i} log(1 - p_j), with p_j =
+    (alpha_s - alpha_t) / (1 - alpha_t) the unmask probability of step j. As s_j = t_{j+1}, the
+    product telescopes to (1 - alpha(s_i)) / (1 - alpha(t_0)), computed so without rounding."""
     ts, ss = time_grid(steps, grid)
-    alpha_t, alpha_s = schedule.alpha(ts), schedule.alpha(ss)
-    return jnp.cumsum(jnp.log1p(-(alpha_s - alpha_t) / (1.0 - alpha_t)))
+    return jnp.log(schedule.mask_prob(ss)) - jnp.log(schedule.mask_prob(ts[0]))
 
 
 def unmask_step_probs(
