@@ -1,9 +1,19 @@
-"""Evaluation of the NELBO on held-out data, on the same mesh as training."""
+"""Evaluation of the NELBO on held-out data, on the same mesh as training.
 
+`nelbo` is the training-time evaluation: one Monte Carlo draw of (t, z_t) per sequence. For a
+number users can trust, `nelbo_draws` repeats it with `draws` independent keys (draw d is exactly
+the training-time evaluation with key fold_in(key, d)) and `NelboEstimate` turns the table into
+bits per token, the perplexity bound and two standard errors (see its docstring).
+"""
+
+import dataclasses
 import functools
+import math
+from collections.abc import Iterable
 
 import equinox as eqx
 import jax
+import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray
@@ -44,3 +54,92 @@ def nelbo(
     if tokens.shape[0] % mesh.shape[DATA]:
         raise ValueError(f"batch {tokens.shape[0]} must be a multiple of data={mesh.shape[DATA]}")
     return _nelbo(model, key, tokens, labels, mesh)
+
+
+def nelbo_draws(
+    model: MD4,
+    key: PRNGKeyArray,
+    batches: Iterable[tuple[Int[Array, "b l"], Int[Array, " b"] | None]],
+    mesh: Mesh,
+    draws: int,
+) -> Float[np.ndarray, "draws n"]:
+    """The NELBO in nats of every sequence of `batches` (n in all) under `draws` independent draws
+    of the time t and the masks z_t. Draw d of batch i uses the key fold_in(fold_in(key, d), i),
+    so row d is the training-time evaluation (`nelbo` per batch with fold_in(key_d, i)) for
+    key_d = fold_in(key, d)."""
+    if draws < 1:
+        raise ValueError(f"{draws=} must be positive")
+    draw_keys = [jax.random.fold_in(key, d) for d in range(draws)]
+    columns = []
+    for i, (tokens, labels) in enumerate(batches):
+        per_draw = [nelbo(model, jax.random.fold_in(k, i), tokens, mesh, labels) for k in draw_keys]
+        columns.append(np.stack([np.asarray(x, np.float64) for x in per_draw]))  # (draws, b)
+    if not columns:
+        raise ValueError("no batches to evaluate")
+    return np.concatenate(columns, axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class NelboEstimate:
+    """The NELBO of n sequences of L tokens in bits per token, averaged over D draws each.
+
+    Two standard errors, for two questions:
+    - `mc_stderr`: how far the number could move with other random times and masks on these same
+      sequences. The D draws are independent, so it is std(per-draw means) / sqrt(D); it shrinks
+      with more draws (it needs D >= 2).
+    - `stderr`: how far it could be from the NELBO of the whole distribution the sequences were
+      drawn from: std(per-sequence means over the draws) / sqrt(n), both sources of noise
+      together (conservative under the antithetic times, which correlate a batch negatively).
+    The NELBO bounds the negative log-likelihood, so exp(nats per token) = 2^bits bounds the
+    perplexity: `perplexity`, with the delta-method standard errors `perplexity * ln 2 * se`.
+    """
+
+    per_draw: tuple[float, ...]  # bits per token of all n sequences under each draw
+    per_sequence: tuple[float, ...]  # bits per token of each sequence, averaged over the draws
+    seq_len: int
+
+    @classmethod
+    def from_nats(cls, nats: Float[np.ndarray, "draws n"], seq_len: int) -> "NelboEstimate":
+        bits = np.asarray(nats, np.float64) / (seq_len * math.log(2.0))
+        return cls(tuple(bits.mean(axis=1).tolist()), tuple(bits.mean(axis=0).tolist()), seq_len)
+
+    @property
+    def draws(self) -> int:
+        return len(self.per_draw)
+
+    @property
+    def sequences(self) -> int:
+        return len(self.per_sequence)
+
+    @property
+    def bits_per_token(self) -> float:
+        return float(np.mean(self.per_draw))
+
+    @property
+    def mc_stderr(self) -> float:
+        """NaN for a single draw."""
+        return _stderr(self.per_draw)
+
+    @property
+    def stderr(self) -> float:
+        """NaN for a single sequence."""
+        return _stderr(self.per_sequence)
+
+    @property
+    def perplexity(self) -> float:
+        return 2.0**self.bits_per_token
+
+    def perplexity_se(self, bits_se: float) -> float:
+        return self.perplexity * math.log(2.0) * bits_se
+
+    def to_json(self) -> dict:
+        return {
+            "bits_per_token": self.bits_per_token, "mc_stderr": self.mc_stderr, "stderr": self.stderr,
+            "perplexity": self.perplexity, "perplexity_mc_stderr": self.perplexity_se(self.mc_stderr),
+            "perplexity_stderr": self.perplexity_se(self.stderr), "draws": self.draws,
+            "sequences": self.sequences, "seq_len": self.seq_len, "per_draw": list(self.per_draw),
+        }
+
+
+def _stderr(values: tuple[float, ...]) -> float:
+    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan

@@ -1,0 +1,219 @@
+"""Evaluate a trained MD4: the likelihood bound of a checkpoint, or the quality of its samples.
+
+    python evaluate.py nelbo --workdir runs/tiny-pystdlib --split valid --draws 8
+    python evaluate.py nelbo --workdir runs/md4-s-owt --draws 4 --batches 100 --batch-size 64
+    python evaluate.py samples --file samples.jsonl --model gpt2-large
+    python evaluate.py samples --file samples.jsonl --model ./my-causal-lm --tokens
+
+nelbo: the EMA model's NELBO on a dataset split (default: the whole split) in bits per token,
+averaged over --draws independent draws of the time and the masks per sequence, with its Monte
+Carlo standard error (other draws, same sequences) and its standard error over sequences (other
+sequences from the same source); and the perplexity bound exp(nats per token) with the same
+errors. Draw d is exactly the training-time evaluation with key fold_in(key(seed), d).
+
+samples: for a .jsonl of samples (one {"text": ..., "tokens": [...]} per line, as sample.py
+--out writes), the unigram entropy of each sample's tokens (nats; collapsed, repetitive samples
+score low) and the generative perplexity under a causal LM from `transformers` (a hub name such
+as gpt2-large, or a local directory): the text is retokenised with the LM's tokenizer, or with
+--tokens the token ids are scored as they are (when the LM shares the diffusion model's
+vocabulary). Needs PyTorch: pip install md4-eqx[eval].
+
+--json prints one JSON object instead of the table. Bad input prints one line on stderr and
+exits with status 2.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from md4_eqx import checkpoint
+from md4_eqx.checkpoint import CheckpointError
+from md4_eqx.data import DataError, load
+from md4_eqx.evaluate import NelboEstimate, nelbo_draws
+from md4_eqx.genppl import CausalLM, ScoringError, unigram_entropy
+from md4_eqx.parallel import DATA, make_mesh
+from train import ArgumentParser, UsageError, parse_field
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        description=__doc__.splitlines()[0], allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]),
+    )
+    field = lambda kind: (lambda text: parse_field(kind, text))  # noqa: E731
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    nelbo = commands.add_parser("nelbo", help="the NELBO (bits per token) of a checkpoint on a split")
+    nelbo.add_argument("--workdir", default="runs/tiny-pystdlib")
+    nelbo.add_argument("--step", type=field(int), help="checkpoint step (default: the newest)")
+    nelbo.add_argument("--split", default="valid")
+    nelbo.add_argument("--draws", type=field(int), default=8, help="time draws per sequence")
+    nelbo.add_argument("--batches", type=field(int), help="evaluate the first N batches (default: all)")
+    nelbo.add_argument("--batch-size", type=field(int), help="default: the run's per-step batch")
+    nelbo.add_argument("--model-parallel", type=field(int), default=1, help="devices on the mesh's model axis")
+    nelbo.add_argument("--seed", type=field(int), default=0)
+    nelbo.add_argument("--dataset", help="default: the run's dataset")
+    nelbo.add_argument("--tokenizer", help="as train.py's --tokenizer, if the run used one")
+    nelbo.add_argument("--data-path", help="as train.py's --data-path")
+    nelbo.add_argument("--cache-dir", help="default: $MD4_CACHE or ~/.cache/md4_eqx")
+    nelbo.add_argument("--no-progress", action="store_true")
+    nelbo.add_argument("--json", action="store_true")
+
+    samples = commands.add_parser("samples", help="generative perplexity and unigram entropy of samples")
+    samples.add_argument("--file", required=True, help="a .jsonl of samples with text and tokens")
+    samples.add_argument("--model", default="gpt2-large", help="a causal LM: hub name or local directory")
+    samples.add_argument("--tokens", action="store_true", help="score the token ids, not the retokenised text")
+    samples.add_argument("--batch-size", type=field(int), default=8)
+    samples.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    samples.add_argument("--json", action="store_true")
+    return parser
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _se(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
+
+
+def run_nelbo(args) -> dict:
+    for flag in ("draws", "batches", "batch_size", "model_parallel"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    step, config, _ = checkpoint.read_meta(args.workdir, args.step)
+    if jax.device_count() % args.model_parallel:
+        raise UsageError(f"--model-parallel {args.model_parallel} must divide the {jax.device_count()} devices")
+    for what, size in (("heads", config.model.num_heads), ("padded vocabulary", config.model.padded_vocab),
+                       ("MLP hidden size", config.model.hidden)):
+        if size % args.model_parallel:
+            raise UsageError(f"--model-parallel {args.model_parallel} must divide the {what} ({size})")
+    mesh = make_mesh(model=args.model_parallel)
+    parts = mesh.shape[DATA]
+    batch = args.batch_size or max(parts, config.train.batch_size // config.train.microbatches // parts * parts)
+    if batch % parts:
+        raise UsageError(f"--batch-size {batch} must be a multiple of the {parts} devices on the data axis")
+
+    dataset = args.dataset or config.train.dataset
+    ds = load(dataset, seq_len=config.model.seq_len, cache_dir=args.cache_dir, tokenizer=args.tokenizer,
+              data_path=args.data_path, progress=not args.no_progress)
+    if ds.vocab_size > config.model.vocab_size:
+        raise UsageError(f"{ds.name}'s vocabulary ({ds.vocab_size}) is larger than the model's ({config.model.vocab_size})")
+    split = ds.split(args.split)
+    n = split.num_examples if args.batches is None else min(split.num_examples, args.batches * batch)
+    count = -(-n // batch)
+    _, model = checkpoint.load_for_inference(args.workdir, step, mesh)
+    labelled = config.model.num_classes > 0
+    sharding = NamedSharding(mesh, P(DATA))
+
+    bar = tqdm(total=count, desc="nelbo", unit="batch", disable=args.no_progress, file=sys.stderr)
+
+    def batches():
+        for i in range(count):
+            # The last batch is filled up with the last sequence; those extra rows are dropped.
+            tokens, labels = split.get(np.minimum(np.arange(i * batch, (i + 1) * batch), n - 1))
+            on_mesh = lambda x: jax.device_put(x, sharding)  # noqa: E731
+            yield on_mesh(tokens), (on_mesh(labels) if labelled else None)
+            bar.update()
+
+    nats = nelbo_draws(model, jax.random.key(args.seed), batches(), mesh, args.draws)[:, :n]
+    bar.close()
+    est = NelboEstimate.from_nats(nats, config.model.seq_len)
+    return {
+        "workdir": str(args.workdir), "step": step, "dataset": ds.name, "split": args.split,
+        "batch_size": batch, "batches": count,
+        **{k: _finite(v) if isinstance(v, float) else v for k, v in est.to_json().items()},
+    }
+
+
+def print_nelbo(r: dict) -> None:
+    nan = lambda v: math.nan if v is None else v  # noqa: E731
+    print(f"checkpoint  {r['workdir']} step {r['step']} (EMA parameters)")
+    print(f"data        {r['dataset']} {r['split']}: {r['sequences']:,} sequences of {r['seq_len']} tokens "
+          f"({r['batches']} batches of {r['batch_size']})")
+    print(f"NELBO       {r['bits_per_token']:.4f} bits/token  "
+          f"± {_se(nan(r['mc_stderr']))} Monte Carlo ({r['draws']} draws)  "
+          f"± {_se(nan(r['stderr']))} over sequences")
+    print(f"perplexity  <= {r['perplexity']:.3f}  "
+          f"± {_se(nan(r['perplexity_mc_stderr']))} Monte Carlo  ± {_se(nan(r['perplexity_stderr']))} over sequences")
+
+
+def read_samples(path: str) -> tuple[list[str], list[list[int]]]:
+    """The "text" and "tokens" of every line of a samples .jsonl."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    texts, tokens = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            text, ids = record["text"], record["tokens"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(f"{path}:{number}: expected a JSON object with \"text\" and \"tokens\"") from None
+        if not isinstance(text, str) or not isinstance(ids, list) or not all(type(t) is int for t in ids):
+            raise UsageError(f"{path}:{number}: \"text\" must be a string and \"tokens\" a list of integers")
+        texts.append(text)
+        tokens.append(ids)
+    if not texts:
+        raise UsageError(f"{path} has no samples")
+    return texts, tokens
+
+
+def run_samples(args) -> dict:
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    texts, tokens = read_samples(args.file)
+    entropy = np.array([unigram_entropy(ids) for ids in tokens if ids])
+    try:
+        lm = CausalLM(args.model, args.device)
+        scored = tokens if args.tokens else lm.encode(texts)
+        ppl = lm.perplexity(scored, args.batch_size)
+    except ScoringError as e:
+        raise UsageError(str(e)) from None
+    return {
+        "file": args.file, "samples": len(texts), "tokens_per_sample": float(np.mean([len(t) for t in tokens])),
+        "unigram_entropy": float(entropy.mean()), "unigram_entropy_min": float(entropy.min()),
+        "unigram_entropy_max": float(entropy.max()),
+        "model": args.model, "scored": "tokens" if args.tokens else "text", "tokens_scored": sum(ppl.scored),
+        "gen_perplexity": ppl.value, "gen_perplexity_stderr": _finite(ppl.stderr),
+    }
+
+
+def print_samples(r: dict) -> None:
+    se = _se(math.nan if r["gen_perplexity_stderr"] is None else r["gen_perplexity_stderr"])
+    how = "token ids as they are" if r["scored"] == "tokens" else "text retokenised"
+    print(f"samples          {r['samples']} in {r['file']}, {r['tokens_per_sample']:.0f} tokens each on average")
+    print(f"unigram entropy  {r['unigram_entropy']:.3f} nats per sample (mean; min {r['unigram_entropy_min']:.3f}, "
+          f"max {r['unigram_entropy_max']:.3f})")
+    print(f"gen. perplexity  {r['gen_perplexity']:.3f} ± {se} under {r['model']} "
+          f"({r['tokens_scored']:,} tokens scored, {how})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = run_nelbo(args) if args.command == "nelbo" else run_samples(args)
+    except (UsageError, DataError, CheckpointError) as e:
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        (print_nelbo if args.command == "nelbo" else print_samples)(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
