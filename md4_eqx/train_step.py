@@ -23,7 +23,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 from md4_eqx.config import Config, OptimConfig
 from md4_eqx.loss import losses
 from md4_eqx.model import MD4
-from md4_eqx.parallel import DATA, example_ids, global_norm, param_specs, shard_map_modules
+from md4_eqx.parallel import DATA, example_ids, global_norm, param_specs, shard_map_modules, shardings
 
 
 class TrainState(eqx.Module):
@@ -68,27 +68,38 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 
 
 def init_state(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    """A fresh state, placed on the mesh with every array's sharding (see `state_specs`)."""
-    model = MD4(config, key=jax.random.key(config.train.seed))
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        model=model,
-        ema=jax.tree.map(jnp.copy, model),  # its own buffers: the step donates both
-        opt_state=optimizer.init(eqx.filter(model, eqx.is_array)),
-        key=jax.random.key(config.train.seed + 1),
-    )
-    return place(state, optimizer, mesh)
+    """A fresh state, computed on the mesh with every array's sharding (see `state_specs`): each
+    device computes only its own slices, so a mesh over several processes needs nothing more."""
+
+    def fresh() -> TrainState:
+        model = MD4(config, key=jax.random.key(config.train.seed))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            model=model,
+            ema=jax.tree.map(jnp.copy, model),  # its own buffers: the step donates both
+            opt_state=optimizer.init(eqx.filter(model, eqx.is_array)),
+            key=jax.random.key(config.train.seed + 1),
+        )
+
+    abstract = eqx.filter_eval_shape(fresh)
+    static = eqx.filter(abstract, lambda x: not isinstance(x, jax.ShapeDtypeStruct))
+    out_shardings = shardings(mesh, state_specs(abstract, optimizer))
+    arrays = jax.jit(lambda: eqx.filter(fresh(), eqx.is_array), out_shardings=out_shardings)()
+    return eqx.combine(arrays, static)
 
 
 def state_specs(state: TrainState, optimizer: optax.GradientTransformation) -> PyTree:
-    """PartitionSpecs of every array of the state: the optimizer state is split like the params."""
-    arrays = eqx.filter(state, eqx.is_array)
+    """PartitionSpecs of every array of the state: the optimizer state is split like the params.
+    `state` may also be abstract (`eqx.filter_eval_shape(init_state, ...)`), e.g. to restore."""
+    arrays = eqx.filter(state, lambda x: eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct))
     params = param_specs(arrays.model)
     opt = optax.tree_map_params(
         optimizer, lambda _, spec: spec, arrays.opt_state, params,
         transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P),
     )
-    return TrainState(step=P(), model=params, ema=params, opt_state=opt, key=P())
+    # Built by tree maps, not TrainState(...): its fields are typed as arrays, these are specs.
+    specs = jax.tree.map(lambda _: P(), arrays)
+    return eqx.tree_at(lambda s: (s.model, s.ema, s.opt_state), specs, (params, params, opt))
 
 
 def place(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
@@ -141,7 +152,9 @@ def _step(
     grad_norm = global_norm(grads, specs.model)
     if optim.clip:
         grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, optim.clip / (grad_norm + 1e-6)), grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, params)
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        lr = learning_rate(optim, cfg.train.steps)(state.step)
     params = optax.apply_updates(params, updates)
     # EMA decay warmed up as min(decay, (1 + step) / (10 + step)), so short runs are not all init.
     step = state.step.astype(jnp.float32)
@@ -154,7 +167,6 @@ def _step(
         opt_state=opt_state,
         key=state.key,
     )
-    lr = learning_rate(optim, cfg.train.steps)(state.step)
     metrics = Metrics(nelbo / math.log(2.0), objective, grad_norm, jnp.asarray(lr, jnp.float32))
     return new_state, metrics
 
