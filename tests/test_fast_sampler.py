@@ -5,7 +5,7 @@ time t and the tokens already unmasked, so a sampler that calls it at the wrong 
 wrong state draws visibly different tokens. Chi-square tests at fixed seeds compare per-position
 token frequencies, a pair of positions, the unmask-step histogram (against its exact law) and the
 number of network calls per sequence. Each test is at level 1e-3 per statistic; the power check
-shows that the same statistics reject a network evaluated one step late.
+shows that the same statistics reject a network evaluated about one step late.
 """
 
 import functools
@@ -35,7 +35,7 @@ LEVEL = 1e-3
 class KnownNet(eqx.Module):
     """logits[b, l, v] = base[l, v] + time[v] * t_b + herd * #{positions of example b holding v},
     zero past V; returns this device's vocabulary slice like the transformer. `delay` evaluates
-    it at t + delay instead (a sampler that is one step late)."""
+    it at t + delay instead: with delay = 1/T, a sampler that reads the time about one step off."""
 
     base: Float[Array, "l v"]
     time: Float[Array, " v"]
@@ -61,7 +61,8 @@ def known_model(delay: float = 0.0) -> MD4:
         diffusion=DiffusionConfig(eps=0.05),
     )
     model = MD4(config, key=jax.random.key(0))
-    base = jnp.log(jnp.array([0.1, 0.2, 0.3, 0.4]))[None] + 0.3 * jnp.arange(L, dtype=jnp.float32)[:, None] * jnp.eye(V)[1][None]
+    ramp = jnp.arange(L, dtype=jnp.float32)[:, None] * jnp.eye(V)[1][None]  # token 1 likelier along l
+    base = jnp.log(jnp.array([0.1, 0.2, 0.3, 0.4]))[None] + 0.3 * ramp  # (L, V)
     net = KnownNet(base, jnp.array([3.0, 0.0, -3.0, 0.0]), jnp.array(delay), 0.7, config.model.padded_vocab)
     return eqx.tree_at(lambda m: m.net, model, net)
 
