@@ -1,6 +1,7 @@
 """MD4 and GenMD4 as one Equinox module: the network mu_theta plus the masking schedule."""
 
 import equinox as eqx
+import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
 from md4_eqx.config import Config
@@ -45,3 +46,13 @@ class MD4(eqx.Module):
         """mu_theta(z_t, t) as logits over this device's vocabulary slice (see `md4_eqx.parallel`)."""
         return self.net(z, t, labels, keys=keys)
 
+    def unmask_probs(self, t: Float[Array, ""], s: Float[Array, ""]) -> Float[Array, " vocab"]:
+        """P(a masked position becomes token v between t and s < t | it would be v):
+        (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v)), the same for every v under MD4's schedule.
+        GenMD4: 1 - alpha_t(v) = (1 - eps) t^(w_v), so the ratio is 1 - (s / t)^(w_v)."""
+        if self.learned is not None:
+            ratio = jnp.maximum(s, 0.0) / t  # the cosine grid's last s is -4e-8 in float32
+            return -jnp.expm1(self.learned.w * jnp.log(ratio))
+        schedule = self.schedule
+        mask_t = schedule.mask_prob(t)
+        return jnp.full((self.vocab_size,), (mask_t - schedule.mask_prob(s)) / mask_t)

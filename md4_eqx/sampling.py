@@ -59,29 +59,32 @@ def reverse_step(
     keys: Key[Array, " b"],
     z: Int[Array, "b l"],
     logits: Float[Array, "b l v"],
-    unmask_prob: Float[Array, ""],
+    unmask: Float[Array, " v"],
     mask_id: int,
     cfg: SamplerConfig,
 ) -> Int[Array, "b l"]:
-    """One step t -> s of the reverse process, given mu_theta(z_t, t) as logits over V."""
+    """One step t -> s of the reverse process, given mu_theta(z_t, t) as logits over V and
+    unmask[v] = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v)) (`MD4.unmask_probs`)."""
     if cfg.sampler is Sampler.TOP_P:
         logits = top_p_filter(logits, cfg.top_p)
+    log_unmask, log_stay = jnp.log(unmask)[None, :], jnp.log1p(-unmask)[None, :]  # (1, V)
 
     def one_step(key, z, logits):
-        # ANCESTRAL / TOP_P: one categorical over V + 1 outcomes, the V tokens with probability
-        # unmask_prob * mu[v] and "stay masked" with 1 - unmask_prob (the paper's one-step form).
+        # ANCESTRAL / TOP_P: one categorical over V + 1 outcomes, token v with probability
+        # mu[v] unmask[v] and "stay masked" with sum_v mu[v] (1 - unmask[v]) (the paper's one-step
+        # form; under MD4's schedule unmask[v] is one number and the last is 1 - unmask).
         log_mu = jax.nn.log_softmax(logits, axis=-1)  # (l, V)
-        stay = jnp.broadcast_to(jnp.log1p(-unmask_prob), log_mu.shape[:-1] + (1,))
-        x = jax.random.categorical(key, jnp.concatenate([log_mu + jnp.log(unmask_prob), stay], -1))
+        stay = jax.nn.logsumexp(log_mu + log_stay, axis=-1, keepdims=True)  # (l, 1)
+        x = jax.random.categorical(key, jnp.concatenate([log_mu + log_unmask, stay], -1))
         return jnp.where(z == mask_id, x, z)  # outcome V is the mask id itself
 
     def two_steps(key, z, logits):
-        # MEAN: draw z0 ~ mu first, then unmask with unmask_prob taking z0's values. The same law;
-        # the paper (App. G) finds it samples worse in finite precision than the one-step form.
+        # MEAN: draw z0 ~ mu first, then unmask with probability unmask[z0], taking z0's value. The
+        # same law; the paper (App. G) finds it samples worse in finite precision than one step.
         k_draw, k_unmask = jax.random.split(key)
         z0 = jax.random.categorical(k_draw, logits, axis=-1)  # (l,)
-        unmask = jax.random.bernoulli(k_unmask, unmask_prob, z.shape)
-        return jnp.where((z == mask_id) & unmask, z0, z)
+        unmasked = jax.random.uniform(k_unmask, z.shape) < unmask[z0]
+        return jnp.where((z == mask_id) & unmasked, z0, z)
 
     per_example = two_steps if cfg.sampler is Sampler.MEAN else one_step
     return jax.vmap(per_example)(keys, z, logits)
@@ -96,7 +99,7 @@ def sample_local(
     trajectory: bool,
 ) -> Samples:
     """The sampling loop on this device's examples (runs inside the mesh's shard_map)."""
-    mask_id, schedule = model.mask_id, model.schedule
+    mask_id = model.mask_id
     keys = example_keys(key, example_ids(template.shape[0]))
     ts, ss = time_grid(cfg.steps, cfg.grid)
 
@@ -106,10 +109,8 @@ def sample_local(
 
     def step(z, inputs):
         i, t, s = inputs
-        mask_t = schedule.mask_prob(t)
-        unmask_prob = (mask_t - schedule.mask_prob(s)) / mask_t  # (alpha_s - alpha_t) / (1 - alpha_t)
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-        z = reverse_step(step_keys, z, mu_logits(z, t), unmask_prob, mask_id, cfg)
+        z = reverse_step(step_keys, z, mu_logits(z, t), model.unmask_probs(t, s), mask_id, cfg)
         return z, (z if trajectory else None)
 
     z, traj = jax.lax.scan(step, template, (jnp.arange(cfg.steps), ts, ss))
@@ -223,6 +224,11 @@ def generate(
     if template.shape[0] % mesh.shape[DATA]:
         raise ValueError(
             f"batch {template.shape[0]} must be a multiple of the mesh's data={mesh.shape[DATA]}"
+        )
+    if cfg.sampler is Sampler.EXACT_SKIP and model.learned is not None:
+        raise ValueError(
+            "the exact_skip sampler needs unmask steps that do not depend on the tokens; GenMD4's "
+            "learned per-token schedule makes them depend: use ancestral, top_p or mean"
         )
     if template.shape[1] != model.config.model.seq_len:
         raise ValueError(f"template length {template.shape[1]} != seq_len {model.config.model.seq_len}")

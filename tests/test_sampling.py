@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from md4_eqx.config import Config, ModelConfig, Precision, Sampler, SamplerConfig, TimeGrid
+from md4_eqx.config import Config, DiffusionConfig, ModelConfig, Precision, Sampler, SamplerConfig, TimeGrid
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
 from md4_eqx.sampling import generate, time_grid, top_p_filter
@@ -17,14 +17,14 @@ MESH = make_mesh(1, 1, jax.devices()[:1])
 PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.07, 0.03])
 
 
-def fixed_output_model(probs: np.ndarray, seq: int, num_classes: int = 0) -> MD4:
+def fixed_output_model(probs: np.ndarray, seq: int, num_classes: int = 0, learnable: bool = False) -> MD4:
     """An MD4 whose mu_theta(z_t, t) is `probs` at every position, whatever z_t and t: the final
     adaLN gets scale = -1 and shift = e_0, so the head sees e_0, and head row 0 holds log probs."""
     vocab = len(probs)
     cfg = Config(model=ModelConfig(
         vocab_size=vocab, seq_len=seq, width=16, num_layers=1, num_heads=2, cond_dim=16,
         num_classes=num_classes, precision=Precision.FLOAT32,
-    ))
+    ), diffusion=DiffusionConfig(learnable=learnable))
     model = MD4(cfg, key=jax.random.key(0))
     width = cfg.model.width
     shift = jnp.zeros(width).at[0].set(1.0)
@@ -60,6 +60,33 @@ def test_token_frequencies_match_the_model(sampler, expected):
     # 4096 draws; a correct sampler fails this at the fixed seed with probability 1e-4.
     p = stats.chisquare(counts[support], counts.sum() * expected[support]).pvalue
     assert p > 1e-4, (counts, p)
+
+
+def test_genmd4_sampler_follows_its_per_token_schedule():
+    """Under GenMD4 a masked position becomes v between t and s with probability
+    mu[v] (1 - (s/t)^(w_v)): tokens with small exponents unmask early. With a fixed mu the final
+    law, P(v) = sum_i prod_{j<i} stay_j * mu[v] u_i(v), is computed exactly in float64; it
+    differs from mu, and the samples must follow it, not mu."""
+    seq, steps = 64, 8
+    w = np.array([3.0, 0.3, 1.0, 1.0, 0.5, 2.0])
+    model = fixed_output_model(PROBS, seq, learnable=True)
+    model = eqx.tree_at(lambda m: m.learned.theta, model, jnp.asarray(np.log(np.expm1(w)), jnp.float32))
+    cfg = SamplerConfig(steps=steps, grid=TimeGrid.UNIFORM)
+    tokens = generate(model, jax.random.key(2), jnp.full((64, seq), model.mask_id), MESH, cfg).tokens
+
+    t = (steps - np.arange(steps)) / steps
+    unmask = 1 - (np.maximum(t - 1 / steps, 0)[:, None] / t[:, None]) ** w[None, :]  # (T, V)
+    stay = 1 - (PROBS[None, :] * unmask).sum(-1)  # (T,)
+    alive = np.concatenate([[1.0], np.cumprod(stay)[:-1]])  # still masked before step i
+    law = (alive[:, None] * PROBS[None, :] * unmask).sum(0)
+    np.testing.assert_allclose(law.sum(), 1.0, rtol=1e-12)  # the last step unmasks everything
+    assert np.abs(law - PROBS).max() > 0.05  # the schedule matters
+    counts = token_counts(tokens, model.vocab_size)
+    assert stats.chisquare(counts, counts.sum() * law).pvalue > 1e-4, (counts / counts.sum(), law)
+    assert stats.chisquare(counts, counts.sum() * PROBS).pvalue < 1e-10
+    with pytest.raises(ValueError, match="exact_skip"):
+        generate(model, jax.random.key(2), jnp.full((2, seq), model.mask_id), MESH,
+                 SamplerConfig(sampler=Sampler.EXACT_SKIP))
 
 
 def test_wrong_distribution_is_detected():
