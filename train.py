@@ -49,6 +49,7 @@ from md4_eqx import checkpoint
 from md4_eqx.checkpoint import CheckpointError
 from md4_eqx.config import PRESETS, Config, preset
 from md4_eqx.data import BatchLoader, DataError, Dataset, load
+from md4_eqx.distributed import batch_part, gather, global_batch, initialize
 from md4_eqx.evaluate import nelbo
 from md4_eqx.model import MD4
 from md4_eqx.parallel import DATA, make_mesh
@@ -201,9 +202,9 @@ def start_processes(args: argparse.Namespace) -> None:
             raise UsageError("--coordinator, --num-processes and --process-id go together")
         if not 0 <= args.process_id < args.num_processes:
             raise UsageError(f"--process-id {args.process_id} must lie in [0, {args.num_processes})")
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        initialize(args.coordinator, args.num_processes, args.process_id)
     elif args.distributed:
-        jax.distributed.initialize()
+        initialize()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,9 +226,8 @@ def load_dataset(cfg: Config, args: argparse.Namespace) -> Dataset:
 
 def on_mesh(batch: dict, mesh: Mesh, labelled: bool) -> tuple[jax.Array, jax.Array | None]:
     """This process's rows of a batch -> global arrays split over `data` (works multi-process)."""
-    sharding = NamedSharding(mesh, P(DATA))
-    tokens = jax.make_array_from_process_local_data(sharding, batch["tokens"])
-    labels = jax.make_array_from_process_local_data(sharding, batch["labels"]) if labelled else None
+    tokens = global_batch(batch["tokens"], mesh)
+    labels = global_batch(batch["labels"], mesh) if labelled else None
     return tokens, labels
 
 
@@ -245,8 +245,9 @@ def eval_batches(ds: Dataset, cfg: Config, mesh: Mesh) -> list[tuple[jax.Array, 
         raise UsageError(
             f"{ds.name}'s valid split has {split.num_examples} examples, fewer than data={parts}"
         )
+    index, count = batch_part(mesh)  # this process's part of every batch
     loader = BatchLoader(split, batch_size=size, seed=0, shuffle=False, prefetch=0,
-                         process_index=jax.process_index(), process_count=jax.process_count())
+                         process_index=index, process_count=count)
     count = min(cfg.train.eval_batches, split.num_examples // size)
     return [on_mesh(next(loader), mesh, cfg.model.num_classes > 0) for _ in range(count)]
 
@@ -270,7 +271,7 @@ def draw_samples(model: MD4, cfg: Config, mesh: Mesh, key: jax.Array, count: int
     if cfg.model.num_classes:
         labels = replicated_on_mesh(np.arange(rows, dtype=np.int32) % cfg.model.num_classes, mesh)
     out = generate(model, key, replicated_on_mesh(template, mesh), mesh, cfg.sampler, labels)
-    return np.asarray(multihost_utils.process_allgather(out.tokens, tiled=True))[:count]
+    return gather(out.tokens)[:count]
 
 
 def write_samples(tokens: np.ndarray, ds: Dataset, mask_id: int, stem: Path) -> tuple[Path, list[str]]:
@@ -358,9 +359,10 @@ def train(args: argparse.Namespace) -> int:
         if resume >= cfg.train.steps:
             say(f"{workdir}: checkpoint at step {resume} already reaches --steps {cfg.train.steps}")
             return 0
+    index, count = batch_part(mesh)  # this process's part of every batch
     loader = BatchLoader(
         ds.split("train"), batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(), state=data_state,
+        process_index=index, process_count=count, state=data_state,
     )
     evals = eval_batches(ds, cfg, mesh)
     log = Log(workdir, resume, main_process)  # from here on the run writes into workdir
