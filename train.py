@@ -245,9 +245,9 @@ def eval_batches(ds: Dataset, cfg: Config, mesh: Mesh) -> list[tuple[jax.Array, 
         raise UsageError(
             f"{ds.name}'s valid split has {split.num_examples} examples, fewer than data={parts}"
         )
-    index, count = batch_part(mesh)  # this process's part of every batch
+    part, part_count = batch_part(mesh)  # this process's part of every batch
     loader = BatchLoader(split, batch_size=size, seed=0, shuffle=False, prefetch=0,
-                         process_index=index, process_count=count)
+                         process_index=part, process_count=part_count)
     count = min(cfg.train.eval_batches, split.num_examples // size)
     return [on_mesh(next(loader), mesh, cfg.model.num_classes > 0) for _ in range(count)]
 
@@ -359,10 +359,10 @@ def train(args: argparse.Namespace) -> int:
         if resume >= cfg.train.steps:
             say(f"{workdir}: checkpoint at step {resume} already reaches --steps {cfg.train.steps}")
             return 0
-    index, count = batch_part(mesh)  # this process's part of every batch
+    part, part_count = batch_part(mesh)  # this process's part of every batch
     loader = BatchLoader(
         ds.split("train"), batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-        process_index=index, process_count=count, state=data_state,
+        process_index=part, process_count=part_count, state=data_state,
     )
     evals = eval_batches(ds, cfg, mesh)
     log = Log(workdir, resume, main_process)  # from here on the run writes into workdir
