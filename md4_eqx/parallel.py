@@ -19,6 +19,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PyTree
 
+from md4_eqx.config import ModelConfig
+
 DATA = "data"
 MODEL = "model"
 
@@ -43,6 +45,15 @@ def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
         )
     array = np.asarray(devices, dtype=object).reshape(data, model)
     return Mesh(array, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def check_model_split(cfg: ModelConfig, model: int) -> None:
+    """Raise a ValueError unless a `model` axis of this size splits heads, MLP units and the
+    padded vocabulary evenly."""
+    for what, size in (("num_heads", cfg.num_heads), ("the MLP hidden size", cfg.hidden),
+                       ("the padded vocabulary", cfg.padded_vocab)):
+        if size % model:
+            raise ValueError(f"mesh model={model} must divide {what} ({size})")
 
 
 def model_index() -> Int[Array, ""]:

@@ -23,7 +23,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 from md4_eqx.config import Config, OptimConfig
 from md4_eqx.loss import losses
 from md4_eqx.model import MD4
-from md4_eqx.parallel import DATA, example_ids, global_norm, param_specs, shard_map_modules, shardings
+from md4_eqx.parallel import DATA, MODEL, check_model_split, example_ids, global_norm, param_specs, shard_map_modules, shardings
 
 
 class TrainState(eqx.Module):
@@ -103,14 +103,10 @@ def state_specs(state: TrainState, optimizer: optax.GradientTransformation) -> P
 
 
 def place(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    """Put every array of `state` on `mesh` with its sharding."""
+    """Move every array of `state` (held by this process) onto `mesh` with its sharding."""
     arrays, static = eqx.partition(state, eqx.is_array)
     specs = eqx.filter(state_specs(state, optimizer), lambda s: isinstance(s, P), is_leaf=lambda s: isinstance(s, P))
-    placed = jax.tree.map(
-        lambda x, s: jax.device_put(x, jax.sharding.NamedSharding(mesh, s)),
-        arrays, specs, is_leaf=lambda s: isinstance(s, P),
-    )
-    return eqx.combine(placed, static)
+    return eqx.combine(jax.device_put(arrays, shardings(mesh, specs)), static)
 
 
 def _step(
@@ -138,15 +134,20 @@ def _step(
     def chunks(a):  # (b, ...) -> (micro, b / micro, ...)
         return None if a is None else a.reshape(micro, a.shape[0] // micro, *a.shape[1:])
 
+    # Differentiating with respect to parameters marked as varying over `data` keeps each
+    # device's gradient local, so the microbatches accumulate without communication and the
+    # gradients are summed over `data` once, after the scan.
+    local_params = lax.pcast(params, (DATA,), to="varying")
+
     def accumulate(carry, batch):
         grads, objective, nelbo = carry
-        (obj, nll), g = jax.value_and_grad(loss_fn, has_aux=True)(params, *batch)
+        (obj, nll), g = jax.value_and_grad(loss_fn, has_aux=True)(local_params, *batch)
         return (jax.tree.map(jnp.add, grads, g), objective + obj, nelbo + nll), None
 
     zero_loss = lax.pcast(jnp.zeros(()), (DATA,), to="varying")  # a per-device partial sum
-    zero = (jax.tree.map(jnp.zeros_like, params), zero_loss, zero_loss)
+    zero = (jax.tree.map(jnp.zeros_like, local_params), zero_loss, zero_loss)
     (grads, objective, nelbo), _ = lax.scan(accumulate, zero, (chunks(tokens), chunks(labels), chunks(ids)))
-    objective, nelbo = lax.psum(objective, DATA), lax.psum(nelbo, DATA)
+    grads, objective, nelbo = lax.psum((grads, objective, nelbo), DATA)
 
     optim = cfg.optim
     grad_norm = global_norm(grads, specs.model)
@@ -176,24 +177,27 @@ def make_train_step(state: TrainState, optimizer: optax.GradientTransformation, 
 
     `tokens` is the global batch [B, L] (B divisible by the mesh's `data` size times the number
     of microbatches), `labels` [B] or None."""
+    check_model_split(state.model.config.model, mesh.shape[MODEL])
     specs = state_specs(state, optimizer)
 
-    def in_specs(state, tokens, labels):
-        return (specs, P(DATA), P(DATA) if labels is not None else None)
+    def in_specs(batch, state):
+        tokens, labels = batch
+        return ((P(DATA), None if labels is None else P(DATA)), specs)
 
-    @functools.partial(eqx.filter_jit, donate="all-except-first")
-    def step(tokens, state, labels):
-        run = shard_map_modules(
-            functools.partial(_step, optimizer=optimizer, specs=specs, global_batch=tokens.shape[0]),
-            mesh, in_specs, (specs, P()),
-        )
-        return run(state, tokens, labels)
+    def local_step(batch, state):
+        tokens, labels = batch
+        return _step(state, tokens, labels, optimizer=optimizer, specs=specs,
+                     global_batch=tokens.shape[0] * mesh.shape[DATA])
+
+    @functools.partial(eqx.filter_jit, donate="all-except-first")  # the state, not the batch
+    def step(batch, state):
+        return shard_map_modules(local_step, mesh, in_specs, (specs, P()))(batch, state)
 
     def checked(state: TrainState, tokens, labels=None):
         b = tokens.shape[0]
         parts = mesh.shape[DATA] * state.model.config.train.microbatches
         if b % parts:
             raise ValueError(f"batch {b} must be a multiple of data={mesh.shape[DATA]} x microbatches")
-        return step(tokens, state, labels)
+        return step((tokens, labels), state)
 
     return checked
