@@ -56,7 +56,7 @@ class KnownNet(eqx.Module):
 def known_model(delay: float = 0.0) -> MD4:
     # eps = 0.05 makes the final argmax fill happen often enough to be tested (P = eps / (1 - eps)).
     config = Config(
-        model=ModelConfig(vocab_size=V, seq_len=L, width=8, num_layers=1, num_heads=1, cond_dim=8,
+        model=ModelConfig(vocab_size=V, seq_len=L, width=8, num_layers=1, num_heads=2, cond_dim=8,
                           precision=Precision.FLOAT32),
         diffusion=DiffusionConfig(eps=0.05),
     )
