@@ -39,7 +39,7 @@ from md4_eqx.checkpoint import CheckpointError
 from md4_eqx.data import DataError, load
 from md4_eqx.evaluate import NelboEstimate, nelbo_draws
 from md4_eqx.genppl import CausalLM, ScoringError, unigram_entropy
-from md4_eqx.parallel import DATA, make_mesh
+from md4_eqx.parallel import DATA, check_model_split, make_mesh
 from train import ArgumentParser, UsageError, parse_field
 
 
@@ -92,10 +92,10 @@ def run_nelbo(args) -> dict:
     step, config, _ = checkpoint.read_meta(args.workdir, args.step)
     if jax.device_count() % args.model_parallel:
         raise UsageError(f"--model-parallel {args.model_parallel} must divide the {jax.device_count()} devices")
-    for what, size in (("heads", config.model.num_heads), ("padded vocabulary", config.model.padded_vocab),
-                       ("MLP hidden size", config.model.hidden)):
-        if size % args.model_parallel:
-            raise UsageError(f"--model-parallel {args.model_parallel} must divide the {what} ({size})")
+    try:
+        check_model_split(config.model, args.model_parallel)
+    except ValueError as e:
+        raise UsageError(f"--model-parallel: {e}") from None
     mesh = make_mesh(model=args.model_parallel)
     parts = mesh.shape[DATA]
     batch = args.batch_size or max(parts, config.train.batch_size // config.train.microbatches // parts * parts)
