@@ -52,7 +52,7 @@ from md4_eqx.data import BatchLoader, DataError, Dataset, load
 from md4_eqx.distributed import batch_part, gather, global_batch, initialize
 from md4_eqx.evaluate import nelbo
 from md4_eqx.model import MD4
-from md4_eqx.parallel import DATA, make_mesh
+from md4_eqx.parallel import DATA, check_model_split, make_mesh
 from md4_eqx.sampling import generate
 from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_train_step
 from md4_eqx.visualize import image_grid, to_images
@@ -177,15 +177,13 @@ def parse_mesh(text: str | None, cfg: Config) -> Mesh:
     data = sizes.get("data", devices // model if devices % model == 0 else 0)
     if data * model != devices:
         raise UsageError(f"--mesh {text}: data x model must equal the number of devices, {devices}")
-    m = cfg.model
-    for what, size in (("--num-heads", m.num_heads), ("the MLP hidden size", m.hidden),
-                       ("the padded vocabulary", m.padded_vocab)):
-        if size % model:
-            raise UsageError(f"--mesh model={model} must divide {what} ({size})")
-    parts = data * cfg.train.microbatches
-    if cfg.train.batch_size % parts or cfg.train.batch_size % jax.process_count():
+    try:
+        check_model_split(cfg.model, model)
+    except ValueError as e:
+        raise UsageError(f"--{e}") from None
+    if cfg.train.batch_size % (data * cfg.train.microbatches):
         raise UsageError(f"--batch-size {cfg.train.batch_size} must be a multiple of data={data} x "
-                         f"microbatches={cfg.train.microbatches} and of {jax.process_count()} processes")
+                         f"microbatches={cfg.train.microbatches}")
     return make_mesh(data, model)
 
 

@@ -228,16 +228,19 @@ def _cifar10() -> Config:
 
 
 def _tiny() -> Config:
-    """Trains in minutes on 2 CPU cores: byte-level Python source from the standard library."""
+    """Trains in about five minutes on 2 CPU cores: byte-level Python source from the standard
+    library. Tuned for that budget: two layers at batch 64 see twice the tokens of four at batch
+    32 in the same time and end lower (eval 3.07 against 3.58 bits/token). The samples use top-p
+    0.8: a model this small still puts visible mass on rare bytes."""
     return Config(
         model=ModelConfig(
-            vocab_size=256, seq_len=128, width=128, num_layers=4, num_heads=4,
+            vocab_size=256, seq_len=128, width=128, num_layers=2, num_heads=4,
             precision=Precision.FLOAT32,
         ),
-        sampler=SamplerConfig(steps=128),
+        sampler=SamplerConfig(sampler=Sampler.TOP_P, steps=128, top_p=0.8),
         optim=OptimConfig(lr=2e-3, warmup=50, ema=0.99),
         train=TrainConfig(
-            dataset="pystdlib", batch_size=32, steps=600, log_every=20, eval_every=200,
+            dataset="pystdlib", batch_size=64, steps=600, log_every=20, eval_every=200,
             eval_batches=4, checkpoint_every=200,
         ),
     )

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -142,6 +143,28 @@ def test_damaged_or_different_checkpoint_is_reported_and_left_alone(trained, tmp
         proc = run("train.py", "--workdir", str(workdir), *flags, "--steps", "40")
         assert_usage_error(proc, "checkpoint", "unreadable")
         assert tree_digest(workdir) == before  # nothing overwritten: no checkpoint, no metrics
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(trained, data):
+    """The same command as two processes of one CPU device each (gloo), each loading half of
+    every batch: the same metrics as the one-process run, up to the order of float sums."""
+    flags, full = trained
+    workdir = data[1] / "two"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags,
+           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    procs = [subprocess.Popen([*cmd, "--process-id", str(i)], cwd=ROOT, env=ENV, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "mesh {'data': 2, 'model': 1}" in outputs[0]
+    got, want = events(workdir), events(full)
+    assert [e.keys() for e in got] == [e.keys() for e in want]
+    for g, w in zip(got, want):
+        assert g == pytest.approx(w, rel=1e-4), (g, w)
 
 
 def test_bad_dataset_is_reported_in_one_line(data):
