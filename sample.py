@@ -35,7 +35,7 @@ from md4_eqx.parallel import make_mesh
 from md4_eqx.sampling import generate
 from md4_eqx.visualize import image_grid, text_trajectory, to_images, trajectory_gif, trajectory_strip
 from train import (
-    ArgumentParser, UsageError, field_flag, ignore_closed_loop_callbacks, replicated_on_mesh, run_command,
+    ArgumentParser, UsageError, field_flag, silence_abandoned_reads, replicated_on_mesh, run_command,
 )
 
 MASK_MARKER = re.compile(r"\[MASK:(\d+)\]")
@@ -157,5 +157,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    ignore_closed_loop_callbacks()
+    silence_abandoned_reads()
     sys.exit(main())

@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import enum
 import json
+import logging
 import math
 import os
 import re
@@ -336,6 +337,7 @@ class Log:
 
 
 def train(args: argparse.Namespace) -> int:
+    began = time.perf_counter()
     start_processes(args)
     cfg, given = make_config(args)
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.preset, cfg.train.dataset)
@@ -411,6 +413,7 @@ def train(args: argparse.Namespace) -> int:
         busy += time.perf_counter() - started
     bar.close()
     loader.close()
+    say(f"step {step} reached in {(time.perf_counter() - began) / 60:.1f} min")
     if texts:
         say(f"\nsamples of the EMA model at step {step}:")
         for text in texts:
@@ -418,10 +421,11 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def ignore_closed_loop_callbacks() -> None:
-    """When orbax gives up on a corrupt checkpoint, tensorstore reads still in flight later call
-    back into orbax's closed asyncio loop; Python reports each as an "unraisable" RuntimeError.
-    They say nothing the one-line error does not, so they are dropped; anything else is shown."""
+def silence_abandoned_reads() -> None:
+    """When orbax gives up on a corrupt checkpoint, the reads it started but no longer awaits
+    still finish, each with the same error: asyncio logs "Future exception was never retrieved",
+    or, once orbax's event loop has closed, Python reports an unraisable "Event loop is closed".
+    The one-line error already says what is wrong, so both are dropped; anything else is shown."""
     default = sys.unraisablehook
 
     def hook(unraisable):
@@ -430,6 +434,9 @@ def ignore_closed_loop_callbacks() -> None:
             default(unraisable)
 
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not record.getMessage().partition("\n")[0].endswith("exception was never retrieved")
+    )
 
 
 def run_command(parser: argparse.ArgumentParser, command, argv: list[str] | None) -> int:
@@ -447,5 +454,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    ignore_closed_loop_callbacks()
+    silence_abandoned_reads()
     sys.exit(main())
