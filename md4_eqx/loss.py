@@ -64,6 +64,18 @@ def log_probs_at(
     return vocab_gather(logits, x) - vocab_log_normaliser(logits, vocab_size)
 
 
+def draw_noise(
+    key: PRNGKeyArray, ids: Int[Array, " b"], *, global_batch: int, antithetic: bool, train: bool
+) -> tuple[Key[Array, " b"], Float[Array, " b"], Key[Array, " b"] | None]:
+    """The randomness of a batch, keyed by global example index: per-example keys (for the
+    masks), times t in [0, 1) and, when training, per-example dropout keys."""
+    time_key, example_key = jax.random.split(key)
+    keys = example_keys(example_key, ids)
+    t = sample_times(time_key, ids, global_batch, antithetic)  # (b,)
+    dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys) if train else None
+    return keys, t, dropout_keys
+
+
 def md4_losses(
     model: MD4,
     x: Int[Array, "b l"],
@@ -81,9 +93,7 @@ def md4_losses(
     Plus the reconstruction term L (1 - alpha(0)) log V.
     """
     cfg, schedule = model.config.diffusion, model.schedule
-    time_key, example_key = jax.random.split(key)
-    keys = example_keys(example_key, ids)
-    t = sample_times(time_key, ids, global_batch, cfg.antithetic)  # (b,)
+    keys, t, dropout_keys = draw_noise(key, ids, global_batch=global_batch, antithetic=cfg.antithetic, train=train)
     if cfg.timesteps:
         big_t = cfg.timesteps
         t = (jnp.floor(t * big_t) + 1.0) / big_t  # round up to the grid: t in {1/T, ..., 1}
@@ -93,7 +103,6 @@ def md4_losses(
     else:
         alpha_t, weight = schedule.alpha(t), schedule.weight(t)
     z = forward_mask(jax.vmap(jax.random.split)(keys)[:, 0], x, alpha_t[:, None], model.mask_id)
-    dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys) if train else None
     logp = log_probs_at(model.logits(z, t, labels, keys=dropout_keys), x, model.vocab_size)
     masked = z == model.mask_id  # (b, l)
     diffusion = weight * jnp.sum(jnp.where(masked, logp, 0.0), axis=-1)  # (b,)
@@ -140,15 +149,12 @@ def genmd4_losses(
     z1, z2 of z_t, surrogate = (L1 + L2) / 2 + sg(L1 - L2) / 2 * (log q(z1|x) - log q(z2|x))."""
     cfg, learned = model.config.diffusion, model.learned
     assert learned is not None
-    time_key, example_key = jax.random.split(key)
-    keys = example_keys(example_key, ids)
-    t = sample_times(time_key, ids, global_batch, cfg.antithetic)
+    keys, t, dropout_keys = draw_noise(key, ids, global_batch=global_batch, antithetic=cfg.antithetic, train=train)
     t = (1.0 - cfg.t1) * t + cfg.t1  # t in [t1, 1]
     w = learned.w  # (V,)
     w_pad = jnp.zeros((model.config.model.padded_vocab,)).at[: model.vocab_size].set(w)
     w_x = w[x]  # (b, l)
     alpha = learned.alpha(t[:, None], w_x)  # (b, l): alpha_t(x^i)
-    dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys) if train else None
 
     def one_draw(draw: int) -> tuple[Float[Array, " b"], Float[Array, " b"]]:
         mask_keys = jax.vmap(lambda k: jax.random.fold_in(k, draw))(keys)
