@@ -385,8 +385,9 @@ def train(args: argparse.Namespace) -> int:
         return texts
 
     texts = eval_and_sample(state, 0) if resume is None else []
-    train_step = make_train_step(state, optimizer, mesh)
     tc = cfg.train
+    train_step = make_train_step(state, optimizer, mesh, microbatches=tc.microbatches,
+                                 clip=cfg.optim.clip, ema=cfg.optim.ema)
     step = resume or 0
     bar = tqdm(total=tc.steps, initial=step, unit="step", disable=args.no_progress or not main_process,
                dynamic_ncols=True)

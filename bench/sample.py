@@ -43,7 +43,7 @@ def machine() -> str:
 def bench(model: MD4, sampler_cfg, batch: int, repeats: int) -> tuple[float, float]:
     """(median seconds per run, mean network calls per run) of `batch` unconditional samples."""
     mesh = make_mesh(1, 1, jax.devices()[:1])
-    template = jnp.full((batch, model.config.model.seq_len), model.mask_id, jnp.int32)
+    template = jnp.full((batch, model.config.seq_len), model.mask_id, jnp.int32)
     jax.block_until_ready(generate(model, jax.random.key(0), template, mesh, sampler_cfg))  # compile
     times, calls = [], []
     for r in range(repeats):
@@ -69,7 +69,7 @@ def main() -> None:
     changes = {"seq_len": args.seq_len, "num_layers": args.layers,
                "precision": Precision.FLOAT32 if args.float32 else None}
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{k: v for k, v in changes.items() if v}))
-    model = MD4(cfg, key=jax.random.key(0))
+    model = MD4(cfg.model, cfg.diffusion, key=jax.random.key(0))
     m = cfg.model
     print(f"machine: {machine()}")
     print(f"model: {args.preset}, {m.num_layers} layers, width {m.width}, vocab {m.vocab_size}, "

@@ -29,7 +29,7 @@ from md4_eqx.parallel import make_mesh, param_specs, shardings
 from md4_eqx.train_step import TrainState, init_state, state_specs
 
 # Fields that only say how the model is computed, not what it is: they may differ on resume.
-EXECUTION_FIELDS = {"remat", "attention", "attention_interpret"}
+EXECUTION_FIELDS = {"remat", "attention"}
 
 
 class CheckpointError(Exception):
@@ -234,7 +234,7 @@ def load_for_inference(
     `mesh` (default: the first device); only the EMA is read."""
     step, config, _ = read_meta(workdir, step)
     mesh = make_mesh(1, 1, jax.devices()[:1]) if mesh is None else mesh
-    abstract = eqx.filter_eval_shape(MD4, config, key=jax.random.key(0))
+    abstract = eqx.filter_eval_shape(MD4, config.model, config.diffusion, key=jax.random.key(0))
     arrays = _arrays(abstract)
     target = _targets(arrays, param_specs(arrays), mesh)
     items = _read(workdir, step, ema=ocp.args.StandardRestore(target))

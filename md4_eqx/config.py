@@ -10,7 +10,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from md4_eqx.kernels.attention import IMPLS
+from md4_eqx.kernels import Impl
 
 
 class Schedule(enum.Enum):
@@ -73,14 +73,11 @@ class ModelConfig:
     precision: Precision = Precision.BFLOAT16
     remat: bool = False  # rematerialise each block in the backward pass
     rope_theta: float = 10_000.0
-    attention: str = "auto"  # md4_eqx.kernels.attention `impl`
-    attention_interpret: bool = False  # run a Pallas attention kernel in interpret mode (CPU)
+    attention: Impl = Impl.AUTO  # how attention is computed (md4_eqx/kernels/attention.py)
 
     def __post_init__(self):
         if self.width % self.num_heads:
             raise ValueError(f"{self.width=} must be a multiple of {self.num_heads=}")
-        if self.attention not in IMPLS:
-            raise ValueError(f"unknown attention={self.attention!r}; choose one of {IMPLS}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{self.dropout=} must be in [0, 1)")
         for name in ("vocab_size", "seq_len", "width", "num_layers", "num_heads", "cond_dim"):

@@ -51,7 +51,7 @@ def nelbo(
 ) -> Float[Array, " b"]:
     """The NELBO of each sequence in nats, one Monte Carlo time draw each (antithetic across the
     batch when the config says so); divide by L ln 2 for bits per token."""
-    check_model_split(model.config.model, mesh.shape[MODEL])
+    check_model_split(model.config, mesh.shape[MODEL])
     if tokens.shape[0] % mesh.shape[DATA]:
         raise ValueError(f"batch {tokens.shape[0]} must be a multiple of data={mesh.shape[DATA]}")
     return _nelbo(model, key, tokens, labels, mesh)

@@ -15,7 +15,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
 from md4_eqx.config import MLPKind
-from md4_eqx.kernels import attention
+from md4_eqx.kernels import Impl, attention
 from md4_eqx.parallel import MODEL, Sharded, Split, vocab_offset
 
 
@@ -82,7 +82,7 @@ def layer_norm(x: Float[Array, "*b d"]) -> Float[Array, "*b d"]:
     x = x.astype(jnp.float32)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * lax.rsqrt(var + 1e-6)
+    return (x - mean) * lax.rsqrt(var + 1e-5)  # DeepMind's norm_eps (md4/networks/transformer.py)
 
 
 def activation(kind: MLPKind):
@@ -119,27 +119,24 @@ class Attention(eqx.Module):
     wo: Linear
     head_dim: int = eqx.field(static=True)
     rope_theta: float = eqx.field(static=True)
-    impl: str = eqx.field(static=True)
-    interpret: bool = eqx.field(static=True)
 
-    def __init__(self, width: int, num_heads: int, *, key: PRNGKeyArray, rope_theta: float,
-                 impl: str, interpret: bool):
+    def __init__(self, width: int, num_heads: int, *, key: PRNGKeyArray, rope_theta: float):
         kq, kk, kv, ko = jax.random.split(key, 4)
         self.wq, self.wk, self.wv = (
             Linear(width, width, key=k, split=Split.COLUMN) for k in (kq, kk, kv)
         )
         self.wo = Linear(width, width, key=ko, split=Split.ROW)
         self.head_dim = width // num_heads
-        self.rope_theta, self.impl, self.interpret = rope_theta, impl, interpret
+        self.rope_theta = rope_theta
 
-    def __call__(self, x: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
+    def __call__(self, x: Float[Array, "b l d"], impl: Impl) -> Float[Array, "b l d"]:
         b, l, _ = x.shape
 
         def heads(proj: Linear) -> Float[Array, "b l h hd"]:
             return proj(x).astype(x.dtype).reshape(b, l, -1, self.head_dim)  # local heads
 
         q, k, v = rope(heads(self.wq), self.rope_theta), rope(heads(self.wk), self.rope_theta), heads(self.wv)
-        out = attention(q, k, v, impl=self.impl, interpret=self.interpret)  # (b, l, h_local, hd)
+        out = attention(q, k, v, impl=impl)  # (b, l, h_local, hd)
         return self.wo(out.reshape(b, l, -1))
 
 

@@ -92,7 +92,7 @@ def md4_losses(
         L_T = T E_t [ (alpha_s - alpha_t) / (1 - alpha_t) * sum_{i masked} -log mu_theta(z_t, t)[x^i] ].
     Plus the reconstruction term L (1 - alpha(0)) log V.
     """
-    cfg, schedule = model.config.diffusion, model.schedule
+    cfg, schedule = model.diffusion, model.schedule
     keys, t, dropout_keys = draw_noise(key, ids, global_batch=global_batch, antithetic=cfg.antithetic, train=train)
     if cfg.timesteps:
         big_t = cfg.timesteps
@@ -147,12 +147,11 @@ def genmd4_losses(
 ) -> Losses:
     """GenMD4's NELBO with the RLOO REINFORCE estimator for the schedule's gradient: two draws
     z1, z2 of z_t, surrogate = (L1 + L2) / 2 + sg(L1 - L2) / 2 * (log q(z1|x) - log q(z2|x))."""
-    cfg, learned = model.config.diffusion, model.learned
-    assert learned is not None
+    cfg, learned = model.diffusion, model.schedule
     keys, t, dropout_keys = draw_noise(key, ids, global_batch=global_batch, antithetic=cfg.antithetic, train=train)
     t = (1.0 - cfg.t1) * t + cfg.t1  # t in [t1, 1]
     w = learned.w  # (V,)
-    w_pad = jnp.zeros((model.config.model.padded_vocab,)).at[: model.vocab_size].set(w)
+    w_pad = jnp.zeros((model.config.padded_vocab,)).at[: model.vocab_size].set(w)
     w_x = w[x]  # (b, l)
     alpha = learned.alpha(t[:, None], w_x)  # (b, l): alpha_t(x^i)
 
@@ -187,6 +186,6 @@ def losses(
     global_batch: int,
     train: bool,
 ) -> Losses:
-    """The model's NELBO terms for a batch: GenMD4's if it learns its schedule, else MD4's."""
-    fn = genmd4_losses if model.learned is not None else md4_losses
+    """The model's NELBO terms for a batch: GenMD4's if its schedule is per token, else MD4's."""
+    fn = genmd4_losses if model.schedule.per_token else md4_losses
     return fn(model, x, labels, ids, key, global_batch=global_batch, train=train)

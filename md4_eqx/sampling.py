@@ -221,16 +221,16 @@ def generate(
     """Samples for every row of `template`: positions equal to the mask id V are generated, the
     others are kept (all masks: unconditional; a prompt or an infilling template otherwise).
     The batch is split over the mesh's `data` axis; the result does not depend on the mesh."""
-    check_model_split(model.config.model, mesh.shape[MODEL])
+    check_model_split(model.config, mesh.shape[MODEL])
     if template.shape[0] % mesh.shape[DATA]:
         raise ValueError(
             f"batch {template.shape[0]} must be a multiple of the mesh's data={mesh.shape[DATA]}"
         )
-    if cfg.sampler is Sampler.EXACT_SKIP and model.learned is not None:
+    if cfg.sampler is Sampler.EXACT_SKIP and model.schedule.per_token:
         raise ValueError(
             "the exact_skip sampler needs unmask steps that do not depend on the tokens; GenMD4's "
             "learned per-token schedule makes them depend: use ancestral, top_p or mean"
         )
-    if template.shape[1] != model.config.model.seq_len:
-        raise ValueError(f"template length {template.shape[1]} != seq_len {model.config.model.seq_len}")
+    if template.shape[1] != model.config.seq_len:
+        raise ValueError(f"template length {template.shape[1]} != seq_len {model.config.seq_len}")
     return _generate(model, key, template, labels, mesh, cfg, trajectory)

@@ -2,10 +2,13 @@
 
 alpha(t) is the probability that a token is still unmasked at time t. Following the paper's code
 it is kept away from 0 and 1: alpha(t) = (1 - 2 eps) a(t) + eps, so alpha(0) = 1 - eps and
-alpha(1) = eps. GenMD4's `LearnableSchedule` gives every vocabulary token its own exponent.
+alpha(1) = eps. MD4's `MaskingSchedule` is the same for every token; GenMD4's
+`LearnableSchedule` gives every vocabulary token its own exponent. Both answer the question a
+sampler asks (`unmask_probs`), and `per_token` says whether the masking law depends on the token,
+which is all the loss (`md4_eqx.loss.losses`) and the exact-skip sampler need to know.
 """
 
-import dataclasses
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -15,17 +18,13 @@ from jaxtyping import Array, Float
 from md4_eqx.config import DiffusionConfig, Schedule
 
 
-@dataclasses.dataclass(frozen=True)
-class MaskingSchedule:
+class MaskingSchedule(eqx.Module):
     """alpha(t), alpha'(t) and the loss weight alpha'(t) / (1 - alpha(t)) of one schedule."""
 
-    kind: Schedule = Schedule.LINEAR
-    exponent: float = 1.0
-    eps: float = 1e-4
-
-    @classmethod
-    def from_config(cls, cfg: DiffusionConfig) -> "MaskingSchedule":
-        return cls(cfg.schedule, cfg.exponent, cfg.eps)
+    kind: Schedule = eqx.field(static=True, default=Schedule.LINEAR)
+    exponent: float = eqx.field(static=True, default=1.0)
+    eps: float = eqx.field(static=True, default=1e-4)
+    per_token: ClassVar[bool] = False
 
     def _a(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
         return 1.0 - self._one_minus_a(t)
@@ -65,6 +64,12 @@ class MaskingSchedule:
         """alpha'(t) / (1 - alpha(t)) <= 0: the continuous-time NELBO's weight."""
         return self.dalpha(t) / self.mask_prob(t)
 
+    def unmask_probs(self, t: Float[Array, ""], s: Float[Array, ""], vocab_size: int) -> Float[Array, " vocab"]:
+        """P(a masked position becomes token v between t and s < t | it would be v):
+        (alpha_s - alpha_t) / (1 - alpha_t), the same number for every v."""
+        mask_t = self.mask_prob(t)
+        return jnp.full((vocab_size,), (mask_t - self.mask_prob(s)) / mask_t)
+
 
 class LearnableSchedule(eqx.Module):
     """GenMD4's per-token polynomial schedule alpha_t(v) = 1 - (1 - eps) t^(w_v), w = softplus(theta).
@@ -74,6 +79,7 @@ class LearnableSchedule(eqx.Module):
 
     theta: Float[Array, " vocab"]
     eps: float = eqx.field(static=True)
+    per_token: ClassVar[bool] = True
 
     def __init__(self, vocab_size: int, eps: float = 1e-4):
         # softplus(theta) = 1  <=>  theta = log(e - 1)
@@ -87,3 +93,16 @@ class LearnableSchedule(eqx.Module):
     def alpha(self, t: Float[Array, "*#b"], w: Float[Array, "*#b"]) -> Float[Array, "*#b"]:
         """alpha_t for tokens whose exponent is w (broadcast against t)."""
         return 1.0 - (1.0 - self.eps) * jnp.exp(w * jnp.log(t))
+
+    def unmask_probs(self, t: Float[Array, ""], s: Float[Array, ""], vocab_size: int) -> Float[Array, " vocab"]:
+        """1 - alpha_t(v) = (1 - eps) t^(w_v), so (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v))
+        = 1 - (s / t)^(w_v)."""
+        ratio = jnp.maximum(s, 0.0) / t  # the cosine grid's last s is -4e-8 in float32
+        return -jnp.expm1(self.w * jnp.log(ratio))
+
+
+def make_schedule(cfg: DiffusionConfig, vocab_size: int) -> MaskingSchedule | LearnableSchedule:
+    """GenMD4's learnable schedule when `cfg.learnable`, else MD4's fixed one."""
+    if cfg.learnable:
+        return LearnableSchedule(vocab_size, cfg.eps)
+    return MaskingSchedule(cfg.schedule, cfg.exponent, cfg.eps)

@@ -40,9 +40,8 @@ class Metrics(NamedTuple):
     """Global-batch means, identical on every device."""
 
     bpt: Float[Array, ""]  # NELBO, bits per token
-    objective: Float[Array, ""]  # the differentiated loss, nats per token
     grad_norm: Float[Array, ""]
-    lr: Float[Array, ""]
+    lr: Float[Array, ""]  # the learning rate this step used, read from the optimizer's state
 
 
 def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -54,14 +53,17 @@ def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW; weight decay only on weight matrices and embedding tables (fields named `weight`)."""
+    """AdamW; weight decay only on weight matrices and embedding tables (fields named `weight`).
+    Its hyperparameters live in its state (`optax.inject_hyperparams`), so the step can report
+    the learning rate it used."""
 
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(
             lambda path, _: getattr(path[-1], "name", None) == "weight", params
         )
 
-    return optax.adamw(
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
+    return adamw(
         learning_rate(cfg, total_steps), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay,
         mask=decay_mask,
     )
@@ -72,12 +74,14 @@ def init_state(config: Config, optimizer: optax.GradientTransformation, mesh: Me
     device computes only its own slices, so a mesh over several processes needs nothing more."""
 
     def fresh() -> TrainState:
-        model = MD4(config, key=jax.random.key(config.train.seed))
+        model = MD4(config.model, config.diffusion, key=jax.random.key(config.train.seed))
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
+            opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             model=model,
             ema=jax.tree.map(jnp.copy, model),  # its own buffers: the step donates both
-            opt_state=optimizer.init(eqx.filter(model, eqx.is_array)),
+            opt_state=opt_state,
             key=jax.random.key(config.train.seed + 1),
         )
 
@@ -102,13 +106,6 @@ def state_specs(state: TrainState, optimizer: optax.GradientTransformation) -> P
     return eqx.tree_at(lambda s: (s.model, s.ema, s.opt_state), specs, (params, params, opt))
 
 
-def place(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    """Move every array of `state` (held by this process) onto `mesh` with its sharding."""
-    arrays, static = eqx.partition(state, eqx.is_array)
-    specs = eqx.filter(state_specs(state, optimizer), lambda s: isinstance(s, P), is_leaf=lambda s: isinstance(s, P))
-    return eqx.combine(jax.device_put(arrays, shardings(mesh, specs)), static)
-
-
 def _step(
     state: TrainState,
     tokens: Int[Array, "b l"],
@@ -117,10 +114,11 @@ def _step(
     optimizer: optax.GradientTransformation,
     specs: PyTree,
     global_batch: int,
+    microbatches: int,
+    clip: float,
+    ema: float,
 ) -> tuple[TrainState, Metrics]:
     """One optimisation step on this device's slice of the batch and of the parameters."""
-    cfg = state.model.config
-    micro = cfg.train.microbatches
     seq_len = tokens.shape[1]
     key = jax.random.fold_in(state.key, state.step)
     ids = example_ids(tokens.shape[0])
@@ -131,8 +129,8 @@ def _step(
         norm = global_batch * seq_len
         return jnp.sum(terms.objective) / norm, jnp.sum(terms.nelbo) / norm
 
-    def chunks(a):  # (b, ...) -> (micro, b / micro, ...)
-        return None if a is None else a.reshape(micro, a.shape[0] // micro, *a.shape[1:])
+    def chunks(a):  # (b, ...) -> (microbatches, b / microbatches, ...)
+        return None if a is None else a.reshape(microbatches, a.shape[0] // microbatches, *a.shape[1:])
 
     # Differentiating with respect to parameters marked as varying over `data` keeps each
     # device's gradient local, so the microbatches accumulate without communication and the
@@ -140,44 +138,52 @@ def _step(
     local_params = lax.pcast(params, (DATA,), to="varying")
 
     def accumulate(carry, batch):
-        grads, objective, nelbo = carry
-        (obj, nll), g = jax.value_and_grad(loss_fn, has_aux=True)(local_params, *batch)
-        return (jax.tree.map(jnp.add, grads, g), objective + obj, nelbo + nll), None
+        grads, nelbo = carry
+        (_, nll), g = jax.value_and_grad(loss_fn, has_aux=True)(local_params, *batch)
+        return (jax.tree.map(jnp.add, grads, g), nelbo + nll), None
 
     zero_loss = lax.pcast(jnp.zeros(()), (DATA,), to="varying")  # a per-device partial sum
-    zero = (jax.tree.map(jnp.zeros_like, local_params), zero_loss, zero_loss)
-    (grads, objective, nelbo), _ = lax.scan(accumulate, zero, (chunks(tokens), chunks(labels), chunks(ids)))
-    grads, objective, nelbo = lax.psum((grads, objective, nelbo), DATA)
+    zero = (jax.tree.map(jnp.zeros_like, local_params), zero_loss)
+    (grads, nelbo), _ = lax.scan(accumulate, zero, (chunks(tokens), chunks(labels), chunks(ids)))
+    grads, nelbo = lax.psum((grads, nelbo), DATA)
 
-    optim = cfg.optim
     grad_norm = global_norm(grads, specs.model)
-    if optim.clip:
-        grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, optim.clip / (grad_norm + 1e-6)), grads)
+    if clip:
+        grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip / (grad_norm + 1e-6)), grads)
     with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
         updates, opt_state = optimizer.update(grads, state.opt_state, params)
-        lr = learning_rate(optim, cfg.train.steps)(state.step)
     params = optax.apply_updates(params, updates)
     # EMA decay warmed up as min(decay, (1 + step) / (10 + step)), so short runs are not all init.
     step = state.step.astype(jnp.float32)
-    decay = jnp.minimum(optim.ema, (1.0 + step) / (10.0 + step))
-    ema = optax.incremental_update(params, eqx.filter(state.ema, eqx.is_array), 1.0 - decay)
+    decay = jnp.minimum(ema, (1.0 + step) / (10.0 + step))
+    ema_params = optax.incremental_update(params, eqx.filter(state.ema, eqx.is_array), 1.0 - decay)
     new_state = TrainState(
         step=state.step + 1,
         model=eqx.combine(params, static),
-        ema=eqx.combine(ema, static),
+        ema=eqx.combine(ema_params, static),
         opt_state=opt_state,
         key=state.key,
     )
-    metrics = Metrics(nelbo / math.log(2.0), objective, grad_norm, jnp.asarray(lr, jnp.float32))
+    lr = jnp.asarray(opt_state.hyperparams["learning_rate"], jnp.float32)
+    metrics = Metrics(nelbo / math.log(2.0), grad_norm, lr)
     return new_state, metrics
 
 
-def make_train_step(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh):
+def make_train_step(
+    state: TrainState,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    microbatches: int = 1,
+    clip: float,
+    ema: float,
+):
     """The jitted step `(state, tokens, labels) -> (state, metrics)`; it donates `state`.
 
-    `tokens` is the global batch [B, L] (B divisible by the mesh's `data` size times the number
-    of microbatches), `labels` [B] or None."""
-    check_model_split(state.model.config.model, mesh.shape[MODEL])
+    `tokens` is the global batch [B, L] (B divisible by the mesh's `data` size times
+    `microbatches`, the gradient-accumulation chunks), `labels` [B] or None. `clip` is the
+    global gradient norm it clips to (0: no clipping), `ema` the decay of the parameters' EMA."""
+    check_model_split(state.model.config, mesh.shape[MODEL])
     specs = state_specs(state, optimizer)
 
     def in_specs(batch, state):
@@ -187,7 +193,8 @@ def make_train_step(state: TrainState, optimizer: optax.GradientTransformation, 
     def local_step(batch, state):
         tokens, labels = batch
         return _step(state, tokens, labels, optimizer=optimizer, specs=specs,
-                     global_batch=tokens.shape[0] * mesh.shape[DATA])
+                     global_batch=tokens.shape[0] * mesh.shape[DATA], microbatches=microbatches,
+                     clip=clip, ema=ema)
 
     @functools.partial(eqx.filter_jit, donate="all-except-first")  # the state, not the batch
     def step(batch, state):
@@ -195,7 +202,7 @@ def make_train_step(state: TrainState, optimizer: optax.GradientTransformation, 
 
     def checked(state: TrainState, tokens, labels=None):
         b = tokens.shape[0]
-        parts = mesh.shape[DATA] * state.model.config.train.microbatches
+        parts = mesh.shape[DATA] * microbatches
         if b % parts:
             raise ValueError(f"batch {b} must be a multiple of data={mesh.shape[DATA]} x microbatches")
         return step((tokens, labels), state)

@@ -70,10 +70,7 @@ class Block(eqx.Module):
     def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
         ka, km, kd = jax.random.split(key, 3)
         self.ada = Linear(cfg.cond_dim, 6 * cfg.width, key=kd, zero=True, bias=True)
-        self.attn = Attention(
-            cfg.width, cfg.num_heads, key=ka, rope_theta=cfg.rope_theta,
-            impl=cfg.attention, interpret=cfg.attention_interpret,
-        )
+        self.attn = Attention(cfg.width, cfg.num_heads, key=ka, rope_theta=cfg.rope_theta)
         # Depth-scaled init: MLP weights with variance 2 / num_layers (fan-in).
         self.mlp = MLP(cfg.width, cfg.hidden, cfg.mlp, key=km, scale=2.0 / cfg.num_layers)
         self.cfg = cfg
@@ -85,7 +82,7 @@ class Block(eqx.Module):
         mods = self.ada(activation(self.cfg.mlp)(c))[:, None, :]  # (b, 1, 6 d)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mods, 6, axis=-1)
         ka, km = (None, None) if keys is None else jax.vmap(jax.random.split, out_axes=1)(keys)
-        a = self.attn((layer_norm(x) * (1 + scale_a) + shift_a).astype(dtype))
+        a = self.attn((layer_norm(x) * (1 + scale_a) + shift_a).astype(dtype), self.cfg.attention)
         h = x + gate_a * dropout(a, self.cfg.dropout, ka)
         m = self.mlp((layer_norm(h) * (1 + scale_m) + shift_m).astype(dtype))
         return h + gate_m * dropout(m, self.cfg.dropout, km)

@@ -17,8 +17,9 @@ from jax.experimental import pallas as pl
 from jax.sharding import PartitionSpec as P
 
 from md4_eqx.config import preset
-from md4_eqx.kernels import BlockSizes, attention, available_impls, flash_attention, resolve_impl
-from md4_eqx.kernels.flash_attention import INTERPRET
+from md4_eqx.kernels import Impl, attention
+from md4_eqx.kernels.attention import available_impls, resolve
+from md4_eqx.kernels.flash_attention_tpu import INTERPRET, BlockSizes, flash_attention
 from md4_eqx.parallel import make_mesh
 from md4_eqx.train_step import init_state, make_optimizer, make_train_step
 
@@ -108,7 +109,7 @@ def test_xla_matches_float64(case):
     inputs = random_inputs(jax.random.key(q_len), batch, q_len, kv_len, heads, head_dim, dtype)
 
     def fn(q, k, v):
-        return attention(q, k, v, impl="xla")
+        return attention(q, k, v, impl=Impl.XLA)
 
     assert_matches(output_and_gradients(fn, *inputs), reference_float64(*inputs), dtype)
 
@@ -118,7 +119,7 @@ def test_pallas_default_blocks_long_sequence():
     inputs = random_inputs(jax.random.key(1000), 1, 1000, 1000, 1, 64, jnp.bfloat16)
 
     def fn(q, k, v):
-        return attention(q, k, v, impl="pallas", interpret=True)
+        return attention(q, k, v, impl=Impl.PALLAS_INTERPRET)
 
     assert_matches(output_and_gradients(fn, *inputs), reference_float64(*inputs), jnp.bfloat16)
 
@@ -182,25 +183,31 @@ def test_pallas_lowers_for_tpu(dtype, head_dim):
 
 
 def test_auto_picks_xla_on_cpu():
-    assert available_impls("cpu") == ("xla",)
-    assert available_impls("tpu") == ("pallas", "xla")
-    assert available_impls("gpu") == ("cudnn", "xla")
-    assert resolve_impl("auto", jnp.dtype(jnp.bfloat16), 64) == "xla"
+    assert available_impls("cpu") == (Impl.XLA,)
+    assert available_impls("tpu") == (Impl.PALLAS, Impl.XLA)
+    assert available_impls("gpu") == (Impl.CUDNN, Impl.XLA)
+    assert resolve(Impl.AUTO, jnp.dtype(jnp.bfloat16), 64).impl is Impl.XLA
+    assert resolve(Impl.AUTO, jnp.dtype(jnp.bfloat16), 64, backend="gpu").impl is Impl.CUDNN
+    assert resolve(Impl.AUTO, jnp.dtype(jnp.float32), 64, backend="gpu").impl is Impl.XLA
+    assert resolve(Impl.AUTO, jnp.dtype(jnp.float32), 64, backend="tpu").impl is Impl.PALLAS
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("impl", "message"),
     [
-        ({"impl": "flash"}, "impl='flash'"),
-        ({"impl": "cudnn"}, "impl='cudnn' needs a GPU, this is backend='cpu'"),
-        ({"impl": "pallas"}, "impl='pallas' compiles only for TPU, this is backend='cpu'"),
-        ({"impl": "xla", "interpret": True}, "interpret=True runs the Pallas kernel"),
+        ("cudnn", "impl='cudnn' needs a GPU, this is backend='cpu'"),
+        ("pallas", "impl='pallas' compiles only for TPU, this is backend='cpu'; use 'pallas-interpret'"),
     ],
 )
-def test_attention_rejects_bad_impl(kwargs, message):
+def test_attention_rejects_bad_impl(impl, message):
     q = jnp.zeros((1, 8, 1, 64), jnp.float32)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        attention(q, q, q, **kwargs)
+        attention(q, q, q, impl=Impl(impl))
+
+
+def test_impl_is_a_closed_choice():
+    with pytest.raises(ValueError, match="'flash' is not a valid Impl"):
+        Impl("flash")
 
 
 def test_block_size_errors_name_the_value():
@@ -230,20 +237,20 @@ def test_tiny_model_trains_the_same_with_pallas_as_with_xla():
     vocab = config.model.vocab_size
     tokens = jax.random.randint(jax.random.key(3), (4, 4, 48), 0, vocab, jnp.int32)  # 4 steps
 
-    def train(impl: str, interpret: bool):
-        model = dataclasses.replace(config.model, attention=impl, attention_interpret=interpret)
+    def train(impl: Impl):
+        model = dataclasses.replace(config.model, attention=impl)
         cfg = dataclasses.replace(config, model=model)
         optimizer = make_optimizer(cfg.optim, cfg.train.steps)
         state = init_state(cfg, optimizer, mesh)
-        step = make_train_step(state, optimizer, mesh)
+        step = make_train_step(state, optimizer, mesh, clip=cfg.optim.clip, ema=cfg.optim.ema)
         losses = []
         for batch in tokens:
             state, metrics = step(state, batch)
-            losses.append(float(metrics.objective))
+            losses.append(float(metrics.bpt))
         params = jax.tree.leaves(eqx.filter(state.model, eqx.is_array))
         return np.asarray(losses), [np.asarray(x) for x in params]
 
-    xla_losses, xla_params = train("xla", False)
-    pallas_losses, pallas_params = train("pallas", True)
+    xla_losses, xla_params = train(Impl.XLA)
+    pallas_losses, pallas_params = train(Impl.PALLAS_INTERPRET)
     np.testing.assert_allclose(pallas_losses, xla_losses, rtol=1e-5)
     assert max(np.abs(a - b).max() for a, b in zip(pallas_params, xla_params, strict=True)) < 1e-4

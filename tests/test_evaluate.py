@@ -55,7 +55,7 @@ def workdir(tmp_path_factory):
 
 
 def test_draws_are_the_training_time_eval(getkey):
-    model, mesh = MD4(tiny_config(), key=getkey()), make_mesh(8, 1)
+    model, mesh = MD4(tiny_config().model, tiny_config().diffusion, key=getkey()), make_mesh(8, 1)
     batches = [(jax.random.randint(getkey(), (16, L), 0, V), None) for _ in range(2)]
     key = getkey()
     nats = nelbo_draws(model, key, batches, mesh, draws=3)  # (3, 32)
@@ -66,7 +66,7 @@ def test_draws_are_the_training_time_eval(getkey):
 
 
 def test_standard_error_covers_the_known_nelbo(getkey):
-    model, mesh = MD4(tiny_config(), key=getkey()), make_mesh(8, 1)
+    model, mesh = MD4(tiny_config().model, tiny_config().diffusion, key=getkey()), make_mesh(8, 1)
     batches = [(jax.random.randint(getkey(), (64, L), 0, V), None)]
     est = NelboEstimate.from_nats(nelbo_draws(model, getkey(), batches, mesh, draws=16), L)
     assert 0 < est.mc_stderr < 0.2 and 0 < est.stderr < 0.2

@@ -48,7 +48,7 @@ def test_fresh_model_scores_log2_vocab(getkey):
     key = getkey()
     per_v = {}
     for vocab in (27, 256, 50257):
-        model = MD4(small(vocab, seq), key=getkey())
+        model = MD4(small(vocab, seq).model, key=getkey())
         x = jax.random.randint(getkey(), (batch, seq), 0, vocab)
         per_v[vocab] = bits_per_token(nelbo(model, key, x, MESH), seq) / math.log2(vocab)
     # Identical noise, different V: equal up to float32 rounding of log V.
@@ -57,7 +57,7 @@ def test_fresh_model_scores_log2_vocab(getkey):
 
     # The estimator's mean: per-example relative std is ~sqrt(ln(1/eps) / L) ~ 0.36 at L = 64,
     # so 65536 examples give a standard error of ~0.15%: 1% is > 6 sigma.
-    model = MD4(small(27, seq), key=getkey())
+    model = MD4(small(27, seq).model, key=getkey())
     x = jnp.zeros((8192, seq), jnp.int32)
     draws = jnp.stack([nelbo(model, k, x, MESH) for k in jax.random.split(getkey(), 8)])
     bpt = bits_per_token(draws, seq) / math.log2(27)
@@ -76,7 +76,7 @@ def test_discrete_nelbo_approaches_continuous(getkey, schedule):
 
     def estimate(timesteps):
         cfg = small(vocab, seq, schedule=schedule, timesteps=timesteps)
-        model = perturbed(MD4(cfg, key=init_key), head_key)  # the same parameters for every T
+        model = perturbed(MD4(cfg.model, cfg.diffusion, key=init_key), head_key)  # the same parameters for every T
         return float(jnp.mean(nelbo(model, key, x, MESH)))
 
     continuous = estimate(0)

@@ -30,7 +30,7 @@ from md4_eqx.evaluate import nelbo
 from md4_eqx.loss import log_probs_at
 from md4_eqx.parallel import DATA, MODEL, make_mesh, param_specs, shardings, vocab_log_normaliser
 from md4_eqx.sampling import generate
-from md4_eqx.train_step import init_state, make_optimizer, make_train_step, place, state_specs
+from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_train_step, state_specs
 
 # GenMD4 (two forward passes and the learned schedule's REINFORCE gradient) with dropout and
 # class labels: every part of the step that touches the mesh. 8 heads, hidden 128 and the
@@ -75,7 +75,7 @@ def local_rows(x: np.ndarray, mesh) -> np.ndarray:
 
 def train(mesh, state, optimizer, steps: int = STEPS):
     """`steps` steps from `state` on `mesh`; each process feeds only its rows."""
-    step = make_train_step(state, optimizer, mesh)
+    step = make_train_step(state, optimizer, mesh, clip=CONFIG.optim.clip, ema=CONFIG.optim.ema)
     metrics = []
     for tokens, labels in batches(steps):
         state, m = step(state, global_batch(local_rows(tokens, mesh), mesh),
@@ -108,13 +108,20 @@ def eval_inputs():
     return jax.random.key(5), jnp.asarray(tokens), jnp.asarray(labels)
 
 
+def place(state: TrainState, optimizer, mesh) -> TrainState:
+    """Every array of `state` (held by this process) moved onto `mesh` with its sharding."""
+    arrays, static = eqx.partition(state, eqx.is_array)
+    specs = eqx.filter(state_specs(state, optimizer), lambda s: isinstance(s, P), is_leaf=lambda s: isinstance(s, P))
+    return eqx.combine(jax.device_put(arrays, shardings(mesh, specs)), static)
+
+
 def mesh_of(shape):
     return make_mesh(*shape, jax.devices()[: shape[0] * shape[1]])
 
 
 @pytest.fixture(scope="module")
 def runs():
-    """(state, step fn, optimizer, metrics [steps, 4]) after STEPS steps on each mesh, all from
+    """(state, step fn, optimizer, metrics [steps, 3]) after STEPS steps on each mesh, all from
     the same fresh state (made once and moved: `init_state` compiles for each mesh)."""
     optimizer = make_optimizer(CONFIG.optim, CONFIG.train.steps)
     fresh = init_state(CONFIG, optimizer, mesh_of(REFERENCE))

@@ -25,7 +25,7 @@ def fixed_output_model(probs: np.ndarray, seq: int, num_classes: int = 0, learna
         vocab_size=vocab, seq_len=seq, width=16, num_layers=1, num_heads=2, cond_dim=16,
         num_classes=num_classes, precision=Precision.FLOAT32,
     ), diffusion=DiffusionConfig(learnable=learnable))
-    model = MD4(cfg, key=jax.random.key(0))
+    model = MD4(cfg.model, cfg.diffusion, key=jax.random.key(0))
     width = cfg.model.width
     shift = jnp.zeros(width).at[0].set(1.0)
     model = eqx.tree_at(lambda m: m.net.final_ada.bias, model, jnp.concatenate([shift, -jnp.ones(width)]))
@@ -70,7 +70,7 @@ def test_genmd4_sampler_follows_its_per_token_schedule():
     seq, steps = 64, 8
     w = np.array([3.0, 0.3, 1.0, 1.0, 0.5, 2.0])
     model = fixed_output_model(PROBS, seq, learnable=True)
-    model = eqx.tree_at(lambda m: m.learned.theta, model, jnp.asarray(np.log(np.expm1(w)), jnp.float32))
+    model = eqx.tree_at(lambda m: m.schedule.theta, model, jnp.asarray(np.log(np.expm1(w)), jnp.float32))
     cfg = SamplerConfig(steps=steps, grid=TimeGrid.UNIFORM)
     tokens = generate(model, jax.random.key(2), jnp.full((64, seq), model.mask_id), MESH, cfg).tokens
 

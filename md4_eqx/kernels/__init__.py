@@ -1,20 +1,5 @@
-"""Attention kernels. The model calls exactly one function: `attention`."""
+"""Attention kernels. The model calls exactly one function, `attention`, naming an `Impl`."""
 
-from md4_eqx.kernels.attention import (
-    IMPLS,
-    attention,
-    attention_reference,
-    available_impls,
-    resolve_impl,
-)
-from md4_eqx.kernels.flash_attention import BlockSizes, flash_attention
+from md4_eqx.kernels.attention import Impl, attention
 
-__all__ = [
-    "IMPLS",
-    "BlockSizes",
-    "attention",
-    "attention_reference",
-    "available_impls",
-    "flash_attention",
-    "resolve_impl",
-]
+__all__ = ["Impl", "attention"]

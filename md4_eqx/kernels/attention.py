@@ -1,23 +1,31 @@
-"""Bidirectional multi-head attention: the one entry point the model calls.
+"""Bidirectional multi-head attention: the one entry point the model calls, and the table of
+implementations it chooses from.
 
 Layout everywhere is [batch, seq, heads, head_dim] and the softmax scale is 1/sqrt(head_dim)
-for every implementation:
-  "xla"     the plain-JAX reference below, on any backend;
-  "pallas"  the hand-written flash attention (flash_attention.py), compiled for TPU, or run
-            on any backend by the Pallas interpreter with interpret=True;
-  "cudnn"   cuDNN's fused kernel through jax.nn.dot_product_attention, on GPU, float16 or
-            bfloat16 inputs with head_dim a multiple of 8 and at most 128;
-  "auto"    the fastest that applies: pallas on TPU, cudnn on GPU (xla where cuDNN does not
-            take the inputs), xla on CPU.
+for every implementation. `Impl` is what a config names; `KERNELS` says, for each concrete
+kernel, what it runs and where it can run. Adding a kernel is one file plus one row here.
 """
+
+import dataclasses
+import enum
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from md4_eqx.kernels.flash_attention import flash_attention
+from md4_eqx.kernels.flash_attention_tpu import flash_attention
 
-IMPLS = ("auto", "pallas", "xla", "cudnn")
+
+class Impl(enum.Enum):
+    """Which attention to run."""
+
+    AUTO = "auto"  # the first row of KERNELS that runs here: pallas on TPU, cudnn on GPU, else xla
+    XLA = "xla"  # the plain-JAX reference below, on any backend
+    CUDNN = "cudnn"  # cuDNN's fused kernel (jax.nn.dot_product_attention), GPU
+    PALLAS = "pallas"  # our hand-written flash attention, compiled for this backend
+    PALLAS_INTERPRET = "pallas-interpret"  # the same kernel run by the Pallas interpreter: any backend, slow (tests)
 
 
 def attention_reference(
@@ -33,44 +41,69 @@ def attention_reference(
     return out.astype(q.dtype)
 
 
-def _cudnn_takes(dtype: jnp.dtype, head_dim: int) -> bool:
-    return dtype in (jnp.float16, jnp.bfloat16) and head_dim % 8 == 0 and head_dim <= 128
+def _cudnn(q: Array, k: Array, v: Array) -> Array:
+    scale = q.shape[-1] ** -0.5
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
 
 
-def available_impls(backend: str | None = None) -> tuple[str, ...]:
-    """The concrete implementations that compile on `backend` (default: JAX's default)."""
+def _cudnn_refuses(backend: str, dtype: jnp.dtype, head_dim: int) -> str | None:
+    if backend != "gpu":
+        return f"needs a GPU, this is {backend=}"
+    if dtype not in (jnp.float16, jnp.bfloat16) or head_dim % 8 or head_dim > 128:
+        return (f"takes float16/bfloat16 with head_dim a multiple of 8 and <= 128, "
+                f"got dtype={dtype.name} and {head_dim=}")
+    return None
+
+
+def _tpu_refuses(backend: str, dtype: jnp.dtype, head_dim: int) -> str | None:
+    if backend != "tpu":
+        return f"compiles only for TPU, this is {backend=}; use 'pallas-interpret' to run it here"
+    return None
+
+
+def _anywhere(backend: str, dtype: jnp.dtype, head_dim: int) -> str | None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One concrete implementation: `run(q, k, v)`, and `refuses(backend, dtype, head_dim)`,
+    which says why it cannot run there (None: it can)."""
+
+    impl: Impl
+    run: Callable[[Array, Array, Array], Array]
+    refuses: Callable[[str, jnp.dtype, int], str | None]
+
+
+# In order of preference: `Impl.AUTO` takes the first compiled row that runs on the backend.
+KERNELS = (
+    Kernel(Impl.PALLAS, flash_attention, _tpu_refuses),
+    Kernel(Impl.CUDNN, _cudnn, _cudnn_refuses),
+    Kernel(Impl.XLA, attention_reference, _anywhere),
+    Kernel(Impl.PALLAS_INTERPRET, functools.partial(flash_attention, interpret=True), _anywhere),
+)
+COMPILED = tuple(k for k in KERNELS if k.impl is not Impl.PALLAS_INTERPRET)
+
+
+def available_impls(backend: str | None = None) -> tuple[Impl, ...]:
+    """The compiled implementations that can run on `backend` (default: JAX's default), for
+    some dtype and head_dim."""
     backend = backend or jax.default_backend()
-    return {"tpu": ("pallas", "xla"), "gpu": ("cudnn", "xla")}.get(backend, ("xla",))
+    runs = [k.impl for k in COMPILED if k.refuses(backend, jnp.dtype(jnp.bfloat16), 64) is None]
+    return tuple(dict.fromkeys(runs))
 
 
-def resolve_impl(impl: str, dtype: jnp.dtype, head_dim: int, *, interpret: bool = False) -> str:
-    """The concrete implementation `attention` runs, or a ValueError naming what is wrong."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown attention {impl=}; expected one of {IMPLS}")
-    if interpret and impl != "pallas":
-        raise ValueError(
-            f"{interpret=} runs the Pallas kernel; it needs impl='pallas', not {impl=}"
-        )
-    backend = jax.default_backend()
-    if impl == "auto":
-        if backend == "tpu":
-            return "pallas"
-        if backend == "gpu" and _cudnn_takes(dtype, head_dim):
-            return "cudnn"
-        return "xla"
-    if impl == "pallas" and not interpret and backend != "tpu":
-        raise ValueError(
-            f"{impl=} compiles only for TPU, this is {backend=}; pass interpret=True to run it here"
-        )
-    if impl == "cudnn":
-        if backend != "gpu":
-            raise ValueError(f"{impl=} needs a GPU, this is {backend=}")
-        if not _cudnn_takes(dtype, head_dim):
-            raise ValueError(
-                f"{impl=} takes float16/bfloat16 with head_dim a multiple of 8 and <= 128, "
-                f"got {dtype=} and {head_dim=}"
-            )
-    return impl
+def resolve(impl: Impl, dtype: jnp.dtype, head_dim: int, backend: str | None = None) -> Kernel:
+    """The kernel `attention` runs for `impl`, or a ValueError saying why it cannot run here."""
+    backend = backend or jax.default_backend()
+    if impl is Impl.AUTO:
+        return next(k for k in COMPILED if k.refuses(backend, dtype, head_dim) is None)
+    reasons = []
+    for kernel in (k for k in KERNELS if k.impl is impl):
+        if (why := kernel.refuses(backend, dtype, head_dim)) is None:
+            return kernel
+        reasons.append(why)
+    raise ValueError(f"attention impl='{impl.value}' {'; '.join(reasons)}")
 
 
 def attention(
@@ -78,14 +111,7 @@ def attention(
     k: Float[Array, "b s h d"],
     v: Float[Array, "b s h d"],
     *,
-    impl: str = "auto",
-    interpret: bool = False,
+    impl: Impl = Impl.AUTO,
 ) -> Float[Array, "b t h d"]:
     """Bidirectional softmax(q k^T / sqrt(d)) v with the implementation `impl` picks."""
-    chosen = resolve_impl(impl, q.dtype, q.shape[-1], interpret=interpret)
-    if chosen == "pallas":
-        return flash_attention(q, k, v, interpret=interpret)
-    if chosen == "cudnn":
-        scale = q.shape[-1] ** -0.5
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
-    return attention_reference(q, k, v)
+    return resolve(impl, q.dtype, q.shape[-1]).run(q, k, v)
