@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import ByteLevelBPETokenizer
 
-from md4_eqx.data import BatchLoader, DataError, Split, load
+from md4_eqx.data import BatchLoader, DataError, Subset, load
 from md4_eqx.data.sources import Layout, PyStdlib
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def _expected_stream(tok, docs: list[str]) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
-def _all_examples(split: Split) -> np.ndarray:
+def _all_examples(split: Subset) -> np.ndarray:
     return split.get(np.arange(split.num_examples))[0]
 
 
@@ -214,8 +214,8 @@ def test_text8_on_a_tiny_zip(tmp_path):
 
 def test_holdout_layout_partitions_the_chunks():
     tokens = np.arange(1000 * 3, dtype=np.uint16)  # 1000 chunks of 3
-    train = Split("train", tokens, None, 3, Layout("all", 50, held_out=False))
-    valid = Split("valid", tokens, None, 3, Layout("all", 50, held_out=True))
+    train = Subset("train", tokens, None, 3, Layout("all", 50, held_out=False))
+    valid = Subset("valid", tokens, None, 3, Layout("all", 50, held_out=True))
     chunks = np.concatenate([train.chunks(np.arange(train.num_examples)),
                              valid.chunks(np.arange(valid.num_examples))])
     np.testing.assert_array_equal(np.sort(chunks), np.arange(1000))
@@ -223,9 +223,9 @@ def test_holdout_layout_partitions_the_chunks():
 
 
 @pytest.fixture
-def labelled_split() -> Split:
+def labelled_split() -> Subset:
     tokens = np.arange(103 * 2, dtype=np.uint16)  # 103 examples of 2 tokens
-    return Split("train", tokens, np.arange(103, dtype=np.int32), 2, Layout("train"))
+    return Subset("train", tokens, np.arange(103, dtype=np.int32), 2, Layout("train"))
 
 
 def _take(loader: BatchLoader, steps: int) -> list[np.ndarray]:

@@ -7,8 +7,8 @@
 """
 
 from md4_eqx.data.cache import default_cache_dir
-from md4_eqx.data.dataset import Dataset, Split, load
+from md4_eqx.data.dataset import Dataset, Subset, load
 from md4_eqx.data.errors import DataError
 from md4_eqx.data.loader import BatchLoader
 
-__all__ = ["BatchLoader", "DataError", "Dataset", "Split", "default_cache_dir", "load"]
+__all__ = ["BatchLoader", "DataError", "Dataset", "Subset", "default_cache_dir", "load"]

@@ -19,8 +19,9 @@ from md4_eqx.data.sources import Layout, parse
 from md4_eqx.data.tokenizers import ByteTokenizer, HFTokenizer, Text8Tokenizer, Tokenizer
 
 
-class Split:
-    """One split: examples are seq_len windows of a stream, possibly every n-th (a hold-out)."""
+class Subset:
+    """The examples of one split ("train", "valid", ...): seq_len windows of a stream, possibly
+    every n-th (a hold-out). (Not `parallel.Split`, which says how a weight is sharded.)"""
 
     def __init__(self, name: str, tokens: np.ndarray, labels: np.ndarray | None, seq_len: int,
                  layout: Layout):
@@ -74,7 +75,8 @@ class Dataset:
         self.meta = meta
         self.splits = tuple(meta["splits"])
 
-    def split(self, name: str) -> Split:
+    def split(self, name: str) -> Subset:
+        """The examples of split `name`, one of `self.splits`."""
         if name not in self.meta["splits"]:
             raise DataError(f"{self.name} has no split {name!r}; it has {', '.join(self.splits)}")
         layout = Layout(**self.meta["splits"][name])
@@ -83,7 +85,7 @@ class Dataset:
         labels = None
         if stream["labels"]:
             labels = open_tokens(self.path / f"{layout.stream}.labels", "int32", stream["labels"])
-        split = Split(name, tokens, labels, self.seq_len, layout)
+        split = Subset(name, tokens, labels, self.seq_len, layout)
         if split.num_examples == 0:
             raise DataError(
                 f"the {name!r} split of {self.name} has {tokens.size} tokens: "

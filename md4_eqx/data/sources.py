@@ -29,8 +29,9 @@ import numpy as np
 from tqdm import tqdm
 
 from md4_eqx.data.cache import digest, path_fingerprint
-from md4_eqx.data.errors import DataError, first_line
+from md4_eqx.data.errors import DataError
 from md4_eqx.data.tokenizers import Tokenizer
+from md4_eqx.errors import first_line
 
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 OWT_DATASET = "Skylion007/openwebtext"
