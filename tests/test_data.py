@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import ByteLevelBPETokenizer
 
-from md4_eqx.data import BatchLoader, DataError, Subset, load
-from md4_eqx.data.sources import Layout, PyStdlib
+from md4_eqx.data import BatchLoader, DataError, Subset, dataset_help, load
+from md4_eqx.data.sources import SOURCES, Layout, PyStdlib, Source, parse
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the of and to in is was for on that with as by at from his her an which or".split()
@@ -188,6 +188,19 @@ def test_file_with_bpe_tokenizer(tmp_path, bpe_dir):
     with pytest.raises(DataError, match="not UTF-8"):
         load(f"file:{path}", cache_dir=tmp_path / "cache", tokenizer=str(bpe_dir), num_proc=1,
              progress=False)
+
+
+def test_every_row_of_the_sources_table_is_parsed_helped_and_listed(tmp_path):
+    path = tmp_path / "input.txt"
+    path.write_text("x")
+    specs = {"file": f"file:{path}", "hf": "hf:org/name"}
+    for entry in SOURCES:
+        source = parse(specs.get(entry.kind, entry.kind), tokenizer=None, data_path=None, cache_dir=tmp_path)
+        assert isinstance(source, Source) and entry.usage in dataset_help()
+    for spec in ("imagenet", "file:", "text8:"):  # an argument only where the row takes one
+        with pytest.raises(DataError, match="unknown dataset") as error:
+            parse(spec, tokenizer=None, data_path=None, cache_dir=tmp_path)
+        assert dataset_help() in str(error.value)
 
 
 def _text8_zip(path: Path, text: bytes) -> Path:

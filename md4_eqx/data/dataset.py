@@ -122,7 +122,7 @@ def load(
 ) -> Dataset:
     """Prepares the dataset named by `spec` (or reuses its cache) and opens it.
 
-    spec: pystdlib | text8 | owt | cifar10 | file:PATH | hf:NAME[:CONFIG] (see sources.py).
+    spec: a row of `sources.SOURCES` ("owt", "file:PATH", ...; see `dataset_help()`).
     seq_len: window length; None takes the dataset's default (owt 1024, text8 256, ...).
       For images it must be None or the flattened image size, 3072.
     cache_dir: default $MD4_CACHE or ~/.cache/md4_eqx.
