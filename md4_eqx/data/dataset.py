@@ -31,12 +31,8 @@ class Subset:
         self._labels = labels  # [stream_len // seq_len] or None
         self._layout = layout
         chunks = tokens.size // seq_len
-        if layout.every == 0:
-            self.num_examples = chunks
-        elif layout.held_out:
-            self.num_examples = chunks // layout.every
-        else:
-            self.num_examples = chunks - chunks // layout.every
+        held_out = chunks // layout.every if layout.every else 0  # chunks every-1, 2*every-1, ...
+        self.num_examples = held_out if layout.held_out else chunks - held_out
 
     def chunks(self, indices: Integer[np.ndarray, " n"]) -> Integer[np.ndarray, " n"]:
         """The stream chunk behind each example index."""
