@@ -13,7 +13,7 @@ Bad input prints one line on stderr and exits with status 2.
 import argparse
 import sys
 
-from md4_eqx.data import DataError, load
+from md4_eqx.data import DataError, dataset_help, load
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,8 +33,7 @@ def _positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="pystdlib",
-                        help="pystdlib | text8 | owt | cifar10 | file:PATH | hf:NAME[:CONFIG]")
+    parser.add_argument("--dataset", default="pystdlib", help=dataset_help())
     parser.add_argument("--seq-len", type=_positive, help="window length (default: per dataset)")
     parser.add_argument("--cache-dir", help="default: $MD4_CACHE or ~/.cache/md4_eqx")
     parser.add_argument("--tokenizer", help="'bytes' or a Hugging Face tokenizer name / directory")

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from md4_eqx.errors import first_line
+
 INSTALL_HINT = "generative perplexity needs PyTorch: pip install md4-eqx[eval]"
 
 
@@ -69,7 +71,7 @@ class CausalLM:
         try:
             self.model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
         except (OSError, ValueError) as e:
-            raise ScoringError(f"cannot load the causal LM {name_or_path!r}: {_first_line(e)}") from None
+            raise ScoringError(f"cannot load the causal LM {name_or_path!r}: {first_line(e)}") from None
         self.model.to(self.device).eval()
         try:
             self.tokenizer: Any = AutoTokenizer.from_pretrained(name_or_path)
@@ -120,8 +122,3 @@ class CausalLM:
         if scored.sum() == 0:
             raise ScoringError("no token to score: the samples are empty")
         return Perplexity(tuple(nll.tolist()), tuple(scored.tolist()))
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__

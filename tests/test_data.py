@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import ByteLevelBPETokenizer
 
-from md4_eqx.data import BatchLoader, DataError, Split, load
-from md4_eqx.data.sources import Layout, PyStdlib
+from md4_eqx.data import BatchLoader, DataError, Subset, dataset_help, load
+from md4_eqx.data.sources import SOURCES, Layout, PyStdlib, Source, parse
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the of and to in is was for on that with as by at from his her an which or".split()
@@ -72,7 +72,7 @@ def _expected_stream(tok, docs: list[str]) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
-def _all_examples(split: Split) -> np.ndarray:
+def _all_examples(split: Subset) -> np.ndarray:
     return split.get(np.arange(split.num_examples))[0]
 
 
@@ -190,6 +190,19 @@ def test_file_with_bpe_tokenizer(tmp_path, bpe_dir):
              progress=False)
 
 
+def test_every_row_of_the_sources_table_is_parsed_helped_and_listed(tmp_path):
+    path = tmp_path / "input.txt"
+    path.write_text("x")
+    specs = {"file": f"file:{path}", "hf": "hf:org/name"}
+    for entry in SOURCES:
+        source = parse(specs.get(entry.kind, entry.kind), tokenizer=None, data_path=None, cache_dir=tmp_path)
+        assert isinstance(source, Source) and entry.usage in dataset_help()
+    for spec in ("imagenet", "file:", "text8:"):  # an argument only where the row takes one
+        with pytest.raises(DataError, match="unknown dataset") as error:
+            parse(spec, tokenizer=None, data_path=None, cache_dir=tmp_path)
+        assert dataset_help() in str(error.value)
+
+
 def _text8_zip(path: Path, text: bytes) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("text8", text)
@@ -214,8 +227,8 @@ def test_text8_on_a_tiny_zip(tmp_path):
 
 def test_holdout_layout_partitions_the_chunks():
     tokens = np.arange(1000 * 3, dtype=np.uint16)  # 1000 chunks of 3
-    train = Split("train", tokens, None, 3, Layout("all", 50, held_out=False))
-    valid = Split("valid", tokens, None, 3, Layout("all", 50, held_out=True))
+    train = Subset("train", tokens, None, 3, Layout("all", 50, held_out=False))
+    valid = Subset("valid", tokens, None, 3, Layout("all", 50, held_out=True))
     chunks = np.concatenate([train.chunks(np.arange(train.num_examples)),
                              valid.chunks(np.arange(valid.num_examples))])
     np.testing.assert_array_equal(np.sort(chunks), np.arange(1000))
@@ -223,9 +236,9 @@ def test_holdout_layout_partitions_the_chunks():
 
 
 @pytest.fixture
-def labelled_split() -> Split:
+def labelled_split() -> Subset:
     tokens = np.arange(103 * 2, dtype=np.uint16)  # 103 examples of 2 tokens
-    return Split("train", tokens, np.arange(103, dtype=np.int32), 2, Layout("train"))
+    return Subset("train", tokens, np.arange(103, dtype=np.int32), 2, Layout("train"))
 
 
 def _take(loader: BatchLoader, steps: int) -> list[np.ndarray]:

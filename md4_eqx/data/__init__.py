@@ -7,8 +7,9 @@
 """
 
 from md4_eqx.data.cache import default_cache_dir
-from md4_eqx.data.dataset import Dataset, Split, load
+from md4_eqx.data.dataset import Dataset, Subset, load
 from md4_eqx.data.errors import DataError
 from md4_eqx.data.loader import BatchLoader
+from md4_eqx.data.sources import dataset_help
 
-__all__ = ["BatchLoader", "DataError", "Dataset", "Split", "default_cache_dir", "load"]
+__all__ = ["BatchLoader", "DataError", "Dataset", "Subset", "dataset_help", "default_cache_dir", "load"]

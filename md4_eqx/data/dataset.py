@@ -19,8 +19,9 @@ from md4_eqx.data.sources import Layout, parse
 from md4_eqx.data.tokenizers import ByteTokenizer, HFTokenizer, Text8Tokenizer, Tokenizer
 
 
-class Split:
-    """One split: examples are seq_len windows of a stream, possibly every n-th (a hold-out)."""
+class Subset:
+    """The examples of one split ("train", "valid", ...): seq_len windows of a stream, possibly
+    every n-th (a hold-out). (Not `parallel.Split`, which says how a weight is sharded.)"""
 
     def __init__(self, name: str, tokens: np.ndarray, labels: np.ndarray | None, seq_len: int,
                  layout: Layout):
@@ -30,12 +31,8 @@ class Split:
         self._labels = labels  # [stream_len // seq_len] or None
         self._layout = layout
         chunks = tokens.size // seq_len
-        if layout.every == 0:
-            self.num_examples = chunks
-        elif layout.held_out:
-            self.num_examples = chunks // layout.every
-        else:
-            self.num_examples = chunks - chunks // layout.every
+        held_out = chunks // layout.every if layout.every else 0  # chunks every-1, 2*every-1, ...
+        self.num_examples = held_out if layout.held_out else chunks - held_out
 
     def chunks(self, indices: Integer[np.ndarray, " n"]) -> Integer[np.ndarray, " n"]:
         """The stream chunk behind each example index."""
@@ -74,7 +71,8 @@ class Dataset:
         self.meta = meta
         self.splits = tuple(meta["splits"])
 
-    def split(self, name: str) -> Split:
+    def split(self, name: str) -> Subset:
+        """The examples of split `name`, one of `self.splits`."""
         if name not in self.meta["splits"]:
             raise DataError(f"{self.name} has no split {name!r}; it has {', '.join(self.splits)}")
         layout = Layout(**self.meta["splits"][name])
@@ -83,7 +81,7 @@ class Dataset:
         labels = None
         if stream["labels"]:
             labels = open_tokens(self.path / f"{layout.stream}.labels", "int32", stream["labels"])
-        split = Split(name, tokens, labels, self.seq_len, layout)
+        split = Subset(name, tokens, labels, self.seq_len, layout)
         if split.num_examples == 0:
             raise DataError(
                 f"the {name!r} split of {self.name} has {tokens.size} tokens: "
@@ -120,7 +118,7 @@ def load(
 ) -> Dataset:
     """Prepares the dataset named by `spec` (or reuses its cache) and opens it.
 
-    spec: pystdlib | text8 | owt | cifar10 | file:PATH | hf:NAME[:CONFIG] (see sources.py).
+    spec: a row of `sources.SOURCES` ("owt", "file:PATH", ...; see `dataset_help()`).
     seq_len: window length; None takes the dataset's default (owt 1024, text8 256, ...).
       For images it must be None or the flattened image size, 3072.
     cache_dir: default $MD4_CACHE or ~/.cache/md4_eqx.

@@ -6,9 +6,3 @@ class DataError(Exception):
 
     The message is one line meant for the user; the CLIs print it and exit with status 2.
     """
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of a library's exception message, to quote inside a DataError."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from md4_eqx.data.dataset import Split
+from md4_eqx.data.dataset import Subset
 from md4_eqx.data.errors import DataError
 
 
@@ -25,7 +25,7 @@ class BatchLoader:
 
     def __init__(
         self,
-        split: Split,
+        split: Subset,
         *,
         batch_size: int,
         seed: int = 0,
@@ -98,7 +98,7 @@ def _order(n: int, seed: int, shuffle: bool, epoch: int) -> np.ndarray:
 
 
 def _batches(
-    split: Split, batch_size: int, part: slice, order: Callable[[int], np.ndarray], *,
+    split: Subset, batch_size: int, part: slice, order: Callable[[int], np.ndarray], *,
     epoch: int, position: int,
 ) -> Iterator[tuple[dict, dict]]:
     """(this process's part of the next global batch, the state after it), forever.

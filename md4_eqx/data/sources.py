@@ -1,18 +1,14 @@
-"""Where token streams come from: one class per kind of dataset, and `parse` to pick one.
+"""Where token streams come from: one `Source` class per kind of dataset, and one `SOURCES`
+table (the --dataset specs) that `parse`, `dataset_help` and their error messages read.
 
 A source names its streams (flat token sequences stored in the cache) and the splits read
 from them (`Layout`), cuts its work into picklable `Task`s (a list of files, a byte range, a
 shard of a hub dataset), and turns one task into `Block`s of token ids. `prepare.py` runs the
 tasks, in worker processes where the source is `parallel` (tokenising or decoding images).
-
-    pystdlib          the running Python's standard library, bytes (the offline default)
-    text8             text8.zip: 27 characters, 90M / 5M / 5M characters as the paper
-    owt               OpenWebText: GPT-2 tokens, EOS after each document, 2% of chunks held out
-    cifar10           32x32x3 images as 3072 sub-pixel tokens (V = 256) with class labels
-    file:PATH         a local file, bytes by default; its last 10% is held out
-    hf:NAME[:CONFIG]  any hub dataset with a text column, packed like owt
+Adding a dataset: one `Source` subclass (its docstring says what it reads), one `SOURCES` row.
 """
 
+import abc
 import os
 import sys
 import sysconfig
@@ -20,7 +16,7 @@ import urllib.request
 import uuid
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -29,8 +25,9 @@ import numpy as np
 from tqdm import tqdm
 
 from md4_eqx.data.cache import digest, path_fingerprint
-from md4_eqx.data.errors import DataError, first_line
+from md4_eqx.data.errors import DataError
 from md4_eqx.data.tokenizers import Tokenizer
+from md4_eqx.errors import first_line
 
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 OWT_DATASET = "Skylion007/openwebtext"
@@ -72,13 +69,17 @@ class Block(NamedTuple):
     labels: np.ndarray | None  # int32 [n // example_len], image datasets only
 
 
-class Source:
-    """Defaults that the sources below override (they are frozen dataclasses)."""
+class Source(abc.ABC):
+    """What `prepare` asks of a dataset: `fetch` what it reads, a `fingerprint` (the cache key:
+    it changes whenever the tokens would), `tasks` (the work in picklable pieces) and `run`
+    (one task's tokens). The sources below are frozen dataclasses; these are their defaults."""
 
-    default_seq_len = 256
-    image_shape = None
-    num_classes = 0
-    layouts = TRAIN_VALID
+    name: str  # the cache entry's name
+    tokenizer: str  # "bytes", "text8", or a Hugging Face tokenizer's name / directory
+    default_seq_len: int = 256
+    image_shape: tuple[int, int, int] | None = None
+    num_classes: int = 0
+    layouts: dict[str, Layout] = TRAIN_VALID  # split name -> how it reads a stream
 
     @property
     def parallel(self) -> bool:
@@ -88,11 +89,23 @@ class Source:
     def fetch(self, progress: bool) -> None:
         """Downloads what `tasks` needs (only text8 downloads by itself)."""
 
+    @abc.abstractmethod
+    def fingerprint(self) -> dict:
+        """JSON-able parts that identify the tokens: the source's inputs and its tokenizer."""
+
+    @abc.abstractmethod
+    def tasks(self) -> list[Task]:
+        """The work; a stream is the concatenation of its tasks' blocks, in task order."""
+
+    @abc.abstractmethod
+    def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
+        """The blocks of one task, in order."""
+
 
 @dataclass(frozen=True)
 class PyStdlib(Source):
-    """The `.py` files of the running Python's standard library (no tests, no site-packages),
-    about 12 MB; a file goes to "valid" when crc32 of its relative path is 0 mod 20 (~5%)."""
+    """The offline default: the `.py` files of the running Python's standard library (no tests,
+    no site-packages), about 12 MB; a file is "valid" when crc32(relative path) % 20 == 0 (~5%)."""
 
     tokenizer: str = "bytes"
     name = "pystdlib"
@@ -283,32 +296,73 @@ class Cifar10(Source):
             yield Block(images.reshape(-1).astype(np.int32), labels)  # [n * 3072], [n]
 
 
+@dataclass(frozen=True)
+class Options:
+    """A --dataset spec, its text after "kind:", and the options given (None: the default)."""
+
+    spec: str
+    arg: str
+    tokenizer: str | None
+    data_path: str | None
+    cache_dir: Path
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A row of `SOURCES`: how --dataset names a source, how it is built, which options apply."""
+
+    kind: str  # the whole spec, or the part before ":" when the source takes an `arg`
+    build: Callable[[Options], Source]
+    arg: str | None = None  # what follows "kind:", as help shows it ("PATH")
+    data_path: bool = False  # --data-path applies
+    fixed_vocab: bool = False  # --tokenizer does not apply
+
+    @property
+    def usage(self) -> str:
+        return f"{self.kind}:{self.arg}" if self.arg else self.kind
+
+
+def _text8(o: Options) -> Text8:
+    if o.data_path is None:
+        return Text8(o.cache_dir / "downloads" / "text8.zip", user_given=False)
+    return Text8(_readable_file(Path(o.data_path).expanduser()), user_given=True)
+
+
+def _hub(o: Options) -> HubText:
+    name, _, config = o.arg.partition(":")
+    return HubText(o.spec, name, config or None, o.tokenizer or GPT2_TOKENIZER)
+
+
+SOURCES = (
+    Entry("pystdlib", lambda o: PyStdlib(o.tokenizer or "bytes")),
+    Entry("text8", _text8, data_path=True, fixed_vocab=True),
+    Entry("owt", lambda o: HubText("owt", o.data_path or OWT_DATASET, None, o.tokenizer or GPT2_TOKENIZER),
+          data_path=True),
+    Entry("cifar10", lambda o: Cifar10(o.data_path or CIFAR10_DATASET), data_path=True, fixed_vocab=True),
+    Entry("file", lambda o: TextFile(o.spec, _readable_file(Path(o.arg).expanduser()),
+                                     o.tokenizer or "bytes"), arg="PATH"),
+    Entry("hf", _hub, arg="NAME[:CONFIG]"),
+)
+
+
+def dataset_help() -> str:
+    """The --dataset specs, for help texts: "pystdlib | text8 | ... | hf:NAME[:CONFIG]"."""
+    return " | ".join(entry.usage for entry in SOURCES)
+
+
 def parse(spec: str, *, tokenizer: str | None, data_path: str | None, cache_dir: Path) -> Source:
-    """The source named by `spec`; `tokenizer` and `data_path` override its defaults
-    (data_path: text8's zip, or the hub name / local directory that owt and cifar10 read)."""
-    kind, _, rest = spec.partition(":")
-    if data_path is not None and spec not in ("text8", "owt", "cifar10"):
-        raise DataError(f"--data-path applies to text8, owt and cifar10, not {spec!r}")
-    if tokenizer is not None and spec in ("text8", "cifar10"):
+    """The source named by `spec` (a row of `SOURCES`) with the options given (None: its default)."""
+    kind, colon, arg = spec.partition(":")
+    # "kind:ARG" with a non-empty ARG where the row takes one, the bare kind where it does not
+    entry = next((e for e in SOURCES if e.kind == kind and (arg != "" if e.arg else not colon)), None)
+    if entry is None:
+        raise DataError(f"unknown dataset {spec!r}: choose one of {dataset_help()}")
+    if data_path is not None and not entry.data_path:
+        readers = ", ".join(e.kind for e in SOURCES if e.data_path)
+        raise DataError(f"--data-path does not apply to {spec!r} (only to {readers})")
+    if tokenizer is not None and entry.fixed_vocab:
         raise DataError(f"{spec} has a fixed vocabulary; --tokenizer does not apply")
-    if spec == "pystdlib":
-        return PyStdlib(tokenizer or "bytes")
-    if spec == "text8":
-        if data_path is None:
-            return Text8(cache_dir / "downloads" / "text8.zip", user_given=False)
-        return Text8(_readable_file(Path(data_path).expanduser()), user_given=True)
-    if spec == "owt":
-        return HubText("owt", data_path or OWT_DATASET, None, tokenizer or GPT2_TOKENIZER)
-    if spec == "cifar10":
-        return Cifar10(data_path or CIFAR10_DATASET)
-    if kind == "file" and rest:
-        return TextFile(spec, _readable_file(Path(rest).expanduser()), tokenizer or "bytes")
-    if kind == "hf" and rest:
-        name, _, config = rest.partition(":")
-        return HubText(spec, name, config or None, tokenizer or GPT2_TOKENIZER)
-    raise DataError(
-        f"unknown dataset {spec!r}: choose pystdlib, text8, owt, cifar10, file:PATH or hf:NAME[:CONFIG]"
-    )
+    return entry.build(Options(spec, arg, tokenizer, data_path, cache_dir))
 
 
 def _readable_file(path: Path) -> Path:

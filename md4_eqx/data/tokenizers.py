@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Int32, Integer
 
-from md4_eqx.data.errors import DataError, first_line
+from md4_eqx.data.errors import DataError
+from md4_eqx.errors import first_line
 
 
 class ByteTokenizer:
@@ -122,11 +123,8 @@ Tokenizer = ByteTokenizer | Text8Tokenizer | HFTokenizer
 
 def get_tokenizer(name: str) -> Tokenizer:
     """"bytes", "text8", or a Hugging Face tokenizer's hub name or local directory."""
-    if name == "bytes":
-        return ByteTokenizer()
-    if name == "text8":
-        return Text8Tokenizer()
-    return HFTokenizer(name)
+    fixed = {"bytes": ByteTokenizer, "text8": Text8Tokenizer}
+    return fixed[name]() if name in fixed else HFTokenizer(name)
 
 
 def _check_range(ids: np.ndarray, vocab_size: int) -> None:
