@@ -97,10 +97,11 @@ def state_specs(state: TrainState, optimizer: optax.GradientTransformation) -> P
     `state` may also be abstract (`eqx.filter_eval_shape(init_state, ...)`), e.g. to restore."""
     arrays = eqx.filter(state, lambda x: eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct))
     params = param_specs(arrays.model)
-    opt = optax.tree_map_params(
-        optimizer, lambda _, spec: spec, arrays.opt_state, params,
-        transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P),
-    )
+    with jax.numpy_dtype_promotion("standard"):  # it calls optimizer.init: see init_state
+        opt = optax.tree_map_params(
+            optimizer, lambda _, spec: spec, arrays.opt_state, params,
+            transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P),
+        )
     # Built by tree maps, not TrainState(...): its fields are typed as arrays, these are specs.
     specs = jax.tree.map(lambda _: P(), arrays)
     return eqx.tree_at(lambda s: (s.model, s.ema, s.opt_state), specs, (params, params, opt))
