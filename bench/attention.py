@@ -20,7 +20,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from md4_eqx.kernels import attention, available_impls
+from md4_eqx.kernels import Impl, attention
+from md4_eqx.kernels.attention import available_impls
 
 SHAPES = [(16, 1024, 12, 64), (4, 4096, 12, 64)]  # (batch, seq, heads, head_dim)
 SMALL_SHAPES = [(2, 256, 4, 64), (1, 1024, 4, 64)]
@@ -50,7 +51,7 @@ def measure(
     q, k, v, do = (jax.random.normal(key, shape, dtype) for key in keys)
 
     def forward(q, k, v):
-        return attention(q, k, v, impl=impl)
+        return attention(q, k, v, impl=Impl(impl))
 
     def forward_backward(q, k, v, do):
         _, vjp = jax.vjp(forward, q, k, v)
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.repeats < 1:
         parser.error(f"--repeats must be >= 1, got {args.repeats}")
     dtype = jnp.dtype(args.dtype)
-    impls = available_impls()
+    impls = [i.value for i in available_impls()]
 
     device = jax.devices()[0]
     cores = f", {os.cpu_count()} cores" if device.platform == "cpu" else ""

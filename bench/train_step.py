@@ -33,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from md4_eqx.config import PRESETS, Config, Precision, preset
-from md4_eqx.kernels import available_impls
+from md4_eqx.kernels import Impl
+from md4_eqx.kernels.attention import available_impls
 from md4_eqx.parallel import make_mesh
 from md4_eqx.train_step import init_state, make_optimizer, make_train_step
 
@@ -47,7 +48,7 @@ PEAK_TFLOPS = {"H100": {"bfloat16": 989.0, "float32": 494.0},
 def case_config(name: str, batch: int, attention: str, precision: Precision) -> Config:
     """The preset with this case's batch size, attention implementation and compute dtype."""
     config = preset(name)
-    model = dataclasses.replace(config.model, attention=attention, precision=precision)
+    model = dataclasses.replace(config.model, attention=Impl(attention), precision=precision)
     train = dataclasses.replace(config.train, batch_size=batch, microbatches=1)
     return dataclasses.replace(config, model=model, train=train)
 
@@ -57,7 +58,7 @@ def build(config: Config) -> tuple[object, Callable]:
     mesh = make_mesh(1, 1, devices=jax.devices()[:1])
     optimizer = make_optimizer(config.optim, config.train.steps)
     state = init_state(config, optimizer, mesh)
-    return state, make_train_step(state, optimizer, mesh)
+    return state, make_train_step(state, optimizer, mesh, clip=config.optim.clip, ema=config.optim.ema)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: by device kind)")
     parser.add_argument("--json", help="also write every case's figures to this file")
     args = parser.parse_args(argv)
-    impls = available_impls()
+    impls = tuple(i.value for i in available_impls())
     attention = args.attention or list(impls)
     if unknown := [a for a in attention if a not in impls + ("auto",)]:
         parser.error(f"--attention {unknown[0]} does not run here; this machine has {impls} (and auto)")
