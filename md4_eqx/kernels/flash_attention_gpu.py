@@ -176,6 +176,11 @@ def _stream(tiles, slots, loaded, consumed, *, steps: int, stages: int):
         plgpu.barrier_wait(consumed.at[slot])
         issue(step + stages, slot)
 
+    # Waits out the last releases too, so that every phase of each barrier is observed
+    # (the interpreter checks this; on the GPU it only delays this warpgroup's exit).
+    for step in range(max(steps - stages, 0), steps):
+        plgpu.barrier_wait(consumed.at[step % stages])
+
 
 def _consume(step_fn, carry, loaded, consumed, *, steps: int, stages: int):
     """Compute warpgroup: runs carry = step_fn(slot, step, carry) for each streamed step,
@@ -383,16 +388,20 @@ def _dkv_kernel(
     _warp_specialize(compute, memory)
 
 
+def _varying(*arrays: jax.Array) -> frozenset:
+    """The mesh axes any of `arrays` varies over (empty outside a `jax.shard_map`)."""
+    return frozenset().union(*(jax.typeof(x).mat.varying for x in arrays))
+
+
 def _out_type(shape: tuple[int, ...], dtype, *like: jax.Array) -> jax.ShapeDtypeStruct:
-    """An output type varying over the mesh axes its inputs vary over (empty outside a
-    `jax.shard_map`); with check_vma=True a kernel inside shard_map must declare it."""
-    varying = frozenset().union(*(jax.typeof(x).mat.varying for x in like))
+    """An output type varying over the mesh axes its inputs vary over; with check_vma=True
+    a kernel inside shard_map must declare it."""
     return jax.ShapeDtypeStruct(
-        shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying)
+        shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=_varying(*like))
     )
 
 
-def _tile(rows: int, head_dim: int, dtype, *lead: int) -> plgpu.SMEM:
+def _tile(rows: int, head_dim: int, dtype, *lead: int):
     """A (*lead, rows, head_dim) SMEM buffer in the swizzled layout wgmma reads."""
     return plgpu.SMEM((*lead, rows, head_dim), dtype, transforms=TRANSFORMS)
 
@@ -418,7 +427,7 @@ def _call(body, out_type, scratch, *, grid, grid_names, interpret, name):
 
         # NaN-filled fresh buffers, so an output tile the kernel never writes shows.
         interpret = InterpretGPUParams(uninitialized_memory="nan")
-    return plgpu.kernel(
+    kernel = plgpu.kernel(
         body,
         out_type=out_type,
         scratch_types=scratch,
@@ -432,6 +441,16 @@ def _call(body, out_type, scratch, *, grid, grid_names, interpret, name):
         interpret=interpret or None,
         kernel_name=name,
     )
+
+    def run(*operands):
+        # JAX 0.10's plgpu.kernel runs with the vma check off and drops the varying axes
+        # that out_type declares; add back those the inputs vary over.
+        varying = _varying(*operands)
+        return jax.tree.map(
+            lambda x: lax.pcast(x, tuple(varying - _varying(x)), to="varying"), kernel(*operands)
+        )
+
+    return run
 
 
 def _forward(q, k, v, *, kv_len, blocks, interpret):
