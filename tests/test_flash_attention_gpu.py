@@ -51,6 +51,7 @@ def interpreted(q, k, v):
     return flash_attention_gpu(q, k, v, interpret=True)
 
 
+@pytest.mark.slow  # 20-90 s each on 2 shared cores: the interpreter pays per simulated op
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_matches_float64(case):
     """Output and the gradients of <o, do> for q, k, v, against float64 numpy."""
