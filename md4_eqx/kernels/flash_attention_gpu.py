@@ -1,0 +1,606 @@
+"""Flash attention in Pallas for Hopper GPUs (Mosaic GPU, `plgpu.kernel`): forward and backward.
+
+Dao et al., "FlashAttention" (2022), Algorithms 1 and 2, laid out the FlashAttention-3 way
+(Shah et al., 2024): each thread block runs `COMPUTE_WGS` compute warpgroups, each owning
+its own rows, and one memory warpgroup that streams the tiles reduced over through a ring of
+`stages` shared-memory slots with TMA copies, signalling "loaded" and "consumed" barriers.
+Matmuls are `wgmma` on 128-byte-swizzled bfloat16/float16 tiles with float32 accumulators.
+Three kernels, all bidirectional, scale = 1/sqrt(head_dim):
+
+  forward   grid (heads, q-blocks, batch): online softmax over streamed K, V tiles; writes o
+            and the base-2 log-sum-exp lse2 = log2(sum_j 2^(s_ij log2 e)) of every query row;
+  dq        grid (heads, q-blocks, batch): streams K, V; dq = scale * sum_kv dS K;
+  dk, dv    grid (heads, kv-blocks, batch): streams Q, dO, lse2, delta;
+            dv = sum_q P^T dO,  dk = scale * sum_q dS^T Q,
+with P = 2^(S log2 e - lse2) recomputed, dS = P * (dO V^T - delta), delta = rowsum(dO * O).
+
+The layout is [batch, seq, heads, head_dim] throughout: a TMA copy of `x.at[b, rows, h]`
+reads a (rows, head_dim) tile directly, so the wrapper transposes nothing. Sequences are
+zero-padded to whole blocks; each kernel masks the padded tail of the axis it reduces over
+(-inf logits), and padded rows of the other axis are sliced away by the wrapper.
+
+Status: NOT YET RUN ON A GPU. The kernels are tested on CPU through the Mosaic GPU
+interpreter only (`interpret=True`), until a Hopper measurement exists. The interpreter
+(JAX 0.10.2) lacks four things the compiled kernel uses; `_Ops` holds the only code that
+differs between the two, each a few lines:
+  1. `plgpu.layout_cast` / `plgpu.load(..., layout=)` (WGMMA register layouts, Lane
+     semantics): the interpreter has no layouts, so it uses the plain arrays;
+  2. `plgpu.transpose_ref` as a wgmma operand (for A @ B^T): the interpreter copies B^T
+     into a staging SMEM buffer first;
+  3. `wgmma` with its left operand in registers (P @ V, dS @ K, ...): the interpreter stores
+     the operand to a staging SMEM buffer first;
+  4. `pl.run_state(plgpu.ACC.init(acc))` (accumulate in place): the interpreter computes
+     the product in a fresh `plgpu.ACC` and adds it.
+The staging buffers exist only in interpret mode. Barriers, TMA copies, the slot ring, the
+masking, the softmax and every index are the same code in both modes.
+
+JAX 0.10 vs 0.11: `out_type`/`scratch_types` (not the deprecated `out_shape`), the Lane
+lowering semantics (0.11 defaults to Warpgroup) and `lax.axis_index` (not `pl.program_id`)
+are spelled out so one source serves both.
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxtyping import Array, Float
+
+# Two compute warpgroups per block (FlashAttention-3); a third one issues the TMA copies.
+COMPUTE_WGS = 2
+LOG2E = math.log2(math.e)
+HEAD_DIMS = (64, 128)
+DTYPES = (jnp.bfloat16, jnp.float16)
+# wgmma reads 16-bit tiles as 8 rows x 128 bytes (64 elements), 128-byte swizzled.
+TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma accumulator
+COLUMN = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Rows per warpgroup tile: forward (block_q, block_kv), dq kernel (*_dq), dk/dv kernel
+    (*_dkv); `stages` slots in the shared-memory ring of streamed tiles.
+
+    Each compute warpgroup owns block_q (forward, dq) or block_kv_dkv (dk/dv) rows, so a
+    thread block covers COMPUTE_WGS times that. wgmma needs tiles of 64 rows; 128 columns in
+    the forward halve the number of softmax rescales. Untuned: no GPU was available.
+    """
+
+    block_q: int = 64
+    block_kv: int = 128
+    block_q_dq: int = 64
+    block_kv_dq: int = 64
+    block_q_dkv: int = 64
+    block_kv_dkv: int = 64
+    stages: int = 2
+
+    def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if name != "stages" and (value <= 0 or value % 64):
+                raise ValueError(f"{name}={value} must be a positive multiple of 64 (wgmma)")
+        if self.stages < 1:
+            raise ValueError(f"stages={self.stages} must be at least 1")
+
+    @property
+    def q_multiple(self) -> int:
+        """What the query length is padded to a multiple of."""
+        return math.lcm(COMPUTE_WGS * self.block_q, COMPUTE_WGS * self.block_q_dq, self.block_q_dkv)
+
+    @property
+    def kv_multiple(self) -> int:
+        """What the key length is padded to a multiple of."""
+        return math.lcm(self.block_kv, self.block_kv_dq, COMPUTE_WGS * self.block_kv_dkv)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ops:
+    """The operations whose compiled and interpreted forms differ (module docstring, 1-4).
+
+    `t_stage` and `lhs_stage` are this warpgroup's staging SMEM buffers (interpret only).
+    """
+
+    interpret: bool
+    t_stage: Any = None
+    lhs_stage: Any = None
+
+    def layout(self, x: jax.Array, layout) -> jax.Array:
+        return x if self.interpret else plgpu.layout_cast(x, layout)
+
+    def load(self, ref, layout) -> jax.Array:
+        return ref[...] if self.interpret else plgpu.load(ref, (), layout=layout)
+
+    def iota(self, shape: tuple[int, int], dim: int) -> jax.Array:
+        if self.interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+    def matmul_t(self, a_ref, b_ref) -> jax.Array:
+        """a @ b^T in float32 for SMEM tiles a (m, d) and b (n, d)."""
+        if self.interpret:
+            self.t_stage[...] = b_ref[...].T  # (d, n)
+            b_t = self.t_stage
+        else:
+            b_t = plgpu.transpose_ref(b_ref, (1, 0))
+
+        def body(acc_ref):
+            plgpu.wgmma(acc_ref, a_ref, b_t)
+            return acc_ref[...]
+
+        return pl.run_scoped(body, plgpu.ACC((a_ref.shape[0], b_ref.shape[0]), jnp.float32))
+
+    def matmul_add(self, acc: jax.Array, a: jax.Array, b_ref) -> jax.Array:
+        """acc + a @ b for a float32 accumulator, a (m, k) in registers, b (k, n) in SMEM."""
+        if self.interpret:
+            self.lhs_stage[...] = a
+
+            def body(acc_ref):
+                plgpu.wgmma(acc_ref, self.lhs_stage, b_ref)
+                return acc_ref[...]
+
+            return acc + pl.run_scoped(body, plgpu.ACC(acc.shape, jnp.float32))
+
+        def accumulate(acc_ref):
+            plgpu.wgmma(acc_ref, a, b_ref)
+
+        return pl.run_state(accumulate)(plgpu.ACC.init(acc))
+
+
+def _mask_columns(ops: _Ops, s: jax.Array, start: jax.Array, length: int) -> jax.Array:
+    """s with -inf in the columns of padding: column j is position start + j, and
+    positions >= length are padding. Traced only when the sequence does not fill its blocks."""
+    if length % s.shape[1] == 0:
+        return s
+    return jnp.where(ops.iota(s.shape, 1) < length - start, s, -jnp.inf)
+
+
+def _stream(tiles, slots, loaded, consumed, *, steps: int, stages: int):
+    """Memory warpgroup: copies tile `step` of every input into ring slot step % stages, once
+    the compute warpgroups have released that slot. tiles[i](step) is a GMEM ref view."""
+
+    def issue(step, slot):
+        for tile, slot_ref, barrier in zip(tiles, slots, loaded):
+            plgpu.copy_gmem_to_smem(tile(step), slot_ref.at[slot], barrier.at[slot])
+
+    for step in range(stages):
+        issue(step, step)
+
+    @pl.loop(0, steps - stages)
+    def _refill(step):
+        slot = lax.rem(step, jnp.array(stages, step.dtype))
+        plgpu.barrier_wait(consumed.at[slot])
+        issue(step + stages, slot)
+
+    # Waits out the last releases too, so that every phase of each barrier is observed
+    # (the interpreter checks this; on the GPU it only delays this warpgroup's exit).
+    for step in range(max(steps - stages, 0), steps):
+        plgpu.barrier_wait(consumed.at[step % stages])
+
+
+def _consume(step_fn, carry, loaded, consumed, *, steps: int, stages: int):
+    """Compute warpgroup: runs carry = step_fn(slot, step, carry) for each streamed step,
+    waiting for the slot's tiles and releasing the slot afterwards."""
+
+    def body(step, carry):
+        slot = lax.rem(step, jnp.array(stages, step.dtype))
+        for barrier in loaded:
+            plgpu.barrier_wait(barrier.at[slot])
+        carry = step_fn(slot, step, carry)
+        plgpu.barrier_arrive(consumed.at[slot])
+        return carry
+
+    return lax.fori_loop(0, steps, body, carry)
+
+
+def _load_tiles(pairs, barriers):
+    """Compute warpgroup: TMA-copies each (GMEM view, SMEM ref) pair and waits for all."""
+    for (src, dst), barrier in zip(pairs, barriers):
+        plgpu.copy_gmem_to_smem(src, dst, barrier)
+    for barrier in barriers:
+        plgpu.barrier_wait(barrier)
+
+
+def _store_tiles(pairs):
+    """Compute warpgroup: writes each (SMEM ref, GMEM view) pair out and waits."""
+    plgpu.commit_smem()
+    for src, dst in pairs:
+        plgpu.copy_smem_to_gmem(src, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def _warp_specialize(compute, memory):
+    """Runs compute(wg) on warpgroups 0..COMPUTE_WGS-1 and memory() on the last one, which
+    hands its registers to the others (it only issues TMA copies)."""
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < COMPUTE_WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        compute(wg)
+
+    @pl.when(wg == COMPUTE_WGS)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        memory()
+
+
+def _seq_tiles(refs, batch, head, block: int) -> list:
+    """For each [b, seq, h, d] ref, the function step -> its (block, d) tile number step."""
+    return [lambda i, x=x: x.at[batch, pl.ds(i * block, block), head] for x in refs]
+
+
+def _ops_for(wg: jax.Array, stage, interpret: bool) -> _Ops:
+    return _Ops(interpret, *(buffer.at[wg] for buffer in stage))
+
+
+def _forward_kernel(
+    q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem2, lse_smem2, k_smem, v_smem, q_bars, k_bars,
+    v_bars, consumed, stage, *, bq, bk, kv_len, stages, interpret,
+):  # fmt: skip
+    """Online softmax (FlashAttention Algorithm 1) for bq rows per compute warpgroup."""
+    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    steps = k_ref.shape[1] // bk
+    dtype, head_dim = q_ref.dtype, q_ref.shape[-1]
+    logit_scale = head_dim**-0.5 * LOG2E  # base-2 logits: exp2 is the native instruction
+
+    def compute(wg):
+        ops = _ops_for(wg, stage, interpret)
+        q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
+        q_start = lax.axis_index("q_blocks") * (COMPUTE_WGS * bq) + wg * bq
+        rows = (batch, pl.ds(q_start, bq), head)
+        _load_tiles([(q_ref.at[rows], q_smem)], [q_bars.at[wg]])
+        m = ops.layout(jnp.full((bq,), -jnp.inf, jnp.float32), ROW)  # running row max
+        l = ops.layout(jnp.zeros((bq,), jnp.float32), ROW)  # running sum of 2^(s - m)
+        acc = ops.layout(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+
+        def step(slot, kv_step, carry):
+            acc, m, l = carry
+            s = ops.matmul_t(q_smem, k_smem.at[slot]) * logit_scale  # (bq, bk)
+            s = _mask_columns(ops, s, kv_step * bk, kv_len)
+            # The first kv tile holds a real key, so m_next is finite from then on.
+            m_next = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp2(m - m_next)  # rescales what was accumulated under the old max
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_next, s.shape, [0]))  # (bq, bk)
+            l = l * alpha + p.sum(axis=1)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            acc = ops.matmul_add(acc, p.astype(dtype), v_smem.at[slot])  # (bq, head_dim)
+            return acc, m_next, l
+
+        acc, m, l = _consume(
+            step, (acc, m, l), (k_bars, v_bars), consumed, steps=steps, stages=stages
+        )
+        q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
+        lse_smem[...] = m + jnp.log2(l)
+        _store_tiles(
+            [(q_smem, o_ref.at[rows]), (lse_smem, lse_ref.at[batch, head, pl.ds(q_start, bq)])]
+        )
+
+    def memory():
+        tiles = _seq_tiles((k_ref, v_ref), batch, head, bk)
+        _stream(tiles, (k_smem, v_smem), (k_bars, v_bars), consumed, steps=steps, stages=stages)
+
+    _warp_specialize(compute, memory)
+
+
+def _dq_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2, do_smem2, lse_smem2,
+    delta_smem2, k_smem, v_smem, own_bars, k_bars, v_bars, consumed, stage, *, bq, bk,
+    kv_len, stages, interpret,
+):  # fmt: skip
+    """dq for bq rows per compute warpgroup, over streamed K, V (FlashAttention Alg. 2)."""
+    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    steps = k_ref.shape[1] // bk
+    dtype, head_dim = q_ref.dtype, q_ref.shape[-1]
+    scale = head_dim**-0.5
+
+    def compute(wg):
+        ops = _ops_for(wg, stage, interpret)
+        q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+        lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
+        q_start = lax.axis_index("q_blocks") * (COMPUTE_WGS * bq) + wg * bq
+        rows, stats = (batch, pl.ds(q_start, bq), head), (batch, head, pl.ds(q_start, bq))
+        _load_tiles(
+            [
+                (q_ref.at[rows], q_smem),
+                (do_ref.at[rows], do_smem),
+                (lse_ref.at[stats], lse_smem),
+                (delta_ref.at[stats], delta_smem),
+            ],
+            [bars.at[wg] for bars in own_bars],
+        )
+        lse = lax.broadcast_in_dim(ops.load(lse_smem, ROW), (bq, bk), [0])
+        delta = lax.broadcast_in_dim(ops.load(delta_smem, ROW), (bq, bk), [0])
+        dq = ops.layout(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
+
+        def step(slot, kv_step, dq):
+            s = ops.matmul_t(q_smem, k_smem.at[slot]) * (scale * LOG2E)  # (bq, bk)
+            s = _mask_columns(ops, s, kv_step * bk, kv_len)
+            p = jnp.exp2(s - lse)
+            dp = ops.matmul_t(do_smem, v_smem.at[slot])  # (bq, bk)
+            ds = p * (dp - delta)
+            return ops.matmul_add(dq, ds.astype(dtype), k_smem.at[slot])  # (bq, head_dim)
+
+        dq = _consume(step, dq, (k_bars, v_bars), consumed, steps=steps, stages=stages)
+        q_smem[...] = (dq * scale).astype(dtype)
+        _store_tiles([(q_smem, dq_ref.at[rows])])
+
+    def memory():
+        tiles = _seq_tiles((k_ref, v_ref), batch, head, bk)
+        _stream(tiles, (k_smem, v_smem), (k_bars, v_bars), consumed, steps=steps, stages=stages)
+
+    _warp_specialize(compute, memory)
+
+
+def _dkv_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, k_smem2, v_smem2,
+    own_bars, q_smem, do_smem, lse_smem, delta_smem, q_bars, do_bars, lse_bars, delta_bars,
+    consumed, stage, *, bq, bk, q_len, stages, interpret,
+):  # fmt: skip
+    """dk, dv for bk rows per compute warpgroup over streamed Q, dO, lse2, delta, computed
+    transposed so that lse2 and delta broadcast along columns (FlashAttention Alg. 2)."""
+    batch, head = lax.axis_index("batch"), lax.axis_index("heads")
+    steps = q_ref.shape[1] // bq
+    dtype, head_dim = k_ref.dtype, k_ref.shape[-1]
+    scale = head_dim**-0.5
+    streamed = (q_bars, do_bars, lse_bars, delta_bars)
+
+    def compute(wg):
+        ops = _ops_for(wg, stage, interpret)
+        k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+        kv_start = lax.axis_index("kv_blocks") * (COMPUTE_WGS * bk) + wg * bk
+        rows = (batch, pl.ds(kv_start, bk), head)
+        _load_tiles(
+            [(k_ref.at[rows], k_smem), (v_ref.at[rows], v_smem)],
+            [bars.at[wg] for bars in own_bars],
+        )
+        zeros = jnp.zeros((bk, head_dim), jnp.float32)
+        dk, dv = (ops.layout(zeros, plgpu.Layout.WGMMA) for _ in range(2))
+
+        def step(slot, q_step, carry):
+            dk, dv = carry
+            s_t = ops.matmul_t(k_smem, q_smem.at[slot]) * (scale * LOG2E)  # (bk, bq)
+            s_t = _mask_columns(ops, s_t, q_step * bq, q_len)
+            lse = lax.broadcast_in_dim(ops.load(lse_smem.at[slot], COLUMN), s_t.shape, [1])
+            p_t = jnp.exp2(s_t - lse)
+            dv = ops.matmul_add(dv, p_t.astype(dtype), do_smem.at[slot])  # (bk, head_dim)
+            dp_t = ops.matmul_t(v_smem, do_smem.at[slot])  # (bk, bq)
+            delta = lax.broadcast_in_dim(ops.load(delta_smem.at[slot], COLUMN), s_t.shape, [1])
+            ds_t = p_t * (dp_t - delta)
+            dk = ops.matmul_add(dk, ds_t.astype(dtype), q_smem.at[slot])  # (bk, head_dim)
+            return dk, dv
+
+        dk, dv = _consume(step, (dk, dv), streamed, consumed, steps=steps, stages=stages)
+        k_smem[...] = (dk * scale).astype(dtype)
+        v_smem[...] = dv.astype(dtype)
+        _store_tiles([(k_smem, dk_ref.at[rows]), (v_smem, dv_ref.at[rows])])
+
+    def memory():
+        tiles = _seq_tiles((q_ref, do_ref), batch, head, bq)
+        tiles += [lambda i, x=x: x.at[batch, head, pl.ds(i * bq, bq)] for x in (lse_ref, delta_ref)]
+        slots = (q_smem, do_smem, lse_smem, delta_smem)
+        _stream(tiles, slots, streamed, consumed, steps=steps, stages=stages)
+
+    _warp_specialize(compute, memory)
+
+
+def _varying(*arrays: jax.Array) -> frozenset:
+    """The mesh axes any of `arrays` varies over (empty outside a `jax.shard_map`)."""
+    return frozenset().union(*(jax.typeof(x).mat.varying for x in arrays))
+
+
+def _out_type(shape: tuple[int, ...], dtype, *like: jax.Array) -> jax.ShapeDtypeStruct:
+    """An output type varying over the mesh axes its inputs vary over; with check_vma=True
+    a kernel inside shard_map must declare it."""
+    return jax.ShapeDtypeStruct(
+        shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=_varying(*like))
+    )
+
+
+def _tile(rows: int, head_dim: int, dtype, *lead: int):
+    """A (*lead, rows, head_dim) SMEM buffer in the swizzled layout wgmma reads."""
+    return plgpu.SMEM((*lead, rows, head_dim), dtype, transforms=TRANSFORMS)
+
+
+def _stage(head_dim: int, lhs_rows: int, cols: int, dtype, interpret: bool) -> tuple:
+    """Per-warpgroup staging buffers of the interpreted form (B^T tiles, left operands)."""
+    if not interpret:
+        return ()
+    return (
+        plgpu.SMEM((COMPUTE_WGS, head_dim, cols), dtype),
+        plgpu.SMEM((COMPUTE_WGS, lhs_rows, cols), dtype),
+    )
+
+
+def _barriers(count: int, num_barriers: int, **kwargs) -> tuple:
+    return tuple(plgpu.Barrier(num_barriers=num_barriers, **kwargs) for _ in range(count))
+
+
+def _call(body, out_type, scratch, *, grid, grid_names, interpret, name):
+    """plgpu.kernel with COMPUTE_WGS + 1 warpgroups named "wg", compiled or interpreted."""
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        # NaN-filled fresh buffers, so an output tile the kernel never writes shows.
+        interpret = InterpretGPUParams(uninitialized_memory="nan")
+    kernel = plgpu.kernel(
+        body,
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=grid,
+        grid_names=grid_names,
+        num_threads=COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane
+        ),
+        interpret=interpret or None,
+        kernel_name=name,
+    )
+
+    def run(*operands):
+        # JAX 0.10's plgpu.kernel runs with the vma check off and drops the varying axes
+        # that out_type declares; add back those the inputs vary over.
+        varying = _varying(*operands)
+        return jax.tree.map(
+            lambda x: lax.pcast(x, tuple(varying - _varying(x)), to="varying"), kernel(*operands)
+        )
+
+    return run
+
+
+def _forward(q, k, v, *, kv_len, blocks, interpret):
+    """o and lse2 (float32, [b, h, tq]) of padded [b, seq, h, d] inputs."""
+    b, tq, h, d = q.shape
+    bq, bk = blocks.block_q, blocks.block_kv
+    stages = min(blocks.stages, k.shape[1] // bk)
+    scratch = [
+        _tile(bq, d, q.dtype, COMPUTE_WGS),  # q, then o
+        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # lse2
+        _tile(bk, d, q.dtype, stages),  # k ring
+        _tile(bk, d, q.dtype, stages),  # v ring
+        plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q loaded
+        *_barriers(2, stages),  # k, v loaded
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # slot consumed
+        _stage(d, bq, bk, q.dtype, interpret),
+    ]
+    kernel = functools.partial(
+        _forward_kernel, bq=bq, bk=bk, kv_len=kv_len, stages=stages, interpret=interpret
+    )
+    return _call(
+        kernel,
+        [_out_type(q.shape, q.dtype, q, k, v), _out_type((b, h, tq), jnp.float32, q, k, v)],
+        scratch,
+        grid=(h, tq // (COMPUTE_WGS * bq), b),
+        grid_names=("heads", "q_blocks", "batch"),
+        interpret=interpret,
+        name="flash_attention_gpu_forward",
+    )(q, k, v)
+
+
+def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
+    """dq, dk, dv of padded [b, seq, h, d] inputs; lse2 and delta are [b, h, seq]."""
+    b, tq, h, d = q.shape
+    tk = k.shape[1]
+    delta = jnp.einsum(
+        "bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32)
+    )  # (b, h, tq)
+    operands = (q, k, v, do, lse, delta)
+
+    bq, bk = blocks.block_q_dq, blocks.block_kv_dq
+    stages = min(blocks.stages, tk // bk)
+    dq_scratch = [
+        _tile(bq, d, q.dtype, COMPUTE_WGS),  # q, then dq
+        _tile(bq, d, q.dtype, COMPUTE_WGS),  # do
+        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # lse2
+        plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # delta
+        _tile(bk, d, q.dtype, stages),  # k ring
+        _tile(bk, d, q.dtype, stages),  # v ring
+        _barriers(4, COMPUTE_WGS),  # q, do, lse2, delta loaded
+        *_barriers(2, stages),  # k, v loaded
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # slot consumed
+        _stage(d, bq, bk, q.dtype, interpret),
+    ]
+    dq = _call(
+        functools.partial(
+            _dq_kernel, bq=bq, bk=bk, kv_len=kv_len, stages=stages, interpret=interpret
+        ),
+        _out_type(q.shape, q.dtype, *operands),
+        dq_scratch,
+        grid=(h, tq // (COMPUTE_WGS * bq), b),
+        grid_names=("heads", "q_blocks", "batch"),
+        interpret=interpret,
+        name="flash_attention_gpu_dq",
+    )(*operands)
+
+    bq, bk = blocks.block_q_dkv, blocks.block_kv_dkv
+    stages = min(blocks.stages, tq // bq)
+    dkv_scratch = [
+        _tile(bk, d, q.dtype, COMPUTE_WGS),  # k, then dk
+        _tile(bk, d, q.dtype, COMPUTE_WGS),  # v, then dv
+        _barriers(2, COMPUTE_WGS),  # k, v loaded
+        _tile(bq, d, q.dtype, stages),  # q ring
+        _tile(bq, d, q.dtype, stages),  # do ring
+        plgpu.SMEM((stages, bq), jnp.float32),  # lse2 ring
+        plgpu.SMEM((stages, bq), jnp.float32),  # delta ring
+        *_barriers(4, stages),  # q, do, lse2, delta loaded
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # slot consumed
+        _stage(d, bk, bq, q.dtype, interpret),
+    ]
+    dk, dv = _call(
+        functools.partial(
+            _dkv_kernel, bq=bq, bk=bk, q_len=q_len, stages=stages, interpret=interpret
+        ),
+        [_out_type(k.shape, k.dtype, *operands), _out_type(v.shape, v.dtype, *operands)],
+        dkv_scratch,
+        grid=(h, tk // (COMPUTE_WGS * bk), b),
+        grid_names=("heads", "kv_blocks", "batch"),
+        interpret=interpret,
+        name="flash_attention_gpu_dkv",
+    )(*operands)
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _flash(q, k, v, q_len, kv_len, blocks, interpret):
+    o, _ = _forward(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret)
+    return o
+
+
+def _flash_fwd(q, k, v, q_len, kv_len, blocks, interpret):
+    o, lse = _forward(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret)
+    return o, (q, k, v, o, lse)
+
+
+def _flash_bwd(q_len, kv_len, blocks, interpret, residuals, do):
+    q, k, v, o, lse = residuals
+    return _backward(
+        q, k, v, o, lse, do, q_len=q_len, kv_len=kv_len, blocks=blocks, interpret=interpret
+    )
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _pad_seq(x: jax.Array, multiple: int) -> jax.Array:
+    """Zero-pads axis 1 (seq) of [b, seq, h, d] up to a multiple of `multiple`."""
+    extra = -x.shape[1] % multiple
+    return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
+
+
+def flash_attention_gpu(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b s h d"],
+    v: Float[Array, "b s h d"],
+    *,
+    block_sizes: BlockSizes = BlockSizes(),
+    interpret: bool = False,
+) -> Float[Array, "b t h d"]:
+    """softmax(q k^T / sqrt(d)) v with the Mosaic GPU kernels; differentiable.
+
+    Compiles for Hopper GPUs (sm_90+), or runs on CPU through the Mosaic GPU interpreter
+    with `interpret=True`. q, k, v share one dtype, bfloat16 or float16; head_dim is 64 or
+    128; any sequence lengths. Accumulation is float32.
+    """
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype: {q.dtype=}, {k.dtype=}, {v.dtype=}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"dtype={q.dtype} must be bfloat16 or float16")
+    head_dim = q.shape[-1]
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"{head_dim=} must be one of {HEAD_DIMS}")
+    q_len, kv_len = q.shape[1], k.shape[1]
+    o = _flash(
+        _pad_seq(q, block_sizes.q_multiple),
+        _pad_seq(k, block_sizes.kv_multiple),
+        _pad_seq(v, block_sizes.kv_multiple),
+        q_len,
+        kv_len,
+        block_sizes,
+        interpret,
+    )  # (b, q_padded, h, d)
+    return o[:, :q_len]

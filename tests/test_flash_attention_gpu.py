@@ -1,0 +1,101 @@
+"""The Hopper (Mosaic GPU) flash attention against float64 numpy, through the CPU interpreter.
+
+No GPU here: every test runs `flash_attention_gpu(..., interpret=True)`, the Mosaic GPU
+interpreter (private in JAX 0.10.2), which runs the kernels' warpgroups as concurrent
+threads with simulated shared memory, TMA copies and barriers. It fills every fresh buffer
+with NaN, so an output tile the kernels never write fails the finiteness check. Where the
+compiled kernel uses what the interpreter lacks, the interpreted form differs in four small
+spots (see the kernel's module docstring). Each interpreted kernel costs seconds, so shapes
+are one or two tiles of 64/128 rows.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+pytest.importorskip(
+    "jax._src.pallas.mosaic_gpu.interpret.params",
+    reason="this JAX has no Mosaic GPU interpreter to run the kernels on CPU",
+)
+
+from md4_eqx.kernels.flash_attention_gpu import BlockSizes, flash_attention_gpu  # noqa: E402
+from test_attention import output_and_gradients, random_inputs, reference_float64  # noqa: E402
+
+# Tolerance on max |error| / max |reference|, per input dtype. Inputs are exact in both
+# computations; the kernel rounds P and dS to the input dtype before their matmuls and rounds
+# its outputs, each up to one ulp: 2^-8 = 3.9e-3 (bfloat16), 2^-11 = 4.9e-4 (float16)
+# relative. Observed <= 5e-3 (bfloat16); the bounds are about five ulps of the largest element.
+TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
+
+CASES = {
+    # (batch, q_len, kv_len, heads, head_dim, dtype)
+    # One q block, two forward kv tiles (the second ragged): the online softmax rescales, the
+    # dq kernel's ring refills its slots (4 kv steps, 2 slots), dk/dv has two kv blocks.
+    "d64-kv-tiles-ragged": (1, 100, 150, 2, 64, jnp.bfloat16),
+    # Two q blocks (the second ragged): the dk/dv kernel's ring refills (4 q steps).
+    "d128-q-tiles-ragged": (2, 130, 70, 1, 128, jnp.float16),
+}
+
+
+def assert_matches(actual, expected, dtype):
+    for name, a, e in zip(("o", "dq", "dk", "dv"), actual, expected):
+        a = np.asarray(a, np.float64)
+        assert np.isfinite(a).all(), f"{name} has non-finite elements (unwritten?)"
+        error = np.abs(a - e).max() / np.abs(e).max()
+        assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e} with {dtype=}"
+
+
+def interpreted(q, k, v):
+    return flash_attention_gpu(q, k, v, interpret=True)
+
+
+@pytest.mark.slow  # 20-90 s each on 2 shared cores: the interpreter pays per simulated op
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_matches_float64(case):
+    """Output and the gradients of <o, do> for q, k, v, against float64 numpy."""
+    batch, q_len, kv_len, heads, head_dim, dtype = case
+    inputs = random_inputs(jax.random.key(q_len), batch, q_len, kv_len, heads, head_dim, dtype)
+    actual = output_and_gradients(interpreted, *inputs)
+    assert [x.dtype for x in actual] == [dtype] * 4
+    assert_matches(actual, reference_float64(*inputs), dtype)
+
+
+def test_traces_inside_shard_map_with_vma_checked():
+    """Batch over "data", heads over "model", check_vma=True: how the training step calls
+    it. Forward and backward are traced and lowered, not run: under shard_map the GPU
+    interpreter waits at a barrier across all eight simulated GPUs, and the CPU runtime does
+    not run their callbacks concurrently, so running it hangs (JAX 0.10.2)."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    spec = P("data", None, "model")
+    inputs = random_inputs(jax.random.key(5), 2, 64, 64, 4, 64, jnp.bfloat16)
+    sharded = [jax.device_put(x, jax.NamedSharding(mesh, spec)) for x in inputs]
+    per_shard = jax.shard_map(
+        lambda *args: output_and_gradients(interpreted, *args),
+        mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec,) * 4, check_vma=True,
+    )  # fmt: skip
+    out = jax.jit(per_shard).trace(*sharded).out_info
+    assert [x.shape for x in out] == [x.shape for x in inputs]
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, message",
+    [
+        ((1, 8, 1, 64), jnp.float32, "dtype=float32 must be bfloat16 or float16"),
+        ((1, 8, 1, 96), jnp.bfloat16, r"head_dim=96 must be one of \(64, 128\)"),
+    ],
+    ids=["float32", "head_dim-96"],
+)
+def test_rejects_what_the_kernel_does_not_take(shape, dtype, message):
+    q = jnp.zeros(shape, dtype)
+    with pytest.raises(ValueError, match=message):
+        flash_attention_gpu(q, q, q, interpret=True)
+
+
+def test_block_sizes_must_suit_wgmma():
+    with pytest.raises(ValueError, match="block_kv=96 must be a positive multiple of 64"):
+        BlockSizes(block_kv=96)
+    with pytest.raises(ValueError, match="stages=0 must be at least 1"):
+        BlockSizes(stages=0)
+    assert (BlockSizes().q_multiple, BlockSizes().kv_multiple) == (128, 128)
