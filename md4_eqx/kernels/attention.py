@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from md4_eqx.kernels import flash_attention_gpu as hopper
 from md4_eqx.kernels.flash_attention_tpu import flash_attention
 
 
@@ -24,7 +25,7 @@ class Impl(enum.Enum):
     AUTO = "auto"  # the first row of KERNELS that runs here: pallas on TPU, cudnn on GPU, else xla
     XLA = "xla"  # the plain-JAX reference below, on any backend
     CUDNN = "cudnn"  # cuDNN's fused kernel (jax.nn.dot_product_attention), GPU
-    PALLAS = "pallas"  # our hand-written flash attention, compiled for this backend
+    PALLAS = "pallas"  # our hand-written flash attention: Mosaic TPU, or Mosaic GPU on Hopper
     PALLAS_INTERPRET = "pallas-interpret"  # the same kernel run by the Pallas interpreter: any backend, slow (tests)
 
 
@@ -61,6 +62,21 @@ def _tpu_refuses(backend: str, dtype: jnp.dtype, head_dim: int) -> str | None:
     return None
 
 
+def _hopper_refuses(backend: str, dtype: jnp.dtype, head_dim: int) -> str | None:
+    if backend != "gpu":
+        return f"compiles only for Hopper GPUs, this is {backend=}"
+    try:
+        capability = float(jax.devices("gpu")[0].compute_capability)
+    except RuntimeError:  # asked about a GPU backend on a machine without one
+        return "found no GPU device"
+    if not 9.0 <= capability < 10.0:  # wgmma is Hopper's alone
+        return f"needs a Hopper GPU (compute capability 9.x), this one is {capability}"
+    if dtype not in hopper.DTYPES or head_dim not in hopper.HEAD_DIMS:
+        return (f"takes float16/bfloat16 with head_dim in {hopper.HEAD_DIMS}, "
+                f"got dtype={dtype.name} and {head_dim=}")
+    return None
+
+
 def _anywhere(backend: str, dtype: jnp.dtype, head_dim: int) -> str | None:
     return None
 
@@ -76,9 +92,12 @@ class Kernel:
 
 
 # In order of preference: `Impl.AUTO` takes the first compiled row that runs on the backend.
+# On a Hopper GPU cuDNN comes before our kernel until bench/attention.py measures otherwise
+# (no GPU figure of the Hopper kernel exists yet: bench/RESULTS.md).
 KERNELS = (
     Kernel(Impl.PALLAS, flash_attention, _tpu_refuses),
     Kernel(Impl.CUDNN, _cudnn, _cudnn_refuses),
+    Kernel(Impl.PALLAS, hopper.flash_attention_gpu, _hopper_refuses),
     Kernel(Impl.XLA, attention_reference, _anywhere),
     Kernel(Impl.PALLAS_INTERPRET, functools.partial(flash_attention, interpret=True), _anywhere),
 )
