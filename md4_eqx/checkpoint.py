@@ -129,16 +129,16 @@ def _read(workdir: str | Path, step: int, **items) -> ocp.args.Composite:
     CheckpointError: tensorstore's ValueError (an array's bytes or its metadata), the JSON
     decoder's (meta), OSError (a missing file), KeyError (a missing item)."""
     where = _directory(workdir) / str(step)
+    _silence_abandoned_reads()
     try:
         with _manager(workdir) as manager:
             return manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, OSError, KeyError) as e:
-        _silence_abandoned_reads()
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first})") from e
 
 
-@functools.cache  # once per process
+@functools.cache  # once per process, before its first read
 def _silence_abandoned_reads() -> None:
     """When orbax gives up on a damaged checkpoint, the reads it started but no longer awaits
     still finish, each with the same error: asyncio logs "Future exception was never retrieved",
