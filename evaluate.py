@@ -30,36 +30,32 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from md4_eqx import checkpoint
-from md4_eqx.checkpoint import CheckpointError
-from md4_eqx.data import DataError, load
+from md4_eqx.cli import (
+    UsageError, check_batch_size, check_positive, checked_mesh, field_flag, run_command, script_parser,
+)
+from md4_eqx.data import load
+from md4_eqx.distributed import replicated_on_mesh
 from md4_eqx.evaluate import NelboEstimate, nelbo_draws
 from md4_eqx.genppl import CausalLM, ScoringError, unigram_entropy
-from md4_eqx.parallel import DATA, check_model_split, make_mesh
-from train import ArgumentParser, UsageError, parse_field
+from md4_eqx.parallel import DATA
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        description=__doc__.splitlines()[0], allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]),
-    )
-    field = lambda kind: (lambda text: parse_field(kind, text))  # noqa: E731
+def build_parser() -> argparse.ArgumentParser:
+    parser = script_parser(__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     nelbo = commands.add_parser("nelbo", help="the NELBO (bits per token) of a checkpoint on a split")
     nelbo.add_argument("--workdir", default="runs/tiny-pystdlib")
-    nelbo.add_argument("--step", type=field(int), help="checkpoint step (default: the newest)")
+    nelbo.add_argument("--step", **field_flag(int), help="checkpoint step (default: the newest)")
     nelbo.add_argument("--split", default="valid")
-    nelbo.add_argument("--draws", type=field(int), default=8, help="time draws per sequence")
-    nelbo.add_argument("--batches", type=field(int), help="evaluate the first N batches (default: all)")
-    nelbo.add_argument("--batch-size", type=field(int), help="default: the run's per-step batch")
-    nelbo.add_argument("--model-parallel", type=field(int), default=1, help="devices on the mesh's model axis")
-    nelbo.add_argument("--seed", type=field(int), default=0)
+    nelbo.add_argument("--draws", **field_flag(int), default=8, help="time draws per sequence")
+    nelbo.add_argument("--batches", **field_flag(int), help="evaluate the first N batches (default: all)")
+    nelbo.add_argument("--batch-size", **field_flag(int), help="default: the run's per-step batch")
+    nelbo.add_argument("--model-parallel", **field_flag(int), default=1, help="devices on the mesh's model axis")
+    nelbo.add_argument("--seed", **field_flag(int), default=0)
     nelbo.add_argument("--dataset", help="default: the run's dataset")
     nelbo.add_argument("--tokenizer", help="as train.py's --tokenizer, if the run used one")
     nelbo.add_argument("--data-path", help="as train.py's --data-path")
@@ -71,7 +67,7 @@ def build_parser() -> ArgumentParser:
     samples.add_argument("--file", required=True, help="a .jsonl of samples with text and tokens")
     samples.add_argument("--model", default="gpt2-large", help="a causal LM: hub name or local directory")
     samples.add_argument("--tokens", action="store_true", help="score the token ids, not the retokenised text")
-    samples.add_argument("--batch-size", type=field(int), default=8)
+    samples.add_argument("--batch-size", **field_flag(int), default=8)
     samples.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     samples.add_argument("--json", action="store_true")
     return parser
@@ -86,21 +82,12 @@ def _se(value: float) -> str:
 
 
 def run_nelbo(args) -> dict:
-    for flag in ("draws", "batches", "batch_size", "model_parallel"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    check_positive(args, "draws", "batches", "batch_size", "model_parallel")
     step, config, _ = checkpoint.read_meta(args.workdir, args.step)
-    if jax.device_count() % args.model_parallel:
-        raise UsageError(f"--model-parallel {args.model_parallel} must divide the {jax.device_count()} devices")
-    try:
-        check_model_split(config.model, args.model_parallel)
-    except ValueError as e:
-        raise UsageError(f"--model-parallel: {e}") from None
-    mesh = make_mesh(model=args.model_parallel)
+    mesh = checked_mesh(config.model, f"--model-parallel {args.model_parallel}", model=args.model_parallel)
     parts = mesh.shape[DATA]
     batch = args.batch_size or max(parts, config.train.batch_size // config.train.microbatches // parts * parts)
-    if batch % parts:
-        raise UsageError(f"--batch-size {batch} must be a multiple of the {parts} devices on the data axis")
+    check_batch_size(batch, mesh)
 
     dataset = args.dataset or config.train.dataset
     ds = load(dataset, seq_len=config.model.seq_len, cache_dir=args.cache_dir, tokenizer=args.tokenizer,
@@ -112,7 +99,6 @@ def run_nelbo(args) -> dict:
     count = -(-n // batch)
     _, model = checkpoint.load_for_inference(args.workdir, step, mesh)
     labelled = config.model.num_classes > 0
-    sharding = NamedSharding(mesh, P(DATA))
 
     bar = tqdm(total=count, desc="nelbo", unit="batch", disable=args.no_progress, file=sys.stderr)
 
@@ -120,8 +106,7 @@ def run_nelbo(args) -> dict:
         for i in range(count):
             # The last batch is filled up with the last sequence; those extra rows are dropped.
             tokens, labels = split.get(np.minimum(np.arange(i * batch, (i + 1) * batch), n - 1))
-            on_mesh = lambda x: jax.device_put(x, sharding)  # noqa: E731
-            yield on_mesh(tokens), (on_mesh(labels) if labelled else None)
+            yield replicated_on_mesh(tokens, mesh), (replicated_on_mesh(labels, mesh) if labelled else None)
             bar.update()
 
     nats = nelbo_draws(model, jax.random.key(args.seed), batches(), mesh, args.draws)[:, :n]
@@ -171,8 +156,7 @@ def read_samples(path: str) -> tuple[list[str], list[list[int]]]:
 
 
 def run_samples(args) -> dict:
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be positive, got {args.batch_size}")
+    check_positive(args, "batch_size")
     texts, tokens = read_samples(args.file)
     entropy = np.array([unigram_entropy(ids) for ids in tokens if ids])
     try:
@@ -200,19 +184,17 @@ def print_samples(r: dict) -> None:
           f"({r['tokens_scored']:,} tokens scored, {how})")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        result = run_nelbo(args) if args.command == "nelbo" else run_samples(args)
-    except (UsageError, DataError, CheckpointError) as e:
-        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
-        return 2
+def run(args) -> int:
+    result = run_nelbo(args) if args.command == "nelbo" else run_samples(args)
     if args.json:
         print(json.dumps(result))
     else:
         (print_nelbo if args.command == "nelbo" else print_samples)(result)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -29,24 +29,19 @@ import jax
 import numpy as np
 
 from md4_eqx import checkpoint
+from md4_eqx.cli import UsageError, check_positive, field_flag, run_command, script_parser
 from md4_eqx.config import Sampler
 from md4_eqx.data import load
+from md4_eqx.distributed import replicated_on_mesh
 from md4_eqx.parallel import make_mesh
 from md4_eqx.sampling import generate
 from md4_eqx.visualize import image_grid, text_trajectory, to_images, trajectory_gif, trajectory_strip
-from train import (
-    ArgumentParser, UsageError, field_flag, silence_abandoned_reads, replicated_on_mesh, run_command,
-)
 
 MASK_MARKER = re.compile(r"\[MASK:(\d+)\]")
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        description=__doc__.splitlines()[0], allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[2:]),
-    )
+def build_parser() -> argparse.ArgumentParser:
+    parser = script_parser(__doc__)
     parser.add_argument("--workdir", default="runs/tiny-pystdlib")
     parser.add_argument("--step", **field_flag(int), help="checkpoint step (default: the newest)")
     parser.add_argument("--num-samples", **field_flag(int), default=4)
@@ -88,9 +83,7 @@ def template_row(args, ds, seq_len: int, mask_id: int) -> np.ndarray:
 def check(args, config) -> None:
     if args.prompt is not None and args.infill is not None:
         raise UsageError("give --prompt or --infill, not both")
-    for name in ("num_samples", "steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive")
+    check_positive(args, "num_samples", "steps")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise UsageError(f"--top-p {args.top_p} must lie in (0, 1]")
     classes = config.model.num_classes
@@ -157,5 +150,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    silence_abandoned_reads()
     sys.exit(main())

@@ -27,11 +27,7 @@ Bad input prints one line on stderr and exits with status 2.
 
 import argparse
 import dataclasses
-import enum
-import json
-import logging
 import math
-import os
 import re
 import sys
 import time
@@ -42,114 +38,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from md4_eqx import checkpoint
-from md4_eqx.checkpoint import CheckpointError
-from md4_eqx.config import PRESETS, Config, preset
-from md4_eqx.data import BatchLoader, DataError, Dataset, load
-from md4_eqx.distributed import batch_part, gather, global_batch, initialize
+from md4_eqx.cli import (
+    UsageError, add_config_flags, add_process_flags, check_batch_size, make_config, parse_mesh, run_command,
+    script_parser, start_processes,
+)
+from md4_eqx.config import Config
+from md4_eqx.data import BatchLoader, Dataset, load
+from md4_eqx.distributed import batch_part, gather, global_batch, replicated_on_mesh
 from md4_eqx.evaluate import nelbo
+from md4_eqx.metrics_log import MetricsLog
 from md4_eqx.model import MD4
-from md4_eqx.parallel import DATA, check_model_split, make_mesh
+from md4_eqx.parallel import DATA
 from md4_eqx.sampling import generate
 from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_train_step
 from md4_eqx.visualize import image_grid, to_images
 
 
-class UsageError(Exception):
-    """Bad command-line input: one line on stderr, exit status 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block), exit status 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: fixed flags plus one flag per config field.
-
-
-def parse_field(kind: type, text: str):
-    """A command-line string as a config field of type `kind` (an Enum by value, bool as true/false)."""
-    if isinstance(kind, type) and issubclass(kind, enum.Enum):
-        values = [m.value for m in kind]
-        if text not in values:
-            raise argparse.ArgumentTypeError(f"expected one of {', '.join(values)}; got {text!r}")
-        return kind(text)
-    if kind is bool:
-        if text.lower() not in ("true", "false"):
-            raise argparse.ArgumentTypeError(f"expected true or false; got {text!r}")
-        return text.lower() == "true"
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {kind.__name__}; got {text!r}") from None
-
-
-def field_flag(kind: type) -> dict:
-    """add_argument's `type` and `metavar` for a config field of type `kind`."""
-    if isinstance(kind, type) and issubclass(kind, enum.Enum):
-        metavar = "{" + ",".join(m.value for m in kind) + "}"
-    else:
-        metavar = "{true,false}" if kind is bool else kind.__name__.upper()
-    return {"type": lambda text: parse_field(kind, text), "metavar": metavar}
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """--section.field for every field of every section, plus --field where no earlier section
-    (train first) took the name. Defaults are left out, so `args` holds only what was given."""
-    group = parser.add_argument_group("config fields (default: the preset's)")
-    taken = set()
-    for section in sorted(dataclasses.fields(Config), key=lambda s: s.name != "train"):
-        for f in dataclasses.fields(section.type):
-            flag = f.name.replace("_", "-")
-            names = [f"--{section.name}.{flag}"] + ([f"--{flag}"] if flag not in taken else [])
-            taken.add(flag)
-            group.add_argument(*names, dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS,
-                               **field_flag(f.type))
-
-
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        usage="%(prog)s [--preset NAME] [--dataset SPEC] [--workdir DIR] [--mesh data=D,model=M] "
-              "[--section.field VALUE ...]",
-        description=__doc__.splitlines()[0], allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(__doc__.splitlines()[2:]),
-    )
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+def build_parser() -> argparse.ArgumentParser:
+    parser = script_parser(__doc__, usage="%(prog)s [--preset NAME] [--dataset SPEC] [--workdir DIR] "
+                                          "[--mesh data=D,model=M] [--section.field VALUE ...]")
     parser.add_argument("--workdir", help="default: runs/<preset>-<dataset>")
     parser.add_argument("--mesh", help="data=D,model=M (default: every device on data)")
     parser.add_argument("--cache-dir", help="dataset cache (default: $MD4_CACHE or ~/.cache/md4_eqx)")
     parser.add_argument("--tokenizer", help="for file:/hf: datasets: 'bytes' or a Hugging Face tokenizer")
     parser.add_argument("--data-path", help="text8's zip, or the hub name / directory owt and cifar10 read")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    multi = parser.add_argument_group("several processes")
-    multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
-    multi.add_argument("--num-processes", type=int)
-    multi.add_argument("--process-id", type=int)
-    multi.add_argument("--distributed", action="store_true", help="let JAX detect the processes")
+    add_process_flags(parser)
     add_config_flags(parser)
     return parser
 
 
-def make_config(args: argparse.Namespace) -> tuple[Config, set[str]]:
-    """The preset with the given fields replaced, and the names ("model.width") given."""
-    given = {name: value for name, value in vars(args).items() if "." in name}
-    base = preset(args.preset)
-    sections = {}
-    for section in dataclasses.fields(Config):
-        prefix = section.name + "."
-        changes = {name.removeprefix(prefix): v for name, v in given.items() if name.startswith(prefix)}
-        try:
-            sections[section.name] = dataclasses.replace(getattr(base, section.name), **changes)
-        except ValueError as e:
-            raise UsageError(str(e).replace("self.", "")) from None
-    return Config(**sections), set(given)
+def default_workdir(preset_name: str, dataset: str) -> Path:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", re.split(r"[:/\\]", dataset.rstrip("/"))[-1]) or "data"
+    return Path("runs") / f"{preset_name}-{name}"
 
 
 def fit_to_data(cfg: Config, ds: Dataset, given: set[str]) -> Config:
@@ -163,51 +88,6 @@ def fit_to_data(cfg: Config, ds: Dataset, given: set[str]) -> Config:
         raise UsageError(f"--num-classes {classes}: {ds.name} has {ds.num_classes} classes")
     model = dataclasses.replace(cfg.model, vocab_size=vocab, num_classes=classes)
     return dataclasses.replace(cfg, model=model)
-
-
-def parse_mesh(text: str | None, cfg: Config) -> Mesh:
-    """`data=D,model=M` over all devices; each part optional (data defaults to the rest)."""
-    sizes = {}
-    for part in (text or "").split(",") if text else []:
-        name, _, value = part.partition("=")
-        if name not in ("data", "model") or not value.isdigit() or int(value) < 1 or name in sizes:
-            raise UsageError(f"--mesh {text!r}: expected data=D,model=M with positive integers")
-        sizes[name] = int(value)
-    devices = jax.device_count()
-    model = sizes.get("model", 1)
-    data = sizes.get("data", devices // model if devices % model == 0 else 0)
-    if data * model != devices:
-        raise UsageError(f"--mesh {text}: data x model must equal the number of devices, {devices}")
-    try:
-        check_model_split(cfg.model, model)
-    except ValueError as e:
-        raise UsageError(f"--{e}") from None
-    if cfg.train.batch_size % (data * cfg.train.microbatches):
-        raise UsageError(f"--batch-size {cfg.train.batch_size} must be a multiple of data={data} x "
-                         f"microbatches={cfg.train.microbatches}")
-    return make_mesh(data, model)
-
-
-def default_workdir(preset_name: str, dataset: str) -> Path:
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", re.split(r"[:/\\]", dataset.rstrip("/"))[-1]) or "data"
-    return Path("runs") / f"{preset_name}-{name}"
-
-
-def start_processes(args: argparse.Namespace) -> None:
-    """jax.distributed.initialize for a multi-process run (before any other JAX call)."""
-    explicit = (args.coordinator, args.num_processes, args.process_id)
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            raise UsageError("--coordinator, --num-processes and --process-id go together")
-        if not 0 <= args.process_id < args.num_processes:
-            raise UsageError(f"--process-id {args.process_id} must lie in [0, {args.num_processes})")
-        initialize(args.coordinator, args.num_processes, args.process_id)
-    elif args.distributed:
-        initialize()
-
-
-# ---------------------------------------------------------------------------------------------
-# Data on the mesh, evaluation and samples.
 
 
 def load_dataset(cfg: Config, args: argparse.Namespace) -> Dataset:
@@ -230,20 +110,13 @@ def on_mesh(batch: dict, mesh: Mesh, labelled: bool) -> tuple[jax.Array, jax.Arr
     return tokens, labels
 
 
-def replicated_on_mesh(x: np.ndarray, mesh: Mesh) -> jax.Array:
-    """A host array every process holds in full -> a global array split over `data`."""
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P(DATA)), lambda index: x[index])
-
-
 def eval_batches(ds: Dataset, cfg: Config, mesh: Mesh) -> list[tuple[jax.Array, jax.Array | None]]:
     """The same held-out batches at every evaluation: the first `eval_batches` of "valid", in order."""
     split = ds.split("valid")
     parts = mesh.shape[DATA]
     size = min(cfg.train.batch_size, split.num_examples // parts * parts)
     if size == 0:
-        raise UsageError(
-            f"{ds.name}'s valid split has {split.num_examples} examples, fewer than data={parts}"
-        )
+        raise UsageError(f"{ds.name}'s valid split has {split.num_examples} examples, fewer than data={parts}")
     part, part_count = batch_part(mesh)  # this process's part of every batch
     loader = BatchLoader(split, batch_size=size, seed=0, shuffle=False, prefetch=0,
                          process_index=part, process_count=part_count)
@@ -251,7 +124,7 @@ def eval_batches(ds: Dataset, cfg: Config, mesh: Mesh) -> list[tuple[jax.Array, 
     return [on_mesh(next(loader), mesh, cfg.model.num_classes > 0) for _ in range(count)]
 
 
-def evaluate(model: MD4, batches, key: jax.Array, mesh: Mesh) -> tuple[float, float]:
+def eval_nelbo(model: MD4, batches, key: jax.Array, mesh: Mesh) -> tuple[float, float]:
     """(bits per token, perplexity bound exp(nats per token)) of the NELBO on `batches`."""
     total, tokens = 0.0, 0
     for i, (x, labels) in enumerate(batches):
@@ -286,106 +159,59 @@ def write_samples(tokens: np.ndarray, ds: Dataset, mask_id: int, stem: Path) -> 
     return path, texts
 
 
-# ---------------------------------------------------------------------------------------------
-# Logging.
-
-
-class Log:
-    """Events to WORKDIR/metrics.jsonl and, when tensorboardX is installed, WORKDIR/tb.
-
-    Only process 0 writes. A resumed run first drops the events after its checkpoint's step
-    (the interrupted run logged them, and this run logs them again)."""
-
-    def __init__(self, workdir: Path, resume_step: int | None, enabled: bool):
-        self.enabled = enabled
-        self.path = workdir / "metrics.jsonl"
-        self.tb = None
-        if not enabled:
-            return
-        workdir.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume_step is not None and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line)["step"] <= resume_step:
-                        kept.append(line)
-                except (ValueError, KeyError, TypeError):  # e.g. half a line from a killed run
-                    continue
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            return
-        self.tb = SummaryWriter(str(workdir / "tb"))
-
-    def write(self, **event) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(event) + "\n")
-        if self.tb is not None:
-            for name, value in event.items():
-                if name != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(name, value, event["step"])
-            self.tb.flush()
-
-
-# ---------------------------------------------------------------------------------------------
-# The run.
-
-
 def train(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     start_processes(args)
-    cfg, given = make_config(args)
-    workdir = Path(args.workdir) if args.workdir else default_workdir(args.preset, cfg.train.dataset)
     main_process = jax.process_index() == 0
 
     def say(*words) -> None:  # process 0 prints, between progress bar updates
         if main_process:
             tqdm.write(" ".join(map(str, words)), file=sys.stdout)
 
+    # Config: the preset, the flags, the dataset's vocabulary, the mesh.
+    cfg, given = make_config(args)
+    tc = cfg.train
+    workdir = Path(args.workdir) if args.workdir else default_workdir(args.preset, tc.dataset)
     ds = load_dataset(cfg, args)
     cfg = fit_to_data(cfg, ds, given)
-    mesh = parse_mesh(args.mesh, cfg)
-    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    mesh = parse_mesh(args.mesh, cfg.model)
+    check_batch_size(tc.batch_size, mesh, tc.microbatches)
+
+    # State: fresh, or the newest checkpoint's.
+    optimizer = make_optimizer(cfg.optim, tc.steps)
     resume = checkpoint.latest_step(workdir)
     if resume is None:
         state, data_state = init_state(cfg, optimizer, mesh), None
     else:
         _, state, data_state = checkpoint.restore(workdir, mesh, optimizer, cfg)
-        if resume >= cfg.train.steps:
-            say(f"{workdir}: checkpoint at step {resume} already reaches --steps {cfg.train.steps}")
+        if resume >= tc.steps:
+            say(f"{workdir}: checkpoint at step {resume} already reaches --steps {tc.steps}")
             return 0
-    part, part_count = batch_part(mesh)  # this process's part of every batch
-    loader = BatchLoader(
-        ds.split("train"), batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-        process_index=part, process_count=part_count, state=data_state,
-    )
-    evals = eval_batches(ds, cfg, mesh)
-    log = Log(workdir, resume, main_process)  # from here on the run writes into workdir
 
+    # Data: this process's part of every training batch; the same held-out batches every time.
+    part, part_count = batch_part(mesh)
+    loader = BatchLoader(ds.split("train"), batch_size=tc.batch_size, seed=tc.seed,
+                         process_index=part, process_count=part_count, state=data_state)
+    evals = eval_batches(ds, cfg, mesh)
+    log = MetricsLog(workdir, resume, main_process)  # from here on the run writes into workdir
     params = sum(x.size for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_array)))
     say(f"{'resuming' if resume else 'training'} {params / 1e6:.2f}M parameters on {ds.name} "
         f"(vocab {cfg.model.vocab_size}, seq {cfg.model.seq_len}), mesh {dict(mesh.shape)}, "
         f"workdir {workdir}" + (f", from step {resume}" if resume else ""))
-    eval_key, sample_key = jax.random.key(cfg.train.seed + 2), jax.random.key(cfg.train.seed + 3)
+    eval_key, sample_key = jax.random.key(tc.seed + 2), jax.random.key(tc.seed + 3)
 
     def eval_and_sample(state: TrainState, step: int) -> list[str]:
-        bpt, ppl = evaluate(state.ema, evals, eval_key, mesh)
+        bpt, ppl = eval_nelbo(state.ema, evals, eval_key, mesh)
         log.write(step=step, eval_bpt=bpt, eval_ppl=ppl)
-        key = jax.random.fold_in(sample_key, step)
-        tokens = draw_samples(state.ema, cfg, mesh, key, cfg.train.num_samples)
+        tokens = draw_samples(state.ema, cfg, mesh, jax.random.fold_in(sample_key, step), tc.num_samples)
         if not main_process:
             return []
         path, texts = write_samples(tokens, ds, state.ema.mask_id, workdir / "samples" / f"step_{step:07d}")
         say(f"step {step}: eval {bpt:.4f} bits/token (perplexity <= {ppl:.2f}), samples in {path}")
         return texts
 
+    # The loop.
     texts = eval_and_sample(state, 0) if resume is None else []
-    tc = cfg.train
     train_step = make_train_step(state, optimizer, mesh, microbatches=tc.microbatches,
                                  clip=cfg.optim.clip, ema=cfg.optim.ema)
     step = resume or 0
@@ -400,8 +226,7 @@ def train(args: argparse.Namespace) -> int:
         bar.update()
         if step % tc.log_every == 0 or step == tc.steps:
             bpt = float(np.mean([float(m.bpt) for m in pending]))  # waits for the steps to finish
-            elapsed = time.perf_counter() - tick - busy
-            tokens_per_s = len(pending) * tc.batch_size * cfg.model.seq_len / elapsed
+            tokens_per_s = len(pending) * tc.batch_size * cfg.model.seq_len / (time.perf_counter() - tick - busy)
             log.write(step=step, train_bpt=bpt, lr=float(metrics.lr), grad_norm=float(metrics.grad_norm),
                       tokens_per_s=tokens_per_s)
             bar.set_postfix(bpt=f"{bpt:.3f}", tok_s=f"{tokens_per_s:,.0f}")
@@ -422,38 +247,9 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
-def silence_abandoned_reads() -> None:
-    """When orbax gives up on a corrupt checkpoint, the reads it started but no longer awaits
-    still finish, each with the same error: asyncio logs "Future exception was never retrieved",
-    or, once orbax's event loop has closed, Python reports an unraisable "Event loop is closed".
-    The one-line error already says what is wrong, so both are dropped; anything else is shown."""
-    default = sys.unraisablehook
-
-    def hook(unraisable):
-        value = unraisable.exc_value
-        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
-            default(unraisable)
-
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(
-        lambda record: not record.getMessage().partition("\n")[0].endswith("exception was never retrieved")
-    )
-
-
-def run_command(parser: argparse.ArgumentParser, command, argv: list[str] | None) -> int:
-    """command(parsed argv); bad input (flags, data, checkpoints) is one line on stderr, status 2."""
-    args = parser.parse_args(argv)
-    try:
-        return command(args)
-    except (UsageError, DataError, CheckpointError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-
-
 def main(argv: list[str] | None = None) -> int:
     return run_command(build_parser(), train, argv)
 
 
 if __name__ == "__main__":
-    silence_abandoned_reads()
     sys.exit(main())

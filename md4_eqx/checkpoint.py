@@ -11,8 +11,9 @@ target mesh, so a checkpoint saved on one mesh restores onto another; in a multi
 every process reads only its own shards. PRNG keys are stored as their raw uint32 data.
 """
 
-import dataclasses
-import enum
+import functools
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,66 +24,14 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from md4_eqx.config import Config
+from md4_eqx.config import Config, config_from_json, config_to_json, model_differences
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh, param_specs, shardings
 from md4_eqx.train_step import TrainState, init_state, state_specs
 
-# Fields that only say how the model is computed, not what it is: they may differ on resume.
-EXECUTION_FIELDS = {"remat", "attention"}
-
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, unreadable, corrupt or does not fit the run (one line)."""
-
-
-def config_to_json(config: Config) -> dict[str, dict[str, Any]]:
-    """{section: {field: value}} with enums as their values."""
-
-    def plain(v):
-        return v.value if isinstance(v, enum.Enum) else v
-
-    return {
-        section.name: {f.name: plain(getattr(getattr(config, section.name), f.name))
-                       for f in dataclasses.fields(section.type)}
-        for section in dataclasses.fields(Config)
-    }
-
-
-def config_from_json(data: dict) -> Config:
-    """The inverse of `config_to_json`; a missing field takes its default, an unknown one fails."""
-    sections = {}
-    for section in dataclasses.fields(Config):
-        values = dict(data.get(section.name, {}))
-        fields = {f.name: f for f in dataclasses.fields(section.type)}
-        unknown = set(values) - set(fields)
-        if unknown:
-            raise CheckpointError(f"unknown config fields {section.name}.{sorted(unknown)}")
-        for name, value in values.items():
-            kind = fields[name].type
-            if isinstance(kind, type) and issubclass(kind, enum.Enum):
-                values[name] = kind(value)
-        sections[section.name] = section.type(**values)
-    return Config(**sections)
-
-
-def model_differences(saved: Config, config: Config) -> list[str]:
-    """`section.field: saved -> new` for every field that changes the model: the network
-    (`model`, but for `EXECUTION_FIELDS`), the diffusion process, and the dataset."""
-    out = []
-    for section in ("model", "diffusion"):
-        old, new = getattr(saved, section), getattr(config, section)
-        for f in dataclasses.fields(old):
-            a, b = getattr(old, f.name), getattr(new, f.name)
-            if f.name not in EXECUTION_FIELDS and a != b:
-                out.append(f"{section}.{f.name}: {_show(a)} -> {_show(b)}")
-    if saved.train.dataset != config.train.dataset:
-        out.append(f"train.dataset: {saved.train.dataset} -> {config.train.dataset}")
-    return out
-
-
-def _show(v) -> str:
-    return str(v.value if isinstance(v, enum.Enum) else v)
 
 
 def _directory(workdir: str | Path) -> Path:
@@ -176,14 +125,36 @@ def _step_or_latest(workdir: str | Path, step: int | None) -> int:
 
 
 def _read(workdir: str | Path, step: int, **items) -> ocp.args.Composite:
-    """Restores the named items of checkpoint `step`; any failure becomes a CheckpointError."""
+    """Restores the named items of checkpoint `step`. What a damaged checkpoint raises becomes a
+    CheckpointError: tensorstore's ValueError (an array's bytes or its metadata), the JSON
+    decoder's (meta), OSError (a missing file), KeyError (a missing item)."""
     where = _directory(workdir) / str(step)
+    _silence_abandoned_reads()
     try:
         with _manager(workdir) as manager:
             return manager.restore(step, args=ocp.args.Composite(**items))
-    except Exception as e:  # orbax / tensorstore / json errors: the checkpoint is unreadable
+    except (ValueError, OSError, KeyError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first})") from None
+        raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first})") from e
+
+
+@functools.cache  # once per process, before its first read
+def _silence_abandoned_reads() -> None:
+    """When orbax gives up on a damaged checkpoint, the reads it started but no longer awaits
+    still finish, each with the same error: asyncio logs "Future exception was never retrieved",
+    or, once orbax's event loop has closed, Python reports an unraisable "Event loop is closed".
+    The CheckpointError already says what is wrong, so both are dropped; anything else is shown."""
+    default = sys.unraisablehook
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            default(unraisable)
+
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not record.getMessage().partition("\n")[0].endswith("exception was never retrieved")
+    )
 
 
 def read_meta(workdir: str | Path, step: int | None = None) -> tuple[int, Config, dict]:
@@ -193,7 +164,7 @@ def read_meta(workdir: str | Path, step: int | None = None) -> tuple[int, Config
     try:
         return step, config_from_json(meta["config"]), meta["data"]
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {_directory(workdir) / str(step)} has a bad config: {e}") from None
+        raise CheckpointError(f"checkpoint {_directory(workdir) / str(step)} has a bad config: {e}") from e
 
 
 def restore(

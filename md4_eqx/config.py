@@ -77,12 +77,12 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.width % self.num_heads:
-            raise ValueError(f"{self.width=} must be a multiple of {self.num_heads=}")
+            raise ConfigError("width", f"width={self.width} must be a multiple of num_heads={self.num_heads}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{self.dropout=} must be in [0, 1)")
+            raise ConfigError("dropout", f"dropout={self.dropout} must be in [0, 1)")
         for name in ("vocab_size", "seq_len", "width", "num_layers", "num_heads", "cond_dim"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+                raise ConfigError(name, f"{name}={getattr(self, name)} must be positive")
 
     @property
     def head_dim(self) -> int:
@@ -115,13 +115,13 @@ class DiffusionConfig:
 
     def __post_init__(self):
         if not 0.0 < self.eps < 0.5:
-            raise ValueError(f"{self.eps=} must be in (0, 0.5)")
+            raise ConfigError("eps", f"eps={self.eps} must be in (0, 0.5)")
         if self.exponent <= 0:
-            raise ValueError(f"{self.exponent=} must be positive")
+            raise ConfigError("exponent", f"exponent={self.exponent} must be positive")
         if self.timesteps < 0:
-            raise ValueError(f"{self.timesteps=} must be >= 0 (0 means continuous time)")
+            raise ConfigError("timesteps", f"timesteps={self.timesteps} must be >= 0 (0 means continuous time)")
         if self.learnable and self.timesteps:
-            raise ValueError("GenMD4 (learnable=True) is a continuous-time model: set timesteps=0")
+            raise ConfigError("timesteps", "GenMD4 (learnable=True) is a continuous-time model: set timesteps=0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +135,9 @@ class SamplerConfig:
 
     def __post_init__(self):
         if self.steps <= 0:
-            raise ValueError(f"{self.steps=} must be positive")
+            raise ConfigError("steps", f"steps={self.steps} must be positive")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"{self.top_p=} must be in (0, 1]")
+            raise ConfigError("top_p", f"top_p={self.top_p} must be in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,11 +155,11 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.lr <= 0:
-            raise ValueError(f"{self.lr=} must be positive")
+            raise ConfigError("lr", f"lr={self.lr} must be positive")
         if self.warmup < 0:
-            raise ValueError(f"{self.warmup=} must be >= 0")
+            raise ConfigError("warmup", f"warmup={self.warmup} must be >= 0")
         if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"{self.ema=} must be in [0, 1)")
+            raise ConfigError("ema", f"ema={self.ema} must be in [0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,9 +182,11 @@ class TrainConfig:
         for name in ("batch_size", "microbatches", "steps", "log_every", "eval_every",
                      "eval_batches", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+                raise ConfigError(name, f"{name}={getattr(self, name)} must be positive")
         if self.batch_size % self.microbatches:
-            raise ValueError(f"{self.batch_size=} must be a multiple of {self.microbatches=}")
+            raise ConfigError(
+                "batch_size", f"batch_size={self.batch_size} must be a multiple of microbatches={self.microbatches}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,3 +253,64 @@ def preset(name: str) -> Config:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors, and the config as JSON (what a checkpoint stores).
+
+
+class ConfigError(ValueError):
+    """An invalid config field: `field` names it ("width"), the message says why."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+# Fields that only say how the model is computed, not what it is: they may differ on resume.
+EXECUTION_FIELDS = {"remat", "attention"}
+
+
+def config_to_json(config: Config) -> dict[str, dict[str, Any]]:
+    """{section: {field: value}} with enums as their values."""
+    return {
+        section.name: {f.name: _plain(getattr(getattr(config, section.name), f.name))
+                       for f in dataclasses.fields(section.type)}
+        for section in dataclasses.fields(Config)
+    }
+
+
+def config_from_json(data: dict) -> Config:
+    """The inverse of `config_to_json`; a missing field takes its default, an unknown one fails."""
+    sections = {}
+    for section in dataclasses.fields(Config):
+        values = dict(data.get(section.name, {}))
+        fields = {f.name: f for f in dataclasses.fields(section.type)}
+        unknown = set(values) - set(fields)
+        if unknown:
+            raise ConfigError(section.name, f"unknown config fields {section.name}.{sorted(unknown)}")
+        for name, value in values.items():
+            kind = fields[name].type
+            if isinstance(kind, type) and issubclass(kind, enum.Enum):
+                values[name] = kind(value)
+        sections[section.name] = section.type(**values)
+    return Config(**sections)
+
+
+def model_differences(saved: Config, config: Config) -> list[str]:
+    """`section.field: saved -> new` for every field that changes the model: the network
+    (`model`, but for `EXECUTION_FIELDS`), the diffusion process, and the dataset."""
+    out = []
+    for section in ("model", "diffusion"):
+        old, new = getattr(saved, section), getattr(config, section)
+        for f in dataclasses.fields(old):
+            a, b = getattr(old, f.name), getattr(new, f.name)
+            if f.name not in EXECUTION_FIELDS and a != b:
+                out.append(f"{section}.{f.name}: {_plain(a)} -> {_plain(b)}")
+    if saved.train.dataset != config.train.dataset:
+        out.append(f"train.dataset: {saved.train.dataset} -> {config.train.dataset}")
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value

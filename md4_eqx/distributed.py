@@ -60,3 +60,8 @@ def gather(x: Shaped[Array, "..."]) -> np.ndarray:
     """The whole value of a global array on every process (e.g. samples split over `data`, of
     which each process holds only its rows)."""
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def replicated_on_mesh(x: Shaped[np.ndarray, "b *rest"], mesh: Mesh) -> Shaped[Array, "b *rest"]:
+    """A host array every process holds in full -> a global array split over `data`."""
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P(DATA)), lambda index: x[index])

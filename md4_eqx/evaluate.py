@@ -20,7 +20,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from md4_eqx.loss import losses
 from md4_eqx.model import MD4
-from md4_eqx.parallel import DATA, MODEL, check_model_split, example_ids, param_specs, shard_map_modules
+from md4_eqx.parallel import DATA, MODEL, check_batch, check_model_split, example_ids, param_specs, shard_map_modules
 
 
 def _nelbo_local(
@@ -52,8 +52,7 @@ def nelbo(
     """The NELBO of each sequence in nats, one Monte Carlo time draw each (antithetic across the
     batch when the config says so); divide by L ln 2 for bits per token."""
     check_model_split(model.config, mesh.shape[MODEL])
-    if tokens.shape[0] % mesh.shape[DATA]:
-        raise ValueError(f"batch {tokens.shape[0]} must be a multiple of data={mesh.shape[DATA]}")
+    check_batch(tokens.shape[0], mesh)
     return _nelbo(model, key, tokens, labels, mesh)
 
 

@@ -34,26 +34,39 @@ class Split(enum.Enum):
     VOCAB = "vocab"  # rows of an embedding table split
 
 
+class MeshError(ValueError):
+    """A mesh that does not fit the devices, the model or the batch (the scripts name the flag)."""
+
+
 def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
     """A (data, model) mesh; `data` defaults to every device not used by `model`."""
     devices = list(jax.devices() if devices is None else devices)
+    count = len(devices)
     if data is None:
-        data = len(devices) // model if len(devices) % model == 0 else -1
-    if data <= 0 or model <= 0 or data * model != len(devices):
-        raise ValueError(
-            f"mesh data={data} x model={model} does not match the {len(devices)} devices"
-        )
+        if model <= 0 or count % model:
+            raise MeshError(f"{model=} must divide the {count} devices")
+        data = count // model
+    if data <= 0 or model <= 0 or data * model != count:
+        raise MeshError(f"{data=} x {model=} must equal the {count} devices")
     array = np.asarray(devices, dtype=object).reshape(data, model)
     return Mesh(array, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
 def check_model_split(cfg: ModelConfig, model: int) -> None:
-    """Raise a ValueError unless a `model` axis of this size splits heads, MLP units and the
+    """Raise a MeshError unless a `model` axis of this size splits heads, MLP units and the
     padded vocabulary evenly."""
     for what, size in (("num_heads", cfg.num_heads), ("the MLP hidden size", cfg.hidden),
                        ("the padded vocabulary", cfg.padded_vocab)):
         if size % model:
-            raise ValueError(f"mesh model={model} must divide {what} ({size})")
+            raise MeshError(f"{model=} must divide {what} ({size})")
+
+
+def check_batch(batch: int, mesh: Mesh, microbatches: int = 1) -> None:
+    """Raise a MeshError unless a global batch of `batch` rows splits evenly over the mesh's
+    `data` axis and, on every device, into `microbatches` chunks."""
+    if batch % (mesh.shape[DATA] * microbatches):
+        chunks = f" x {microbatches} microbatches" if microbatches > 1 else ""
+        raise MeshError(f"{batch=} must be a multiple of the {mesh.shape[DATA]} devices on the data axis{chunks}")
 
 
 def model_index() -> Int[Array, ""]:

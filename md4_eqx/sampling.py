@@ -24,7 +24,7 @@ from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 from md4_eqx.config import Sampler, SamplerConfig, TimeGrid
 from md4_eqx.loss import example_keys
 from md4_eqx.model import MD4
-from md4_eqx.parallel import DATA, MODEL, check_model_split, example_ids, param_specs, shard_map_modules, vocab_all_gather
+from md4_eqx.parallel import DATA, MODEL, check_batch, check_model_split, example_ids, param_specs, shard_map_modules, vocab_all_gather
 from md4_eqx.schedule import MaskingSchedule
 
 
@@ -222,10 +222,7 @@ def generate(
     others are kept (all masks: unconditional; a prompt or an infilling template otherwise).
     The batch is split over the mesh's `data` axis; the result does not depend on the mesh."""
     check_model_split(model.config, mesh.shape[MODEL])
-    if template.shape[0] % mesh.shape[DATA]:
-        raise ValueError(
-            f"batch {template.shape[0]} must be a multiple of the mesh's data={mesh.shape[DATA]}"
-        )
+    check_batch(template.shape[0], mesh)
     if cfg.sampler is Sampler.EXACT_SKIP and model.schedule.per_token:
         raise ValueError(
             "the exact_skip sampler needs unmask steps that do not depend on the tokens; GenMD4's "

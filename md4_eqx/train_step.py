@@ -23,7 +23,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 from md4_eqx.config import Config, OptimConfig
 from md4_eqx.loss import losses
 from md4_eqx.model import MD4
-from md4_eqx.parallel import DATA, MODEL, check_model_split, example_ids, global_norm, param_specs, shard_map_modules, shardings
+from md4_eqx.parallel import DATA, MODEL, check_batch, check_model_split, example_ids, global_norm, param_specs, shard_map_modules, shardings
 
 
 class TrainState(eqx.Module):
@@ -202,10 +202,7 @@ def make_train_step(
         return shard_map_modules(local_step, mesh, in_specs, (specs, P()))(batch, state)
 
     def checked(state: TrainState, tokens, labels=None):
-        b = tokens.shape[0]
-        parts = mesh.shape[DATA] * microbatches
-        if b % parts:
-            raise ValueError(f"batch {b} must be a multiple of data={mesh.shape[DATA]} x microbatches")
+        check_batch(tokens.shape[0], mesh, microbatches)
         return step((tokens, labels), state)
 
     return checked

@@ -60,7 +60,7 @@ def test_draws_are_the_training_time_eval(getkey):
     key = getkey()
     nats = nelbo_draws(model, key, batches, mesh, draws=3)  # (3, 32)
     for d in range(3):
-        bits, _ = train.evaluate(model, batches, jax.random.fold_in(key, d), mesh)
+        bits, _ = train.eval_nelbo(model, batches, jax.random.fold_in(key, d), mesh)
         # float32 per-sequence values, summed in float64 here and in Python floats there
         assert nats[d].sum() / nats[d].size / L / math.log(2) == pytest.approx(bits, rel=1e-6)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import train
+from md4_eqx.cli import make_config
 from md4_eqx.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,7 +221,7 @@ def test_config_flags_cover_every_field():
         ["--model.num-layers", "3", "--width", "64", "--sampler.steps", "7", "--steps", "9",
          "--schedule", "cosine", "--learnable", "true", "--optim.lr", "1e-3"]
     )
-    cfg, given = train.make_config(args)
+    cfg, given = make_config(args)
     assert (cfg.model.num_layers, cfg.model.width, cfg.sampler.steps, cfg.train.steps) == (3, 64, 7, 9)
     assert cfg.diffusion.schedule.value == "cosine" and cfg.diffusion.learnable and cfg.optim.lr == 1e-3
     assert given == {"model.num_layers", "model.width", "sampler.steps", "train.steps",

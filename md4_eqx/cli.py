@@ -1,0 +1,173 @@
+"""What the scripts (train.py, sample.py, evaluate.py, data.py) share on the command line.
+
+A parser whose errors are one line; a flag for every config field (`--section.field VALUE`, or
+`--field` where the name is unique); the mesh and multi-process flags; and `run_command`, which
+turns bad input (flags, data, checkpoints) into one line on stderr and exit status 2, never a
+traceback. Library errors arrive typed (`ConfigError` names its field, `MeshError` is rendered
+with the flag that chose the mesh), so no message is parsed here.
+"""
+
+import argparse
+import dataclasses
+import enum
+import sys
+
+from jax.sharding import Mesh
+
+from md4_eqx.checkpoint import CheckpointError
+from md4_eqx.config import PRESETS, Config, ConfigError, ModelConfig, preset
+from md4_eqx.data import DataError
+from md4_eqx.distributed import initialize
+from md4_eqx.parallel import MeshError, check_batch, check_model_split, make_mesh
+
+
+class UsageError(Exception):
+    """Bad command-line input: one line on stderr, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def script_parser(doc: str, **kwargs) -> ArgumentParser:
+    """The parser of a script whose docstring is `doc`: its first line describes the script, the
+    rest (the example commands) is shown under --help as written."""
+    lines = doc.splitlines()
+    return ArgumentParser(description=lines[0], epilog="\n".join(lines[2:]), allow_abbrev=False,
+                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
+def run_command(parser: argparse.ArgumentParser, command, argv: list[str] | None) -> int:
+    """command(parsed argv); bad input (flags, data, checkpoints) is one line on stderr, status 2."""
+    args = parser.parse_args(argv)
+    try:
+        return command(args)
+    except (UsageError, DataError, CheckpointError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def check_positive(args: argparse.Namespace, *names: str) -> None:
+    """Each named option, when given, is at least 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------
+# One flag per config field.
+
+
+def parse_field(kind: type, text: str):
+    """A command-line string as a config field of type `kind` (an Enum by value, bool as true/false)."""
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        values = [m.value for m in kind]
+        if text not in values:
+            raise argparse.ArgumentTypeError(f"expected one of {', '.join(values)}; got {text!r}")
+        return kind(text)
+    if kind is bool:
+        if text.lower() not in ("true", "false"):
+            raise argparse.ArgumentTypeError(f"expected true or false; got {text!r}")
+        return text.lower() == "true"
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {kind.__name__}; got {text!r}") from None
+
+
+def field_flag(kind: type) -> dict:
+    """add_argument's `type` and `metavar` for a config field of type `kind`."""
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        metavar = "{" + ",".join(m.value for m in kind) + "}"
+    else:
+        metavar = "{true,false}" if kind is bool else kind.__name__.upper()
+    return {"type": lambda text: parse_field(kind, text), "metavar": metavar}
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """--preset, then --section.field for every field of every section, plus --field where no
+    earlier section (train first) took the name. Field defaults are left out, so `args` holds
+    only what was given."""
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    group = parser.add_argument_group("config fields (default: the preset's)")
+    taken = set()
+    for section in sorted(dataclasses.fields(Config), key=lambda s: s.name != "train"):
+        for f in dataclasses.fields(section.type):
+            flag = f.name.replace("_", "-")
+            names = [f"--{section.name}.{flag}"] + ([f"--{flag}"] if flag not in taken else [])
+            taken.add(flag)
+            group.add_argument(*names, dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS,
+                               **field_flag(f.type))
+
+
+def make_config(args: argparse.Namespace) -> tuple[Config, set[str]]:
+    """The preset with the given fields replaced, and the names ("model.width") given."""
+    given = {name: value for name, value in vars(args).items() if "." in name}
+    base = preset(args.preset)
+    sections = {}
+    for section in dataclasses.fields(Config):
+        prefix = section.name + "."
+        changes = {name.removeprefix(prefix): v for name, v in given.items() if name.startswith(prefix)}
+        try:
+            sections[section.name] = dataclasses.replace(getattr(base, section.name), **changes)
+        except ConfigError as e:
+            raise UsageError(f"--{section.name}.{e.field.replace('_', '-')}: {e}") from e
+    return Config(**sections), set(given)
+
+
+# ---------------------------------------------------------------------------------------------
+# The mesh, and several processes.
+
+
+def parse_mesh(text: str | None, cfg: ModelConfig) -> Mesh:
+    """--mesh `data=D,model=M` over all devices; each part optional (data defaults to the rest)."""
+    sizes = {}
+    for part in text.split(",") if text else []:
+        name, _, value = part.partition("=")
+        if name not in ("data", "model") or not value.isdigit() or int(value) < 1 or name in sizes:
+            raise UsageError(f"--mesh {text!r}: expected data=D,model=M with positive integers")
+        sizes[name] = int(value)
+    return checked_mesh(cfg, f"--mesh {text}", sizes.get("data"), sizes.get("model", 1))
+
+
+def checked_mesh(cfg: ModelConfig, flag: str, data: int | None = None, model: int = 1) -> Mesh:
+    """`make_mesh(data, model)` for a model of config `cfg`; a mismatch is reported under `flag`."""
+    try:
+        mesh = make_mesh(data, model)
+        check_model_split(cfg, model)
+    except MeshError as e:
+        raise UsageError(f"{flag}: {e}") from e
+    return mesh
+
+
+def check_batch_size(batch: int, mesh: Mesh, microbatches: int = 1) -> None:
+    """`check_batch`, reported under --batch-size."""
+    try:
+        check_batch(batch, mesh, microbatches)
+    except MeshError as e:
+        raise UsageError(f"--batch-size: {e}") from e
+
+
+def add_process_flags(parser: argparse.ArgumentParser) -> None:
+    multi = parser.add_argument_group("several processes")
+    multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    multi.add_argument("--num-processes", type=int)
+    multi.add_argument("--process-id", type=int)
+    multi.add_argument("--distributed", action="store_true", help="let JAX detect the processes")
+
+
+def start_processes(args: argparse.Namespace) -> None:
+    """jax.distributed.initialize for a multi-process run (before any other JAX call)."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise UsageError("--coordinator, --num-processes and --process-id go together")
+        if not 0 <= args.process_id < args.num_processes:
+            raise UsageError(f"--process-id {args.process_id} must lie in [0, {args.num_processes})")
+        initialize(args.coordinator, args.num_processes, args.process_id)
+    elif args.distributed:
+        initialize()
