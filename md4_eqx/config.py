@@ -40,13 +40,19 @@ class Precision(enum.Enum):
         return jnp.dtype(self.value)
 
 
-class Sampler(enum.Enum):
-    """Reverse-process samplers of paper section 4 (see `md4_eqx.sampling`)."""
+class Rule(enum.Enum):
+    """The reverse step t -> s of paper section 4 (see `md4_eqx.reverse_step`)."""
 
     ANCESTRAL = "ancestral"
-    TOP_P = "top_p"
-    MEAN = "mean"
-    EXACT_SKIP = "exact_skip"  # the ancestral law, calling the network only on steps that unmask
+    TOP_P = "top_p"  # ancestral, each token drawn from the top-p part of mu_theta
+    MEAN = "mean"  # draw z0 ~ mu_theta, then unmask (the paper's App. G)
+
+
+class Loop(enum.Enum):
+    """Which steps of the time grid call the network (see `md4_eqx.sampling`)."""
+
+    EVERY_STEP = "every_step"
+    EXACT_SKIP = "exact_skip"  # the same law, calling the network only on steps that unmask
 
 
 class TimeGrid(enum.Enum):
@@ -131,7 +137,8 @@ class DiffusionConfig:
 class SamplerConfig:
     """The reverse process (MD4_MATH.md, "Reverse process")."""
 
-    sampler: Sampler = Sampler.ANCESTRAL
+    rule: Rule = Rule.ANCESTRAL
+    loop: Loop = Loop.EVERY_STEP
     steps: int = 1000
     grid: TimeGrid = TimeGrid.COSINE
     top_p: float = 0.98
@@ -237,7 +244,7 @@ def _tiny() -> Config:
             vocab_size=256, seq_len=128, width=128, num_layers=2, num_heads=4,
             precision=Precision.FLOAT32,
         ),
-        sampler=SamplerConfig(sampler=Sampler.TOP_P, steps=128, top_p=0.8),
+        sampler=SamplerConfig(rule=Rule.TOP_P, steps=128, top_p=0.8),
         optim=OptimConfig(lr=2e-3, warmup=50, ema=0.99),
         train=TrainConfig(
             dataset="pystdlib", batch_size=64, steps=600, log_every=20, eval_every=200,

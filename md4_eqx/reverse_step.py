@@ -1,0 +1,63 @@
+"""The per-step rules of the reverse process (paper section 4; MD4_MATH.md, "Reverse process").
+
+A rule says how one step t -> s changes z given mu_theta(z_t, t); the loop that applies it
+(every step, or only the steps where something unmasks) lives in `md4_eqx.sampling`. Every rule
+draws a newly unmasked token from `token_logits`, which is all the exact-skip loop needs of it.
+"""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, Key
+
+from md4_eqx.config import Rule, SamplerConfig
+
+
+def top_p_filter(logits: Float[Array, "*b v"], top_p: float) -> Float[Array, "*b v"]:
+    """Keep the smallest set of tokens whose probability reaches top_p; the rest get -inf."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    sorted_probs = jnp.sort(probs, axis=-1)[..., ::-1]
+    # A token is kept if the mass strictly above it is still below top_p.
+    mass_above = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    kept = jnp.where(mass_above < top_p, sorted_probs, jnp.inf)
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    return jnp.where(probs >= threshold, logits, -jnp.inf)
+
+
+def token_logits(logits: Float[Array, "*b v"], cfg: SamplerConfig) -> Float[Array, "*b v"]:
+    """The law of a token when it unmasks: mu_theta itself, or its top-p part (renormalised by
+    the draw)."""
+    return top_p_filter(logits, cfg.top_p) if cfg.rule is Rule.TOP_P else logits
+
+
+def reverse_step(
+    keys: Key[Array, " b"],
+    z: Int[Array, "b l"],
+    logits: Float[Array, "b l v"],
+    unmask: Float[Array, " v"],
+    mask_id: int,
+    cfg: SamplerConfig,
+) -> Int[Array, "b l"]:
+    """One step t -> s of the reverse process, given mu_theta(z_t, t) as logits over V and
+    unmask[v] = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v)) (`MD4.unmask_probs`)."""
+    logits = token_logits(logits, cfg)
+    log_unmask, log_stay = jnp.log(unmask)[None, :], jnp.log1p(-unmask)[None, :]  # (1, V)
+
+    def one_step(key, z, logits):
+        # ANCESTRAL / TOP_P: one categorical over V + 1 outcomes, token v with probability
+        # mu[v] unmask[v] and "stay masked" with sum_v mu[v] (1 - unmask[v]) (the paper's one-step
+        # form; under MD4's schedule unmask[v] is one number and the last is 1 - unmask).
+        log_mu = jax.nn.log_softmax(logits, axis=-1)  # (l, V)
+        stay = jax.nn.logsumexp(log_mu + log_stay, axis=-1, keepdims=True)  # (l, 1)
+        x = jax.random.categorical(key, jnp.concatenate([log_mu + log_unmask, stay], -1))
+        return jnp.where(z == mask_id, x, z)  # outcome V is the mask id itself
+
+    def two_steps(key, z, logits):
+        # MEAN: draw z0 ~ mu first, then unmask with probability unmask[z0], taking z0's value. The
+        # same law; the paper (App. G) finds it samples worse in finite precision than one step.
+        k_draw, k_unmask = jax.random.split(key)
+        z0 = jax.random.categorical(k_draw, logits, axis=-1)  # (l,)
+        unmasked = jax.random.uniform(k_unmask, z.shape) < unmask[z0]
+        return jnp.where((z == mask_id) & unmasked, z0, z)
+
+    per_example = two_steps if cfg.rule is Rule.MEAN else one_step
+    return jax.vmap(per_example)(keys, z, logits)
