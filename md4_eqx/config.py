@@ -48,6 +48,13 @@ class Rule(enum.Enum):
     MEAN = "mean"  # draw z0 ~ mu_theta, then unmask (the paper's App. G)
 
 
+class Draws(enum.Enum):
+    """How the samplers draw categoricals (see `md4_eqx.categorical`)."""
+
+    EXACT = "exact"  # no truncated tails: rare tokens drawn at their rate
+    FLOAT32 = "float32"  # jax.random's float32 Gumbel noise, capped near 16.6 (for comparison)
+
+
 class Loop(enum.Enum):
     """Which steps of the time grid call the network (see `md4_eqx.sampling`)."""
 
@@ -142,6 +149,7 @@ class SamplerConfig:
     steps: int = 1000
     grid: TimeGrid = TimeGrid.COSINE
     top_p: float = 0.98
+    draws: Draws = Draws.EXACT
 
     def __post_init__(self):
         if self.steps <= 0:

@@ -9,18 +9,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Key
 
+from md4_eqx.categorical import categorical, top_p_filter, uniform_below
 from md4_eqx.config import Rule, SamplerConfig
-
-
-def top_p_filter(logits: Float[Array, "*b v"], top_p: float) -> Float[Array, "*b v"]:
-    """Keep the smallest set of tokens whose probability reaches top_p; the rest get -inf."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    sorted_probs = jnp.sort(probs, axis=-1)[..., ::-1]
-    # A token is kept if the mass strictly above it is still below top_p.
-    mass_above = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    kept = jnp.where(mass_above < top_p, sorted_probs, jnp.inf)
-    threshold = jnp.min(kept, axis=-1, keepdims=True)
-    return jnp.where(probs >= threshold, logits, -jnp.inf)
 
 
 def token_logits(logits: Float[Array, "*b v"], cfg: SamplerConfig) -> Float[Array, "*b v"]:
@@ -48,15 +38,15 @@ def reverse_step(
         # form; under MD4's schedule unmask[v] is one number and the last is 1 - unmask).
         log_mu = jax.nn.log_softmax(logits, axis=-1)  # (l, V)
         stay = jax.nn.logsumexp(log_mu + log_stay, axis=-1, keepdims=True)  # (l, 1)
-        x = jax.random.categorical(key, jnp.concatenate([log_mu + log_unmask, stay], -1))
+        x = categorical(key, jnp.concatenate([log_mu + log_unmask, stay], -1), cfg.draws)
         return jnp.where(z == mask_id, x, z)  # outcome V is the mask id itself
 
     def two_steps(key, z, logits):
         # MEAN: draw z0 ~ mu first, then unmask with probability unmask[z0], taking z0's value. The
         # same law; the paper (App. G) finds it samples worse in finite precision than one step.
         k_draw, k_unmask = jax.random.split(key)
-        z0 = jax.random.categorical(k_draw, logits, axis=-1)  # (l,)
-        unmasked = jax.random.uniform(k_unmask, z.shape) < unmask[z0]
+        z0 = categorical(k_draw, logits, cfg.draws)  # (l,)
+        unmasked = uniform_below(k_unmask, unmask[z0], cfg.draws)
         return jnp.where((z == mask_id) & unmasked, z0, z)
 
     per_example = two_steps if cfg.rule is Rule.MEAN else one_step

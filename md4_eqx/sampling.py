@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from md4_eqx.categorical import categorical, exponential
 from md4_eqx.config import Loop, SamplerConfig, TimeGrid
 from md4_eqx.loss import example_keys
 from md4_eqx.model import MD4
@@ -133,7 +134,7 @@ def sample_skip_local(
     step_keys, token_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
     ts, _ = time_grid(steps, grid=cfg.grid)
     ts = jnp.concatenate([ts, jnp.zeros(1)])  # step T: the final argmax fill at t = 0
-    energy = jax.vmap(lambda k: jax.random.exponential(k, template.shape[1:]))(step_keys)  # (b, l)
+    energy = jax.vmap(lambda k: exponential(k, template.shape[1:], cfg.draws))(step_keys)  # (b, l)
     hazard = -log_survival(model.schedule, steps, cfg.grid)  # (T,), increasing
     drawn = jnp.searchsorted(hazard, energy).astype(template.dtype)  # (b, l) in [0, T]
     done = steps + 1  # k of a position that is given, or already unmasked
@@ -143,7 +144,7 @@ def sample_skip_local(
         z, k, calls = carry
         now = jnp.min(k, axis=-1)  # (b,) each example's next step with an unmasking
         logits = vocab_all_gather(model.logits(z, ts[jnp.minimum(now, steps)], labels), model.vocab_size)
-        draw = jax.vmap(lambda key, i, lg: jax.random.categorical(jax.random.fold_in(key, i), lg))
+        draw = jax.vmap(lambda key, i, lg: categorical(jax.random.fold_in(key, i), lg, cfg.draws))
         x = jnp.where((now == steps)[:, None], jnp.argmax(logits, axis=-1),
                       draw(token_keys, now, token_logits(logits, cfg)))
         unmask = (k == now[:, None]) & (now < done)[:, None]  # (b, l)

@@ -11,7 +11,7 @@ from scipy import stats
 from md4_eqx.config import Config, DiffusionConfig, ModelConfig, Loop, Precision, Rule, SamplerConfig, TimeGrid
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
-from md4_eqx.reverse_step import top_p_filter
+from md4_eqx.categorical import top_p_filter
 from md4_eqx.sampling import generate, time_grid
 
 MESH = make_mesh(1, 1, jax.devices()[:1])
