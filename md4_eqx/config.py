@@ -46,6 +46,14 @@ class Rule(enum.Enum):
     ANCESTRAL = "ancestral"
     TOP_P = "top_p"  # ancestral, each token drawn from the top-p part of mu_theta
     MEAN = "mean"  # draw z0 ~ mu_theta, then unmask (the paper's App. G)
+    REMDM = "remdm"  # ancestral plus remasking of decoded tokens (Wang et al. 2025)
+
+
+class Remask(enum.Enum):
+    """ReMDM's remasking probability sigma_t (arXiv 2503.00307, section 4.1), both <= sigma_max."""
+
+    CAP = "cap"  # sigma_t = min(eta, sigma_max)
+    RESCALE = "rescale"  # sigma_t = eta * sigma_max
 
 
 class Draws(enum.Enum):
@@ -150,10 +158,18 @@ class SamplerConfig:
     grid: TimeGrid = TimeGrid.COSINE
     top_p: float = 0.98
     draws: Draws = Draws.EXACT
+    remask: Remask = Remask.CAP  # Rule.REMDM only, as are the three below
+    eta: float = 0.02
+    remask_from: float = 1.0  # remasking is on for t in (remask_until, remask_from]
+    remask_until: float = 0.0
 
     def __post_init__(self):
         if self.steps <= 0:
             raise ValueError(f"{self.steps=} must be positive")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"{self.eta=} must be in [0, 1]")
+        if not 0.0 <= self.remask_until < self.remask_from <= 1.0:
+            raise ValueError(f"need 0 <= {self.remask_until=} < {self.remask_from=} <= 1")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"{self.top_p=} must be in (0, 1]")
 

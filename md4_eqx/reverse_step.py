@@ -7,10 +7,10 @@ draws a newly unmasked token from `token_logits`, which is all the exact-skip lo
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, Key
+from jaxtyping import Array, Bool, Float, Int, Key
 
 from md4_eqx.categorical import categorical, top_p_filter, uniform_below
-from md4_eqx.config import Rule, SamplerConfig
+from md4_eqx.config import Remask, Rule, SamplerConfig
 
 
 def token_logits(logits: Float[Array, "*b v"], cfg: SamplerConfig) -> Float[Array, "*b v"]:
@@ -19,16 +19,33 @@ def token_logits(logits: Float[Array, "*b v"], cfg: SamplerConfig) -> Float[Arra
     return top_p_filter(logits, cfg.top_p) if cfg.rule is Rule.TOP_P else logits
 
 
+def remasking(
+    t: Float[Array, ""], alpha_t: Float[Array, ""], alpha_s: Float[Array, ""], cfg: SamplerConfig
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """ReMDM's posterior (Wang et al. 2025, eq. 4): a decoded token is remasked with probability
+    sigma_t, and a masked one unmasks with probability (alpha_s - (1 - sigma_t) alpha_t) /
+    (1 - alpha_t), which keeps q(z_s | x)'s masked fraction 1 - alpha_s. sigma_t <= sigma_max =
+    min(1, (1 - alpha_s) / alpha_t) keeps both probabilities in [0, 1]; sigma_t = 0 (the
+    ancestral step) outside the switch-on window. Returns (unmask, remask)."""
+    sigma_max = jnp.minimum(1.0, (1.0 - alpha_s) / alpha_t)
+    sigma = jnp.minimum(cfg.eta, sigma_max) if cfg.remask is Remask.CAP else cfg.eta * sigma_max
+    sigma = jnp.where((t <= cfg.remask_from) & (t > cfg.remask_until), sigma, 0.0)
+    return (alpha_s - (1.0 - sigma) * alpha_t) / (1.0 - alpha_t), sigma
+
+
 def reverse_step(
     keys: Key[Array, " b"],
     z: Int[Array, "b l"],
+    generated: Bool[Array, "b l"],
     logits: Float[Array, "b l v"],
     unmask: Float[Array, " v"],
+    remask: Float[Array, ""],
     mask_id: int,
     cfg: SamplerConfig,
 ) -> Int[Array, "b l"]:
     """One step t -> s of the reverse process, given mu_theta(z_t, t) as logits over V and
-    unmask[v] = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v)) (`MD4.unmask_probs`)."""
+    unmask[v] = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v)) (`MD4.unmask_probs`; ReMDM's for
+    REMDM), and REMDM's remask probability of the `generated` (not given) positions."""
     logits = token_logits(logits, cfg)
     log_unmask, log_stay = jnp.log(unmask)[None, :], jnp.log1p(-unmask)[None, :]  # (1, V)
 
@@ -49,5 +66,16 @@ def reverse_step(
         unmasked = uniform_below(k_unmask, unmask[z0], cfg.draws)
         return jnp.where((z == mask_id) & unmasked, z0, z)
 
+    def remdm(key, z, generated, logits):
+        # REMDM: x ~ mu where a masked position unmasks (unmask is one number under MD4's
+        # schedule), and a decoded generated position is remasked with probability `remask`.
+        k_draw, k_unmask, k_remask = jax.random.split(key, 3)
+        x = categorical(k_draw, logits, cfg.draws)  # (l,)
+        unmasked = uniform_below(k_unmask, jnp.broadcast_to(unmask[0], z.shape), cfg.draws)
+        remasked = generated & uniform_below(k_remask, jnp.broadcast_to(remask, z.shape), cfg.draws)
+        return jnp.where(z == mask_id, jnp.where(unmasked, x, mask_id), jnp.where(remasked, mask_id, z))
+
+    if cfg.rule is Rule.REMDM:
+        return jax.vmap(remdm)(keys, z, generated, logits)
     per_example = two_steps if cfg.rule is Rule.MEAN else one_step
     return jax.vmap(per_example)(keys, z, logits)

@@ -13,7 +13,8 @@ something unmasks (`sample_skip_local`). Valid pairs (`check_sampler`): every ru
 EVERY_STEP; ANCESTRAL, TOP_P and MEAN with EXACT_SKIP under MD4's schedule, where MEAN's
 two-stage draw is the ancestral one (the unmask probability is the same for every token, so
 "z0 ~ mu, then unmask" and "unmask, then x ~ mu" are one law). GenMD4's per-token schedule makes
-the unmask step depend on the token, so it takes EVERY_STEP only.
+the unmask step depend on the token, so it takes EVERY_STEP only. REMDM remasks decoded tokens, so
+a position may unmask several times: it takes EVERY_STEP under MD4's schedule only.
 """
 
 import functools
@@ -28,11 +29,11 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from md4_eqx.categorical import categorical, exponential
-from md4_eqx.config import Loop, SamplerConfig, TimeGrid
+from md4_eqx.config import Loop, Rule, SamplerConfig, TimeGrid
 from md4_eqx.loss import example_keys
 from md4_eqx.model import MD4
 from md4_eqx.parallel import DATA, MODEL, check_model_split, example_ids, param_specs, shard_map_modules, vocab_all_gather
-from md4_eqx.reverse_step import reverse_step, token_logits
+from md4_eqx.reverse_step import remasking, reverse_step, token_logits
 from md4_eqx.schedule import MaskingSchedule
 
 
@@ -64,6 +65,7 @@ def sample_local(
     mask_id = model.mask_id
     keys = example_keys(key, example_ids(template.shape[0]))
     ts, ss = time_grid(cfg.steps, cfg.grid)
+    generated = template == mask_id  # (b, l) the positions REMDM may remask
 
     def mu_logits(z, t):  # full-vocabulary logits: sampling gathers the vocabulary slices
         t_b = jnp.full((z.shape[0],), t)
@@ -72,7 +74,12 @@ def sample_local(
     def step(z, inputs):
         i, t, s = inputs
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-        z = reverse_step(step_keys, z, mu_logits(z, t), model.unmask_probs(t, s), mask_id, cfg)
+        unmask, remask = model.unmask_probs(t, s), jnp.zeros(())
+        if cfg.rule is Rule.REMDM:  # MD4's schedule only (check_sampler)
+            alpha = model.schedule.alpha
+            unmask_one, remask = remasking(t, alpha(t), alpha(jnp.maximum(s, 0.0)), cfg)
+            unmask = jnp.full_like(unmask, unmask_one)
+        z = reverse_step(step_keys, z, generated, mu_logits(z, t), unmask, remask, mask_id, cfg)
         return z, (z if trajectory else None)
 
     z, traj = jax.lax.scan(step, template, (jnp.arange(cfg.steps), ts, ss))
@@ -165,6 +172,11 @@ def check_sampler(cfg: SamplerConfig, learned_schedule: bool) -> None:
         raise ValueError(
             "the exact_skip loop needs unmask steps that do not depend on the tokens; GenMD4's "
             "learned per-token schedule makes them depend: use the every_step loop"
+        )
+    if cfg.rule is Rule.REMDM and (cfg.loop is Loop.EXACT_SKIP or learned_schedule):
+        raise ValueError(
+            "the remdm rule runs on the every_step loop under MD4's schedule: remasking lets a "
+            "position unmask more than once, and its formulas need one alpha_t for every token"
         )
 
 
