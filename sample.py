@@ -30,7 +30,7 @@ import numpy as np
 
 from md4_eqx import checkpoint
 from md4_eqx.cli import UsageError, check_positive, field_flag, run_command, script_parser
-from md4_eqx.config import Sampler
+from md4_eqx.config import Loop, Rule
 from md4_eqx.data import load
 from md4_eqx.distributed import replicated_on_mesh
 from md4_eqx.parallel import make_mesh
@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--step", **field_flag(int), help="checkpoint step (default: the newest)")
     parser.add_argument("--num-samples", **field_flag(int), default=4)
     parser.add_argument("--steps", **field_flag(int), help="sampling steps (default: the run's config)")
-    parser.add_argument("--sampler", **field_flag(Sampler),
-                        help="default: the run's config, or top_p when --top-p is given")
+    parser.add_argument("--sampler", **field_flag(Rule),
+                        help="the per-step rule (default: the run's config, or top_p when --top-p is given)")
+    parser.add_argument("--loop", **field_flag(Loop), help="which steps call the network (default: the run's config)")
     parser.add_argument("--top-p", **field_flag(float))
     parser.add_argument("--seed", **field_flag(int), default=0)
     parser.add_argument("--out", help="FILE.jsonl for text, FILE.png for images")
@@ -105,7 +106,7 @@ def sample(args) -> int:
         raise UsageError(f"--out {args.out}: expected a {'.png' if images else '.jsonl'} file")
 
     changes = {"steps": args.steps, "top_p": args.top_p,
-               "sampler": args.sampler or (Sampler.TOP_P if args.top_p is not None else None)}
+               "rule": args.sampler or (Rule.TOP_P if args.top_p is not None else None), "loop": args.loop}
     sampler_cfg = dataclasses.replace(config.sampler, **{k: v for k, v in changes.items() if v is not None})
     n, mask_id = args.num_samples, model.mask_id
     template = np.tile(template_row(args, ds, config.model.seq_len, mask_id), (n, 1))

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from md4_eqx.config import PRESETS, Precision, Sampler, preset
+from md4_eqx.config import PRESETS, Loop, Precision, preset
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
 from md4_eqx.sampling import expected_skip_calls, generate
@@ -50,7 +50,7 @@ def bench(model: MD4, sampler_cfg, batch: int, repeats: int) -> tuple[float, flo
         start = time.perf_counter()
         out = jax.block_until_ready(generate(model, jax.random.key(r + 1), template, mesh, sampler_cfg))
         times.append(time.perf_counter() - start)
-        calls.append(sampler_cfg.steps + 1 if out.calls is None else float(np.mean(out.calls)))
+        calls.append(float(np.mean(out.calls)))
     return statistics.median(times), float(np.mean(calls))
 
 
@@ -78,13 +78,13 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for steps in args.steps:
         base = None
-        for sampler in (Sampler.ANCESTRAL, Sampler.EXACT_SKIP):
-            sampler_cfg = dataclasses.replace(cfg.sampler, sampler=sampler, steps=steps)
+        for loop in Loop:
+            sampler_cfg = dataclasses.replace(cfg.sampler, loop=loop, steps=steps)
             seconds, calls = bench(model, sampler_cfg, args.batch, args.repeats)
             base = base or seconds
-            expected = (steps + 1 if sampler is Sampler.ANCESTRAL
+            expected = (steps + 1 if loop is Loop.EVERY_STEP
                         else expected_skip_calls(model.schedule, sampler_cfg, m.seq_len))
-            print(f"| {steps} | {sampler.value} | {calls:.1f} | {expected:.1f} | {seconds:.3f} | "
+            print(f"| {steps} | {sampler_cfg.rule.value}, {loop.value} | {calls:.1f} | {expected:.1f} | {seconds:.3f} | "
                   f"{args.batch * m.seq_len / seconds:.4g} | {base / seconds:.2f}x |", flush=True)
 
 

@@ -40,13 +40,34 @@ class Precision(enum.Enum):
         return jnp.dtype(self.value)
 
 
-class Sampler(enum.Enum):
-    """Reverse-process samplers of paper section 4 (see `md4_eqx.sampling`)."""
+class Rule(enum.Enum):
+    """The reverse step t -> s of paper section 4 (see `md4_eqx.reverse_step`)."""
 
     ANCESTRAL = "ancestral"
-    TOP_P = "top_p"
-    MEAN = "mean"
-    EXACT_SKIP = "exact_skip"  # the ancestral law, calling the network only on steps that unmask
+    TOP_P = "top_p"  # ancestral, each token drawn from the top-p part of mu_theta
+    MEAN = "mean"  # draw z0 ~ mu_theta, then unmask (the paper's App. G)
+    REMDM = "remdm"  # ancestral plus remasking of decoded tokens (Wang et al. 2025)
+
+
+class Remask(enum.Enum):
+    """ReMDM's remasking probability sigma_t (arXiv 2503.00307, section 4.1), both <= sigma_max."""
+
+    CAP = "cap"  # sigma_t = min(eta, sigma_max)
+    RESCALE = "rescale"  # sigma_t = eta * sigma_max
+
+
+class Draws(enum.Enum):
+    """How the samplers draw categoricals (see `md4_eqx.categorical`)."""
+
+    EXACT = "exact"  # no truncated tails: rare tokens drawn at their rate
+    FLOAT32 = "float32"  # jax.random's float32 Gumbel noise, capped near 16.6 (for comparison)
+
+
+class Loop(enum.Enum):
+    """Which steps of the time grid call the network (see `md4_eqx.sampling`)."""
+
+    EVERY_STEP = "every_step"
+    EXACT_SKIP = "exact_skip"  # the same law, calling the network only on steps that unmask
 
 
 class TimeGrid(enum.Enum):
@@ -128,14 +149,24 @@ class DiffusionConfig:
 class SamplerConfig:
     """The reverse process (MD4_MATH.md, "Reverse process")."""
 
-    sampler: Sampler = Sampler.ANCESTRAL
+    rule: Rule = Rule.ANCESTRAL
+    loop: Loop = Loop.EVERY_STEP
     steps: int = 1000
     grid: TimeGrid = TimeGrid.COSINE
     top_p: float = 0.98
+    draws: Draws = Draws.EXACT
+    remask: Remask = Remask.CAP  # Rule.REMDM only, as are the three below
+    eta: float = 0.02
+    remask_from: float = 1.0  # remasking is on for t in (remask_until, remask_from]
+    remask_until: float = 0.0
 
     def __post_init__(self):
         if self.steps <= 0:
             raise ConfigError("steps", f"steps={self.steps} must be positive")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ConfigError("eta", f"eta={self.eta} must be in [0, 1]")
+        if not 0.0 <= self.remask_until < self.remask_from <= 1.0:
+            raise ConfigError("remask_from", f"need 0 <= remask_until={self.remask_until} < remask_from={self.remask_from} <= 1")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError("top_p", f"top_p={self.top_p} must be in (0, 1]")
 
@@ -236,7 +267,7 @@ def _tiny() -> Config:
             vocab_size=256, seq_len=128, width=128, num_layers=2, num_heads=4,
             precision=Precision.FLOAT32,
         ),
-        sampler=SamplerConfig(sampler=Sampler.TOP_P, steps=128, top_p=0.8),
+        sampler=SamplerConfig(rule=Rule.TOP_P, steps=128, top_p=0.8),
         optim=OptimConfig(lr=2e-3, warmup=50, ema=0.99),
         train=TrainConfig(
             dataset="pystdlib", batch_size=64, steps=600, log_every=20, eval_every=200,

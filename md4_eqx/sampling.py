@@ -5,9 +5,16 @@ x ~ mu_theta(z_t, t) with probability (alpha_s - alpha_t) / (1 - alpha_t), else 
 The whole loop is one `lax.scan`, jit-compiled, batched, and run on the (data, model) mesh like
 training. Positions given in the template (infilling, prompts) are never masked, so never change.
 
-`Sampler.EXACT_SKIP` samples the same law with fewer network calls: which step unmasks a position
-does not depend on the network, so it draws every position's unmask step up front and calls the
-network only at steps where something unmasks (`sample_skip_local`).
+A sampler is a per-step rule (`Rule`, in `md4_eqx.reverse_step`) run by a loop (`Loop`):
+`Loop.EVERY_STEP` calls the network at every step (`sample_local`); `Loop.EXACT_SKIP` samples the
+same law with fewer network calls: which step unmasks a position does not depend on the network,
+so it draws every position's unmask step up front and calls the network only at steps where
+something unmasks (`sample_skip_local`). Valid pairs (`check_sampler`): every rule with
+EVERY_STEP; ANCESTRAL, TOP_P and MEAN with EXACT_SKIP under MD4's schedule, where MEAN's
+two-stage draw is the ancestral one (the unmask probability is the same for every token, so
+"z0 ~ mu, then unmask" and "unmask, then x ~ mu" are one law). GenMD4's per-token schedule makes
+the unmask step depend on the token, so it takes EVERY_STEP only. REMDM remasks decoded tokens, so
+a position may unmask several times: it takes EVERY_STEP under MD4's schedule only.
 """
 
 import functools
@@ -19,19 +26,21 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
-from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from md4_eqx.config import Sampler, SamplerConfig, TimeGrid
+from md4_eqx.categorical import categorical, exponential
+from md4_eqx.config import Loop, Rule, SamplerConfig, TimeGrid
 from md4_eqx.loss import example_keys
 from md4_eqx.model import MD4
 from md4_eqx.parallel import DATA, MODEL, check_batch, check_model_split, example_ids, param_specs, shard_map_modules, vocab_all_gather
+from md4_eqx.reverse_step import remasking, reverse_step, token_logits
 from md4_eqx.schedule import MaskingSchedule
 
 
 class Samples(NamedTuple):
     tokens: Int[Array, "b l"]
     trajectory: Int[Array, "steps b l"] | None  # z after each step, if asked for
-    calls: Int[Array, " data"] | None = None  # EXACT_SKIP: network calls made on each data shard
+    calls: Int[Array, " data"]  # network calls made on each data shard
 
 
 def time_grid(steps: int, grid: TimeGrid) -> tuple[Float[Array, " steps"], Float[Array, " steps"]]:
@@ -42,52 +51,6 @@ def time_grid(steps: int, grid: TimeGrid) -> tuple[Float[Array, " steps"], Float
     if grid is TimeGrid.COSINE:
         t, s = (jnp.cos(jnp.pi / 2 * (1.0 - u)) for u in (t, s))
     return t, s
-
-
-def top_p_filter(logits: Float[Array, "*b v"], top_p: float) -> Float[Array, "*b v"]:
-    """Keep the smallest set of tokens whose probability reaches top_p; the rest get -inf."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    sorted_probs = jnp.sort(probs, axis=-1)[..., ::-1]
-    # A token is kept if the mass strictly above it is still below top_p.
-    mass_above = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    kept = jnp.where(mass_above < top_p, sorted_probs, jnp.inf)
-    threshold = jnp.min(kept, axis=-1, keepdims=True)
-    return jnp.where(probs >= threshold, logits, -jnp.inf)
-
-
-def reverse_step(
-    keys: Key[Array, " b"],
-    z: Int[Array, "b l"],
-    logits: Float[Array, "b l v"],
-    unmask: Float[Array, " v"],
-    mask_id: int,
-    cfg: SamplerConfig,
-) -> Int[Array, "b l"]:
-    """One step t -> s of the reverse process, given mu_theta(z_t, t) as logits over V and
-    unmask[v] = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v)) (`MD4.unmask_probs`)."""
-    if cfg.sampler is Sampler.TOP_P:
-        logits = top_p_filter(logits, cfg.top_p)
-    log_unmask, log_stay = jnp.log(unmask)[None, :], jnp.log1p(-unmask)[None, :]  # (1, V)
-
-    def one_step(key, z, logits):
-        # ANCESTRAL / TOP_P: one categorical over V + 1 outcomes, token v with probability
-        # mu[v] unmask[v] and "stay masked" with sum_v mu[v] (1 - unmask[v]) (the paper's one-step
-        # form; under MD4's schedule unmask[v] is one number and the last is 1 - unmask).
-        log_mu = jax.nn.log_softmax(logits, axis=-1)  # (l, V)
-        stay = jax.nn.logsumexp(log_mu + log_stay, axis=-1, keepdims=True)  # (l, 1)
-        x = jax.random.categorical(key, jnp.concatenate([log_mu + log_unmask, stay], -1))
-        return jnp.where(z == mask_id, x, z)  # outcome V is the mask id itself
-
-    def two_steps(key, z, logits):
-        # MEAN: draw z0 ~ mu first, then unmask with probability unmask[z0], taking z0's value. The
-        # same law; the paper (App. G) finds it samples worse in finite precision than one step.
-        k_draw, k_unmask = jax.random.split(key)
-        z0 = jax.random.categorical(k_draw, logits, axis=-1)  # (l,)
-        unmasked = jax.random.uniform(k_unmask, z.shape) < unmask[z0]
-        return jnp.where((z == mask_id) & unmasked, z0, z)
-
-    per_example = two_steps if cfg.sampler is Sampler.MEAN else one_step
-    return jax.vmap(per_example)(keys, z, logits)
 
 
 def sample_local(
@@ -102,6 +65,7 @@ def sample_local(
     mask_id = model.mask_id
     keys = example_keys(key, example_ids(template.shape[0]))
     ts, ss = time_grid(cfg.steps, cfg.grid)
+    generated = template == mask_id  # (b, l) the positions REMDM may remask
 
     def mu_logits(z, t):  # full-vocabulary logits: sampling gathers the vocabulary slices
         t_b = jnp.full((z.shape[0],), t)
@@ -110,14 +74,19 @@ def sample_local(
     def step(z, inputs):
         i, t, s = inputs
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-        z = reverse_step(step_keys, z, mu_logits(z, t), model.unmask_probs(t, s), mask_id, cfg)
+        unmask, remask = model.unmask_probs(t, s), jnp.zeros(())
+        if cfg.rule is Rule.REMDM:  # MD4's schedule only (check_sampler)
+            alpha = model.schedule.alpha
+            unmask_one, remask = remasking(t, alpha(t), alpha(jnp.maximum(s, 0.0)), cfg)
+            unmask = jnp.full_like(unmask, unmask_one)
+        z = reverse_step(step_keys, z, generated, mu_logits(z, t), unmask, remask, mask_id, cfg)
         return z, (z if trajectory else None)
 
     z, traj = jax.lax.scan(step, template, (jnp.arange(cfg.steps), ts, ss))
     # Any position still masked after the last step takes the argmax of mu_theta(z, 0).
     final = jnp.argmax(mu_logits(z, jnp.zeros(())), axis=-1).astype(z.dtype)
     z = jnp.where(z == mask_id, final, z)
-    return Samples(z, traj)
+    return Samples(z, traj, jnp.full((1,), cfg.steps + 1, jnp.int32))
 
 
 def log_survival(schedule: MaskingSchedule, steps: int, grid: TimeGrid) -> Float[Array, " steps"]:
@@ -140,7 +109,7 @@ def unmask_step_probs(
 
 
 def expected_skip_calls(schedule: MaskingSchedule, cfg: SamplerConfig, seq_len: int) -> float:
-    """E[network calls] of `Sampler.EXACT_SKIP` for one all-mask sequence: the expected number of
+    """E[network calls] of `Loop.EXACT_SKIP` for one all-mask sequence: the expected number of
     distinct unmask steps (the final fill counted as one), sum_i 1 - (1 - P_i)^L. The ancestral
     sampler makes T + 1 calls."""
     probs = np.asarray(unmask_step_probs(schedule, cfg.steps, cfg.grid), np.float64)
@@ -159,7 +128,8 @@ def sample_skip_local(
 
     Each masked position unmasks at exactly one step k in {0..T-1}, or is still masked at the end
     (k = T, the final argmax fill), with the law of `unmask_step_probs` whatever the network says;
-    given that it unmasks at step i, its value is x ~ mu_theta(z_t_i, t_i). So draw every k up
+    given that it unmasks at step i, its value is x ~ mu_theta(z_t_i, t_i) (or the rule's
+`token_logits` of it). So draw every k up
     front (inverse CDF: k = #{i : -log P(k > i) < E}, E ~ Exp(1)), then let each example jump from
     one of its unmask steps to the next: a step where nothing unmasks leaves z as it is, so skipping
     it is exact, time conditioning included. Every call serves each example at its own next step
@@ -171,7 +141,7 @@ def sample_skip_local(
     step_keys, token_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
     ts, _ = time_grid(steps, grid=cfg.grid)
     ts = jnp.concatenate([ts, jnp.zeros(1)])  # step T: the final argmax fill at t = 0
-    energy = jax.vmap(lambda k: jax.random.exponential(k, template.shape[1:]))(step_keys)  # (b, l)
+    energy = jax.vmap(lambda k: exponential(k, template.shape[1:], cfg.draws))(step_keys)  # (b, l)
     hazard = -log_survival(model.schedule, steps, cfg.grid)  # (T,), increasing
     drawn = jnp.searchsorted(hazard, energy).astype(template.dtype)  # (b, l) in [0, T]
     done = steps + 1  # k of a position that is given, or already unmasked
@@ -181,8 +151,9 @@ def sample_skip_local(
         z, k, calls = carry
         now = jnp.min(k, axis=-1)  # (b,) each example's next step with an unmasking
         logits = vocab_all_gather(model.logits(z, ts[jnp.minimum(now, steps)], labels), model.vocab_size)
-        draw = jax.vmap(lambda key, i, lg: jax.random.categorical(jax.random.fold_in(key, i), lg))
-        x = jnp.where((now == steps)[:, None], jnp.argmax(logits, axis=-1), draw(token_keys, now, logits))
+        draw = jax.vmap(lambda key, i, lg: categorical(jax.random.fold_in(key, i), lg, cfg.draws))
+        x = jnp.where((now == steps)[:, None], jnp.argmax(logits, axis=-1),
+                      draw(token_keys, now, token_logits(logits, cfg)))
         unmask = (k == now[:, None]) & (now < done)[:, None]  # (b, l)
         return jnp.where(unmask, x.astype(z.dtype), z), jnp.where(unmask, done, k), calls + 1
 
@@ -195,14 +166,27 @@ def sample_skip_local(
     return Samples(z, traj, calls)
 
 
+def check_sampler(cfg: SamplerConfig, per_token_schedule: bool) -> None:
+    """Raise ValueError for a (rule, loop) pair that does not sample the model's law."""
+    if cfg.loop is Loop.EXACT_SKIP and per_token_schedule:
+        raise ValueError(
+            "the exact_skip loop needs unmask steps that do not depend on the tokens; GenMD4's "
+            "learned per-token schedule makes them depend: use the every_step loop"
+        )
+    if cfg.rule is Rule.REMDM and (cfg.loop is Loop.EXACT_SKIP or per_token_schedule):
+        raise ValueError(
+            "the remdm rule runs on the every_step loop under MD4's schedule: remasking lets a "
+            "position unmask more than once, and its formulas need one alpha_t for every token"
+        )
+
+
 @eqx.filter_jit
 def _generate(model, key, template, labels, mesh, cfg, trajectory):
     def specs(model, key, template, labels):
         return (param_specs(model), P(), P(DATA), None if labels is None else P(DATA))
 
-    skip = cfg.sampler is Sampler.EXACT_SKIP
-    out = Samples(P(DATA), P(None, DATA) if trajectory else None, P(DATA) if skip else None)
-    local = sample_skip_local if skip else sample_local
+    out = Samples(P(DATA), P(None, DATA) if trajectory else None, P(DATA))
+    local = sample_skip_local if cfg.loop is Loop.EXACT_SKIP else sample_local
     run = shard_map_modules(
         functools.partial(local, cfg=cfg, trajectory=trajectory), mesh, specs, out
     )
@@ -223,11 +207,7 @@ def generate(
     The batch is split over the mesh's `data` axis; the result does not depend on the mesh."""
     check_model_split(model.config, mesh.shape[MODEL])
     check_batch(template.shape[0], mesh)
-    if cfg.sampler is Sampler.EXACT_SKIP and model.schedule.per_token:
-        raise ValueError(
-            "the exact_skip sampler needs unmask steps that do not depend on the tokens; GenMD4's "
-            "learned per-token schedule makes them depend: use ancestral, top_p or mean"
-        )
+    check_sampler(cfg, per_token_schedule=model.schedule.per_token)
     if template.shape[1] != model.config.seq_len:
         raise ValueError(f"template length {template.shape[1]} != seq_len {model.config.seq_len}")
     return _generate(model, key, template, labels, mesh, cfg, trajectory)

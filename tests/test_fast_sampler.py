@@ -21,7 +21,7 @@ from jaxtyping import Array, Float, Int
 from scipy import stats
 
 from md4_eqx.config import (
-    Config, DiffusionConfig, ModelConfig, Precision, Sampler, SamplerConfig, TimeGrid,
+    Config, DiffusionConfig, ModelConfig, Loop, Precision, SamplerConfig, TimeGrid,
 )
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh, vocab_offset
@@ -71,19 +71,18 @@ class Run(NamedTuple):
     tokens: np.ndarray  # (N, L)
     step: np.ndarray  # (N, L) the step that unmasked each position; T: the final fill
     distinct: np.ndarray  # (N,) distinct unmask steps of each sequence
-    calls: np.ndarray | None  # (data,) network calls of each data shard (EXACT_SKIP)
+    calls: np.ndarray  # (data,) network calls of each data shard
 
 
-def run(model: MD4, sampler: Sampler, seed: int, mesh_shape: tuple[int, int] = (4, 2)) -> Run:
+def run(model: MD4, loop: Loop, seed: int, mesh_shape: tuple[int, int] = (4, 2)) -> Run:
     """N all-mask sequences, their unmask steps read off the trajectory."""
     template = jnp.full((N, L), model.mask_id, jnp.int32)
-    cfg = SamplerConfig(sampler=sampler, steps=T)
+    cfg = SamplerConfig(loop=loop, steps=T)
     out = generate(model, jax.random.key(seed), template, make_mesh(*mesh_shape), cfg, trajectory=True)
     unmasked = np.asarray(out.trajectory) != model.mask_id  # (T, N, L)
     step = np.where(unmasked[-1], T - unmasked.sum(0), T)  # the first step after which it is unmasked
     distinct = np.array([np.unique(row).size for row in step])
-    calls = None if out.calls is None else np.asarray(out.calls)
-    return Run(np.asarray(out.tokens), step, distinct, calls)
+    return Run(np.asarray(out.tokens), step, distinct, np.asarray(out.calls))
 
 
 def same_law(x: np.ndarray, y: np.ndarray) -> float:
@@ -101,12 +100,12 @@ def token_p_values(a: np.ndarray, b: np.ndarray) -> list[float]:
 
 @pytest.fixture(scope="module")
 def ancestral():
-    return run(known_model(), Sampler.ANCESTRAL, seed=1)
+    return run(known_model(), Loop.EVERY_STEP, seed=1)
 
 
 @pytest.fixture(scope="module")
 def skip():
-    return run(known_model(), Sampler.EXACT_SKIP, seed=2)
+    return run(known_model(), Loop.EXACT_SKIP, seed=2)
 
 
 def test_skip_samples_the_ancestral_law(ancestral, skip):
@@ -119,22 +118,23 @@ def test_skip_samples_the_ancestral_law(ancestral, skip):
 
 
 def test_the_statistics_reject_a_late_network(ancestral):
-    late = run(known_model(delay=1.0 / T), Sampler.EXACT_SKIP, seed=3)
+    late = run(known_model(delay=1.0 / T), Loop.EXACT_SKIP, seed=3)
     assert max(token_p_values(ancestral.tokens, late.tokens)) < 1e-6
 
 
-def test_network_calls(skip):
+def test_network_calls(ancestral, skip):
     """A device calls the network once per distinct unmask step of its busiest sequence, and a
-    sequence's distinct unmask steps average `expected_skip_calls`."""
+    sequence's distinct unmask steps average `expected_skip_calls`; every step calls it T + 1 times."""
+    np.testing.assert_array_equal(ancestral.calls, [T + 1] * 4)
     busiest = skip.distinct.reshape(4, N // 4).max(axis=1)  # 4 data shards of N / 4 sequences
     np.testing.assert_array_equal(skip.calls, busiest)
-    cfg = SamplerConfig(sampler=Sampler.EXACT_SKIP, steps=T)
+    cfg = SamplerConfig(loop=Loop.EXACT_SKIP, steps=T)
     expected = expected_skip_calls(known_model().schedule, cfg, L)
     assert abs(skip.distinct.mean() - expected) < 4 * skip.distinct.std() / math.sqrt(N)
 
 
 def test_skip_is_mesh_invariant(skip):
-    np.testing.assert_array_equal(run(known_model(), Sampler.EXACT_SKIP, 2, (8, 1)).tokens, skip.tokens)
+    np.testing.assert_array_equal(run(known_model(), Loop.EXACT_SKIP, 2, (8, 1)).tokens, skip.tokens)
 
 
 def test_unmask_step_law_telescopes():
@@ -161,7 +161,7 @@ def test_transformer_on_a_mesh_keeps_the_prompt():
     rng = np.random.default_rng(0)  # a random head and adaLN: a fresh model's are zero
     model = jax.tree.map(lambda x: x + rng.normal(0.0, 0.2, x.shape).astype(np.float32), model)
     template = jnp.full((8, 16), model.mask_id, jnp.int32).at[:, :4].set(7)
-    cfg = SamplerConfig(sampler=Sampler.EXACT_SKIP, steps=64)
+    cfg = SamplerConfig(loop=Loop.EXACT_SKIP, steps=64)
     out = generate(model, jax.random.key(1), template, make_mesh(4, 2), cfg)
     tokens = np.asarray(out.tokens)
     assert np.all(tokens[:, :4] == 7) and np.all(tokens < 50)

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from md4_eqx.config import Config, DiffusionConfig, ModelConfig, Precision, Sampler, SamplerConfig, TimeGrid
+from md4_eqx.config import Config, DiffusionConfig, ModelConfig, Loop, Precision, Remask, Rule, SamplerConfig, TimeGrid
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
-from md4_eqx.sampling import generate, time_grid, top_p_filter
+from md4_eqx.categorical import top_p_filter
+from md4_eqx.sampling import generate, time_grid
 
 MESH = make_mesh(1, 1, jax.devices()[:1])
 PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.07, 0.03])
@@ -38,20 +39,26 @@ def token_counts(tokens, vocab):
 
 
 @pytest.mark.parametrize(
-    "sampler, expected",
+    "rule, expected",
     [
-        (Sampler.ANCESTRAL, PROBS),
-        (Sampler.MEAN, PROBS),
+        (Rule.ANCESTRAL, PROBS),
+        (Rule.MEAN, PROBS),
+        (Rule.REMDM, PROBS),  # every draw of a remasked position is again from mu
         # top-p 0.75 keeps {0, 1, 2} (mass 0.8 reaches 0.75; {0, 1} holds only 0.65).
-        (Sampler.TOP_P, np.r_[PROBS[:3] / PROBS[:3].sum(), np.zeros(3)]),
+        (Rule.TOP_P, np.r_[PROBS[:3] / PROBS[:3].sum(), np.zeros(3)]),
     ],
-    ids=["ancestral", "mean", "top_p"],
+    ids=["ancestral", "mean", "remdm", "top_p"],
 )
-def test_token_frequencies_match_the_model(sampler, expected):
+@pytest.mark.parametrize("loop", list(Loop), ids=lambda loop: loop.value)
+def test_token_frequencies_match_the_model(rule, expected, loop):
     seq = 64
     model = fixed_output_model(PROBS, seq)
-    cfg = SamplerConfig(sampler=sampler, steps=32, top_p=0.75)
+    cfg = SamplerConfig(rule=rule, loop=loop, steps=32, top_p=0.75, eta=0.1)
     template = jnp.full((64, seq), model.mask_id)
+    if rule is Rule.REMDM and loop is Loop.EXACT_SKIP:
+        with pytest.raises(ValueError, match="every_step"):
+            generate(model, jax.random.key(1), template, MESH, cfg)
+        return
     tokens = generate(model, jax.random.key(1), template, MESH, cfg).tokens
     assert int(jnp.max(tokens)) < model.vocab_size  # no mask left
     counts = token_counts(tokens, model.vocab_size)
@@ -86,7 +93,7 @@ def test_genmd4_sampler_follows_its_per_token_schedule():
     assert stats.chisquare(counts, counts.sum() * PROBS).pvalue < 1e-10
     with pytest.raises(ValueError, match="exact_skip"):
         generate(model, jax.random.key(2), jnp.full((2, seq), model.mask_id), MESH,
-                 SamplerConfig(sampler=Sampler.EXACT_SKIP))
+                 SamplerConfig(loop=Loop.EXACT_SKIP))
 
 
 def test_wrong_distribution_is_detected():
@@ -99,14 +106,17 @@ def test_wrong_distribution_is_detected():
     assert stats.chisquare(counts, counts.sum() * PROBS[::-1]).pvalue < 1e-10
 
 
-@pytest.mark.parametrize("sampler", list(Sampler), ids=lambda s: s.value)
-def test_infilling_keeps_given_tokens(getkey, sampler):
+@pytest.mark.parametrize("rule", list(Rule), ids=lambda r: r.value)
+@pytest.mark.parametrize("loop", list(Loop), ids=lambda loop: loop.value)
+def test_infilling_keeps_given_tokens(getkey, rule, loop):
     seq = 48
     model = fixed_output_model(PROBS, seq)
     given = jax.random.bernoulli(getkey(), 0.4, (8, seq))
     values = jax.random.randint(getkey(), (8, seq), 0, model.vocab_size)
     template = jnp.where(given, values, model.mask_id)
-    out = generate(model, getkey(), template, MESH, SamplerConfig(sampler=sampler, steps=16)).tokens
+    if rule is Rule.REMDM and loop is Loop.EXACT_SKIP:
+        return  # rejected: see test_token_frequencies_match_the_model
+    out = generate(model, getkey(), template, MESH, SamplerConfig(rule=rule, loop=loop, steps=16, eta=0.3)).tokens
     np.testing.assert_array_equal(np.asarray(out)[np.asarray(given)], np.asarray(values)[np.asarray(given)])
     assert int(jnp.max(out)) < model.vocab_size
 
@@ -143,3 +153,21 @@ def test_top_p_filter_keeps_smallest_reaching_set():
     assert np.isfinite(np.asarray(top_p_filter(logits, 1.0))).all()
     assert np.isfinite(np.asarray(top_p_filter(logits, 0.3))).sum() == 1
 
+
+
+@pytest.mark.parametrize("remask", list(Remask), ids=lambda r: r.value)
+def test_remdm_keeps_the_forward_marginal(remask):
+    """ReMDM's posterior keeps q(z_s | x): after each step t -> s a generated position is masked
+    with probability exactly 1 - alpha(s), remasking included (Wang et al. 2025, eq. 4), while
+    tokens are remasked and redrawn."""
+    seq, steps, n = 32, 16, 256
+    model = fixed_output_model(PROBS, seq)
+    cfg = SamplerConfig(rule=Rule.REMDM, remask=remask, eta=0.5, steps=steps, grid=TimeGrid.UNIFORM)
+    out = generate(model, jax.random.key(4), jnp.full((n, seq), model.mask_id), MESH, cfg, trajectory=True)
+    is_mask = np.asarray(out.trajectory) == model.mask_id  # (T, n, seq)
+    masked = is_mask.reshape(steps, -1).sum(1)  # (T,)
+    s = (steps - 1 - np.arange(steps)) / steps
+    mask_prob = (1 - 2e-4) * s + 1e-4  # the linear schedule's 1 - alpha(s)
+    p = [stats.binomtest(int(m), n * seq, q).pvalue for m, q in zip(masked[:-1], mask_prob[:-1])]
+    assert min(p) > 1e-4 / steps, (masked / (n * seq), mask_prob)
+    assert (~is_mask[:-1] & is_mask[1:]).sum() > 100  # decoded tokens were remasked

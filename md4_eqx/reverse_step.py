@@ -1,0 +1,81 @@
+"""The per-step rules of the reverse process (paper section 4; MD4_MATH.md, "Reverse process").
+
+A rule says how one step t -> s changes z given mu_theta(z_t, t); the loop that applies it
+(every step, or only the steps where something unmasks) lives in `md4_eqx.sampling`. Every rule
+draws a newly unmasked token from `token_logits`, which is all the exact-skip loop needs of it.
+"""
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, Key
+
+from md4_eqx.categorical import categorical, top_p_filter, uniform_below
+from md4_eqx.config import Remask, Rule, SamplerConfig
+
+
+def token_logits(logits: Float[Array, "*b v"], cfg: SamplerConfig) -> Float[Array, "*b v"]:
+    """The law of a token when it unmasks: mu_theta itself, or its top-p part (renormalised by
+    the draw)."""
+    return top_p_filter(logits, cfg.top_p) if cfg.rule is Rule.TOP_P else logits
+
+
+def remasking(
+    t: Float[Array, ""], alpha_t: Float[Array, ""], alpha_s: Float[Array, ""], cfg: SamplerConfig
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
+    """ReMDM's posterior (Wang et al. 2025, eq. 4): a decoded token is remasked with probability
+    sigma_t, and a masked one unmasks with probability (alpha_s - (1 - sigma_t) alpha_t) /
+    (1 - alpha_t), which keeps q(z_s | x)'s masked fraction 1 - alpha_s. sigma_t <= sigma_max =
+    min(1, (1 - alpha_s) / alpha_t) keeps both probabilities in [0, 1]; sigma_t = 0 (the
+    ancestral step) outside the switch-on window. Returns (unmask, remask)."""
+    sigma_max = jnp.minimum(1.0, (1.0 - alpha_s) / alpha_t)
+    sigma = jnp.minimum(cfg.eta, sigma_max) if cfg.remask is Remask.CAP else cfg.eta * sigma_max
+    sigma = jnp.where((t <= cfg.remask_from) & (t > cfg.remask_until), sigma, 0.0)
+    return (alpha_s - (1.0 - sigma) * alpha_t) / (1.0 - alpha_t), sigma
+
+
+def reverse_step(
+    keys: Key[Array, " b"],
+    z: Int[Array, "b l"],
+    generated: Bool[Array, "b l"],
+    logits: Float[Array, "b l v"],
+    unmask: Float[Array, " v"],
+    remask: Float[Array, ""],
+    mask_id: int,
+    cfg: SamplerConfig,
+) -> Int[Array, "b l"]:
+    """One step t -> s of the reverse process, given mu_theta(z_t, t) as logits over V and
+    unmask[v] = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v)) (`MD4.unmask_probs`; ReMDM's for
+    REMDM), and REMDM's remask probability of the `generated` (not given) positions."""
+    logits = token_logits(logits, cfg)
+    log_unmask, log_stay = jnp.log(unmask)[None, :], jnp.log1p(-unmask)[None, :]  # (1, V)
+
+    def one_step(key, z, logits):
+        # ANCESTRAL / TOP_P: one categorical over V + 1 outcomes, token v with probability
+        # mu[v] unmask[v] and "stay masked" with sum_v mu[v] (1 - unmask[v]) (the paper's one-step
+        # form; under MD4's schedule unmask[v] is one number and the last is 1 - unmask).
+        log_mu = jax.nn.log_softmax(logits, axis=-1)  # (l, V)
+        stay = jax.nn.logsumexp(log_mu + log_stay, axis=-1, keepdims=True)  # (l, 1)
+        x = categorical(key, jnp.concatenate([log_mu + log_unmask, stay], -1), cfg.draws)
+        return jnp.where(z == mask_id, x, z)  # outcome V is the mask id itself
+
+    def two_steps(key, z, logits):
+        # MEAN: draw z0 ~ mu first, then unmask with probability unmask[z0], taking z0's value. The
+        # same law; the paper (App. G) finds it samples worse in finite precision than one step.
+        k_draw, k_unmask = jax.random.split(key)
+        z0 = categorical(k_draw, logits, cfg.draws)  # (l,)
+        unmasked = uniform_below(k_unmask, unmask[z0], cfg.draws)
+        return jnp.where((z == mask_id) & unmasked, z0, z)
+
+    def remdm(key, z, generated, logits):
+        # REMDM: x ~ mu where a masked position unmasks (unmask is one number under MD4's
+        # schedule), and a decoded generated position is remasked with probability `remask`.
+        k_draw, k_unmask, k_remask = jax.random.split(key, 3)
+        x = categorical(k_draw, logits, cfg.draws)  # (l,)
+        unmasked = uniform_below(k_unmask, jnp.broadcast_to(unmask[0], z.shape), cfg.draws)
+        remasked = generated & uniform_below(k_remask, jnp.broadcast_to(remask, z.shape), cfg.draws)
+        return jnp.where(z == mask_id, jnp.where(unmasked, x, mask_id), jnp.where(remasked, mask_id, z))
+
+    if cfg.rule is Rule.REMDM:
+        return jax.vmap(remdm)(keys, z, generated, logits)
+    per_example = two_steps if cfg.rule is Rule.MEAN else one_step
+    return jax.vmap(per_example)(keys, z, logits)
