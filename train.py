@@ -50,6 +50,7 @@ from md4_eqx import checkpoint
 from md4_eqx.checkpoint import CheckpointError
 from md4_eqx.config import PRESETS, Config, preset
 from md4_eqx.data import BatchLoader, DataError, Dataset, load
+from md4_eqx.divergence import BadSteps, Diverged
 from md4_eqx.distributed import batch_part, gather, global_batch, initialize
 from md4_eqx.evaluate import nelbo
 from md4_eqx.model import MD4
@@ -392,12 +393,17 @@ def train(args: argparse.Namespace) -> int:
     bar = tqdm(total=tc.steps, initial=step, unit="step", disable=args.no_progress or not main_process,
                dynamic_ncols=True)
     pending, busy, tick = [], 0.0, time.perf_counter()  # busy: seconds spent outside train steps
+    bad_steps = BadSteps(tc.max_bad_steps)  # Diverged: exit status 1
     while step < tc.steps:
         tokens, labels = on_mesh(next(loader), mesh, cfg.model.num_classes > 0)
         state, metrics = train_step(state, tokens, labels)
         pending.append(metrics)
         step += 1
         bar.update()
+        if event := bad_steps.observe(step, metrics):  # a non-finite step, its update skipped
+            log.write(**event)
+            say(f"step {step}: non-finite loss or gradient norm, update skipped ({event['skipped']} in a row)")
+            bad_steps.check()  # Diverged after --max-bad-steps in a row
         if step % tc.log_every == 0 or step == tc.steps:
             bpt = float(np.mean([float(m.bpt) for m in pending]))  # waits for the steps to finish
             elapsed = time.perf_counter() - tick - busy
@@ -409,7 +415,7 @@ def train(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         if step % tc.eval_every == 0 or step == tc.steps:
             texts = eval_and_sample(state, step)
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
+        if (step % tc.checkpoint_every == 0 or step == tc.steps) and not bad_steps.streak:
             checkpoint.save(workdir, state, loader.state(), cfg)
         busy += time.perf_counter() - started
     bar.close()
@@ -448,6 +454,9 @@ def run_command(parser: argparse.ArgumentParser, command, argv: list[str] | None
     except (UsageError, DataError, CheckpointError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:  # not bad input: the run itself failed
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

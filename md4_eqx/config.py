@@ -177,10 +177,11 @@ class TrainConfig:
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
     num_samples: int = 4  # samples written at each evaluation
+    max_bad_steps: int = 10  # consecutive non-finite steps (each one skipped) before the run stops
 
     def __post_init__(self):
         for name in ("batch_size", "microbatches", "steps", "log_every", "eval_every",
-                     "eval_batches", "checkpoint_every", "keep_checkpoints"):
+                     "eval_batches", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.batch_size % self.microbatches:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 import train
+from md4_eqx import checkpoint
 from md4_eqx.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,3 +237,24 @@ def test_default_workdir_names():
     assert train.default_workdir("tiny", "pystdlib") == Path("runs/tiny-pystdlib")
     assert train.default_workdir("md4-s", "hf:roneneldan/TinyStories") == Path("runs/md4-s-TinyStories")
     assert train.default_workdir("tiny", "file:/data/my code.py") == Path("runs/tiny-my-code.py")
+
+
+@pytest.mark.slow
+def test_divergence_skips_steps_then_stops_with_exit_1(data):
+    """lr 1e30 blows the weights up to overflow on step 2: every later step is non-finite and
+    skipped; the third in a row stops the run, with its checkpoints from before the streak."""
+    flags, tmp = data
+    workdir = tmp / "diverged"
+    proc = run("train.py", "--workdir", str(workdir), *flags, *SMALL, "--steps", "20", "--lr", "1e30",
+               "--warmup", "1", "--log-every", "1", "--eval-every", "20", "--checkpoint-every", "1",
+               "--max-bad-steps", "3")
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "3 non-finite steps in a row" in lines[0], proc.stderr
+    skipped = [e for e in events(workdir) if "skipped" in e]
+    assert [e["skipped"] for e in skipped] == [1, 2, 3]
+    first = skipped[0]["step"]
+    assert [e["step"] for e in skipped] == [first, first + 1, first + 2]
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
+    assert saved[-1] == first - 1  # none written during the streak
+    assert checkpoint.read_meta(workdir)[0] == first - 1
