@@ -55,6 +55,7 @@ from md4_eqx.distributed import batch_part, gather, global_batch, initialize
 from md4_eqx.evaluate import nelbo
 from md4_eqx.model import MD4
 from md4_eqx.parallel import DATA, check_model_split, make_mesh
+from md4_eqx.preemption import Preemption
 from md4_eqx.sampling import generate
 from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_train_step
 from md4_eqx.visualize import image_grid, to_images
@@ -394,6 +395,7 @@ def train(args: argparse.Namespace) -> int:
                dynamic_ncols=True)
     pending, busy, tick = [], 0.0, time.perf_counter()  # busy: seconds spent outside train steps
     bad_steps = BadSteps(tc.max_bad_steps)  # Diverged: exit status 1
+    preemption = Preemption()  # SIGTERM / SIGINT: stop after the step, checkpointed, exit 0
     while step < tc.steps:
         tokens, labels = on_mesh(next(loader), mesh, cfg.model.num_classes > 0)
         state, metrics = train_step(state, tokens, labels)
@@ -418,6 +420,11 @@ def train(args: argparse.Namespace) -> int:
         if (step % tc.checkpoint_every == 0 or step == tc.steps) and not bad_steps.streak:
             checkpoint.save(workdir, state, loader.state(), cfg)
         busy += time.perf_counter() - started
+        if preemption.requested():  # every process stops here, at the same step
+            if checkpoint.latest_step(workdir) != step:
+                checkpoint.save(workdir, state, loader.state(), cfg)
+            say(f"step {step}: stopped by a signal; checkpoint saved, rerun the same command to resume")
+            break
     bar.close()
     loader.close()
     say(f"step {step} reached in {(time.perf_counter() - began) / 60:.1f} min")

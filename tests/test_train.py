@@ -258,3 +258,31 @@ def test_divergence_skips_steps_then_stops_with_exit_1(data):
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
     assert saved[-1] == first - 1  # none written during the streak
     assert checkpoint.read_meta(workdir)[0] == first - 1
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_step_and_the_rerun_matches_the_uninterrupted_run(trained, data):
+    """SIGTERM (then SIGINT at once, landing in the step or the save) mid-run: exit 0 with a
+    complete checkpoint at the step it stopped at; the rerun resumes there."""
+    flags, full = trained
+    workdir = data[1] / "preempted"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and '"step": 11,' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    stopped = int(out.split(": stopped by a signal")[0].rsplit("step ", 1)[1])
+    assert 11 <= stopped < 30
+    assert checkpoint.latest_step(workdir) == stopped  # saved there, on schedule or on the signal
+    assert max(e["step"] for e in events(workdir)) == stopped
+
+    resumed = run("train.py", "--workdir", str(workdir), *flags)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"from step {stopped}" in resumed.stdout
+    assert events(workdir) == events(full)
