@@ -59,6 +59,7 @@ from md4_eqx.preemption import Preemption
 from md4_eqx.sampling import generate
 from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_train_step
 from md4_eqx.visualize import image_grid, to_images
+from md4_eqx.workdir import WorkdirError, check_space, claim
 
 
 class UsageError(Exception):
@@ -353,6 +354,7 @@ def train(args: argparse.Namespace) -> int:
     cfg = fit_to_data(cfg, ds, given)
     mesh = parse_mesh(args.mesh, cfg)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    workdir_lock = claim(workdir)  # held while train() runs; WorkdirError: exit status 2
     resume = checkpoint.latest_step(workdir)
     if resume is None:
         state, data_state = init_state(cfg, optimizer, mesh), None
@@ -361,6 +363,7 @@ def train(args: argparse.Namespace) -> int:
         if resume >= cfg.train.steps:
             say(f"{workdir}: checkpoint at step {resume} already reaches --steps {cfg.train.steps}")
             return 0
+    check_space(workdir, state)
     part, part_count = batch_part(mesh)  # this process's part of every batch
     loader = BatchLoader(
         ds.split("train"), batch_size=cfg.train.batch_size, seed=cfg.train.seed,
@@ -418,11 +421,11 @@ def train(args: argparse.Namespace) -> int:
         if step % tc.eval_every == 0 or step == tc.steps:
             texts = eval_and_sample(state, step)
         if (step % tc.checkpoint_every == 0 or step == tc.steps) and not bad_steps.streak:
-            checkpoint.save(workdir, state, loader.state(), cfg)
+            checkpoint.save_safely(workdir, state, loader.state(), cfg)
         busy += time.perf_counter() - started
         if preemption.requested():  # every process stops here, at the same step
             if checkpoint.latest_step(workdir) != step:
-                checkpoint.save(workdir, state, loader.state(), cfg)
+                checkpoint.save_safely(workdir, state, loader.state(), cfg)
             say(f"step {step}: stopped by a signal; checkpoint saved, rerun the same command to resume")
             break
     bar.close()
@@ -458,7 +461,7 @@ def run_command(parser: argparse.ArgumentParser, command, argv: list[str] | None
     args = parser.parse_args(argv)
     try:
         return command(args)
-    except (UsageError, DataError, CheckpointError) as e:
+    except (UsageError, DataError, CheckpointError, WorkdirError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except Diverged as e:  # not bad input: the run itself failed

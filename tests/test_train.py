@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 
 import train
 from md4_eqx import checkpoint
+from md4_eqx import workdir as workdir_lock
 from md4_eqx.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -286,3 +288,44 @@ def test_sigterm_checkpoints_the_step_and_the_rerun_matches_the_uninterrupted_ru
     assert resumed.returncode == 0, resumed.stderr
     assert f"from step {stopped}" in resumed.stdout
     assert events(workdir) == events(full)
+
+
+def test_unwritable_or_locked_workdir_exits_2_before_training(data, capsys):
+    flags, tmp = data
+    blocker = tmp / "a-file"
+    blocker.write_text("")
+    code, err = main_exit(["--workdir", str(blocker / "run"), *flags, *SMALL], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "not writable" in err, err
+
+    workdir = tmp / "taken"
+    held = workdir_lock.claim(workdir)  # another run's lock (flock: per open file, so also in-process)
+    code, err = main_exit(["--workdir", str(workdir), *flags, *SMALL], capsys)
+    held.close()
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "in use by another run" in err, err
+    assert sorted(p.name for p in workdir.iterdir()) == [".lock"]  # nothing written
+
+
+def limit_file_size() -> None:
+    """In the child: files may not grow past 64 KiB (root ignores permissions, not this limit);
+    a bigger write fails with EFBIG, as on a full disk."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+
+
+@pytest.mark.slow
+def test_failed_save_keeps_the_newest_complete_checkpoint(trained, tmp_path):
+    flags, full = trained
+    workdir = tmp_path / "full-disk"
+    subprocess.run(["cp", "-r", str(full), str(workdir)], check=True)
+    for step in ("25", "30"):  # as if the run had been stopped after checkpoint 20
+        subprocess.run(["rm", "-r", str(workdir / "checkpoints" / step)], check=True)
+    cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit_file_size)
+    assert_usage_error(proc, "checkpoint 25 could not be written", "File too large", "newest complete one is step 20")
+    assert checkpoint.latest_step(workdir) == 20
+
+    resumed = run("train.py", "--workdir", str(workdir), *flags)
+    assert resumed.returncode == 0 and "from step 20" in resumed.stdout, resumed.stderr
+    assert resumed.stderr == ""  # not even orbax's warning about a partial checkpoint
+    assert events(workdir) == events(full)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["20", "25", "30"]
