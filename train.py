@@ -30,7 +30,6 @@ import dataclasses
 import enum
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -39,7 +38,6 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
@@ -52,7 +50,7 @@ from md4_eqx.config import PRESETS, Config, preset
 from md4_eqx.data import BatchLoader, DataError, Dataset, load
 from md4_eqx.divergence import BadSteps, Diverged
 from md4_eqx.distributed import batch_part, gather, global_batch, initialize
-from md4_eqx.evaluate import nelbo
+from md4_eqx.evaluate import NelboEstimate, nelbo_draws
 from md4_eqx.model import MD4
 from md4_eqx.parallel import DATA, check_model_split, make_mesh
 from md4_eqx.preemption import Preemption
@@ -254,13 +252,9 @@ def eval_batches(ds: Dataset, cfg: Config, mesh: Mesh) -> list[tuple[jax.Array, 
     return [on_mesh(next(loader), mesh, cfg.model.num_classes > 0) for _ in range(count)]
 
 
-def evaluate(model: MD4, batches, key: jax.Array, mesh: Mesh) -> tuple[float, float]:
-    """(bits per token, perplexity bound exp(nats per token)) of the NELBO on `batches`."""
-    total, tokens = 0.0, 0
-    for i, (x, labels) in enumerate(batches):
-        total += float(jnp.sum(nelbo(model, jax.random.fold_in(key, i), x, mesh, labels)))
-        tokens += x.size
-    return total / tokens / math.log(2.0), math.exp(total / tokens)
+def evaluate(model: MD4, batches, key: jax.Array, mesh: Mesh, draws: int) -> NelboEstimate:
+    """The NELBO on `batches`, `draws` Monte Carlo draws of the times and masks per sequence."""
+    return NelboEstimate.from_nats(nelbo_draws(model, key, batches, mesh, draws), model.config.seq_len)
 
 
 def draw_samples(model: MD4, cfg: Config, mesh: Mesh, key: jax.Array, count: int) -> np.ndarray:
@@ -379,14 +373,15 @@ def train(args: argparse.Namespace) -> int:
     eval_key, sample_key = jax.random.key(cfg.train.seed + 2), jax.random.key(cfg.train.seed + 3)
 
     def eval_and_sample(state: TrainState, step: int) -> list[str]:
-        bpt, ppl = evaluate(state.ema, evals, eval_key, mesh)
-        log.write(step=step, eval_bpt=bpt, eval_ppl=ppl)
+        est = evaluate(state.ema, evals, eval_key, mesh, cfg.train.eval_draws)
+        bpt, se, ppl = est.bits_per_token, est.stderr, est.perplexity
+        log.write(step=step, eval_bpt=bpt, eval_bpt_stderr=se, eval_ppl=ppl)
         key = jax.random.fold_in(sample_key, step)
         tokens = draw_samples(state.ema, cfg, mesh, key, cfg.train.num_samples)
         if not main_process:
             return []
         path, texts = write_samples(tokens, ds, state.ema.mask_id, workdir / "samples" / f"step_{step:07d}")
-        say(f"step {step}: eval {bpt:.4f} bits/token (perplexity <= {ppl:.2f}), samples in {path}")
+        say(f"step {step}: eval {bpt:.4f} ± {se:.4f} bits/token (perplexity <= {ppl:.2f}), samples in {path}")
         return texts
 
     texts = eval_and_sample(state, 0) if resume is None else []

@@ -174,6 +174,7 @@ class TrainConfig:
     log_every: int = 100
     eval_every: int = 5000
     eval_batches: int = 20
+    eval_draws: int = 4  # Monte Carlo draws of (t, z_t) per evaluation sequence
     checkpoint_every: int = 5000
     keep_checkpoints: int = 3
     num_samples: int = 4  # samples written at each evaluation
@@ -181,7 +182,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("batch_size", "microbatches", "steps", "log_every", "eval_every",
-                     "eval_batches", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
+                     "eval_batches", "eval_draws", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
         if self.batch_size % self.microbatches:
