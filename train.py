@@ -27,7 +27,6 @@ Bad input prints one line on stderr and exits with status 2.
 
 import argparse
 import dataclasses
-import math
 import re
 import sys
 import time
@@ -35,7 +34,6 @@ from pathlib import Path
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
@@ -49,13 +47,16 @@ from md4_eqx.cli import (
 from md4_eqx.config import Config
 from md4_eqx.data import BatchLoader, Dataset, load
 from md4_eqx.distributed import batch_part, gather, global_batch, replicated_on_mesh
-from md4_eqx.evaluate import nelbo
+from md4_eqx.divergence import BadSteps
+from md4_eqx.evaluate import NelboEstimate, nelbo_draws
 from md4_eqx.metrics_log import MetricsLog
 from md4_eqx.model import MD4
 from md4_eqx.parallel import DATA
+from md4_eqx.preemption import Preemption
 from md4_eqx.sampling import generate
 from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_train_step
 from md4_eqx.visualize import image_grid, to_images
+from md4_eqx.workdir import check_space, claim
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,13 +125,9 @@ def eval_batches(ds: Dataset, cfg: Config, mesh: Mesh) -> list[tuple[jax.Array, 
     return [on_mesh(next(loader), mesh, cfg.model.num_classes > 0) for _ in range(count)]
 
 
-def eval_nelbo(model: MD4, batches, key: jax.Array, mesh: Mesh) -> tuple[float, float]:
-    """(bits per token, perplexity bound exp(nats per token)) of the NELBO on `batches`."""
-    total, tokens = 0.0, 0
-    for i, (x, labels) in enumerate(batches):
-        total += float(jnp.sum(nelbo(model, jax.random.fold_in(key, i), x, mesh, labels)))
-        tokens += x.size
-    return total / tokens / math.log(2.0), math.exp(total / tokens)
+def eval_nelbo(model: MD4, batches, key: jax.Array, mesh: Mesh, draws: int) -> NelboEstimate:
+    """The NELBO on `batches`, `draws` Monte Carlo draws of the times and masks per sequence."""
+    return NelboEstimate.from_nats(nelbo_draws(model, key, batches, mesh, draws), model.config.seq_len)
 
 
 def draw_samples(model: MD4, cfg: Config, mesh: Mesh, key: jax.Array, count: int) -> np.ndarray:
@@ -179,6 +176,7 @@ def train(args: argparse.Namespace) -> int:
 
     # State: fresh, or the newest checkpoint's.
     optimizer = make_optimizer(cfg.optim, tc.steps)
+    workdir_lock = claim(workdir)  # held while train() runs; WorkdirError: exit status 2
     resume = checkpoint.latest_step(workdir)
     if resume is None:
         state, data_state = init_state(cfg, optimizer, mesh), None
@@ -187,6 +185,7 @@ def train(args: argparse.Namespace) -> int:
         if resume >= tc.steps:
             say(f"{workdir}: checkpoint at step {resume} already reaches --steps {tc.steps}")
             return 0
+    check_space(workdir, state)
 
     # Data: this process's part of every training batch; the same held-out batches every time.
     part, part_count = batch_part(mesh)
@@ -201,13 +200,14 @@ def train(args: argparse.Namespace) -> int:
     eval_key, sample_key = jax.random.key(tc.seed + 2), jax.random.key(tc.seed + 3)
 
     def eval_and_sample(state: TrainState, step: int) -> list[str]:
-        bpt, ppl = eval_nelbo(state.ema, evals, eval_key, mesh)
-        log.write(step=step, eval_bpt=bpt, eval_ppl=ppl)
+        est = eval_nelbo(state.ema, evals, eval_key, mesh, tc.eval_draws)
+        bpt, se, ppl = est.bits_per_token, est.stderr, est.perplexity
+        log.write(step=step, eval_bpt=bpt, eval_bpt_stderr=se, eval_ppl=ppl)
         tokens = draw_samples(state.ema, cfg, mesh, jax.random.fold_in(sample_key, step), tc.num_samples)
         if not main_process:
             return []
         path, texts = write_samples(tokens, ds, state.ema.mask_id, workdir / "samples" / f"step_{step:07d}")
-        say(f"step {step}: eval {bpt:.4f} bits/token (perplexity <= {ppl:.2f}), samples in {path}")
+        say(f"step {step}: eval {bpt:.4f} ± {se:.4f} bits/token (perplexity <= {ppl:.2f}), samples in {path}")
         return texts
 
     # The loop.
@@ -218,12 +218,18 @@ def train(args: argparse.Namespace) -> int:
     bar = tqdm(total=tc.steps, initial=step, unit="step", disable=args.no_progress or not main_process,
                dynamic_ncols=True)
     pending, busy, tick = [], 0.0, time.perf_counter()  # busy: seconds spent outside train steps
+    bad_steps = BadSteps(tc.max_bad_steps)  # Diverged: exit status 1
+    preemption = Preemption()  # SIGTERM / SIGINT: stop after the step, checkpointed, exit 0
     while step < tc.steps:
         tokens, labels = on_mesh(next(loader), mesh, cfg.model.num_classes > 0)
         state, metrics = train_step(state, tokens, labels)
         pending.append(metrics)
         step += 1
         bar.update()
+        if event := bad_steps.observe(step, metrics):  # a non-finite step, its update skipped
+            log.write(**event)
+            say(f"step {step}: non-finite loss or gradient norm, update skipped ({event['skipped']} in a row)")
+            bad_steps.check()  # Diverged after --max-bad-steps in a row
         if step % tc.log_every == 0 or step == tc.steps:
             bpt = float(np.mean([float(m.bpt) for m in pending]))  # waits for the steps to finish
             tokens_per_s = len(pending) * tc.batch_size * cfg.model.seq_len / (time.perf_counter() - tick - busy)
@@ -234,9 +240,14 @@ def train(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         if step % tc.eval_every == 0 or step == tc.steps:
             texts = eval_and_sample(state, step)
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
-            checkpoint.save(workdir, state, loader.state(), cfg)
+        if (step % tc.checkpoint_every == 0 or step == tc.steps) and not bad_steps.streak:
+            checkpoint.save_safely(workdir, state, loader.state(), cfg)
         busy += time.perf_counter() - started
+        if preemption.requested():  # every process stops here, at the same step
+            if checkpoint.latest_step(workdir) != step:
+                checkpoint.save_safely(workdir, state, loader.state(), cfg)
+            say(f"step {step}: stopped by a signal; checkpoint saved, rerun the same command to resume")
+            break
     bar.close()
     loader.close()
     say(f"step {step} reached in {(time.perf_counter() - began) / 60:.1f} min")

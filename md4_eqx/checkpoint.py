@@ -13,6 +13,9 @@ every process reads only its own shards. PRNG keys are stored as their raw uint3
 
 import functools
 import logging
+import os
+import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from md4_eqx.config import Config, config_from_json, config_to_json, model_differences
+from md4_eqx.errors import first_line
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh, param_specs, shardings
 from md4_eqx.train_step import TrainState, init_state, state_specs
@@ -109,6 +113,40 @@ def save(workdir: str | Path, state: TrainState, data_state: dict, config: Confi
     with _manager(workdir, keep=config.train.keep_checkpoints, create=True) as manager:
         manager.save(step, args=args)
         manager.wait_until_finished()
+
+
+def save_safely(workdir: str | Path, state: TrainState, data_state: dict, config: Config) -> None:
+    """`save`, for a disk that may fill up or fail: a write that fails (tensorstore reports a full
+    or unwritable disk as ValueError, Python as OSError) becomes a one-line CheckpointError, and
+    orbax's logs of its writer threads' exceptions are dropped (from then on: some come late).
+    Partial checkpoints (orbax's temporary directories) of a failed or killed save are removed,
+    the completed ones are untouched: a rerun resumes from the newest."""
+    logging.getLogger("absl").addFilter(_writer_failure)  # once: a filter is added only once
+    step = int(state.step)
+    _remove_partial(workdir)  # left by an earlier run: no other run writes here (the workdir lock)
+    try:
+        save(workdir, state, data_state, config)
+    except (OSError, ValueError) as e:
+        _remove_partial(workdir)
+        code = re.search(r"os_error_code='?(\d+)", str(e))  # tensorstore's errno, e.g. ENOSPC
+        reason = os.strerror(int(code.group(1))) if code else first_line(e)
+        raise CheckpointError(
+            f"checkpoint {step} could not be written to {_directory(workdir)} ({reason}); "
+            f"the newest complete one is step {latest_step(workdir)}"
+        ) from None
+
+
+def _writer_failure(record: logging.LogRecord) -> bool:
+    """False for orbax's log of a writer thread's exception (save_safely reports it)."""
+    return "_SignalingThread.run() raised an exception" not in record.getMessage()
+
+
+def _remove_partial(workdir: str | Path) -> None:
+    """Process 0 removes orbax's temporary directories (before any process starts a save: orbax
+    has process 0 create the new one and the others wait for it)."""
+    if jax.process_index() == 0 and _directory(workdir).is_dir():
+        for partial in _directory(workdir).glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _step_or_latest(workdir: str | Path, step: int | None) -> int:

@@ -18,7 +18,9 @@ from md4_eqx.checkpoint import CheckpointError
 from md4_eqx.config import PRESETS, Config, ConfigError, ModelConfig, preset
 from md4_eqx.data import DataError
 from md4_eqx.distributed import initialize
+from md4_eqx.divergence import Diverged
 from md4_eqx.parallel import MeshError, check_batch, check_model_split, make_mesh
+from md4_eqx.workdir import WorkdirError
 
 
 class UsageError(Exception):
@@ -41,13 +43,17 @@ def script_parser(doc: str, **kwargs) -> ArgumentParser:
 
 
 def run_command(parser: argparse.ArgumentParser, command, argv: list[str] | None) -> int:
-    """command(parsed argv); bad input (flags, data, checkpoints) is one line on stderr, status 2."""
+    """command(parsed argv); bad input (flags, data, checkpoints, workdir) is one line on stderr,
+    status 2; a diverged run, status 1."""
     args = parser.parse_args(argv)
     try:
         return command(args)
-    except (UsageError, DataError, CheckpointError) as e:
+    except (UsageError, DataError, CheckpointError, WorkdirError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    except Diverged as e:  # not bad input: the run itself failed
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 1
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:

@@ -5,6 +5,10 @@ Inside the map each device holds its slice of the parameters, the EMA and the op
 (split over `data`). It computes the loss on its examples, gets gradients that JAX already summed
 over `data` (see `md4_eqx.parallel`), clips by the global norm, and applies AdamW and the EMA, all
 in the same compiled step. A (1, 1) mesh is the single-device run; there is no other code path.
+
+A step whose loss or gradient norm is not finite changes nothing but the step counter (its
+update, optimizer moments and EMA are all dropped) and says so in `Metrics.skipped`, so one bad
+batch or one overflow cannot poison the run; `md4_eqx.divergence` decides when to give up.
 """
 
 import functools
@@ -18,7 +22,7 @@ import optax
 from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
-from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from md4_eqx.config import Config, OptimConfig
 from md4_eqx.loss import losses
@@ -42,6 +46,7 @@ class Metrics(NamedTuple):
     bpt: Float[Array, ""]  # NELBO, bits per token
     grad_norm: Float[Array, ""]
     lr: Float[Array, ""]  # the learning rate this step used, read from the optimizer's state
+    skipped: Bool[Array, ""]  # the loss or gradient norm was not finite: the state was kept
 
 
 def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -158,15 +163,22 @@ def _step(
     step = state.step.astype(jnp.float32)
     decay = jnp.minimum(ema, (1.0 + step) / (10.0 + step))
     ema_params = optax.incremental_update(params, eqx.filter(state.ema, eqx.is_array), 1.0 - decay)
-    new_state = TrainState(
+    updated = TrainState(
         step=state.step + 1,
         model=eqx.combine(params, static),
         ema=eqx.combine(ema_params, static),
         opt_state=opt_state,
         key=state.key,
     )
+    # A non-finite loss or gradient norm keeps every array of the old state but the counter
+    # (`where`, not `cond`: both sides are computed anyway, and NaNs in the unused side vanish).
+    skipped = ~(jnp.isfinite(nelbo) & jnp.isfinite(grad_norm))
+    kept = eqx.tree_at(lambda s: (s.step, s.key), state, (updated.step, None))
+    fresh = eqx.tree_at(lambda s: s.key, updated, None)
+    new_state = jax.tree.map(lambda old, new: jnp.where(skipped, old, new), kept, fresh)
+    new_state = eqx.tree_at(lambda s: s.key, new_state, state.key, is_leaf=lambda x: x is None)
     lr = jnp.asarray(opt_state.hyperparams["learning_rate"], jnp.float32)
-    metrics = Metrics(nelbo / math.log(2.0), grad_norm, lr)
+    metrics = Metrics(nelbo / math.log(2.0), grad_norm, lr, skipped)
     return new_state, metrics
 
 

@@ -336,3 +336,27 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr and result.stderr.startswith("data.py: error: ")
+
+
+def test_two_processes_preparing_at_once_make_one_cache(tmp_path):
+    """Started together, both succeed and leave one complete entry; a killed preparation's
+    temporary directory is removed by the next one."""
+    path = tmp_path / "input.txt"
+    path.write_bytes(Path(json.__file__).read_bytes() * 20)
+    cache = tmp_path / "cache"
+    code = f"from md4_eqx.data import load; print(load('file:{path}', cache_dir={str(cache)!r}, progress=False).path)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    entry = Path(outputs[0][0].strip())
+    assert outputs[1][0].strip() == str(entry)
+    assert sorted(p.name for p in cache.iterdir()) == [entry.name, f"{entry.name}.lock"]
+    assert (entry / "train.bin").read_bytes() + (entry / "valid.bin").read_bytes() == path.read_bytes()
+
+    for f in entry.iterdir():  # as if killed halfway: a temporary directory, no entry
+        f.unlink()
+    entry.rename(entry.with_name(f"{entry.name}.tmp-deadbeef"))
+    ds = load(f"file:{path}", cache_dir=cache, progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == [entry.name, f"{entry.name}.lock"]
+    assert ds.meta["streams"]["train"]["tokens"] == (entry / "train.bin").stat().st_size

@@ -1,6 +1,5 @@
 """The NELBOs against exact facts: log2(V) at init, L_T -> L_inf, GenMD4 = MD4 at equal exponents."""
 
-import dataclasses
 import math
 
 import equinox as eqx

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from jaxtyping import TypeCheckError
 
-from md4_eqx.config import Config, MLPKind, ModelConfig, Precision, preset
+from md4_eqx.config import MLPKind, ModelConfig, Precision, preset
 from md4_eqx.model import MD4
 from md4_eqx.parallel import MODEL, make_mesh, param_specs, shard_map_modules
 

@@ -6,15 +6,22 @@
                              tokenizer/        a saved Hugging Face tokenizer, when one is used
 
 The directory is built under a temporary name and renamed into place once complete, so a
-reader sees either a whole entry or none, even if preparation is killed halfway.
+reader sees either a whole entry or none, even if preparation is killed halfway. Preparation
+holds `<name>-<key>.lock` (`preparing`): two runs (or two hosts on a shared cache, where the file
+system honours flock) prepare an entry once, the second finding it done; a killed preparation's
+temporary directory is removed by the next. Where flock is not honoured both prepare, and the
+rename keeps one whole entry.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +63,17 @@ def read_meta(entry: Path) -> dict | None:
         return json.loads((entry / "meta.json").read_text())
     except FileNotFoundError:
         return None
+
+
+@contextlib.contextmanager
+def preparing(entry: Path) -> Iterator[None]:
+    """Holds the entry's preparation lock (waiting for another preparer to finish) and removes
+    what killed preparations left (their temporary directories: nobody else is writing them)."""
+    with open(entry.with_name(f"{entry.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in entry.parent.glob(f"{entry.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        yield
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

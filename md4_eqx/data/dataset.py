@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Int32, Integer
 
-from md4_eqx.data.cache import default_cache_dir, entry_dir, fingerprint, open_tokens, read_meta
+from md4_eqx.data.cache import default_cache_dir, entry_dir, fingerprint, open_tokens, preparing, read_meta
 from md4_eqx.data.errors import DataError
 from md4_eqx.data.prepare import prepare
 from md4_eqx.data.sources import Layout, parse
@@ -144,5 +144,8 @@ def load(
             cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DataError(f"cannot create cache directory {cache_dir}: {e.strerror}") from None
-        meta = prepare(source, entry, parts, num_proc=num_proc or os.cpu_count() or 1, progress=progress)
+        with preparing(entry):  # one preparer at a time: the first prepares, the others find it
+            meta = read_meta(entry) or prepare(
+                source, entry, parts, num_proc=num_proc or os.cpu_count() or 1, progress=progress
+            )
     return Dataset(entry, meta, seq_len or source.default_seq_len)

@@ -1,0 +1,70 @@
+"""A run's claim on its workdir: writable, big enough for a checkpoint, and used by no other run.
+
+`claim` creates the workdir and holds an exclusive `fcntl.flock` on WORKDIR/.lock for as long
+as the returned file stays open (the process's life: the lock goes with it, even on SIGKILL), so
+a second run started on the same workdir refuses instead of writing over the first one's
+checkpoints. `check_space` refuses a disk that cannot hold even one more checkpoint. Both raise
+`WorkdirError` (one line); in a multi-process run process 0 checks and every process raises.
+A disk that fills up later is `md4_eqx.checkpoint.save_safely`'s to report.
+"""
+
+import fcntl
+import shutil
+from pathlib import Path
+from typing import IO
+
+import equinox as eqx
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from md4_eqx.train_step import TrainState
+
+
+class WorkdirError(Exception):
+    """The workdir cannot be used: unwritable, too full, or another run's (a one-line message)."""
+
+
+def _agree(error: str | None) -> None:
+    """Raises on every process if process 0 found `error` (a collective in a multi-process run)."""
+    if jax.process_count() > 1:
+        failed = bool(np.any(multihost_utils.process_allgather(np.asarray(error is not None))))
+        error = error or ("process 0 cannot use the workdir (its error says why)" if failed else None)
+    if error:
+        raise WorkdirError(error)
+
+
+def claim(workdir: Path) -> IO | None:
+    """Creates `workdir` and locks it for this run; keep the returned file (None on processes
+    other than 0) open for as long as the run writes there."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        path = workdir / ".lock"
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+            lock = open(path, "a")
+        except OSError as e:
+            error = f"workdir {workdir} is not writable ({e.strerror})"
+        else:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                error = f"workdir {workdir} is in use by another run (it holds {path})"
+    _agree(error)
+    return lock
+
+
+def checkpoint_bytes(state: TrainState) -> int:
+    """The size of one checkpoint: every array of the state (model, EMA, optimizer state)."""
+    return sum(x.nbytes for x in jax.tree.leaves(eqx.filter(state, eqx.is_array)))
+
+
+def check_space(workdir: Path, state: TrainState) -> None:
+    """Refuses a disk with less free space than one checkpoint of `state`."""
+    error = None
+    if jax.process_index() == 0:
+        need, free = checkpoint_bytes(state), shutil.disk_usage(workdir).free
+        if free < need:
+            error = f"workdir {workdir} has {free / 2**20:.1f} MiB free, a checkpoint needs {need / 2**20:.1f} MiB"
+    _agree(error)
