@@ -46,9 +46,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from md4_eqx import checkpoint
+from md4_eqx import checkpoint, plan
 from md4_eqx.checkpoint import CheckpointError
-from md4_eqx.config import PRESETS, Config, preset
+from md4_eqx.config import AUTO, AUTO_FIELDS, PRESETS, Config, preset
 from md4_eqx.data import BatchLoader, DataError, Dataset, load
 from md4_eqx.distributed import batch_part, gather, global_batch, initialize
 from md4_eqx.evaluate import nelbo
@@ -91,8 +91,10 @@ def parse_field(kind: type, text: str):
         raise argparse.ArgumentTypeError(f"expected {kind.__name__}; got {text!r}") from None
 
 
-def field_flag(kind: type) -> dict:
-    """add_argument's `type` and `metavar` for a config field of type `kind`."""
+def field_flag(kind: type, auto: bool = False) -> dict:
+    """add_argument's `type` and `metavar` for a config field of type `kind` (and `auto`: AUTO)."""
+    if auto:  # memory plan: the field takes `auto` (AUTO, resolved by md4_eqx.plan) or an int
+        return {"type": lambda text: AUTO if text == "auto" else parse_field(kind, text), "metavar": "{INT,auto}"}
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
         metavar = "{" + ",".join(m.value for m in kind) + "}"
     else:
@@ -111,7 +113,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             names = [f"--{section.name}.{flag}"] + ([f"--{flag}"] if flag not in taken else [])
             taken.add(flag)
             group.add_argument(*names, dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS,
-                               **field_flag(f.type))
+                               **field_flag(f.type, section.name == "train" and f.name in AUTO_FIELDS))
 
 
 def build_parser() -> ArgumentParser:
@@ -128,6 +130,10 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--tokenizer", help="for file:/hf: datasets: 'bytes' or a Hugging Face tokenizer")
     parser.add_argument("--data-path", help="text8's zip, or the hub name / directory owt and cifar10 read")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # memory plan (md4_eqx/plan.py)
+    parser.add_argument("--plan", action="store_true", help="print the memory plan for these devices and exit")
+    parser.add_argument("--memory-limit", metavar="SIZE", help="device memory for the plan, e.g. 80GiB "
+                        "(default: what the device reports)")
     multi = parser.add_argument_group("several processes")
     multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
     multi.add_argument("--num-processes", type=int)
@@ -182,7 +188,7 @@ def parse_mesh(text: str | None, cfg: Config) -> Mesh:
         check_model_split(cfg.model, model)
     except ValueError as e:
         raise UsageError(f"--{e}") from None
-    if cfg.train.batch_size % (data * cfg.train.microbatches):
+    if cfg.train.microbatches and cfg.train.batch_size % (data * cfg.train.microbatches):
         raise UsageError(f"--batch-size {cfg.train.batch_size} must be a multiple of data={data} x "
                          f"microbatches={cfg.train.microbatches}")
     return make_mesh(data, model)
@@ -342,6 +348,11 @@ def train(args: argparse.Namespace) -> int:
     cfg, given = make_config(args)
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.preset, cfg.train.dataset)
     main_process = jax.process_index() == 0
+    # memory plan: --plan prints it without loading data (the vocabulary is the preset's)
+    memory = plan.parse_size(args.memory_limit) if args.memory_limit else None
+    if args.plan:
+        print(plan.Planner(cfg, parse_mesh(args.mesh, cfg), plan.device_memory(memory)).report())
+        return 0
 
     def say(*words) -> None:  # process 0 prints, between progress bar updates
         if main_process:
@@ -352,6 +363,11 @@ def train(args: argparse.Namespace) -> int:
     mesh = parse_mesh(args.mesh, cfg)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     resume = checkpoint.latest_step(workdir)
+    # memory plan: an `auto` batch size or microbatch count, the checkpoint's when resuming
+    planned = plan.resolve(cfg, mesh, memory, None if resume is None else checkpoint.read_meta(workdir)[1])
+    if planned != cfg:
+        say(f"planned: --batch-size {planned.train.batch_size} --microbatches {planned.train.microbatches}")
+    cfg = planned
     if resume is None:
         state, data_state = init_state(cfg, optimizer, mesh), None
     else:
@@ -445,7 +461,7 @@ def run_command(parser: argparse.ArgumentParser, command, argv: list[str] | None
     args = parser.parse_args(argv)
     try:
         return command(args)
-    except (UsageError, DataError, CheckpointError) as e:
+    except (UsageError, DataError, CheckpointError, plan.PlanError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
 

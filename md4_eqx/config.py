@@ -162,13 +162,17 @@ class OptimConfig:
             raise ValueError(f"{self.ema=} must be in [0, 1)")
 
 
+AUTO = 0  # train.batch_size or train.microbatches chosen for the devices' memory by md4_eqx.plan
+AUTO_FIELDS = frozenset({"batch_size", "microbatches"})  # the TrainConfig fields that take AUTO
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The training loop: batch, length of the run, logging, evaluation and checkpoints."""
 
     dataset: str = "pystdlib"
-    batch_size: int = 512  # global batch, over every device and microbatch
-    microbatches: int = 1  # gradient accumulation: the batch is split into this many chunks
+    batch_size: int = 512  # global batch, over every device and microbatch; AUTO: the largest that fits
+    microbatches: int = 1  # gradient accumulation: the batch is split into this many chunks; AUTO: the fewest that fit
     steps: int = 1_000_000
     seed: int = 0
     log_every: int = 100
@@ -179,11 +183,14 @@ class TrainConfig:
     num_samples: int = 4  # samples written at each evaluation
 
     def __post_init__(self):
-        for name in ("batch_size", "microbatches", "steps", "log_every", "eval_every",
+        for name in ("batch_size", "microbatches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be positive (or auto)")
+        for name in ("steps", "log_every", "eval_every",
                      "eval_batches", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
-        if self.batch_size % self.microbatches:
+        if self.microbatches and self.batch_size % self.microbatches:
             raise ValueError(f"{self.batch_size=} must be a multiple of {self.microbatches=}")
 
 
