@@ -48,8 +48,9 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * _UNITS[(match[2] or "").lower()])
 
 
-def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def show_size(n: int) -> str:
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def device_memory(limit: int | None = None) -> int:
@@ -190,9 +191,9 @@ class Planner:
     def _no_fit(self, what: str, peak: int) -> None:
         extra = ""
         if not self.config.model.remat:
-            extra = f" ({gib(self.peak(True, 1))} with --remat true)"
-        raise PlanError(f"{what} does not fit: one example per device needs {gib(peak)}{extra}, "
-                        f"the budget is {gib(self.budget)} ({gib(self.memory)} less {MARGIN:.0%})")
+            extra = f" ({show_size(self.peak(True, 1))} with --remat true)"
+        raise PlanError(f"{what} does not fit: one example per device needs {show_size(peak)}{extra}, "
+                        f"the budget is {show_size(self.budget)} ({show_size(self.memory)} less {MARGIN:.0%})")
 
     def report(self) -> str:
         """What `train.py --plan` prints: state bytes, the step's memory and the largest batches."""
@@ -200,11 +201,11 @@ class Planner:
         lines = [f"memory plan per device, mesh {dict(self.mesh.shape)}, seq {self.config.model.seq_len}, "
                  f"{self.config.model.precision.value} compute "
                  f"(XLA's compiled memory analysis on {jax.local_devices()[0].platform}):"]
-        lines += [f"  {name:<16} {gib(n)}" for name, n in state.items()]
-        lines.append(f"  device memory    {gib(self.memory)}; budget {gib(self.budget)} after a {MARGIN:.0%} margin")
+        lines += [f"  {name:<16} {show_size(n)}" for name, n in state.items()]
+        lines.append(f"  device memory    {show_size(self.memory)}; budget {show_size(self.budget)} after a {MARGIN:.0%} margin")
         for remat in (False, True):
             fit = self.fit(remat)
-            lines.append(f"  remat {str(remat).lower():<5}  step peak {gib(fit.fixed)} + {fit.per_example / 2**20:.1f} MiB "
+            lines.append(f"  remat {str(remat).lower():<5}  step peak {show_size(fit.fixed)} + {fit.per_example / 2**20:.1f} MiB "
                          f"per example; largest microbatch {fit.largest} per device "
                          f"(global {fit.largest * self.data} without accumulation)")
         return "\n".join(lines)

@@ -63,8 +63,8 @@ def test_batch_size_auto_is_the_largest_that_fits(mesh):
 
 def test_nothing_fits_names_the_numbers(mesh):
     planner = Planner(CONFIG, mesh, 2**10)
-    with pytest.raises(PlanError, match=r"one example per device needs .* GiB \(.* with --remat true\), "
-                                        r"the budget is 0.00 GiB"):
+    with pytest.raises(PlanError, match=r"one example per device needs [0-9.]+ MiB \([0-9.]+ MiB with --remat true\), "
+                                        r"the budget is 0.0 MiB"):
         planner.microbatches(BATCH)
 
 
