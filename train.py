@@ -39,7 +39,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from md4_eqx import checkpoint
+from md4_eqx import checkpoint, plan
 from md4_eqx.cli import (
     UsageError, add_config_flags, add_process_flags, check_batch_size, make_config, parse_mesh, run_command,
     script_parser, start_processes,
@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", help="for file:/hf: datasets: 'bytes' or a Hugging Face tokenizer")
     parser.add_argument("--data-path", help="text8's zip, or the hub name / directory owt and cifar10 read")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--plan", action="store_true", help="print the memory plan for these devices and exit")
+    parser.add_argument("--memory-limit", metavar="SIZE", help="device memory for the plan, e.g. 80GiB "
+                        "(default: what the device reports)")
     add_process_flags(parser)
     add_config_flags(parser)
     return parser
@@ -160,6 +163,11 @@ def train(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     start_processes(args)
     main_process = jax.process_index() == 0
+    # memory plan: --plan prints it without loading data (the vocabulary is the preset's)
+    memory = plan.parse_size(args.memory_limit) if args.memory_limit else None
+    if args.plan:
+        print(plan.Planner(cfg, parse_mesh(args.mesh, cfg), plan.device_memory(memory)).report())
+        return 0
 
     def say(*words) -> None:  # process 0 prints, between progress bar updates
         if main_process:
@@ -167,17 +175,30 @@ def train(args: argparse.Namespace) -> int:
 
     # Config: the preset, the flags, the dataset's vocabulary, the mesh.
     cfg, given = make_config(args)
-    tc = cfg.train
-    workdir = Path(args.workdir) if args.workdir else default_workdir(args.preset, tc.dataset)
+    workdir = Path(args.workdir) if args.workdir else default_workdir(args.preset, cfg.train.dataset)
+    memory = plan.parse_size(args.memory_limit) if args.memory_limit else None
+    if args.plan:  # the memory plan, without loading data (the vocabulary is the preset's)
+        print(plan.Planner(cfg, parse_mesh(args.mesh, cfg.model), plan.device_memory(memory)).report())
+        return 0
     ds = load_dataset(cfg, args)
     cfg = fit_to_data(cfg, ds, given)
     mesh = parse_mesh(args.mesh, cfg.model)
+    workdir_lock = claim(workdir)  # held while train() runs; WorkdirError: exit status 2
+    resume = checkpoint.latest_step(workdir)
+    # An `auto` batch size or number of microbatches: planned now, the checkpoint's on resume.
+    planned = plan.resolve(cfg, mesh, memory, None if resume is None else checkpoint.read_meta(workdir)[1])
+    if planned != cfg:
+        say(f"planned: --batch-size {planned.train.batch_size} --microbatches {planned.train.microbatches}")
+    cfg, tc = planned, planned.train
     check_batch_size(tc.batch_size, mesh, tc.microbatches)
 
     # State: fresh, or the newest checkpoint's.
     optimizer = make_optimizer(cfg.optim, tc.steps)
-    workdir_lock = claim(workdir)  # held while train() runs; WorkdirError: exit status 2
-    resume = checkpoint.latest_step(workdir)
+    # memory plan: an `auto` batch size or microbatch count, the checkpoint's when resuming
+    planned = plan.resolve(cfg, mesh, memory, None if resume is None else checkpoint.read_meta(workdir)[1])
+    if planned != cfg:
+        say(f"planned: --batch-size {planned.train.batch_size} --microbatches {planned.train.microbatches}")
+    cfg = planned
     if resume is None:
         state, data_state = init_state(cfg, optimizer, mesh), None
     else:

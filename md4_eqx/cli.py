@@ -15,11 +15,12 @@ import sys
 from jax.sharding import Mesh
 
 from md4_eqx.checkpoint import CheckpointError
-from md4_eqx.config import PRESETS, Config, ConfigError, ModelConfig, preset
+from md4_eqx.config import AUTO, AUTO_FIELDS, PRESETS, Config, ConfigError, ModelConfig, preset
 from md4_eqx.data import DataError
 from md4_eqx.distributed import initialize
 from md4_eqx.divergence import Diverged
 from md4_eqx.parallel import MeshError, check_batch, check_model_split, make_mesh
+from md4_eqx.plan import PlanError
 from md4_eqx.workdir import WorkdirError
 
 
@@ -48,7 +49,7 @@ def run_command(parser: argparse.ArgumentParser, command, argv: list[str] | None
     args = parser.parse_args(argv)
     try:
         return command(args)
-    except (UsageError, DataError, CheckpointError, WorkdirError) as e:
+    except (UsageError, DataError, CheckpointError, WorkdirError, PlanError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     except Diverged as e:  # not bad input: the run itself failed
@@ -85,8 +86,11 @@ def parse_field(kind: type, text: str):
         raise argparse.ArgumentTypeError(f"expected {kind.__name__}; got {text!r}") from None
 
 
-def field_flag(kind: type) -> dict:
-    """add_argument's `type` and `metavar` for a config field of type `kind`."""
+def field_flag(kind: type, auto: bool = False) -> dict:
+    """add_argument's `type` and `metavar` for a config field of type `kind`; with `auto`, the
+    word `auto` gives AUTO (a number md4_eqx.plan chooses)."""
+    if auto:
+        return {"type": lambda text: AUTO if text == "auto" else parse_field(kind, text), "metavar": "{INT,auto}"}
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
         metavar = "{" + ",".join(m.value for m in kind) + "}"
     else:
@@ -107,7 +111,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             names = [f"--{section.name}.{flag}"] + ([f"--{flag}"] if flag not in taken else [])
             taken.add(flag)
             group.add_argument(*names, dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS,
-                               **field_flag(f.type))
+                               **field_flag(f.type, section.name == "train" and f.name in AUTO_FIELDS))
 
 
 def make_config(args: argparse.Namespace) -> tuple[Config, set[str]]:

@@ -193,13 +193,17 @@ class OptimConfig:
             raise ConfigError("ema", f"ema={self.ema} must be in [0, 1)")
 
 
+AUTO = 0  # train.batch_size or train.microbatches chosen for the devices' memory by md4_eqx.plan
+AUTO_FIELDS = frozenset({"batch_size", "microbatches"})  # the TrainConfig fields that take AUTO
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The training loop: batch, length of the run, logging, evaluation and checkpoints."""
 
     dataset: str = "pystdlib"
-    batch_size: int = 512  # global batch, over every device and microbatch
-    microbatches: int = 1  # gradient accumulation: the batch is split into this many chunks
+    batch_size: int = 512  # global batch, over every device and microbatch; AUTO: the largest that fits
+    microbatches: int = 1  # gradient accumulation: the batch is split into this many chunks; AUTO: the fewest that fit
     steps: int = 1_000_000
     seed: int = 0
     log_every: int = 100
@@ -212,11 +216,14 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite steps (each one skipped) before the run stops
 
     def __post_init__(self):
-        for name in ("batch_size", "microbatches", "steps", "log_every", "eval_every",
-                     "eval_batches", "eval_draws", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
+        for name in ("batch_size", "microbatches"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"{name}={getattr(self, name)} must be positive (or auto)")
+        for name in ("steps", "log_every", "eval_every", "eval_batches", "eval_draws", "checkpoint_every",
+                     "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"{name}={getattr(self, name)} must be positive")
-        if self.batch_size % self.microbatches:
+        if self.microbatches and self.batch_size % self.microbatches:
             raise ConfigError(
                 "batch_size", f"batch_size={self.batch_size} must be a multiple of microbatches={self.microbatches}"
             )

@@ -1,0 +1,256 @@
+"""A memory plan: the largest batch the devices hold, found by compiling the step, not by crashing.
+
+XLA reports, for a compiled program, the bytes of its arguments, its outputs (less those aliased
+to donated arguments) and its temporaries (`compiled.memory_analysis()`, on CPU, GPU and TPU).
+The training step is compiled abstractly (`jax.ShapeDtypeStruct` inputs, no parameters
+allocated); its per-device peak is
+
+    peak(m) = arguments + outputs - aliased + temp(m),    temp(m) ~ fixed + per_example * m
+
+for a per-device microbatch of m examples. Two compilations (m = 1, 2) fit the line; the answer
+is then confirmed by compiling the chosen size and the next larger one, so what the planner picks
+is what XLA says fits. A batch fits when its peak is at most the budget: the device's memory less
+a `MARGIN` for what the analysis does not see (allocator fragmentation, runtime workspaces,
+collectives' buffers).
+"""
+
+import dataclasses
+import functools
+import math
+import re
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from md4_eqx.config import AUTO, Config
+from md4_eqx.parallel import DATA
+from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_train_step, state_specs
+
+MARGIN = 0.10  # a tenth of the device's memory is kept free of the planned peak
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class PlanError(Exception):
+    """Bad input to the planner (a size that does not parse, a batch that fits no way)."""
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as `80GiB`, `40GB`, `16 GiB` or `1e9` (GB = 10^9, GiB = 2^30)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b|b)?\s*", text, re.IGNORECASE)
+    if match is None or float(match[1]) <= 0:
+        raise PlanError(f"--memory-limit {text!r}: expected a positive size such as 80GiB, 40GB or 512MiB")
+    return int(float(match[1]) * _UNITS[(match[2] or "").lower()])
+
+
+def show_size(n: int) -> str:
+    """Bytes as GiB, or MiB below one GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def device_memory(limit: int | None = None) -> int:
+    """`limit` if given, else the bytes the first local device lets XLA allocate."""
+    if limit is not None:
+        return limit
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() or {}
+    if "bytes_limit" not in stats:
+        raise PlanError(f"{device.platform} device reports no memory size: give --memory-limit, e.g. 80GiB")
+    return int(stats["bytes_limit"])
+
+
+def abstract_state(config: Config, mesh: Mesh) -> TrainState:
+    """The training state as `jax.ShapeDtypeStruct`s carrying their shardings on `mesh`."""
+    optimizer = make_optimizer(config.optim, config.train.steps)
+    with jax.numpy_dtype_promotion("standard"):  # optax's schedules mix Python floats and int32 counts
+        abstract = eqx.filter_eval_shape(init_state, config, optimizer, mesh)
+        specs = state_specs(abstract, optimizer)
+    arrays, static = eqx.partition(abstract, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    arrays = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, s)),
+        arrays, specs, is_leaf=lambda x: isinstance(x, P),
+    )
+    return eqx.combine(arrays, static)
+
+
+def state_bytes(state: TrainState) -> dict[str, int]:
+    """Bytes per device of the parameters, their EMA and the optimizer state of an abstract state."""
+
+    def size(tree) -> int:
+        leaves = jax.tree.leaves(eqx.filter(tree, lambda x: isinstance(x, jax.ShapeDtypeStruct)))
+        return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in leaves)
+
+    return {"parameters": size(state.model), "EMA": size(state.ema), "optimizer state": size(state.opt_state)}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+    """Per-device bytes of one compiled training step, as XLA's memory analysis reports them."""
+
+    arguments: int  # state and batch
+    outputs: int  # new state and metrics
+    aliased: int  # outputs written into donated arguments (the state)
+    temp: int  # activations, gradients, optimizer temporaries
+
+    @property
+    def peak(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temp
+
+
+@functools.cache  # a Planner and its callers (tests, benchmarks) ask for the same compilations
+def step_memory(config: Config, mesh: Mesh, *, batch: int, microbatches: int) -> StepMemory:
+    """Compile (without running) the training step for a global `batch` split into
+    `microbatches` and return its memory analysis. On CPU XLA's figures are those of its CPU
+    compilation, a proxy for an accelerator's, which fuses and schedules differently."""
+    state = abstract_state(config, mesh)
+    optimizer = make_optimizer(config.optim, config.train.steps)
+    with jax.numpy_dtype_promotion("standard"):  # as in abstract_state
+        step = make_train_step(state, optimizer, mesh, microbatches=microbatches,
+                               clip=config.optim.clip, ema=config.optim.ema)
+    arrays, static = eqx.partition(state, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    rows = NamedSharding(mesh, P(DATA))
+    tokens = jax.ShapeDtypeStruct((batch, config.model.seq_len), jnp.int32, sharding=rows)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows) if config.model.num_classes else None
+
+    def run(arrays, tokens, labels):
+        return step(eqx.combine(arrays, static), tokens, labels)
+
+    compiled = jax.jit(run, donate_argnums=0).lower(arrays, tokens, labels).compile()
+    m = compiled.memory_analysis()
+    return StepMemory(int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
+                      int(m.alias_size_in_bytes), int(m.temp_size_in_bytes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """The step's peak per device as a line in the per-device microbatch m: fixed + per_example * m."""
+
+    remat: bool
+    fixed: int
+    per_example: int
+    largest: int  # the largest m whose compiled step (one microbatch) fits the budget; 0: none
+
+
+class Planner:
+    """Compiles the step for one config, mesh and memory budget, remembering every compilation."""
+
+    def __init__(self, config: Config, mesh: Mesh, memory: int):
+        self.config, self.mesh, self.memory = config, mesh, memory
+        self.budget = int(memory * (1.0 - MARGIN))
+        self.data = mesh.shape[DATA]
+
+    def peak(self, remat: bool, microbatch: int, microbatches: int = 1) -> int:
+        """Peak bytes per device of the step with `microbatches` chunks of `microbatch` per device."""
+        config = dataclasses.replace(self.config, model=dataclasses.replace(self.config.model, remat=remat))
+        batch = microbatch * microbatches * self.data
+        return step_memory(config, self.mesh, batch=batch, microbatches=microbatches).peak
+
+    def fits(self, remat: bool, microbatch: int, microbatches: int = 1) -> bool:
+        return self.peak(remat, microbatch, microbatches) <= self.budget
+
+    def line(self, remat: bool) -> tuple[int, int]:
+        """(fixed, per_example): the peak's line through microbatches of 1 and 2 per device."""
+        one, two = self.peak(remat, 1), self.peak(remat, 2)
+        per_example = max(two - one, 1)
+        return one - per_example, per_example
+
+    def guess(self, remat: bool) -> int:
+        """The largest per-device microbatch that fits by the line (at least 1)."""
+        fixed, per_example = self.line(remat)
+        return max(1, (self.budget - fixed) // per_example)
+
+    def fit(self, remat: bool) -> Fit:
+        """The line, and the largest per-device microbatch that fits, confirmed by compiling."""
+        largest = _largest(lambda m: self.fits(remat, m), self.guess(remat))
+        return Fit(remat, *self.line(remat), largest)
+
+    def microbatches(self, batch: int) -> int:
+        """The fewest gradient-accumulation chunks of the global `batch` whose step fits."""
+        remat = self.config.model.remat
+        per_device = _per_device(batch, self.data)
+        counts = [k for k in range(per_device, 0, -1) if per_device % k == 0]  # chunk size ascending
+        guess = sum(1 for k in counts if per_device // k <= self.guess(remat))
+        best = _largest(lambda i: self.fits(remat, per_device // counts[i - 1], counts[i - 1]),
+                        max(guess, 1), top=len(counts))
+        if not best:
+            self._no_fit(f"batch {batch} (data={self.data})", self.peak(remat, 1, per_device))
+        return counts[best - 1]
+
+    def batch_size(self) -> int:
+        """The largest global batch whose step fits without gradient accumulation."""
+        largest = self.fit(self.config.model.remat).largest
+        if largest == 0:
+            self._no_fit("one example per device", self.peak(self.config.model.remat, 1))
+        return largest * self.data
+
+    def _no_fit(self, what: str, peak: int) -> None:
+        extra = ""
+        if not self.config.model.remat:
+            extra = f" ({show_size(self.peak(True, 1))} with --remat true)"
+        raise PlanError(f"{what} does not fit: one example per device needs {show_size(peak)}{extra}, "
+                        f"the budget is {show_size(self.budget)} ({show_size(self.memory)} less {MARGIN:.0%})")
+
+    def report(self) -> str:
+        """What `train.py --plan` prints: state bytes, the step's memory and the largest batches."""
+        state = state_bytes(abstract_state(self.config, self.mesh))
+        lines = [f"memory plan per device, mesh {dict(self.mesh.shape)}, seq {self.config.model.seq_len}, "
+                 f"{self.config.model.precision.value} compute "
+                 f"(XLA's compiled memory analysis on {jax.local_devices()[0].platform}):"]
+        lines += [f"  {name:<16} {show_size(n)}" for name, n in state.items()]
+        lines.append(f"  device memory    {show_size(self.memory)}; budget {show_size(self.budget)} after a {MARGIN:.0%} margin")
+        for remat in (False, True):
+            fit = self.fit(remat)
+            lines.append(f"  remat {str(remat).lower():<5}  step peak {show_size(fit.fixed)} + {fit.per_example / 2**20:.1f} MiB "
+                         f"per example; largest microbatch {fit.largest} per device "
+                         f"(global {fit.largest * self.data} without accumulation)")
+        return "\n".join(lines)
+
+
+def _per_device(batch: int, data: int) -> int:
+    if batch % data:
+        raise PlanError(f"--batch-size {batch} must be a multiple of data={data}")
+    return batch // data
+
+
+def _largest(fits: Callable[[int], bool], guess: int, top: int | None = None) -> int:
+    """The largest n in [1, top] with fits(n), for a `fits` that holds up to some n and not
+    beyond: from `guess`, doubling until a size does not fit, then bisecting. 0 if none fits."""
+    lo, hi, n = 0, None, min(guess, top or guess)  # fits(lo) (or lo = 0), not fits(hi)
+    while hi is None:
+        if top is not None and n > top:
+            hi = top + 1
+        elif fits(n):
+            lo, n = n, 2 * n
+        else:
+            hi = n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def resolve(config: Config, mesh: Mesh, memory: int | None, saved: Config | None = None) -> Config:
+    """`config` with an `AUTO` batch size or microbatch count replaced: by the checkpoint's
+    (`saved`, so a resumed run keeps its choice), else by the planner's."""
+    train = config.train
+    if AUTO not in (train.batch_size, train.microbatches):
+        return config
+    if saved is not None:
+        train = dataclasses.replace(
+            train, batch_size=train.batch_size or saved.train.batch_size,
+            microbatches=train.microbatches or saved.train.microbatches,
+        )
+    else:
+        planner = Planner(config, mesh, device_memory(memory))
+        if train.batch_size == AUTO:
+            if train.microbatches not in (AUTO, 1):
+                raise PlanError(f"--batch-size auto picks a batch without accumulation: drop --microbatches {train.microbatches}")
+            train = dataclasses.replace(train, batch_size=planner.batch_size(), microbatches=1)
+        else:
+            train = dataclasses.replace(train, microbatches=planner.microbatches(train.batch_size))
+    return dataclasses.replace(config, train=train)

@@ -1,0 +1,82 @@
+"""The memory plan: sizes parse, and the planner's choice is the largest that XLA says fits.
+
+Each compilation of even this small step takes seconds on 2 CPU cores, so the tests share one
+config and mesh (step_memory caches its compilations).
+"""
+
+import jax
+import pytest
+
+from md4_eqx.config import AUTO, Config, ModelConfig, Precision
+from md4_eqx.parallel import make_mesh
+from md4_eqx.plan import MARGIN, Planner, PlanError, parse_size, step_memory
+
+import train
+
+CONFIG = Config(model=ModelConfig(vocab_size=32, seq_len=16, width=32, num_layers=1, num_heads=2,
+                                  cond_dim=8, precision=Precision.FLOAT32))
+BATCH = 16  # global: 8 per device on data=2
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return make_mesh(2, 1, jax.devices()[:2])
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("80GiB", 80 * 2**30), ("40GB", 40 * 10**9), ("16 gib", 16 * 2**30), ("512MiB", 512 * 2**20),
+    ("1.5KiB", 1536), ("1e9", 10**9), ("100", 100),
+])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "80 GiBs", "-1GB", "0", "eighty"])
+def test_parse_size_rejects(text):
+    with pytest.raises(PlanError, match="expected a positive size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("forced", [2, 4])
+def test_microbatches_auto_is_the_fewest_that_fit(mesh, forced):
+    """A limit between the peaks of `forced` and forced / 2 microbatches: the planner picks
+    `forced`, whose compiled step is within the budget; one size larger (forced / 2) is not."""
+    fewer = step_memory(CONFIG, mesh, batch=BATCH, microbatches=forced // 2).peak
+    chosen = step_memory(CONFIG, mesh, batch=BATCH, microbatches=forced).peak
+    assert chosen < fewer  # smaller chunks need less memory: the premise of accumulation
+    planner = Planner(CONFIG, mesh, int((chosen + fewer) / 2 / (1.0 - MARGIN)))
+    assert planner.microbatches(BATCH) == forced
+    assert chosen <= planner.budget < fewer
+    assert planner.budget < planner.memory  # the margin is kept free
+
+
+def test_batch_size_auto_is_the_largest_that_fits(mesh):
+    """With room for 4 examples per device (a limit between the peaks at 4 and 5 per device):
+    the global batch is 4 x data, without accumulation."""
+    four = step_memory(CONFIG, mesh, batch=8, microbatches=1).peak
+    five = step_memory(CONFIG, mesh, batch=10, microbatches=1).peak
+    planner = Planner(CONFIG, mesh, int((four + five) / 2 / (1.0 - MARGIN)))
+    assert planner.batch_size() == 8
+    fit = planner.fit(remat=False)
+    assert fit.largest == 4 and fit.per_example > 0
+
+
+def test_nothing_fits_names_the_numbers(mesh):
+    planner = Planner(CONFIG, mesh, 2**10)
+    with pytest.raises(PlanError, match=r"one example per device needs [0-9.]+ MiB \([0-9.]+ MiB with --remat true\), "
+                                        r"the budget is 0.0 MiB"):
+        planner.microbatches(BATCH)
+
+
+def test_bad_memory_limit_is_one_line_and_status_2(capsys):
+    assert train.main(["--plan", "--memory-limit", "80 gigs"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--memory-limit '80 gigs'" in err
+
+
+def test_auto_flags_parse_to_auto():
+    args = train.build_parser().parse_args(["--batch-size", "auto", "--microbatches", "auto"])
+    cfg, _ = train.make_config(args)
+    assert (cfg.train.batch_size, cfg.train.microbatches) == (AUTO, AUTO)
+    with pytest.raises(SystemExit):
+        train.build_parser().parse_args(["--steps", "auto"])
