@@ -1,5 +1,5 @@
-"""The VDM-style U-Net mu_theta(z_t, t) that MD4 trains on CIFAR-10 (MD4_MATH.md, "Network";
-DeepMind's md4/networks/unet.py, after google-research/vdm).
+"""The VDM-style U-Net mu_theta(z_t, t) that MD4 trains on CIFAR-10 (MD4_MATH.md, "The paper's
+configurations", CIFAR-10; DeepMind's md4/networks/unet.py, after google-research/vdm).
 
 Each sub-pixel id (V + 1 ids, the mask is V) is embedded to `width` features and the C = 3
 channels of a pixel are concatenated: [b, H, W, 3 width]. At full resolution (no down- or
@@ -17,8 +17,7 @@ each layer is vmapped over the batch. The residual stream is float32; convolutio
 inputs are cast to the configured compute dtype. Every parameter is a plain replicated array:
 inside the `shard_map` step each `model` device runs the whole U-Net on its batch slice and keeps
 its slice of the padded vocabulary, so the logits contract is the transformer's.
-Blocks are stacked along a leading layer axis and run with `lax.scan`: compile time does not grow
-with depth.
+Blocks are stacked along a leading layer axis (one pytree per path) and run in a Python loop.
 """
 
 import math
@@ -83,11 +82,11 @@ class ResBlock(eqx.Module):
     cfg: ModelConfig = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, in_channels: int, *, key: PRNGKeyArray):
-        k1, k2, ks = jax.random.split(key, 3)
+        k1, kc, k2, ks = jax.random.split(key, 4)
         width = cfg.width
         self.norm1 = group_norm(in_channels)
         self.conv1 = conv2d(in_channels, width, 3, key=k1)
-        self.cond = Linear(cfg.cond_dim, width, key=k1, zero=True)
+        self.cond = Linear(cfg.cond_dim, width, key=kc, zero=True)
         self.norm2 = group_norm(width)
         self.conv2 = conv2d(width, width, 3, key=k2, zero=True)
         self.skip = conv2d(in_channels, width, 1, key=ks) if in_channels != width else None
@@ -188,24 +187,29 @@ class UNet(eqx.Module):
         self.conv_out = conv2d(width, CHANNELS * cfg.vocab_size, 3, key=ko, zero=True)
         self.cfg = cfg
 
-    def _scan(
-        self, blocks: ResBlock, h: Float[Array, "b d hh ww"], skips: Float[Array, "n b d hh ww"] | None,
+    def _blocks(
+        self, blocks: ResBlock, h: Float[Array, "b d hh ww"], skips: list[Array] | None,
         c: Float[Array, "b cond"], keys: Key[Array, " b"] | None, first: int,
-    ) -> tuple[Float[Array, "b d hh ww"], Float[Array, "n b d hh ww"]]:
-        """Run stacked blocks in turn (layer i gets dropout keys `first + i`); with `skips`, block i
-        takes [h, skips[i]] concatenated over channels. Returns h and every block's output."""
-        params, static = eqx.partition(blocks, eqx.is_array)
-        n = jax.tree.leaves(params)[0].shape[0]
+    ) -> list[Array]:
+        """Run stacked blocks in turn (block i gets dropout keys `first + i`); with `skips`, block i
+        takes [h, skips[i]] concatenated over channels. Returns every block's output, each [b, d, hh, ww].
 
-        def layer(h, inputs):
-            block_params, skip, i = inputs
+        A Python loop, not `lax.scan`: XLA's CPU backend runs a convolution inside a loop body
+        tens of times slower (measured: 0.84 s against 0.01 s for one 32x32 block), and the 65
+        blocks compile in seconds unrolled."""
+        params, static = eqx.partition(blocks, eqx.is_array)
+
+        def layer(h, block_params, skip, i):
             x = h if skip is None else jnp.concatenate([h, skip], axis=1)  # (b, d or 2 d, hh, ww)
-            out = eqx.combine(block_params, static)(x, c, layer_keys(keys, first + i))
-            return out, out
+            return eqx.combine(block_params, static)(x, c, layer_keys(keys, first + i))
 
         if self.cfg.remat:
-            layer = jax.checkpoint(layer)
-        return lax.scan(layer, h, (params, skips, jnp.arange(n)))
+            layer = jax.checkpoint(layer, static_argnums=(3,))
+        outs = []
+        for i in range(jax.tree.leaves(params)[0].shape[0]):
+            h = layer(h, jax.tree.map(lambda a: a[i], params), None if skips is None else skips[i], i)
+            outs.append(h)
+        return outs
 
     def __call__(
         self,
@@ -221,13 +225,12 @@ class UNet(eqx.Module):
         c = self.cond(t, labels)  # (b, cond)
         x = self.embed[z].reshape(b, side, side, CHANNELS * cfg.width)  # (b, h, w, 3 d), (h, w, c) order
         h0 = apply(self.conv_in, x.transpose(0, 3, 1, 2), dtype)  # (b, d, h, w)
-        h, skips = self._scan(self.down, h0, None, c, keys, first=0)  # skips: (num, b, d, h, w)
-        h = self.mid1(h, c, layer_keys(keys, num))
+        skips = [h0, *self._blocks(self.down, h0, None, c, keys, first=0)]  # num + 1 of (b, d, h, w)
+        h = self.mid1(skips[-1], c, layer_keys(keys, num))
         h = self.attn(h)
         h = self.mid2(h, c, layer_keys(keys, num + 1))
         # The up path takes the skips last-in first-out, ending with the input conv's output.
-        skips = jnp.concatenate([skips[::-1], h0[None]], axis=0)  # (num + 1, b, d, h, w)
-        h, _ = self._scan(self.up, h, skips, c, keys, first=num + 2)
+        h = self._blocks(self.up, h, skips[::-1], c, keys, first=num + 2)[-1]
         h = apply(self.conv_out, jax.nn.swish(jax.vmap(self.norm_out)(h)), dtype)  # (b, 3 V, h, w)
         logits = h.transpose(0, 2, 3, 1).reshape(b, side * side * CHANNELS, cfg.vocab_size)
         # Zero logits on the padded ids (the loss's normaliser excludes them), then this device's slice.

@@ -114,8 +114,10 @@ def test_sharded_logits_equal_single_device(getkey, shape):
     mesh = make_mesh(*shape, jax.devices()[: shape[0] * shape[1]])
     one, many = logits_on(SINGLE, net, z, t, labels), logits_on(mesh, net, z, t, labels)
     assert float(jnp.std(one[..., : cfg.vocab_size])) > 0.1  # not the trivial zero output
-    # Same float32 arithmetic on a different batch split: only XLA's reduction order differs.
-    np.testing.assert_allclose(np.asarray(many), np.asarray(one), rtol=1e-5, atol=1e-5)
+    # The same float32 arithmetic on another batch split: only XLA's summation order (its conv
+    # algorithm per batch size) differs, ~1e-7 relative per sum, compounded through ~10 convs of
+    # 1,152-term sums to ~1e-5 of the logits' scale of 2.5 (1.3e-5 measured at worst).
+    np.testing.assert_allclose(np.asarray(many), np.asarray(one), rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(many)[..., cfg.vocab_size :], 0.0)
 
 
