@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from md4_eqx.distributed import gather
 from md4_eqx.loss import losses
 from md4_eqx.model import MD4
 from md4_eqx.parallel import DATA, MODEL, check_batch, check_model_split, example_ids, param_specs, shard_map_modules
@@ -73,7 +74,7 @@ def nelbo_draws(
     columns = []
     for i, (tokens, labels) in enumerate(batches):
         per_draw = [nelbo(model, jax.random.fold_in(k, i), tokens, mesh, labels) for k in draw_keys]
-        columns.append(np.stack([np.asarray(x, np.float64) for x in per_draw]))  # (draws, b)
+        columns.append(np.stack([gather(x).astype(np.float64) for x in per_draw]))  # (draws, b), every process
     if not columns:
         raise ValueError("no batches to evaluate")
     return np.concatenate(columns, axis=1)

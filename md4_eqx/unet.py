@@ -132,7 +132,7 @@ class SelfAttention(eqx.Module):
 
         out = attention(
             heads(self.wq), heads(self.wk), heads(self.wv),
-            impl=self.cfg.attention, interpret=self.cfg.attention_interpret,
+            impl=self.cfg.attention,
         )  # (b, hw, heads, hd)
         out = self.wo(out.reshape(b, height * width, d))  # (b, hw, d), float32
         return x + out.transpose(0, 2, 1).reshape(b, d, height, width)
