@@ -160,45 +160,39 @@ def write_samples(tokens: np.ndarray, ds: Dataset, mask_id: int, stem: Path) -> 
 
 
 def train(args: argparse.Namespace) -> int:
+    """Config, data and mesh; then the run, holding the workdir (`md4_eqx.workdir.claim`)."""
     began = time.perf_counter()
     start_processes(args)
-    main_process = jax.process_index() == 0
-    # memory plan: --plan prints it without loading data (the vocabulary is the preset's)
+    cfg, given = make_config(args)
     memory = plan.parse_size(args.memory_limit) if args.memory_limit else None
-    if args.plan:
-        print(plan.Planner(cfg, parse_mesh(args.mesh, cfg), plan.device_memory(memory)).report())
+    if args.plan:  # the memory plan, without loading data (the vocabulary is the preset's)
+        print(plan.Planner(cfg, parse_mesh(args.mesh, cfg.model), plan.device_memory(memory)).report())
         return 0
+    workdir = Path(args.workdir) if args.workdir else default_workdir(args.preset, cfg.train.dataset)
+    ds = load_dataset(cfg, args)
+    cfg = fit_to_data(cfg, ds, given)
+    mesh = parse_mesh(args.mesh, cfg.model)
+    # An `auto` batch size or number of microbatches: planned now, the checkpoint's on resume.
+    resume = checkpoint.latest_step(workdir)
+    planned = plan.resolve(cfg, mesh, memory, None if resume is None else checkpoint.read_meta(workdir)[1])
+    if planned != cfg and jax.process_index() == 0:
+        print(f"planned: --batch-size {planned.train.batch_size} --microbatches {planned.train.microbatches}")
+    check_batch_size(planned.train.batch_size, mesh, planned.train.microbatches)
+    with claim(workdir):  # WorkdirError (exit status 2) if unwritable or another run's
+        return run(args, planned, ds, mesh, workdir, began)
+
+
+def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, workdir: Path, began: float) -> int:
+    """The training run: state (fresh, or the newest checkpoint's), data, and the loop."""
+    tc = cfg.train
+    main_process = jax.process_index() == 0
 
     def say(*words) -> None:  # process 0 prints, between progress bar updates
         if main_process:
             tqdm.write(" ".join(map(str, words)), file=sys.stdout)
 
-    # Config: the preset, the flags, the dataset's vocabulary, the mesh.
-    cfg, given = make_config(args)
-    workdir = Path(args.workdir) if args.workdir else default_workdir(args.preset, cfg.train.dataset)
-    memory = plan.parse_size(args.memory_limit) if args.memory_limit else None
-    if args.plan:  # the memory plan, without loading data (the vocabulary is the preset's)
-        print(plan.Planner(cfg, parse_mesh(args.mesh, cfg.model), plan.device_memory(memory)).report())
-        return 0
-    ds = load_dataset(cfg, args)
-    cfg = fit_to_data(cfg, ds, given)
-    mesh = parse_mesh(args.mesh, cfg.model)
-    workdir_lock = claim(workdir)  # held while train() runs; WorkdirError: exit status 2
-    resume = checkpoint.latest_step(workdir)
-    # An `auto` batch size or number of microbatches: planned now, the checkpoint's on resume.
-    planned = plan.resolve(cfg, mesh, memory, None if resume is None else checkpoint.read_meta(workdir)[1])
-    if planned != cfg:
-        say(f"planned: --batch-size {planned.train.batch_size} --microbatches {planned.train.microbatches}")
-    cfg, tc = planned, planned.train
-    check_batch_size(tc.batch_size, mesh, tc.microbatches)
-
-    # State: fresh, or the newest checkpoint's.
     optimizer = make_optimizer(cfg.optim, tc.steps)
-    # memory plan: an `auto` batch size or microbatch count, the checkpoint's when resuming
-    planned = plan.resolve(cfg, mesh, memory, None if resume is None else checkpoint.read_meta(workdir)[1])
-    if planned != cfg:
-        say(f"planned: --batch-size {planned.train.batch_size} --microbatches {planned.train.microbatches}")
-    cfg = planned
+    resume = checkpoint.latest_step(workdir)
     if resume is None:
         state, data_state = init_state(cfg, optimizer, mesh), None
     else:

@@ -86,11 +86,18 @@ def parse_field(kind: type, text: str):
         raise argparse.ArgumentTypeError(f"expected {kind.__name__}; got {text!r}") from None
 
 
-def field_flag(kind: type, auto: bool = False) -> dict:
-    """add_argument's `type` and `metavar` for a config field of type `kind`; with `auto`, the
-    word `auto` gives AUTO (a number md4_eqx.plan chooses)."""
+def field_flag(kind: type, auto: str | None = None) -> dict:
+    """add_argument's `type` and `metavar` for a config field of type `kind`; for a field that
+    md4_eqx.plan can choose (`auto`: its name), the word `auto` gives AUTO."""
     if auto:
-        return {"type": lambda text: AUTO if text == "auto" else parse_field(kind, text), "metavar": "{INT,auto}"}
+        def positive_or_auto(text: str) -> int:
+            if text == "auto":
+                return AUTO
+            if (value := parse_field(kind, text)) < 1:
+                raise argparse.ArgumentTypeError(f"{auto}={value} must be positive (or auto)")
+            return value
+
+        return {"type": positive_or_auto, "metavar": "{INT,auto}"}
     if isinstance(kind, type) and issubclass(kind, enum.Enum):
         metavar = "{" + ",".join(m.value for m in kind) + "}"
     else:
@@ -111,7 +118,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             names = [f"--{section.name}.{flag}"] + ([f"--{flag}"] if flag not in taken else [])
             taken.add(flag)
             group.add_argument(*names, dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS,
-                               **field_flag(f.type, section.name == "train" and f.name in AUTO_FIELDS))
+                               **field_flag(f.type, f.name if section.name == "train" and f.name in AUTO_FIELDS else None))
 
 
 def make_config(args: argparse.Namespace) -> tuple[Config, set[str]]:

@@ -1,17 +1,18 @@
 """A run's claim on its workdir: writable, big enough for a checkpoint, and used by no other run.
 
-`claim` creates the workdir and holds an exclusive `fcntl.flock` on WORKDIR/.lock for as long
-as the returned file stays open (the process's life: the lock goes with it, even on SIGKILL), so
+`claim` creates the workdir and holds an exclusive `fcntl.flock` on WORKDIR/.lock while its
+`with` block runs (a killed process's lock goes with it, even on SIGKILL), so
 a second run started on the same workdir refuses instead of writing over the first one's
 checkpoints. `check_space` refuses a disk that cannot hold even one more checkpoint. Both raise
 `WorkdirError` (one line); in a multi-process run process 0 checks and every process raises.
 A disk that fills up later is `md4_eqx.checkpoint.save_safely`'s to report.
 """
 
+import contextlib
 import fcntl
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
 import equinox as eqx
 import jax
@@ -34,9 +35,9 @@ def _agree(error: str | None) -> None:
         raise WorkdirError(error)
 
 
-def claim(workdir: Path) -> IO | None:
-    """Creates `workdir` and locks it for this run; keep the returned file (None on processes
-    other than 0) open for as long as the run writes there."""
+@contextlib.contextmanager
+def claim(workdir: Path) -> Iterator[None]:
+    """Creates `workdir` and locks it for the run inside the `with` (process 0 holds the lock)."""
     lock, error = None, None
     if jax.process_index() == 0:
         path = workdir / ".lock"
@@ -52,7 +53,11 @@ def claim(workdir: Path) -> IO | None:
                 lock.close()
                 error = f"workdir {workdir} is in use by another run (it holds {path})"
     _agree(error)
-    return lock
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()  # and with it the lock
 
 
 def checkpoint_bytes(state: TrainState) -> int:

@@ -301,9 +301,8 @@ def test_unwritable_or_locked_workdir_exits_2_before_training(data, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "not writable" in err, err
 
     workdir = tmp / "taken"
-    held = workdir_lock.claim(workdir)  # another run's lock (flock: per open file, so also in-process)
-    code, err = main_exit(["--workdir", str(workdir), *flags, *SMALL], capsys)
-    held.close()
+    with workdir_lock.claim(workdir):  # another run's lock (flock: per open file, so also in-process)
+        code, err = main_exit(["--workdir", str(workdir), *flags, *SMALL], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "in use by another run" in err, err
     assert sorted(p.name for p in workdir.iterdir()) == [".lock"]  # nothing written
 

@@ -15,17 +15,19 @@ from md4_eqx.workdir import WorkdirError, check_space, checkpoint_bytes, claim
 
 def test_a_second_claim_is_refused_until_the_first_is_released(tmp_path):
     workdir = tmp_path / "run"
-    first = claim(workdir)
-    with pytest.raises(WorkdirError, match="in use by another run"):
-        claim(workdir)
-    first.close()  # what the end of the first process does
-    claim(workdir).close()
+    with claim(workdir):
+        with pytest.raises(WorkdirError, match="in use by another run"):
+            with claim(workdir):
+                pass
+    with claim(workdir):  # released at the end of the first `with`
+        pass
 
 
 def test_a_workdir_that_cannot_be_created_is_refused(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(WorkdirError, match="not writable"):
-        claim(tmp_path / "file" / "run")
+        with claim(tmp_path / "file" / "run"):
+            pass
 
 
 def test_a_disk_without_room_for_one_checkpoint_is_refused(tmp_path, monkeypatch):
