@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from md4_eqx.config import Config, DiffusionConfig, ModelConfig, OptimConfig, Precision, TrainConfig
+from md4_eqx.kernels import Impl
 from md4_eqx.train_step import init_state, make_optimizer, make_train_step
 from md4_eqx.parallel import make_mesh
 
@@ -43,7 +44,7 @@ def ours() -> tuple[object, object]:
     """(state, step) of md4-eqx at the comparison config."""
     config = Config(
         model=ModelConfig(vocab_size=VOCAB, seq_len=SEQ, width=HEADS * HEAD_DIM, num_layers=LAYERS,
-                          num_heads=HEADS, precision=Precision.FLOAT32, attention="xla"),
+                          num_heads=HEADS, precision=Precision.FLOAT32, attention=Impl.XLA),
         diffusion=DiffusionConfig(),
         optim=OptimConfig(),
         train=TrainConfig(batch_size=BATCH, steps=1_000_000),
@@ -51,7 +52,7 @@ def ours() -> tuple[object, object]:
     mesh = make_mesh(1, 1, devices=jax.devices()[:1])
     optimizer = make_optimizer(config.optim, config.train.steps)
     state = init_state(config, optimizer, mesh)
-    step = make_train_step(state, optimizer, mesh)
+    step = make_train_step(state, optimizer, mesh, clip=config.optim.clip, ema=config.optim.ema)
     return state, lambda state, tokens: step(state, tokens)
 
 

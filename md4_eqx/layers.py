@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
 from md4_eqx.config import MLPKind
 from md4_eqx.kernels import Impl, attention
-from md4_eqx.parallel import MODEL, Sharded, Split, vocab_offset
+from md4_eqx.parallel import MODEL, Sharded, Split, psum, vocab_offset
 
 
 def _truncated_normal(key: PRNGKeyArray, shape: tuple[int, ...], scale: float) -> Array:
@@ -55,7 +55,7 @@ class Linear(Sharded):
             "...i,io->...o", x, self.weight.astype(x.dtype), preferred_element_type=jnp.float32
         )
         if self.split is Split.ROW:
-            y = lax.psum(y, MODEL)  # partial sums over the split input features
+            y = psum(y, MODEL)  # partial sums over the split input features
         return y if self.bias is None else y + self.bias[(None,) * (y.ndim - 1)]
 
 
@@ -74,7 +74,7 @@ class Embedding(Sharded):
         local = ids - vocab_offset(rows)
         inside = (local >= 0) & (local < rows)
         found = jnp.where(inside[..., None], self.weight[jnp.clip(local, 0, rows - 1)], 0.0)
-        return lax.psum(found, MODEL)  # each id lives on exactly one device
+        return psum(found, MODEL)  # each id lives on exactly one device
 
 
 def layer_norm(x: Float[Array, "*b d"]) -> Float[Array, "*b d"]:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray
 
 from md4_eqx.model import MD4
-from md4_eqx.parallel import MODEL, vocab_gather, vocab_log_normaliser, vocab_offset
+from md4_eqx.parallel import MODEL, psum, vocab_gather, vocab_log_normaliser, vocab_offset
 
 
 class Losses(NamedTuple):
@@ -130,7 +130,7 @@ def genmd4_integrand(
     log_norm = vocab_log_normaliser(logits, vocab_size)  # (b, l)
     logp = vocab_gather(logits, x) - log_norm
     probs = jnp.exp(logits - log_norm[..., None])  # padded columns are multiplied by w = 0 below
-    expected_w = jax.lax.psum(jnp.einsum("blv,v->bl", probs, w_local), MODEL)  # sum_v w_v p[v]
+    expected_w = psum(jnp.einsum("blv,v->bl", probs, w_local), MODEL)  # sum_v w_v p[v]
     per_position = -w[x] * (logp + 1.0) + expected_w  # (b, l), times 1 / t below
     return jnp.sum(jnp.where(masked, per_position, 0.0), axis=-1) / t
 

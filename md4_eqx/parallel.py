@@ -69,14 +69,41 @@ def check_batch(batch: int, mesh: Mesh, microbatches: int = 1) -> None:
         raise MeshError(f"{batch=} must be a multiple of the {mesh.shape[DATA]} devices on the data axis{chunks}")
 
 
+# Collectives over a mesh axis of size 1 cost nothing here. XLA:CPU keeps a collective over one
+# device as a real all-reduce (a copy that also splits fusions), so these wrappers skip the axis
+# when its size is 1, and `shard_map_modules` drops such axes from every spec: no value ever
+# varies over an axis of size 1, so skipping the collective leaves its type unchanged.
+
+
+def psum(x: PyTree, axis: str) -> PyTree:
+    """`lax.psum` over `axis`; the identity on an axis of size 1."""
+    return x if lax.axis_size(axis) == 1 else lax.psum(x, axis)
+
+
+def pmax(x: PyTree, axis: str) -> PyTree:
+    """`lax.pmax` over `axis`; the identity on an axis of size 1."""
+    return x if lax.axis_size(axis) == 1 else lax.pmax(x, axis)
+
+
+def pvary(x: PyTree, axis: str) -> PyTree:
+    """Mark `x` as varying over `axis` (no communication); nothing on an axis of size 1."""
+    return x if lax.axis_size(axis) == 1 else lax.pcast(x, (axis,), to="varying")
+
+
+def axis_index(axis: str) -> Int[Array, ""]:
+    """This device's position on `axis`: a constant 0 on an axis of size 1, so that nothing
+    computed from it is typed as varying over that axis."""
+    return jnp.zeros((), jnp.int32) if lax.axis_size(axis) == 1 else lax.axis_index(axis)
+
+
 def model_index() -> Int[Array, ""]:
     """This device's position on the `model` axis (0 on a single device)."""
-    return lax.axis_index(MODEL)
+    return axis_index(MODEL)
 
 
 def data_index() -> Int[Array, ""]:
     """This device's position on the `data` axis."""
-    return lax.axis_index(DATA)
+    return axis_index(DATA)
 
 
 def spec(split: Split, ndim: int) -> P:
@@ -110,9 +137,22 @@ def param_specs(tree: PyTree) -> PyTree:
     return jax.tree.map(leaf_spec, tree, is_leaf=lambda n: isinstance(n, Sharded))
 
 
+def without_unit_axes(specs: PyTree, mesh: Mesh) -> PyTree:
+    """`specs` with the mesh axes of size 1 removed: a split over one device is no split, and a
+    value not typed as varying over an axis needs no collective over it (see `psum`)."""
+
+    def entry(names):
+        kept = tuple(n for n in (names if isinstance(names, tuple) else (names,))
+                     if n is not None and mesh.shape[n] > 1)
+        return kept[0] if len(kept) == 1 else kept or None
+
+    return jax.tree.map(lambda s: P(*map(entry, s)), specs, is_leaf=lambda s: isinstance(s, P))
+
+
 def shard_map_modules(fn, mesh: Mesh, in_specs, out_specs):
     """`jax.shard_map` for functions of Equinox modules: the arrays of every argument are mapped
-    (`in_specs(*array_args)` gives their specs), static fields are closed over."""
+    (`in_specs(*array_args)` gives their specs), static fields are closed over. Mesh axes of size
+    1 are dropped from the specs (`without_unit_axes`)."""
 
     def wrapped(*args):
         arrays, static = eqx.partition(args, eqx.is_array)
@@ -120,7 +160,8 @@ def shard_map_modules(fn, mesh: Mesh, in_specs, out_specs):
         def inner(*arrays):
             return fn(*eqx.combine(arrays, static))
 
-        return jax.shard_map(inner, mesh=mesh, in_specs=in_specs(*arrays), out_specs=out_specs)(*arrays)
+        specs = without_unit_axes((in_specs(*arrays), out_specs), mesh)
+        return jax.shard_map(inner, mesh=mesh, in_specs=specs[0], out_specs=specs[1])(*arrays)
 
     return wrapped
 
@@ -143,8 +184,8 @@ def vocab_log_normaliser(
     ids = vocab_offset(v_local) + jnp.arange(v_local)
     logits = jnp.where(ids < vocab_size, logits, -jnp.inf)
     # The max is only a numerical shift: its gradient cancels, so it is held constant.
-    m = lax.pmax(lax.stop_gradient(jnp.max(logits, axis=-1)), MODEL)
-    total = lax.psum(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1), MODEL)
+    m = pmax(lax.stop_gradient(jnp.max(logits, axis=-1)), MODEL)
+    total = psum(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1), MODEL)
     return jnp.log(total) + m
 
 
@@ -154,7 +195,7 @@ def vocab_gather(values: Float[Array, "*b v_local"], ids: Int[Array, "*b"]) -> F
     local = ids - vocab_offset(v_local)
     inside = (local >= 0) & (local < v_local)
     picked = jnp.take_along_axis(values, jnp.clip(local, 0, v_local - 1)[..., None], axis=-1)[..., 0]
-    return lax.psum(jnp.where(inside, picked, 0.0), MODEL)
+    return psum(jnp.where(inside, picked, 0.0), MODEL)
 
 
 def vocab_all_gather(values: Float[Array, "*b v_local"], vocab_size: int) -> Float[Array, "*b v"]:
@@ -163,7 +204,7 @@ def vocab_all_gather(values: Float[Array, "*b v_local"], vocab_size: int) -> Flo
     v_local = values.shape[-1]
     full = jnp.zeros(values.shape[:-1] + (v_local * lax.axis_size(MODEL),), values.dtype)
     full = lax.dynamic_update_slice_in_dim(full, values, vocab_offset(v_local), axis=-1)
-    return lax.psum(full, MODEL)[..., :vocab_size]
+    return psum(full, MODEL)[..., :vocab_size]
 
 
 def global_norm(tree: PyTree, specs: PyTree) -> Float[Array, ""]:
@@ -174,7 +215,7 @@ def global_norm(tree: PyTree, specs: PyTree) -> Float[Array, ""]:
     leaf_specs = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
     for leaf, leaf_spec in zip(leaves, leaf_specs, strict=True):
         sq = jnp.sum(jnp.square(leaf.astype(jnp.float32)))
-        total = total + (lax.psum(sq, MODEL) if MODEL in leaf_spec else sq)
+        total = total + (psum(sq, MODEL) if MODEL in leaf_spec else sq)
     return jnp.sqrt(total)
 
 

@@ -27,7 +27,10 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 from md4_eqx.config import Config, OptimConfig
 from md4_eqx.loss import losses
 from md4_eqx.model import MD4
-from md4_eqx.parallel import DATA, MODEL, check_batch, check_model_split, example_ids, global_norm, param_specs, shard_map_modules, shardings
+from md4_eqx.parallel import (
+    DATA, MODEL, check_batch, check_model_split, example_ids, global_norm, param_specs, psum, pvary,
+    shard_map_modules, shardings,
+)
 
 
 class TrainState(eqx.Module):
@@ -141,17 +144,17 @@ def _step(
     # Differentiating with respect to parameters marked as varying over `data` keeps each
     # device's gradient local, so the microbatches accumulate without communication and the
     # gradients are summed over `data` once, after the scan.
-    local_params = lax.pcast(params, (DATA,), to="varying")
+    local_params = pvary(params, DATA)
 
     def accumulate(carry, batch):
         grads, nelbo = carry
         (_, nll), g = jax.value_and_grad(loss_fn, has_aux=True)(local_params, *batch)
         return (jax.tree.map(jnp.add, grads, g), nelbo + nll), None
 
-    zero_loss = lax.pcast(jnp.zeros(()), (DATA,), to="varying")  # a per-device partial sum
+    zero_loss = pvary(jnp.zeros(()), DATA)  # a per-device partial sum
     zero = (jax.tree.map(jnp.zeros_like, local_params), zero_loss)
     (grads, nelbo), _ = lax.scan(accumulate, zero, (chunks(tokens), chunks(labels), chunks(ids)))
-    grads, nelbo = lax.psum((grads, nelbo), DATA)
+    grads, nelbo = psum((grads, nelbo), DATA)
 
     grad_norm = global_norm(grads, specs.model)
     if clip:

@@ -191,16 +191,45 @@ def test_vocab_parallel_log_softmax_matches_float64():
     np.testing.assert_allclose(np.asarray(logp), want, atol=1e-5)
 
 
+def sub_jaxprs(eqn):
+    """The jaxprs an equation calls (a shard_map's body, a scan's, a custom_vjp's...)."""
+    for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else [param]:
+            sub = getattr(sub, "jaxpr", sub)
+            if hasattr(sub, "eqns"):
+                yield sub
+
+
 def shard_map_avals(jaxpr, inside: bool = False):
     """Shapes of every value computed inside a shard_map body (per device), recursively."""
     for eqn in jaxpr.eqns:
         if inside:
             yield from (v.aval.shape for v in eqn.outvars)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else [param]:
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    yield from shard_map_avals(sub, inside or eqn.primitive.name == "shard_map")
+        for sub in sub_jaxprs(eqn):
+            yield from shard_map_avals(sub, inside or eqn.primitive.name == "shard_map")
+
+
+def primitives(jaxpr):
+    """Names of every primitive in `jaxpr`, recursively."""
+    for eqn in jaxpr.eqns:
+        yield eqn.primitive.name
+        for sub in sub_jaxprs(eqn):
+            yield from primitives(sub)
+
+
+@pytest.mark.parametrize("shape", [REFERENCE, (2, 4)], ids=["data1-model1", "data2-model4"])
+def test_collectives_only_over_axes_of_size_above_one(runs, shape):
+    """An axis of size 1 costs nothing: the (1, 1) step has no collective at all (XLA:CPU would
+    run each as an all-reduce over one device), while a split mesh sums over `data` and `model`."""
+    state, step, _, _ = runs[shape]
+    tokens, labels = batches(1)[0]
+    jaxpr = eqx.filter_make_jaxpr(step)(state, jnp.asarray(tokens), jnp.asarray(labels))[0]
+    names = set(primitives(jaxpr.jaxpr))
+    collectives = {"psum", "psum_invariant", "pmax", "pmin", "all_gather", "ppermute", "all_to_all"}
+    if shape == REFERENCE:
+        assert names & collectives == set()
+    else:
+        assert {"psum_invariant", "pmax"} <= names
 
 
 @pytest.mark.parametrize("shape", [REFERENCE, (2, 4)], ids=["data1-model1", "data2-model4"])
