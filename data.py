@@ -18,8 +18,7 @@ from md4_eqx.data import dataset_help, load
 
 def build_parser():
     parser = script_parser(__doc__)
-    parser.add_argument("--dataset", default="pystdlib",
-                        help=dataset_help())
+    parser.add_argument("--dataset", default="pystdlib", help=dataset_help())
     parser.add_argument("--seq-len", **field_flag(int), help="window length (default: per dataset)")
     parser.add_argument("--cache-dir", help="default: $MD4_CACHE or ~/.cache/md4_eqx")
     parser.add_argument("--tokenizer", help="'bytes' or a Hugging Face tokenizer name / directory")

@@ -73,10 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _finite(value: float) -> float | None:
-    return None if math.isnan(value) else value
-
-
 def _se(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.4f}"
 
@@ -115,20 +111,18 @@ def run_nelbo(args) -> dict:
     return {
         "workdir": str(args.workdir), "step": step, "dataset": ds.name, "split": args.split,
         "batch_size": batch, "batches": count,
-        **{k: _finite(v) if isinstance(v, float) else v for k, v in est.to_json().items()},
+        **est.to_json(),
     }
 
 
 def print_nelbo(r: dict) -> None:
-    nan = lambda v: math.nan if v is None else v  # noqa: E731
     print(f"checkpoint  {r['workdir']} step {r['step']} (EMA parameters)")
     print(f"data        {r['dataset']} {r['split']}: {r['sequences']:,} sequences of {r['seq_len']} tokens "
           f"({r['batches']} batches of {r['batch_size']})")
     print(f"NELBO       {r['bits_per_token']:.4f} bits/token  "
-          f"± {_se(nan(r['mc_stderr']))} Monte Carlo ({r['draws']} draws)  "
-          f"± {_se(nan(r['stderr']))} over sequences")
+          f"± {_se(r['mc_stderr'])} Monte Carlo ({r['draws']} draws)  ± {_se(r['stderr'])} over sequences")
     print(f"perplexity  <= {r['perplexity']:.3f}  "
-          f"± {_se(nan(r['perplexity_mc_stderr']))} Monte Carlo  ± {_se(nan(r['perplexity_stderr']))} over sequences")
+          f"± {_se(r['perplexity_mc_stderr'])} Monte Carlo  ± {_se(r['perplexity_stderr'])} over sequences")
 
 
 def read_samples(path: str) -> tuple[list[str], list[list[int]]]:
@@ -170,24 +164,23 @@ def run_samples(args) -> dict:
         "unigram_entropy": float(entropy.mean()), "unigram_entropy_min": float(entropy.min()),
         "unigram_entropy_max": float(entropy.max()),
         "model": args.model, "scored": "tokens" if args.tokens else "text", "tokens_scored": sum(ppl.scored),
-        "gen_perplexity": ppl.value, "gen_perplexity_stderr": _finite(ppl.stderr),
+        "gen_perplexity": ppl.value, "gen_perplexity_stderr": ppl.stderr,
     }
 
 
 def print_samples(r: dict) -> None:
-    se = _se(math.nan if r["gen_perplexity_stderr"] is None else r["gen_perplexity_stderr"])
     how = "token ids as they are" if r["scored"] == "tokens" else "text retokenised"
     print(f"samples          {r['samples']} in {r['file']}, {r['tokens_per_sample']:.0f} tokens each on average")
     print(f"unigram entropy  {r['unigram_entropy']:.3f} nats per sample (mean; min {r['unigram_entropy_min']:.3f}, "
           f"max {r['unigram_entropy_max']:.3f})")
-    print(f"gen. perplexity  {r['gen_perplexity']:.3f} ± {se} under {r['model']} "
+    print(f"gen. perplexity  {r['gen_perplexity']:.3f} ± {_se(r['gen_perplexity_stderr'])} under {r['model']} "
           f"({r['tokens_scored']:,} tokens scored, {how})")
 
 
 def run(args) -> int:
     result = run_nelbo(args) if args.command == "nelbo" else run_samples(args)
-    if args.json:
-        print(json.dumps(result))
+    if args.json:  # JSON has no NaN: a missing error bar is null
+        print(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}))
     else:
         (print_nelbo if args.command == "nelbo" else print_samples)(result)
     return 0

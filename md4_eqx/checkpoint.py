@@ -172,8 +172,7 @@ def _read(workdir: str | Path, step: int, **items) -> ocp.args.Composite:
         with _manager(workdir) as manager:
             return manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, OSError, KeyError) as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first})") from e
+        raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first_line(e)})") from e
 
 
 @functools.cache  # once per process, before its first read
@@ -220,9 +219,7 @@ def restore(
     if config is None:
         config = saved
     elif differences := model_differences(saved, config):
-        raise CheckpointError(
-            f"the checkpoint in {workdir} is a different model: {'; '.join(differences)}"
-        )
+        raise CheckpointError(f"the checkpoint in {workdir} is a different model: {'; '.join(differences)}")
     abstract = eqx.filter_eval_shape(init_state, config, optimizer, mesh)
     arrays, specs = _arrays(abstract), state_specs(abstract, optimizer)
     rest, rest_specs = (eqx.tree_at(lambda s: s.ema, tree, None) for tree in (arrays, specs))

@@ -49,12 +49,9 @@ def run_command(parser: argparse.ArgumentParser, command, argv: list[str] | None
     args = parser.parse_args(argv)
     try:
         return command(args)
-    except (UsageError, DataError, CheckpointError, WorkdirError, PlanError) as e:
+    except (UsageError, DataError, CheckpointError, WorkdirError, PlanError, Diverged) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    except Diverged as e:  # not bad input: the run itself failed
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 1
+        return 1 if isinstance(e, Diverged) else 2  # a diverged run is not bad input: it failed
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:

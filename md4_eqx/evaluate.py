@@ -24,14 +24,11 @@ from md4_eqx.model import MD4
 from md4_eqx.parallel import DATA, MODEL, check_batch, check_model_split, example_ids, param_specs, shard_map_modules
 
 
-def _nelbo_local(
-    model: MD4, key: PRNGKeyArray, tokens: Int[Array, "b l"], labels: Int[Array, " b"] | None,
-    global_batch: int,
-) -> Float[Array, " b"]:
-    terms = losses(
-        model, tokens, labels, example_ids(tokens.shape[0]), key, global_batch=global_batch, train=False
-    )
-    return terms.nelbo  # (b,), nats per sequence
+def _nelbo_local(model: MD4, key: PRNGKeyArray, tokens: Int[Array, "b l"], labels: Int[Array, " b"] | None,
+                 global_batch: int) -> Float[Array, " b"]:
+    """The NELBO in nats of each of this shard's b sequences."""
+    ids = example_ids(tokens.shape[0])
+    return losses(model, tokens, labels, ids, key, global_batch=global_batch, train=False).nelbo
 
 
 @eqx.filter_jit

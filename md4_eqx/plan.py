@@ -172,7 +172,9 @@ class Planner:
     def microbatches(self, batch: int) -> int:
         """The fewest gradient-accumulation chunks of the global `batch` whose step fits."""
         remat = self.config.model.remat
-        per_device = _per_device(batch, self.data)
+        if batch % self.data:
+            raise PlanError(f"--batch-size {batch} must be a multiple of data={self.data}")
+        per_device = batch // self.data
         counts = [k for k in range(per_device, 0, -1) if per_device % k == 0]  # chunk size ascending
         guess = sum(1 for k in counts if per_device // k <= self.guess(remat))
         best = _largest(lambda i: self.fits(remat, per_device // counts[i - 1], counts[i - 1]),
@@ -209,12 +211,6 @@ class Planner:
                          f"per example; largest microbatch {fit.largest} per device "
                          f"(global {fit.largest * self.data} without accumulation)")
         return "\n".join(lines)
-
-
-def _per_device(batch: int, data: int) -> int:
-    if batch % data:
-        raise PlanError(f"--batch-size {batch} must be a multiple of data={data}")
-    return batch // data
 
 
 def _largest(fits: Callable[[int], bool], guess: int, top: int | None = None) -> int:

@@ -71,8 +71,7 @@ def render_text(tokens: Integer[np.ndarray, " l"], decode: Callable[[np.ndarray]
     decoded together so multi-token characters survive."""
     tokens = np.asarray(tokens)
     out, start = [], 0
-    masked = np.flatnonzero(tokens == mask_id)
-    for i in masked:
+    for i in np.flatnonzero(tokens == mask_id):
         if i > start:
             out.append(decode(tokens[start:i]))
         out.append(MASK_CHAR)

@@ -83,10 +83,8 @@ class Dataset:
             labels = open_tokens(self.path / f"{layout.stream}.labels", "int32", stream["labels"])
         split = Subset(name, tokens, labels, self.seq_len, layout)
         if split.num_examples == 0:
-            raise DataError(
-                f"the {name!r} split of {self.name} has {tokens.size} tokens: "
-                f"not one example of seq_len={self.seq_len}"
-            )
+            raise DataError(f"the {name!r} split of {self.name} has {tokens.size} tokens: "
+                            f"not one example of seq_len={self.seq_len}")
         return split
 
     @functools.cached_property
@@ -132,10 +130,8 @@ def load(
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     source = parse(spec, tokenizer=tokenizer, data_path=data_path, cache_dir=cache_dir)
     if source.image_shape is not None and seq_len not in (None, source.default_seq_len):
-        raise DataError(
-            f"{spec} examples are whole images of 32*32*3 = {source.default_seq_len} tokens; "
-            f"got seq_len={seq_len}"
-        )
+        raise DataError(f"{spec} examples are whole images of 32*32*3 = {source.default_seq_len} tokens; "
+                        f"got seq_len={seq_len}")
     parts = source.fingerprint()
     entry = entry_dir(cache_dir, source.name, fingerprint(parts))
     meta = read_meta(entry)

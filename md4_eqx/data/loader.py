@@ -44,13 +44,12 @@ class BatchLoader:
         if prefetch < 0:
             raise DataError(f"{prefetch=} must be >= 0")
         self.split = split
-        self.batch_size = batch_size
         self.seed = seed
-        self.shuffle = shuffle
-        self._slice = slice(process_index * batch_size // process_count,
-                            (process_index + 1) * batch_size // process_count)
         self._state = self._check_state(state) if state is not None else {"epoch": 0, "position": 0}
-        batches = _batches(split, batch_size, self._slice, self._order, **self._state)
+        rows = batch_size // process_count  # this process's share of every global batch
+        part = slice(process_index * rows, (process_index + 1) * rows)
+        order = functools.partial(_order, split.num_examples, seed, shuffle)  # epoch -> example order
+        batches = _batches(split, batch_size, part, order, **self._state)
         self._source = _Prefetcher(batches, prefetch) if prefetch else batches
 
     def _check_state(self, state: dict) -> dict:
@@ -64,11 +63,6 @@ class BatchLoader:
                 and 0 <= position <= self.split.num_examples):
             raise DataError(f"loader state has a bad epoch or position: {state!r}")
         return {"epoch": epoch, "position": position}
-
-    @property
-    def _order(self) -> Callable[[int], np.ndarray]:
-        """epoch -> the order of the split's examples in that epoch."""
-        return functools.partial(_order, self.split.num_examples, self.seed, self.shuffle)
 
     def __iter__(self) -> "BatchLoader":
         return self
@@ -127,9 +121,6 @@ class _Prefetcher:
         thread.start()
         # The thread holds neither self nor the loader, so dropping the loader stops it.
         self._finalizer = weakref.finalize(self, self._stop.set)
-
-    def __iter__(self) -> "_Prefetcher":
-        return self
 
     def __next__(self):
         item, error = self._queue.get()

@@ -288,11 +288,9 @@ class Cifar10(Source):
         for batch in ds.iter(HUB_BATCH):
             images = np.stack([np.asarray(img.convert("RGB")) for img in batch["img"]])
             labels = np.asarray(batch["label"], np.int32)
-            if images.shape[1:] != self.image_shape or labels.min() < 0 or labels.max() >= 10:
-                raise DataError(
-                    f"dataset {self.path!r} is not CIFAR-10: images {images.shape[1:]}, "
-                    f"labels {labels.min()}..{labels.max()}"
-                )
+            if images.shape[1:] != self.image_shape or labels.min() < 0 or labels.max() >= self.num_classes:
+                raise DataError(f"dataset {self.path!r} is not CIFAR-10: images {images.shape[1:]}, "
+                                f"labels {labels.min()}..{labels.max()}")
             yield Block(images.reshape(-1).astype(np.int32), labels)  # [n * 3072], [n]
 
 

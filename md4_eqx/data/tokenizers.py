@@ -14,12 +14,23 @@ from md4_eqx.data.errors import DataError
 from md4_eqx.errors import first_line
 
 
-class ByteTokenizer:
+class _FixedVocab:
+    """What the two fixed-vocabulary tokenizers share: no EOS, and their `name` says it all."""
+
+    eos_id = None
+
+    def encode_batch(self, texts: list[str]) -> list[Int32[np.ndarray, " _"]]:
+        return [self.encode(text) for text in texts]
+
+    def describe(self) -> dict:
+        return {"kind": self.name}
+
+
+class ByteTokenizer(_FixedVocab):
     """UTF-8 bytes as tokens: V = 256, lossless for any file (undecodable bytes round-trip)."""
 
     name = "bytes"
     vocab_size = 256
-    eos_id = None
 
     def encode(self, text: str) -> Int32[np.ndarray, " n"]:
         # surrogateescape carries bytes that were not UTF-8 through str unchanged.
@@ -29,24 +40,17 @@ class ByteTokenizer:
         del where  # every byte string is valid input
         return np.frombuffer(raw, np.uint8).astype(np.int32)
 
-    def encode_batch(self, texts: list[str]) -> list[Int32[np.ndarray, " _"]]:
-        return [self.encode(text) for text in texts]
-
     def decode(self, ids: Integer[np.ndarray, " n"]) -> str:
         _check_range(ids, self.vocab_size)
         return bytes(ids.astype(np.uint8)).decode("utf-8", "replace")
 
-    def describe(self) -> dict:
-        return {"kind": "bytes"}
 
-
-class Text8Tokenizer:
+class Text8Tokenizer(_FixedVocab):
     """text8's alphabet: space -> 0, 'a'..'z' -> 1..26 (V = 27)."""
 
     name = "text8"
     alphabet = " abcdefghijklmnopqrstuvwxyz"
     vocab_size = 27
-    eos_id = None
 
     def __init__(self):
         self._ids = np.full(256, -1, np.int32)  # byte value -> id, -1 outside the alphabet
@@ -64,15 +68,9 @@ class Text8Tokenizer:
     def encode(self, text: str) -> Int32[np.ndarray, " n"]:
         return self.encode_raw(text.encode("utf-8"), "the text")
 
-    def encode_batch(self, texts: list[str]) -> list[Int32[np.ndarray, " _"]]:
-        return [self.encode(text) for text in texts]
-
     def decode(self, ids: Integer[np.ndarray, " n"]) -> str:
         _check_range(ids, self.vocab_size)
         return "".join(self._chars[ids])
-
-    def describe(self) -> dict:
-        return {"kind": "text8"}
 
 
 class HFTokenizer:

@@ -36,15 +36,12 @@ def attention_reference(
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(logits, axis=-1)  # (b, h, t, s), float32
-    out = jnp.einsum(
-        "bhts,bshd->bthd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
-    )
+    out = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.astype(q.dtype)
 
 
 def _cudnn(q: Array, k: Array, v: Array) -> Array:
-    scale = q.shape[-1] ** -0.5
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, implementation="cudnn")
 
 
 def _cudnn_refuses(backend: str, dtype: jnp.dtype, head_dim: int) -> str | None:

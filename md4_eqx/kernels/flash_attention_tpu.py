@@ -20,7 +20,6 @@ reduces over; padded rows of the other axis compute values that the wrapper slic
 import dataclasses
 import functools
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +52,7 @@ class BlockSizes:
                 raise ValueError(f"{name}={value} must be a positive multiple of 8")
 
     @classmethod
-    def default(cls, backend: Literal["tpu", "interpret"]) -> "BlockSizes":
+    def default(cls, interpret: bool) -> "BlockSizes":
         """Defaults for the compiled Mosaic TPU kernel or for the CPU interpreter.
 
         TPU: 512-row forward tiles keep the MXU busy and s (512 x 512 float32, 1 MiB) well
@@ -61,11 +60,9 @@ class BlockSizes:
         are untuned (no TPU was available). Interpret: 128, since every grid step costs a
         host round trip, while padding a short sequence to a big block wastes work.
         """
-        if backend == "tpu":
-            return cls(block_q=512, block_k=512, block_q_bwd=256, block_k_bwd=256)
-        if backend == "interpret":
+        if interpret:
             return cls(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
-        raise ValueError(f"no default block sizes for {backend=}; expected 'tpu' or 'interpret'")
+        return cls(block_q=512, block_k=512, block_q_bwd=256, block_k_bwd=256)
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -79,9 +76,7 @@ def _out_struct(shape: tuple[int, ...], dtype, *like: jax.Array) -> jax.ShapeDty
     the set is empty.
     """
     varying = frozenset().union(*(jax.typeof(x).mat.varying for x in like))
-    return jax.ShapeDtypeStruct(
-        shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying)
-    )
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
 
 
 def _nt(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -94,9 +89,7 @@ def _nn(a: jax.Array, b: jax.Array) -> jax.Array:
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _scores(
-    rows: jax.Array, cols: jax.Array, *, scale: float, start: jax.Array, length: int
-) -> jax.Array:
+def _scores(rows: jax.Array, cols: jax.Array, *, scale: float, start: jax.Array, length: int) -> jax.Array:
     """rows @ cols^T * scale in float32, -inf in the columns of padding.
 
     Column j is sequence position start + j; positions >= length are padding. The mask is
@@ -109,9 +102,7 @@ def _scores(
     return jnp.where(position < length, s, -jnp.inf)
 
 
-def _forward_kernel(
-    q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, scale, kv_len
-):
+def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, scale, kv_len):
     """One (q-block, kv-block) step of the online softmax (FlashAttention Algorithm 1)."""
     kv_index, num_kv = pl.program_id(3), pl.num_programs(3)
 
@@ -139,9 +130,7 @@ def _forward_kernel(
         lse_ref[...] = m_scratch[...] + jnp.log(l)
 
 
-def _dq_kernel(
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scratch, *, scale, kv_len
-):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scratch, *, scale, kv_len):
     """dq for one q block, accumulated over kv blocks (FlashAttention Algorithm 2)."""
     kv_index, num_kv = pl.program_id(3), pl.num_programs(3)
 
@@ -165,19 +154,7 @@ def _dq_kernel(
 
 
 def _dkv_kernel(
-    q_ref,
-    k_ref,
-    v_ref,
-    do_ref,
-    lse_ref,
-    delta_ref,
-    dk_ref,
-    dv_ref,
-    dk_scratch,
-    dv_scratch,
-    *,
-    scale,
-    q_len,
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *, scale, q_len
 ):
     """dk and dv for one kv block, accumulated over q blocks, computed transposed so that
     lse and delta broadcast as rows (FlashAttention Algorithm 2)."""
@@ -206,9 +183,7 @@ def _dkv_kernel(
 def _rows(block: int, head_dim: int, *, seq_axis: int) -> pl.BlockSpec:
     """Spec for a (block, head_dim) tile of a [b, h, seq, d] array; the grid's
     `seq_axis`-th index (2 or 3) picks the block along seq."""
-    return pl.BlockSpec(
-        (None, None, block, head_dim), lambda b, h, i, j: (b, h, (i, j)[seq_axis - 2], 0)
-    )
+    return pl.BlockSpec((None, None, block, head_dim), lambda b, h, i, j: (b, h, (i, j)[seq_axis - 2], 0))
 
 
 def _row_vector(block: int, *, seq_axis: int) -> pl.BlockSpec:
@@ -216,9 +191,7 @@ def _row_vector(block: int, *, seq_axis: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, 1, block), lambda b, h, i, j: (b, h, 0, (i, j)[seq_axis - 2]))
 
 
-def _backward_specs(
-    bq: int, bk: int, d: int, *, q_axis: int, kv_axis: int
-) -> list[pl.BlockSpec]:
+def _backward_specs(bq: int, bk: int, d: int, *, q_axis: int, kv_axis: int) -> list[pl.BlockSpec]:
     """Specs for (q, k, v, do, lse rows, delta rows); q_axis and kv_axis are the grid axes
     (2 or 3) that walk the query and key blocks."""
     q_rows, kv_rows = _rows(bq, d, seq_axis=q_axis), _rows(bk, d, seq_axis=kv_axis)
@@ -228,9 +201,7 @@ def _backward_specs(
 
 def _compiler_params() -> pltpu.CompilerParams:
     # The last grid axis carries the accumulators, so it runs in order on one core.
-    return pltpu.CompilerParams(
-        dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
-    )
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
 def _forward(q, k, v, *, kv_len, blocks, interpret):
@@ -246,10 +217,8 @@ def _forward(q, k, v, *, kv_len, blocks, interpret):
             _rows(bq, d, seq_axis=2),
             pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j: (b, h, i, 0)),
         ],
-        out_shape=[
-            _out_struct(q.shape, q.dtype, q, k, v),
-            _out_struct((b, h, tq, LANES), jnp.float32, q, k, v),
-        ],
+        out_shape=[_out_struct(q.shape, q.dtype, q, k, v),
+                   _out_struct((b, h, tq, LANES), jnp.float32, q, k, v)],
         scratch_shapes=[
             pltpu.VMEM((bq, LANES), jnp.float32),  # m: running row max
             pltpu.VMEM((bq, LANES), jnp.float32),  # l: running row sum of exp(s - m)
@@ -290,10 +259,7 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
         grid=(b, h, tk // bk, tq // bq),
         in_specs=_backward_specs(bq, bk, d, q_axis=3, kv_axis=2),
         out_specs=[_rows(bk, d, seq_axis=2), _rows(bk, d, seq_axis=2)],
-        out_shape=[
-            _out_struct(k.shape, k.dtype, *operands),
-            _out_struct(v.shape, v.dtype, *operands),
-        ],
+        out_shape=[_out_struct(k.shape, k.dtype, *operands), _out_struct(v.shape, v.dtype, *operands)],
         scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
         compiler_params=_compiler_params(),
         interpret=interpret_params,
@@ -314,10 +280,7 @@ def _flash_fwd(q, k, v, q_len, kv_len, blocks, interpret):
 
 
 def _flash_bwd(q_len, kv_len, blocks, interpret, residuals, do):
-    q, k, v, o, lse = residuals
-    return _backward(
-        q, k, v, o, lse, do, q_len=q_len, kv_len=kv_len, blocks=blocks, interpret=interpret
-    )
+    return _backward(*residuals, do, q_len=q_len, kv_len=kv_len, blocks=blocks, interpret=interpret)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
@@ -349,10 +312,8 @@ def flash_attention(
     """
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v must share a dtype: {q.dtype=}, {k.dtype=}, {v.dtype=}")
-    _, q_len, _, _ = q.shape
-    kv_len = k.shape[1]
-    if block_sizes is None:
-        block_sizes = BlockSizes.default("interpret" if interpret else "tpu")
+    q_len, kv_len = q.shape[1], k.shape[1]
+    block_sizes = block_sizes or BlockSizes.default(interpret)
     # Mosaic TPU: block_k is the lane dim of s and block_q that of s^T and of the lse rows.
     align = 8 if interpret else LANES
     if not interpret:
@@ -367,13 +328,6 @@ def flash_attention(
         x = jnp.swapaxes(x, 1, 2)
         return jnp.pad(x, ((0, 0), (0, 0), (0, padded_len - x.shape[2]), (0, 0)))
 
-    o = _flash(
-        to_kernel_layout(q, q_padded),
-        to_kernel_layout(k, kv_padded),
-        to_kernel_layout(v, kv_padded),
-        q_len,
-        kv_len,
-        blocks,
-        interpret,
-    )  # (b, h, q_padded, d)
+    q, k, v = to_kernel_layout(q, q_padded), to_kernel_layout(k, kv_padded), to_kernel_layout(v, kv_padded)
+    o = _flash(q, k, v, q_len, kv_len, blocks, interpret)  # (b, h, q_padded, d)
     return jnp.swapaxes(o[:, :, :q_len], 1, 2)
