@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -307,10 +306,10 @@ def test_unwritable_or_locked_workdir_exits_2_before_training(data, capsys):
     assert sorted(p.name for p in workdir.iterdir()) == [".lock"]  # nothing written
 
 
-def limit_file_size() -> None:
-    """In the child: files may not grow past 64 KiB (root ignores permissions, not this limit);
-    a bigger write fails with EFBIG, as on a full disk."""
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+# In the child, files may not grow past 64 KiB (root ignores permissions, not this limit): a
+# bigger write fails with EFBIG, as on a full disk. Set by the shell that execs the child, not by
+# a preexec_fn, which would fork this process while JAX's threads run.
+LIMIT_FILE_SIZE = ["bash", "-c", 'ulimit -f 64 && exec "$@"', "bash"]
 
 
 @pytest.mark.slow
@@ -320,9 +319,8 @@ def test_failed_save_keeps_the_newest_complete_checkpoint(trained, tmp_path):
     subprocess.run(["cp", "-r", str(full), str(workdir)], check=True)
     for step in ("25", "30"):  # as if the run had been stopped after checkpoint 20
         subprocess.run(["rm", "-r", str(workdir / "checkpoints" / step)], check=True)
-    cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300,
-                          preexec_fn=limit_file_size)
+    cmd = [*LIMIT_FILE_SIZE, sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert_usage_error(proc, "checkpoint 25 could not be written", "File too large", "newest complete one is step 20")
     assert checkpoint.latest_step(workdir) == 20
 
