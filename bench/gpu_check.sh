@@ -83,15 +83,15 @@ for s in result["steps"]:
     print(f"| {s['step']} | {'ok' if s['rc'] == 0 else 'FAILED rc=' + str(s['rc'])} | {s['seconds']} |")
 print(f"\ntests: {result['tests']}\n")
 print("\n".join(result["attention_table"]))
-print("\n| batch | attention | compute | ms/step | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|---|")
+print("\n| batch | attention | compute | ms/step | tokens/s | MFU | peak GiB | planned GiB |\n|---|---|---|---|---|---|---|---|")
 for c in result["train_step"]:
     if "error" in c:
-        print(f"| {c['batch']} | {c['attention']} | {c['precision']} | {c['error']} | | | |")
+        print(f"| {c['batch']} | {c['attention']} | {c['precision']} | {c['error']} | | | | |")
         continue
     mfu = "n/a" if c["mfu"] is None else f"{c['mfu']:.1%}"
     mem = "n/a" if c["peak_memory_gib"] is None else f"{c['peak_memory_gib']:.1f}"
     print(f"| {c['batch']} | {c['attention']} | {c['precision']} | {c['ms_per_step']:.1f} "
-          f"| {c['tokens_per_s']:,.0f} | {mfu} | {mem} |")
+          f"| {c['tokens_per_s']:,.0f} | {mfu} | {mem} | {c['planned_memory_gib']:.1f} |")
 if result["train"]:
     last = result["train"][-1]
     print(f"\ntrain.py --preset md4-s: step {last['step']}, {last['tokens_per_s']:,.0f} tokens/s "

@@ -35,6 +35,7 @@ import numpy as np
 from md4_eqx.config import PRESETS, Config, Precision, preset
 from md4_eqx.kernels import Impl
 from md4_eqx.kernels.attention import available_impls
+from md4_eqx import plan
 from md4_eqx.parallel import make_mesh
 from md4_eqx.train_step import init_state, make_optimizer, make_train_step
 
@@ -93,8 +94,15 @@ def machine() -> str:
     return f"{device.device_kind} ({device.platform}{cores}), JAX {jax.__version__}"
 
 
+def planned_peak_gib(config: Config) -> float:
+    """The memory plan's peak per device for this case (md4_eqx.plan: XLA's compiled figures)."""
+    mesh = make_mesh(1, 1, devices=jax.devices()[:1])
+    return plan.step_memory(config, mesh, batch=config.train.batch_size, microbatches=1).peak / 2**30
+
+
 def time_case(config: Config, warmup: int, steps: int) -> dict:
     """Compile, warm up and time one case; the figures of one table row."""
+    planned = planned_peak_gib(config)
     state, step = build(config)
     m, b = config.model, config.train.batch_size
     rng = np.random.default_rng(0)
@@ -118,7 +126,8 @@ def time_case(config: Config, warmup: int, steps: int) -> dict:
     peak = peak_tflops(m.precision)
     return {"ms_per_step": seconds * 1e3, "tokens_per_s": tokens_per_s, "compile_s": compile_s,
             "mfu": None if peak is None else tokens_per_s * flops_per_token(config) / (peak * 1e12),
-            "peak_memory_gib": peak_memory_gib(), "bits_per_token": float(metrics.bpt)}
+            "peak_memory_gib": peak_memory_gib(), "planned_memory_gib": planned,
+            "bits_per_token": float(metrics.bpt)}
 
 
 def is_out_of_memory(error: Exception) -> bool:
@@ -154,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
 
     header = f"`python bench/train_step.py --preset {args.preset}`: {machine()}"
     print(header + f", median of {args.steps} steps after compile + {args.warmup}\n")
-    print("| batch | attention | compute | ms/step | tokens/s | MFU | peak GiB | compile s |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
+    print("| batch | attention | compute | ms/step | tokens/s | MFU | peak GiB | planned GiB | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for batch in batches:
         for impl in attention:
@@ -171,11 +180,11 @@ def main(argv: list[str] | None = None) -> None:
                     if not is_out_of_memory(error):
                         raise
                     row["error"] = "out of memory"
-                    print(f"| {batch} | {impl} | {name} | out of memory | | | | |", flush=True)
+                    print(f"| {batch} | {impl} | {name} | out of memory | | | | | |", flush=True)
                 else:
                     print(f"| {batch} | {impl} | {name} | {row['ms_per_step']:.1f} | {row['tokens_per_s']:,.0f} "
                           f"| {fmt(row['mfu'], '.1%')} | {fmt(row['peak_memory_gib'], '.1f')} "
-                          f"| {row['compile_s']:.1f} |", flush=True)
+                          f"| {row['planned_memory_gib']:.2f} | {row['compile_s']:.1f} |", flush=True)
                 rows.append(row)
     if args.json:
         with open(args.json, "w") as f:
