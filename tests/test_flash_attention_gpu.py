@@ -11,7 +11,6 @@ are one or two tiles of 64/128 rows.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -21,13 +20,7 @@ pytest.importorskip(
 )
 
 from md4_eqx.kernels.flash_attention_gpu import BlockSizes, flash_attention_gpu  # noqa: E402
-from test_attention import output_and_gradients, random_inputs, reference_float64  # noqa: E402
-
-# Tolerance on max |error| / max |reference|, per input dtype. Inputs are exact in both
-# computations; the kernel rounds P and dS to the input dtype before their matmuls and rounds
-# its outputs, each up to one ulp: 2^-8 = 3.9e-3 (bfloat16), 2^-11 = 4.9e-4 (float16)
-# relative. Observed <= 5e-3 (bfloat16); the bounds are about five ulps of the largest element.
-TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 3e-3}
+from test_attention import assert_matches, output_and_gradients, random_inputs, reference_float64  # noqa: E402
 
 CASES = {
     # (batch, q_len, kv_len, heads, head_dim, dtype)
@@ -37,14 +30,6 @@ CASES = {
     # Two q blocks (the second ragged): the dk/dv kernel's ring refills (4 q steps).
     "d128-q-tiles-ragged": (2, 130, 70, 1, 128, jnp.float16),
 }
-
-
-def assert_matches(actual, expected, dtype):
-    for name, a, e in zip(("o", "dq", "dk", "dv"), actual, expected):
-        a = np.asarray(a, np.float64)
-        assert np.isfinite(a).all(), f"{name} has non-finite elements (unwritten?)"
-        error = np.abs(a - e).max() / np.abs(e).max()
-        assert error <= TOLERANCE[dtype], f"{name}: relative error {error:.2e} with {dtype=}"
 
 
 def interpreted(q, k, v):

@@ -51,6 +51,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float
 
+from md4_eqx.kernels.flash_vjp import flash_vjp
+
 # Two compute warpgroups per block (FlashAttention-3); a third one issues the TMA copies.
 COMPUTE_WGS = 2
 LOG2E = math.log2(math.e)
@@ -545,25 +547,7 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _flash(q, k, v, q_len, kv_len, blocks, interpret):
-    o, _ = _forward(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret)
-    return o
-
-
-def _flash_fwd(q, k, v, q_len, kv_len, blocks, interpret):
-    o, lse = _forward(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret)
-    return o, (q, k, v, o, lse)
-
-
-def _flash_bwd(q_len, kv_len, blocks, interpret, residuals, do):
-    q, k, v, o, lse = residuals
-    return _backward(
-        q, k, v, o, lse, do, q_len=q_len, kv_len=kv_len, blocks=blocks, interpret=interpret
-    )
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = flash_vjp(_forward, _backward)
 
 
 def _pad_seq(x: jax.Array, multiple: int) -> jax.Array:

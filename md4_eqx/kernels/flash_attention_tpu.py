@@ -27,6 +27,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float
 
+from md4_eqx.kernels.flash_vjp import flash_vjp
+
 # m and l are kept broadcast over one vreg's 128 lanes, the layout Mosaic handles natively.
 LANES = 128
 # Interpret mode fills every output buffer with NaN first, so an unwritten element shows.
@@ -268,22 +270,7 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _flash(q, k, v, q_len, kv_len, blocks, interpret):
-    o, _ = _forward(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret)
-    return o
-
-
-def _flash_fwd(q, k, v, q_len, kv_len, blocks, interpret):
-    o, lse = _forward(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret)
-    return o, (q, k, v, o, lse)
-
-
-def _flash_bwd(q_len, kv_len, blocks, interpret, residuals, do):
-    return _backward(*residuals, do, q_len=q_len, kv_len=kv_len, blocks=blocks, interpret=interpret)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = flash_vjp(_forward, _backward)
 
 
 def _fit(blocks: BlockSizes, q_len: int, kv_len: int, align: int) -> BlockSizes:
