@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} at {steps} steps done ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
 
     m = model.config
-    print(f"`python bench/sampler_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`: {machine()}")
+    command = " ".join(["python bench/sampler_quality.py", *(argv if argv is not None else sys.argv[1:])])
+    print(f"`{command}`: {machine()}")
     print(f"MD4: tiny preset ({m.num_layers} layers, width {m.width}, seq {m.seq_len}), {trained}. "
           f"Scorer: GPT-2, 2 layers, width 128, {params / 1e6:.2f}M parameters, trained here "
           f"{args.scorer_steps} steps at batch {args.batch_size} (last train loss {loss:.2f} nats/token). "
