@@ -5,11 +5,18 @@
     python sample.py --prompt 'import os' --out samples.jsonl
     python sample.py --infill $'def [MASK:12](path):\\n    [MASK:40]\\n    return result\\n'
     python sample.py --workdir runs/cifar10-cifar10 --label 3 --trajectory --out cats.png
+    python sample.py --length 512 --block 32 --prompt "$(head -c 300 setup.py)"   # past seq_len
 
 Text: the samples go to stdout and, with --out FILE.jsonl, one JSON object per sample with its
 `text` and `tokens`. --prompt keeps the given text at the start and generates the rest;
 --infill takes a template in which `[MASK:n]` stands for n generated tokens (everything else
 is kept; positions after the template are generated too). Use bash's $'...' for newlines.
+--length N makes samples of N tokens, longer than the model's seq_len L, semi-autoregressively:
+each window of L tokens keeps the L - B tokens it shares with the last and samples B = --block
+new ones (a prompt may then be longer than L). Each JSON record also holds what reproduces it:
+the sampler's settings (rule, loop, steps, grid, top_p, draws, remasking), the seed, the
+checkpoint step, the length and block, and the sample's index (its randomness depends on
+nothing else). A progress bar on stderr counts the windows, with the network calls made.
 Images: a PNG grid (--out, default WORKDIR/samples_step<N>.png); --label picks the class.
 --trajectory shows how the samples unmasked step by step: a PNG strip and a GIF for images,
 text snapshots for text.
@@ -27,14 +34,15 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from md4_eqx import checkpoint
 from md4_eqx.cli import UsageError, check_positive, field_flag, run_command, script_parser
-from md4_eqx.config import Loop, Rule
+from md4_eqx.config import Loop, Rule, config_to_json
 from md4_eqx.data import load
 from md4_eqx.distributed import replicated_on_mesh
 from md4_eqx.parallel import make_mesh
-from md4_eqx.sampling import generate
+from md4_eqx.sampling import Samples, block_starts, check_sampler, generate, generate_long
 from md4_eqx.visualize import image_grid, text_trajectory, to_images, trajectory_gif, trajectory_strip
 
 MASK_MARKER = re.compile(r"\[MASK:(\d+)\]")
@@ -55,13 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label", **field_flag(int), help="class of every image (default: 0, 1, 2, ...)")
     parser.add_argument("--prompt", help="text kept at the start of every sample")
     parser.add_argument("--infill", help="template; [MASK:n] = n generated tokens")
+    parser.add_argument("--length", **field_flag(int), help="tokens per text sample (default: the model's seq_len)")
+    parser.add_argument("--block", **field_flag(int), help="new tokens per window past seq_len (default: seq_len // 4)")
     parser.add_argument("--trajectory", action="store_true", help="show how the samples unmasked")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--cache-dir", help="dataset cache, for the tokenizer (default: as train.py)")
     return parser
 
 
-def template_row(args, ds, seq_len: int, mask_id: int) -> np.ndarray:
-    """One template [L]: the prompt or infilling template's tokens, masks (id V) elsewhere."""
+def template_row(args, ds, length: int, mask_id: int) -> np.ndarray:
+    """One template [N]: the prompt or infilling template's tokens, masks (id V) elsewhere."""
     pieces = []  # token arrays; -1 marks a generated position
     if args.prompt is not None:
         pieces.append(ds.encode(args.prompt))
@@ -71,12 +82,12 @@ def template_row(args, ds, seq_len: int, mask_id: int) -> np.ndarray:
             # split alternates literal text and the numbers inside [MASK:n]
             pieces.append(ds.encode(part) if i % 2 == 0 else np.full(int(part), -1, np.int32))
     tokens = np.concatenate([np.zeros(0, np.int32), *pieces]).astype(np.int32)
-    if tokens.size > seq_len:
-        raise UsageError(f"the template is {tokens.size} tokens; the model's sequences are {seq_len}")
+    if tokens.size > length:
+        raise UsageError(f"the template is {tokens.size} tokens; the samples are {length}")
     outside = (tokens >= mask_id) | (tokens < -1)
     if outside.any():
         raise UsageError(f"token id {tokens[outside][0]} lies outside the model's vocabulary [0, {mask_id})")
-    row = np.full(seq_len, mask_id, np.int32)
+    row = np.full(length, mask_id, np.int32)
     row[: tokens.size] = np.where(tokens < 0, mask_id, tokens)
     return row
 
@@ -85,6 +96,13 @@ def check(args, config) -> None:
     if args.prompt is not None and args.infill is not None:
         raise UsageError("give --prompt or --infill, not both")
     check_positive(args, "num_samples", "steps")
+    seq_len = config.model.seq_len
+    if args.length is not None and args.length < seq_len:
+        raise UsageError(f"--length {args.length} must be at least the model's seq_len {seq_len}")
+    if args.block is not None and not 0 < args.block <= seq_len:
+        raise UsageError(f"--block {args.block} must lie in [1, seq_len {seq_len}]")
+    if args.trajectory and (args.length or seq_len) > seq_len:
+        raise UsageError("--trajectory shows one window: leave --length at the model's seq_len")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
         raise UsageError(f"--top-p {args.top_p} must lie in (0, 1]")
     classes = config.model.num_classes
@@ -100,22 +118,30 @@ def sample(args) -> int:
     _, model = checkpoint.load_for_inference(args.workdir, step, mesh)
     ds = load(config.train.dataset, seq_len=config.model.seq_len, cache_dir=args.cache_dir, progress=False)
     images = ds.image_shape is not None
-    if images and (args.prompt is not None or args.infill is not None):
-        raise UsageError("--prompt and --infill are for text; this model makes images")
+    if images and (args.prompt is not None or args.infill is not None or args.length is not None):
+        raise UsageError("--prompt, --infill and --length are for text; this model makes images")
     if args.out and not args.out.endswith(".png" if images else ".jsonl"):
         raise UsageError(f"--out {args.out}: expected a {'.png' if images else '.jsonl'} file")
 
     changes = {"steps": args.steps, "top_p": args.top_p,
                "rule": args.sampler or (Rule.TOP_P if args.top_p is not None else None), "loop": args.loop}
     sampler_cfg = dataclasses.replace(config.sampler, **{k: v for k, v in changes.items() if v is not None})
-    n, mask_id = args.num_samples, model.mask_id
-    template = np.tile(template_row(args, ds, config.model.seq_len, mask_id), (n, 1))
+    try:
+        check_sampler(sampler_cfg, per_token_schedule=model.schedule.per_token)
+    except ValueError as e:
+        raise UsageError(f"--sampler {sampler_cfg.rule.value} --loop {sampler_cfg.loop.value}: {e}") from e
+    n, mask_id, seq_len = args.num_samples, model.mask_id, config.model.seq_len
+    length, block = args.length or seq_len, args.block or max(seq_len // 4, 1)
+    template = replicated_on_mesh(np.tile(template_row(args, ds, length, mask_id), (n, 1)), mesh)
     labels = None
     if config.model.num_classes:
         classes = np.arange(n) % config.model.num_classes if args.label is None else np.full(n, args.label)
         labels = replicated_on_mesh(classes.astype(np.int32), mesh)
-    out = generate(model, jax.random.key(args.seed), replicated_on_mesh(template, mesh), mesh, sampler_cfg,
-                   labels, trajectory=args.trajectory)
+    key = jax.random.key(args.seed)
+    if args.trajectory:  # one window (check)
+        out = generate(model, key, template, mesh, sampler_cfg, labels, trajectory=True)
+    else:
+        out = generate_with_progress(model, key, template, mesh, sampler_cfg, block, labels, args.no_progress)
     tokens = np.asarray(out.tokens)
     trajectory = None if out.trajectory is None else np.asarray(out.trajectory)
 
@@ -130,9 +156,14 @@ def sample(args) -> int:
             print(f"trajectory in {strip} and {gif}")
         return 0
 
+    settings = {"sampler": config_to_json(dataclasses.replace(config, sampler=sampler_cfg))["sampler"],
+                "seed": args.seed, "checkpoint_step": step, "length": length, "block": block,
+                "workdir": args.workdir, "prompt": args.prompt, "infill": args.infill}
     records = []
     for i, row in enumerate(tokens):
-        record = {"text": ds.decode(row), "tokens": row.tolist()}
+        record = {"text": ds.decode(row), "tokens": row.tolist(), "index": i, **settings}
+        if labels is not None:
+            record["label"] = int(classes[i])
         if trajectory is not None:
             snapshots = text_trajectory(trajectory[:, i], ds.decode, mask_id)
             record["trajectory"] = [{"step": s, "text": t} for s, t in snapshots]
@@ -144,6 +175,22 @@ def sample(args) -> int:
         lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
         Path(args.out).write_text("".join(lines), encoding="utf-8")
     return 0
+
+
+def generate_with_progress(model, key, template, mesh, cfg, block: int, labels, quiet: bool) -> Samples:
+    """`generate_long` with a bar over its windows on stderr: the steps per window and the
+    network calls so far (of the busiest data shard)."""
+    windows = len(block_starts(model.config.seq_len, template.shape[1], block))
+    calls = []
+    with tqdm(total=windows, desc="sampling", unit="window", disable=quiet, file=sys.stderr) as bar:
+        bar.set_postfix(steps=cfg.steps, calls=0)
+
+        def on_block(samples: Samples) -> None:
+            calls.append(np.asarray(samples.calls))
+            bar.set_postfix(steps=cfg.steps, calls=int(np.max(np.sum(calls, axis=0))))
+            bar.update()
+
+        return generate_long(model, key, template, mesh, cfg, block, labels, on_block=on_block)
 
 
 def main(argv: list[str] | None = None) -> int:

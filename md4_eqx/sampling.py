@@ -15,9 +15,13 @@ two-stage draw is the ancestral one (the unmask probability is the same for ever
 "z0 ~ mu, then unmask" and "unmask, then x ~ mu" are one law). GenMD4's per-token schedule makes
 the unmask step depend on the token, so it takes EVERY_STEP only. REMDM remasks decoded tokens, so
 a position may unmask several times: it takes EVERY_STEP under MD4's schedule only.
+
+Text longer than the training length L comes from `generate_long`, window by window: each window
+of L tokens keeps what it shares with the previous one as its prompt and samples the rest.
 """
 
 import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import equinox as eqx
@@ -180,8 +184,7 @@ def check_sampler(cfg: SamplerConfig, per_token_schedule: bool) -> None:
         )
 
 
-@eqx.filter_jit
-def _generate(model, key, template, labels, mesh, cfg, trajectory):
+def _sample_on_mesh(model, key, template, labels, mesh, cfg, trajectory):
     def specs(model, key, template, labels):
         return (param_specs(model), P(), P(DATA), None if labels is None else P(DATA))
 
@@ -191,6 +194,16 @@ def _generate(model, key, template, labels, mesh, cfg, trajectory):
         functools.partial(local, cfg=cfg, trajectory=trajectory), mesh, specs, out
     )
     return run(model, key, template, labels)
+
+
+_generate = eqx.filter_jit(_sample_on_mesh)
+
+
+def check_generate(model: MD4, batch: int, mesh: Mesh, cfg: SamplerConfig) -> None:
+    """Raise for a mesh, batch or sampler that `generate` cannot run."""
+    check_model_split(model.config, mesh.shape[MODEL])
+    check_batch(batch, mesh)
+    check_sampler(cfg, per_token_schedule=model.schedule.per_token)
 
 
 def generate(
@@ -205,9 +218,56 @@ def generate(
     """Samples for every row of `template`: positions equal to the mask id V are generated, the
     others are kept (all masks: unconditional; a prompt or an infilling template otherwise).
     The batch is split over the mesh's `data` axis; the result does not depend on the mesh."""
-    check_model_split(model.config, mesh.shape[MODEL])
-    check_batch(template.shape[0], mesh)
-    check_sampler(cfg, per_token_schedule=model.schedule.per_token)
+    check_generate(model, template.shape[0], mesh, cfg)
     if template.shape[1] != model.config.seq_len:
         raise ValueError(f"template length {template.shape[1]} != seq_len {model.config.seq_len}")
     return _generate(model, key, template, labels, mesh, cfg, trajectory)
+
+
+def block_starts(seq_len: int, length: int, block: int) -> list[int]:
+    """First position of each window of `generate_long`: 0, B, 2B, ... while the window ends
+    before `length`, then length - L, so the last window ends at the end (and may keep more
+    than L - B tokens)."""
+    if not 0 < block <= seq_len:
+        raise ValueError(f"block {block} must lie in [1, seq_len {seq_len}]")
+    if length < seq_len:
+        raise ValueError(f"length {length} must be at least seq_len {seq_len}")
+    return [*range(0, length - seq_len, block), length - seq_len]
+
+
+@eqx.filter_jit
+def _sample_window(model, key, tokens, start, labels, mesh, cfg):
+    """tokens[:, start : start + L] sampled as a template, in place; one compilation serves
+    every window, as `start` is traced."""
+    window = jax.lax.dynamic_slice_in_dim(tokens, start, model.config.seq_len, axis=1)  # (b, L)
+    out = _sample_on_mesh(model, key, window, labels, mesh, cfg, trajectory=False)
+    return jax.lax.dynamic_update_slice_in_dim(tokens, out.tokens, start, axis=1), out.calls
+
+
+def generate_long(
+    model: MD4,
+    key: PRNGKeyArray,
+    template: Int[Array, "b n"],
+    mesh: Mesh,
+    cfg: SamplerConfig,
+    block: int,
+    labels: Int[Array, " b"] | None = None,
+    on_block: Callable[[Samples], None] | None = None,
+) -> Samples:
+    """Samples of any length n >= L, semi-autoregressively as MDLM (Sahoo et al. 2024, section
+    4.2) does: the first window is `template[:, :L]`; each next one moves B = `block` positions
+    on, keeps the L - B tokens it shares with the last as its prompt, and samples the B new
+    positions that are masks in `template` (the others, e.g. a prompt longer than L, are kept).
+    The window at i > 0 draws with fold_in(key, i), the first with `key`, so n = L is
+    `generate`. `on_block(samples)` sees the tokens after each window and that window's calls;
+    the result's calls add up every window's."""
+    check_generate(model, template.shape[0], mesh, cfg)
+    starts = block_starts(model.config.seq_len, template.shape[1], block)
+    tokens, calls = template, jnp.zeros((mesh.shape[DATA],), jnp.int32)
+    for i, start in enumerate(starts):
+        window_key = key if i == 0 else jax.random.fold_in(key, i)
+        tokens, window_calls = _sample_window(model, window_key, tokens, jnp.int32(start), labels, mesh, cfg)
+        calls = calls + window_calls
+        if on_block is not None:
+            on_block(Samples(tokens, None, window_calls))
+    return Samples(tokens, None, calls)

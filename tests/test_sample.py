@@ -87,6 +87,27 @@ def test_prompt_infill_and_trajectory(workdir, tmp_path, capsys):
         assert snapshots[0]["text"].startswith("x = ")  # given tokens are never masked
 
 
+def test_long_samples_keep_a_long_prompt_and_record_their_settings(workdir, tmp_path, capsys):
+    """--length 80 past SEQ = 32 in windows of 8 new tokens, a 40-token prompt (longer than a
+    window) kept exactly; every record says how to reproduce it; a bar counts the windows."""
+    out, prompt = tmp_path / "long.jsonl", "def load(path):\n    return json.load(path)\n"[:40]
+    argv = [*cache_flags(workdir), "--num-samples", "2", "--steps", "3", "--length", "80", "--block", "8",
+            "--prompt", prompt, "--seed", "5", "--sampler", "remdm", "--out", str(out)]
+    code, stdout, stderr = run_main(argv, capsys)
+    assert code == 0, stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 2 and stdout.count("sample ") == 2
+    for i, r in enumerate(records):
+        assert len(r["tokens"]) == 80 and r["tokens"][:40] == list(prompt.encode())
+        assert all(0 <= t < 256 for t in r["tokens"])
+        assert (r["index"], r["seed"], r["checkpoint_step"], r["length"], r["block"]) == (i, 5, 4, 80, 8)
+        assert r["sampler"] == {"rule": "remdm", "loop": "every_step", "steps": 3, "grid": "cosine", "top_p": 0.8,
+                                "draws": "exact", "remask": "cap", "eta": 0.02, "remask_from": 1.0,
+                                "remask_until": 0.0}
+    # windows start at 0, 8, ..., 40 and 48: 7 windows of 3 steps + the final fill each
+    assert "7/7" in stderr and "calls=28" in stderr and "steps=3" in stderr
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
@@ -100,6 +121,12 @@ def test_prompt_infill_and_trajectory(workdir, tmp_path, capsys):
         (["--top-p", "1.5"], "(0, 1]"),
         (["--sampler", "greedy"], "ancestral"),
         (["--steps", "many"], "expected int"),
+        (["--length", "31"], "at least the model's seq_len 32"),
+        (["--length", "64", "--block", "0"], "--block 0 must lie in [1, seq_len 32]"),
+        (["--block", "33"], "--block 33"),
+        (["--length", "64", "--trajectory"], "one window"),
+        (["--length", "64", "--prompt", "a" * 65], "65 tokens"),
+        (["--sampler", "remdm", "--loop", "exact_skip"], "every_step loop"),
     ],
     ids=lambda v: v if isinstance(v, str) else " ".join(v)[:30],
 )

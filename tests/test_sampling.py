@@ -12,7 +12,7 @@ from md4_eqx.config import Config, DiffusionConfig, ModelConfig, Loop, Precision
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
 from md4_eqx.categorical import top_p_filter
-from md4_eqx.sampling import generate, time_grid
+from md4_eqx.sampling import block_starts, generate, generate_long, time_grid
 
 MESH = make_mesh(1, 1, jax.devices()[:1])
 PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.07, 0.03])
@@ -171,3 +171,62 @@ def test_remdm_keeps_the_forward_marginal(remask):
     p = [stats.binomtest(int(m), n * seq, q).pvalue for m, q in zip(masked[:-1], mask_prob[:-1])]
     assert min(p) > 1e-4 / steps, (masked / (n * seq), mask_prob)
     assert (~is_mask[:-1] & is_mask[1:]).sum() > 100  # decoded tokens were remasked
+
+
+def random_model(seq: int, vocab: int = 11) -> MD4:
+    """A freshly initialised MD4: its predictions depend on every token of the window."""
+    cfg = Config(model=ModelConfig(vocab_size=vocab, seq_len=seq, width=16, num_layers=1, num_heads=2,
+                                   cond_dim=16, precision=Precision.FLOAT32))
+    return MD4(cfg.model, cfg.diffusion, key=jax.random.key(5))
+
+
+def test_generate_long_is_generate_window_by_window():
+    """The reference: plain `generate` on each window, the window's first L - B (here more, for
+    the last) tokens taken from the previous result, on a (data=2, model=2) mesh."""
+    seq, block, length, b = 8, 3, 15, 4  # windows start at 0, 3, 6, 7
+    model, cfg, key = random_model(seq), SamplerConfig(steps=6), jax.random.key(3)
+    mesh = make_mesh(2, 2, jax.devices()[:4])
+    template = np.full((b, length), model.mask_id, np.int32)
+    template[:, :10] = np.arange(10) % model.vocab_size  # a prompt longer than L: 10 > 8 tokens
+    template[:, 12] = 4  # a given token inside a later block
+    seen = []
+    out = generate_long(model, key, jnp.asarray(template), mesh, cfg, block,
+                        on_block=lambda s: seen.append(np.asarray(s.calls)))
+    assert out.tokens.shape == (b, length) and len(seen) == 4
+    np.testing.assert_array_equal(out.calls, np.sum(seen, axis=0))
+
+    expected = template.copy()
+    for i, start in enumerate([0, 3, 6, 7]):
+        window_key = key if i == 0 else jax.random.fold_in(key, i)
+        window = generate(model, window_key, jnp.asarray(expected[:, start : start + seq]), mesh, cfg)
+        expected[:, start : start + seq] = np.asarray(window.tokens)
+    np.testing.assert_array_equal(out.tokens, expected)
+    np.testing.assert_array_equal(np.asarray(out.tokens)[:, :10], template[:, :10])
+    assert np.all(np.asarray(out.tokens)[:, 12] == 4) and int(jnp.max(out.tokens)) < model.vocab_size
+
+
+def test_generate_long_of_one_window_is_generate():
+    model, cfg = random_model(8), SamplerConfig(rule=Rule.TOP_P, loop=Loop.EXACT_SKIP, steps=5, top_p=0.9)
+    template = jnp.full((2, 8), model.mask_id, jnp.int32).at[:, 0].set(1)
+    plain = generate(model, jax.random.key(7), template, MESH, cfg)
+    long = generate_long(model, jax.random.key(7), template, MESH, cfg, block=3)
+    np.testing.assert_array_equal(long.tokens, plain.tokens)
+    np.testing.assert_array_equal(long.calls, plain.calls)
+
+
+@pytest.mark.parametrize(
+    "length, block, message",
+    [(10, 0, "block 0"), (10, 9, "block 9"), (7, 2, "length 7")],
+    ids=["zero-block", "block-over-seq", "too-short"],
+)
+def test_generate_long_rejects_bad_windows(length, block, message):
+    model = random_model(8)
+    with pytest.raises(ValueError, match=message):
+        generate_long(model, jax.random.key(0), jnp.full((1, length), model.mask_id), MESH, SamplerConfig(steps=2), block)
+
+
+def test_block_starts():
+    assert block_starts(8, 8, 3) == [0]
+    assert block_starts(8, 15, 3) == [0, 3, 6, 7]
+    assert block_starts(8, 16, 4) == [0, 4, 8]
+    assert block_starts(8, 24, 8) == [0, 8, 16]
