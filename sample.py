@@ -5,12 +5,14 @@
     python sample.py --prompt 'import os' --out samples.jsonl
     python sample.py --infill $'def [MASK:12](path):\\n    [MASK:40]\\n    return result\\n'
     python sample.py --workdir runs/cifar10-cifar10 --label 3 --trajectory --out cats.png
+    python sample.py --workdir runs/cifar10-classes --label 3 --guidance 2 --out cats.png
 
 Text: the samples go to stdout and, with --out FILE.jsonl, one JSON object per sample with its
 `text` and `tokens`. --prompt keeps the given text at the start and generates the rest;
 --infill takes a template in which `[MASK:n]` stands for n generated tokens (everything else
 is kept; positions after the template are generated too). Use bash's $'...' for newlines.
-Images: a PNG grid (--out, default WORKDIR/samples_step<N>.png); --label picks the class.
+Images: a PNG grid (--out, default WORKDIR/samples_step<N>.png); --label picks the class and
+--guidance W samples with classifier-free guidance (a model trained with --num-classes).
 --trajectory shows how the samples unmasked step by step: a PNG strip and a GIF for images,
 text snapshots for text.
 
@@ -53,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", **field_flag(int), default=0)
     parser.add_argument("--out", help="FILE.jsonl for text, FILE.png for images")
     parser.add_argument("--label", **field_flag(int), help="class of every image (default: 0, 1, 2, ...)")
+    parser.add_argument("--guidance", **field_flag(float),
+                        help="classifier-free guidance w for class-conditional models (default: the run's config, 0)")
     parser.add_argument("--prompt", help="text kept at the start of every sample")
     parser.add_argument("--infill", help="template; [MASK:n] = n generated tokens")
     parser.add_argument("--trajectory", action="store_true", help="show how the samples unmasked")
@@ -90,6 +94,8 @@ def check(args, config) -> None:
     classes = config.model.num_classes
     if args.label is not None and not 0 <= args.label < classes:
         raise UsageError(f"--label {args.label}: this model has {classes} classes")
+    if args.guidance and not classes:
+        raise UsageError(f"--guidance {args.guidance} needs a class-conditional model; this one has no classes")
 
 
 def sample(args) -> int:
@@ -106,7 +112,8 @@ def sample(args) -> int:
         raise UsageError(f"--out {args.out}: expected a {'.png' if images else '.jsonl'} file")
 
     changes = {"steps": args.steps, "top_p": args.top_p,
-               "rule": args.sampler or (Rule.TOP_P if args.top_p is not None else None), "loop": args.loop}
+               "rule": args.sampler or (Rule.TOP_P if args.top_p is not None else None), "loop": args.loop,
+               "guidance": args.guidance}
     sampler_cfg = dataclasses.replace(config.sampler, **{k: v for k, v in changes.items() if v is not None})
     n, mask_id = args.num_samples, model.mask_id
     template = np.tile(template_row(args, ds, config.model.seq_len, mask_id), (n, 1))

@@ -186,6 +186,7 @@ class SamplerConfig:
     eta: float = 0.02
     remask_from: float = 1.0  # remasking is on for t in (remask_until, remask_from]
     remask_until: float = 0.0
+    guidance: float = 0.0  # classifier-free guidance w: (1 + w) cond - w uncond logits; 0: none
 
     def __post_init__(self):
         if self.steps <= 0:

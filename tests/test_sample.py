@@ -92,6 +92,7 @@ def test_prompt_infill_and_trajectory(workdir, tmp_path, capsys):
     [
         (["--step", "3"], "[2, 4]"),
         (["--label", "1"], "0 classes"),
+        (["--guidance", "2"], "no classes"),
         (["--prompt", "a" * (SEQ + 1)], f"{SEQ + 1} tokens"),
         (["--prompt", "a", "--infill", "[MASK:2]"], "not both"),
         (["--infill", "[MASK:40]"], "40 tokens"),
