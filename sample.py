@@ -6,6 +6,7 @@
     python sample.py --infill $'def [MASK:12](path):\\n    [MASK:40]\\n    return result\\n'
     python sample.py --workdir runs/cifar10-cifar10 --label 3 --trajectory --out cats.png
     python sample.py --length 512 --block 32 --prompt "$(head -c 300 setup.py)"   # past seq_len
+    python sample.py --workdir runs/cifar10-classes --label 3 --guidance 2 --out cats.png
 
 Text: the samples go to stdout and, with --out FILE.jsonl, one JSON object per sample with its
 `text` and `tokens`. --prompt keeps the given text at the start and generates the rest;
@@ -17,7 +18,8 @@ new ones (a prompt may then be longer than L). Each JSON record also holds what 
 the sampler's settings (rule, loop, steps, grid, top_p, draws, remasking), the seed, the
 checkpoint step, the length and block, and the sample's index (its randomness depends on
 nothing else). A progress bar on stderr counts the windows, with the network calls made.
-Images: a PNG grid (--out, default WORKDIR/samples_step<N>.png); --label picks the class.
+Images: a PNG grid (--out, default WORKDIR/samples_step<N>.png); --label picks the class and
+--guidance W samples with classifier-free guidance (a model trained with --num-classes).
 --trajectory shows how the samples unmasked step by step: a PNG strip and a GIF for images,
 text snapshots for text.
 
@@ -61,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", **field_flag(int), default=0)
     parser.add_argument("--out", help="FILE.jsonl for text, FILE.png for images")
     parser.add_argument("--label", **field_flag(int), help="class of every image (default: 0, 1, 2, ...)")
+    parser.add_argument("--guidance", **field_flag(float),
+                        help="classifier-free guidance w for class-conditional models (default: the run's config, 0)")
     parser.add_argument("--prompt", help="text kept at the start of every sample")
     parser.add_argument("--infill", help="template; [MASK:n] = n generated tokens")
     parser.add_argument("--length", **field_flag(int), help="tokens per text sample (default: the model's seq_len)")
@@ -108,6 +112,8 @@ def check(args, config) -> None:
     classes = config.model.num_classes
     if args.label is not None and not 0 <= args.label < classes:
         raise UsageError(f"--label {args.label}: this model has {classes} classes")
+    if args.guidance and not classes:
+        raise UsageError(f"--guidance {args.guidance} needs a class-conditional model; this one has no classes")
 
 
 def sample(args) -> int:
@@ -124,7 +130,8 @@ def sample(args) -> int:
         raise UsageError(f"--out {args.out}: expected a {'.png' if images else '.jsonl'} file")
 
     changes = {"steps": args.steps, "top_p": args.top_p,
-               "rule": args.sampler or (Rule.TOP_P if args.top_p is not None else None), "loop": args.loop}
+               "rule": args.sampler or (Rule.TOP_P if args.top_p is not None else None), "loop": args.loop,
+               "guidance": args.guidance}
     sampler_cfg = dataclasses.replace(config.sampler, **{k: v for k, v in changes.items() if v is not None})
     try:
         check_sampler(sampler_cfg, per_token_schedule=model.schedule.per_token)

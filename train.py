@@ -10,7 +10,7 @@ Every config field (md4_eqx/config.py) is a flag: `--section.field VALUE` (--mod
 --optim.lr 1e-3, --model.num-layers 6) or just `--field` where the name is unique (--width 256);
 `--steps` is train.steps (the sampler's is --sampler.steps). Enums take their values
 (--schedule cosine), booleans true/false. The vocabulary size (and the number of classes of a
-labelled dataset) comes from the dataset unless given.
+class-conditional preset's dataset) comes from the dataset unless given.
 
 WORKDIR (default runs/<preset>-<dataset>) gets checkpoints/ (the last --keep-checkpoints, each
 with params, EMA, optimizer state, step, key, data position and the full config), metrics.jsonl
@@ -82,12 +82,14 @@ def default_workdir(preset_name: str, dataset: str) -> Path:
 
 
 def fit_to_data(cfg: Config, ds: Dataset, given: set[str]) -> Config:
-    """The dataset's vocabulary size and number of classes, unless given (and then checked)."""
+    """The dataset's vocabulary size, unless given (and then checked). Classes: as given (and
+    checked); else the dataset's when the preset is class-conditional, none when it is not (the
+    cifar10 preset is unconditional, as the paper's model: `--num-classes 10` adds them)."""
     vocab = cfg.model.vocab_size if "model.vocab_size" in given else ds.vocab_size
     if vocab < ds.vocab_size:
         raise UsageError(f"--vocab-size {vocab} is smaller than {ds.name}'s vocabulary of {ds.vocab_size}: "
                          f"its token ids would lie outside the model's vocabulary")
-    classes = cfg.model.num_classes if "model.num_classes" in given else ds.num_classes
+    classes = cfg.model.num_classes if "model.num_classes" in given or not cfg.model.num_classes else ds.num_classes
     if classes and classes != ds.num_classes:
         raise UsageError(f"--num-classes {classes}: {ds.name} has {ds.num_classes} classes")
     model = dataclasses.replace(cfg.model, vocab_size=vocab, num_classes=classes)

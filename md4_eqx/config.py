@@ -6,6 +6,7 @@ one as a command-line flag and a checkpoint can store the whole `Config` as JSON
 
 import dataclasses
 import enum
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -19,6 +20,14 @@ class Schedule(enum.Enum):
     LINEAR = "linear"
     COSINE = "cosine"
     POLY = "poly"
+
+
+class Backbone(enum.Enum):
+    """The network mu_theta: the transformer over the token sequence (`md4_eqx.transformer`), or
+    the VDM-style U-Net over RGB images of flattened sub-pixels (`md4_eqx.unet`)."""
+
+    TRANSFORMER = "transformer"
+    UNET = "unet"
 
 
 class MLPKind(enum.Enum):
@@ -77,10 +86,18 @@ class TimeGrid(enum.Enum):
     COSINE = "cosine"
 
 
+UNET_CHANNELS = 3  # sub-pixels per pixel (RGB); the data pipeline flattens images row-major (h, w, c)
+UNET_GROUPS = 32  # the U-Net's GroupNorm groups (Flax's default, as the VDM U-Net uses)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The bidirectional transformer backbone (MD4_MATH.md, "Network")."""
+    """The network mu_theta (MD4_MATH.md, "Network"): the transformer, or the U-Net for images.
+    The U-Net reads vocab_size, seq_len (3 side^2), width (its channels), num_layers (residual
+    blocks down; one more up), num_heads, cond_dim, num_classes, dropout, precision, remat and
+    attention; mlp, mlp_hidden and rope_theta are the transformer's only."""
 
+    backbone: Backbone = Backbone.TRANSFORMER
     vocab_size: int = 256
     seq_len: int = 256
     width: int = 768
@@ -89,7 +106,8 @@ class ModelConfig:
     mlp: MLPKind = MLPKind.GLU
     mlp_hidden: int = 0  # 0: 2/3 of 4 * width rounded up to a multiple of 32 (2048 at width 768)
     cond_dim: int = 64  # width of the time (and class) conditioning vector
-    num_classes: int = 0  # > 0 adds a class-label embedding (CIFAR-10: 10)
+    num_classes: int = 0  # > 0 adds a class-label embedding (CIFAR-10: 10), plus a null class
+    label_dropout: float = 0.1  # with classes: P(a training label becomes the null class), for guidance
     dropout: float = 0.0
     precision: Precision = Precision.BFLOAT16
     remat: bool = False  # rematerialise each block in the backward pass
@@ -99,11 +117,20 @@ class ModelConfig:
     def __post_init__(self):
         if self.width % self.num_heads:
             raise ConfigError("width", f"width={self.width} must be a multiple of num_heads={self.num_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("dropout", f"dropout={self.dropout} must be in [0, 1)")
+        for name in ("dropout", "label_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(name, f"{name}={getattr(self, name)} must be in [0, 1)")
         for name in ("vocab_size", "seq_len", "width", "num_layers", "num_heads", "cond_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"{name}={getattr(self, name)} must be positive")
+        if self.backbone is Backbone.UNET:
+            side = math.isqrt(self.seq_len // UNET_CHANNELS)
+            if UNET_CHANNELS * side * side != self.seq_len:
+                raise ConfigError("seq_len", f"the U-Net needs seq_len = {UNET_CHANNELS} * side^2 sub-pixels, "
+                                             f"got {self.seq_len}")
+            if self.width % UNET_GROUPS:
+                raise ConfigError("width", f"the U-Net's GroupNorm needs width={self.width} to be a multiple "
+                                           f"of {UNET_GROUPS}")
 
     @property
     def head_dim(self) -> int:
@@ -159,6 +186,7 @@ class SamplerConfig:
     eta: float = 0.02
     remask_from: float = 1.0  # remasking is on for t in (remask_until, remask_from]
     remask_until: float = 0.0
+    guidance: float = 0.0  # classifier-free guidance w: (1 + w) cond - w uncond logits; 0: none
 
     def __post_init__(self):
         if self.steps <= 0:
@@ -257,11 +285,20 @@ def _text8() -> Config:
 
 
 def _cifar10() -> Config:
-    """CIFAR-10 as a flattened 32x32x3 sub-pixel sequence (ours: a transformer, not a UNet)."""
+    """CIFAR-10 as the paper trains it (DeepMind's md4/configs/md4/cifar10.py): the VDM-style
+    U-Net over the 32x32 RGB images of sub-pixels (feature dim 128, 32 residual blocks down and
+    33 up, one attention head, conditioning 128), unconditional, computed in float32 as the
+    reference is; continuous time, linear schedule, no gradient clipping. `--num-classes 10`
+    makes it class-conditional; `--backbone transformer` runs the transformer over the 3,072
+    flattened sub-pixels instead."""
     return Config(
-        model=ModelConfig(vocab_size=256, seq_len=3072, num_classes=10, dropout=0.1),
-        sampler=SamplerConfig(steps=256),
-        optim=OptimConfig(lr=2e-4, warmup=100, b2=0.99, weight_decay=0.01),
+        model=ModelConfig(
+            backbone=Backbone.UNET, vocab_size=256, seq_len=3072, width=128, num_layers=32, num_heads=1,
+            cond_dim=128, dropout=0.1, precision=Precision.FLOAT32,
+        ),
+        diffusion=DiffusionConfig(schedule=Schedule.LINEAR, timesteps=0),
+        sampler=SamplerConfig(rule=Rule.ANCESTRAL, steps=256, grid=TimeGrid.COSINE),
+        optim=OptimConfig(lr=2e-4, warmup=100, b2=0.99, weight_decay=0.01, clip=0.0, ema=0.9999),
         train=TrainConfig(dataset="cifar10", batch_size=256, steps=2_000_000),
     )
 

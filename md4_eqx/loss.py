@@ -17,6 +17,9 @@ from md4_eqx.model import MD4
 from md4_eqx.parallel import MODEL, psum, vocab_gather, vocab_log_normaliser, vocab_offset
 
 
+LABEL_STREAM = 1  # fold_in(key, LABEL_STREAM): the label dropout's key, apart from draw_noise's split
+
+
 class Losses(NamedTuple):
     """Per-example terms, in nats summed over positions."""
 
@@ -74,6 +77,16 @@ def draw_noise(
     t = sample_times(time_key, ids, global_batch, antithetic)  # (b,)
     dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys) if train else None
     return keys, t, dropout_keys
+
+
+def drop_labels(
+    key: PRNGKeyArray, ids: Int[Array, " b"], labels: Int[Array, " b"], null: int, rate: float
+) -> Int[Array, " b"]:
+    """Label dropout for classifier-free guidance (Ho & Salimans 2022): each example's label
+    becomes the null class `null` (= num_classes) with probability `rate`, keyed by its global
+    index, so the model also learns mu_theta(z_t, t) without a label."""
+    u = jax.vmap(lambda k: jax.random.uniform(k, ()))(example_keys(key, ids))  # (b,)
+    return jnp.where(u < rate, null, labels)
 
 
 def md4_losses(
@@ -186,6 +199,10 @@ def losses(
     global_batch: int,
     train: bool,
 ) -> Losses:
-    """The model's NELBO terms for a batch: GenMD4's if its schedule is per token, else MD4's."""
+    """The model's NELBO terms for a batch: GenMD4's if its schedule is per token, else MD4's.
+    Training a class-conditional model drops labels to the null class at `label_dropout`."""
+    cfg = model.config
+    if train and labels is not None and cfg.label_dropout:
+        labels = drop_labels(jax.random.fold_in(key, LABEL_STREAM), ids, labels, cfg.num_classes, cfg.label_dropout)
     fn = genmd4_losses if model.schedule.per_token else md4_losses
     return fn(model, x, labels, ids, key, global_batch=global_batch, train=train)

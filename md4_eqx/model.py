@@ -3,15 +3,18 @@
 import equinox as eqx
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
-from md4_eqx.config import DiffusionConfig, ModelConfig
+from md4_eqx.config import Backbone, DiffusionConfig, ModelConfig
 from md4_eqx.schedule import LearnableSchedule, MaskingSchedule, make_schedule
 from md4_eqx.transformer import Transformer
+from md4_eqx.unet import UNet
 
 
 class MD4(eqx.Module):
-    """The trainable model: the network and the schedule (GenMD4's learns, MD4's is fixed)."""
+    """The trainable model: the network and the schedule (GenMD4's learns, MD4's is fixed). The
+    network is the config's backbone; both map (z_t, t, labels) to the same logits, so the
+    losses, samplers, evaluation and checkpoints never ask which it is."""
 
-    net: Transformer
+    net: Transformer | UNet
     schedule: MaskingSchedule | LearnableSchedule
     config: ModelConfig = eqx.field(static=True)
     diffusion: DiffusionConfig = eqx.field(static=True)
@@ -19,7 +22,7 @@ class MD4(eqx.Module):
     def __init__(
         self, config: ModelConfig, diffusion: DiffusionConfig = DiffusionConfig(), *, key: PRNGKeyArray
     ):
-        self.net = Transformer(config, key=key)
+        self.net = (UNet if config.backbone is Backbone.UNET else Transformer)(config, key=key)
         self.schedule = make_schedule(diffusion, config.vocab_size)
         self.config, self.diffusion = config, diffusion
 

@@ -19,7 +19,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PyTree
 
-from md4_eqx.config import ModelConfig
+from md4_eqx.config import Backbone, ModelConfig
 
 DATA = "data"
 MODEL = "model"
@@ -53,10 +53,13 @@ def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
 
 
 def check_model_split(cfg: ModelConfig, model: int) -> None:
-    """Raise a MeshError unless a `model` axis of this size splits heads, MLP units and the
-    padded vocabulary evenly."""
-    for what, size in (("num_heads", cfg.num_heads), ("the MLP hidden size", cfg.hidden),
-                       ("the padded vocabulary", cfg.padded_vocab)):
+    """Raise a MeshError unless a `model` axis of this size splits the padded vocabulary and,
+    for the transformer, its heads and MLP units evenly (the U-Net's parameters are replicated
+    over `model`: only its logits are split, by vocabulary)."""
+    sizes = [("the padded vocabulary", cfg.padded_vocab)]
+    if cfg.backbone is Backbone.TRANSFORMER:
+        sizes += [("num_heads", cfg.num_heads), ("the MLP hidden size", cfg.hidden)]
+    for what, size in sizes:
         if size % model:
             raise MeshError(f"{model=} must divide {what} ({size})")
 

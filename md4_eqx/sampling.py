@@ -57,6 +57,23 @@ def time_grid(steps: int, grid: TimeGrid) -> tuple[Float[Array, " steps"], Float
     return t, s
 
 
+def guided_logits(
+    model: MD4, z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"] | None, guidance: float
+) -> Float[Array, "b l v"]:
+    """mu_theta's logits over the full vocabulary (sampling gathers the vocabulary slices). With
+    classifier-free guidance w != 0: (1 + w) logits(z, t, y) - w logits(z, t, null), the null
+    class being id num_classes, in one network call on the batch doubled; w = 0 is the plain
+    conditional model (one call on the batch)."""
+    if guidance:
+        null = jnp.full_like(labels, model.config.num_classes)
+        both = model.logits(jnp.concatenate([z, z]), jnp.concatenate([t, t]), jnp.concatenate([labels, null]))
+        cond, uncond = jnp.split(both, 2)  # each (b, l, v_local)
+        logits = (1.0 + guidance) * cond - guidance * uncond
+    else:
+        logits = model.logits(z, t, labels)
+    return vocab_all_gather(logits, model.vocab_size)
+
+
 def sample_local(
     model: MD4,
     key: PRNGKeyArray,
@@ -71,9 +88,8 @@ def sample_local(
     ts, ss = time_grid(cfg.steps, cfg.grid)
     generated = template == mask_id  # (b, l) the positions REMDM may remask
 
-    def mu_logits(z, t):  # full-vocabulary logits: sampling gathers the vocabulary slices
-        t_b = jnp.full((z.shape[0],), t)
-        return vocab_all_gather(model.logits(z, t_b, labels), model.vocab_size)
+    def mu_logits(z, t):
+        return guided_logits(model, z, jnp.full((z.shape[0],), t), labels, cfg.guidance)
 
     def step(z, inputs):
         i, t, s = inputs
@@ -154,7 +170,7 @@ def sample_skip_local(
     def body(carry):
         z, k, calls = carry
         now = jnp.min(k, axis=-1)  # (b,) each example's next step with an unmasking
-        logits = vocab_all_gather(model.logits(z, ts[jnp.minimum(now, steps)], labels), model.vocab_size)
+        logits = guided_logits(model, z, ts[jnp.minimum(now, steps)], labels, cfg.guidance)
         draw = jax.vmap(lambda key, i, lg: categorical(jax.random.fold_in(key, i), lg, cfg.draws))
         x = jnp.where((now == steps)[:, None], jnp.argmax(logits, axis=-1),
                       draw(token_keys, now, token_logits(logits, cfg)))
@@ -199,11 +215,15 @@ def _sample_on_mesh(model, key, template, labels, mesh, cfg, trajectory):
 _generate = eqx.filter_jit(_sample_on_mesh)
 
 
-def check_generate(model: MD4, batch: int, mesh: Mesh, cfg: SamplerConfig) -> None:
+def check_generate(
+    model: MD4, batch: int, mesh: Mesh, cfg: SamplerConfig, labels: Int[Array, " b"] | None
+) -> None:
     """Raise for a mesh, batch or sampler that `generate` cannot run."""
     check_model_split(model.config, mesh.shape[MODEL])
     check_batch(batch, mesh)
     check_sampler(cfg, per_token_schedule=model.schedule.per_token)
+    if cfg.guidance and labels is None:
+        raise ValueError(f"guidance {cfg.guidance} needs labels (a class-conditional model)")
 
 
 def generate(
@@ -218,7 +238,7 @@ def generate(
     """Samples for every row of `template`: positions equal to the mask id V are generated, the
     others are kept (all masks: unconditional; a prompt or an infilling template otherwise).
     The batch is split over the mesh's `data` axis; the result does not depend on the mesh."""
-    check_generate(model, template.shape[0], mesh, cfg)
+    check_generate(model, template.shape[0], mesh, cfg, labels)
     if template.shape[1] != model.config.seq_len:
         raise ValueError(f"template length {template.shape[1]} != seq_len {model.config.seq_len}")
     return _generate(model, key, template, labels, mesh, cfg, trajectory)
@@ -261,7 +281,7 @@ def generate_long(
     The window at i > 0 draws with fold_in(key, i), the first with `key`, so n = L is
     `generate`. `on_block(samples)` sees the tokens after each window and that window's calls;
     the result's calls add up every window's."""
-    check_generate(model, template.shape[0], mesh, cfg)
+    check_generate(model, template.shape[0], mesh, cfg, labels)
     starts = block_starts(model.config.seq_len, template.shape[1], block)
     tokens, calls = template, jnp.zeros((mesh.shape[DATA],), jnp.int32)
     for i, start in enumerate(starts):

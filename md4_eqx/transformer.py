@@ -31,9 +31,11 @@ def time_embedding(t: Float[Array, " b"], dim: int) -> Float[Array, "b dim"]:
 
 
 class Conditioning(eqx.Module):
-    """c = Dense(cond)(swish(Dense(256)([time_emb(t), class_emb(y)])))."""
+    """c = Dense(cond)(swish(Dense(4 cond)([time_emb(t), class_emb(y)]))). With `num_classes` > 0
+    the class embedding has num_classes + 1 rows: labels 0..num_classes - 1 and the null class
+    `num_classes` (no label), which label dropout trains and classifier-free guidance uses."""
 
-    class_embed: Float[Array, "classes cond"] | None
+    class_embed: Float[Array, "classes_and_null cond"] | None
     dense1: Linear
     dense2: Linear
     dim: int = eqx.field(static=True)
@@ -41,7 +43,7 @@ class Conditioning(eqx.Module):
     def __init__(self, dim: int, num_classes: int, *, key: PRNGKeyArray):
         kc, k1, k2 = jax.random.split(key, 3)
         self.class_embed = (
-            jax.random.normal(kc, (num_classes, dim)) / math.sqrt(dim) if num_classes else None
+            jax.random.normal(kc, (num_classes + 1, dim)) / math.sqrt(dim) if num_classes else None
         )
         in_dim = dim * (2 if num_classes else 1)
         self.dense1 = Linear(in_dim, 4 * dim, key=k1, bias=True)

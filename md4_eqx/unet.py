@@ -28,23 +28,15 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
+from md4_eqx.config import UNET_CHANNELS as CHANNELS
+from md4_eqx.config import UNET_GROUPS as GROUPS
 from md4_eqx.config import ModelConfig
 from md4_eqx.kernels import attention
 from md4_eqx.layers import Linear, dropout
 from md4_eqx.parallel import MODEL, vocab_offset
 from md4_eqx.transformer import Conditioning
 
-CHANNELS = 3  # sub-pixels per pixel (RGB); the data pipeline flattens images row-major (h, w, c)
-GROUPS = 32  # GroupNorm groups, Flax's default that the VDM U-Net uses
 NORM_EPS = 1e-6  # Flax GroupNorm's epsilon
-
-
-def image_side(seq_len: int) -> int:
-    """The side H = W of the square RGB images whose flattened sub-pixels number `seq_len`."""
-    side = math.isqrt(seq_len // CHANNELS)
-    if side * side * CHANNELS != seq_len:
-        raise ValueError(f"the U-Net needs seq_len = {CHANNELS} * side^2 sub-pixels, got {seq_len=}")
-    return side
 
 
 def conv2d(
@@ -163,16 +155,12 @@ class UNet(eqx.Module):
     side: int = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
-        if cfg.width % GROUPS:
-            raise ValueError(f"the U-Net's GroupNorm needs {cfg.width=} to be a multiple of {GROUPS}")
-        if cfg.width % cfg.num_heads:
-            raise ValueError(f"{cfg.width=} must be a multiple of {cfg.num_heads=}")
-        self.side = image_side(cfg.seq_len)
+        self.side = math.isqrt(cfg.seq_len // CHANNELS)  # ModelConfig checks seq_len = 3 side^2
         ke, kc, ki, kd, k1, ka, k2, ku, ko = jax.random.split(key, 9)
         width = cfg.width
         # Flax nn.Embed's init: normal with variance 1 / width.
         self.embed = jax.random.normal(ke, (cfg.vocab_size + 1, width)) / math.sqrt(width)
-        self.cond = Conditioning(cfg.cond_dim, cfg.num_classes + 1 if cfg.num_classes else 0, key=kc)
+        self.cond = Conditioning(cfg.cond_dim, cfg.num_classes, key=kc)
         self.conv_in = conv2d(CHANNELS * width, width, 3, key=ki)
         self.down = eqx.filter_vmap(lambda k: ResBlock(cfg, width, key=k))(
             jax.random.split(kd, cfg.num_layers)

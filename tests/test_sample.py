@@ -113,6 +113,7 @@ def test_long_samples_keep_a_long_prompt_and_record_their_settings(workdir, tmp_
     [
         (["--step", "3"], "[2, 4]"),
         (["--label", "1"], "0 classes"),
+        (["--guidance", "2"], "no classes"),
         (["--prompt", "a" * (SEQ + 1)], f"{SEQ + 1} tokens"),
         (["--prompt", "a", "--infill", "[MASK:2]"], "not both"),
         (["--infill", "[MASK:40]"], "40 tokens"),

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ import train
 from md4_eqx import checkpoint
 from md4_eqx import workdir as workdir_lock
 from md4_eqx.cli import make_config
-from md4_eqx.config import Config
+from md4_eqx.config import Config, preset
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--seq-len", "32", "--batch-size", "8",
@@ -235,6 +236,18 @@ def test_config_flags_cover_every_field():
     for section in dataclasses.fields(Config):
         for f in dataclasses.fields(section.type):
             assert f"--{section.name}.{f.name.replace('_', '-')}" in flags
+
+
+def test_classes_come_from_the_data_only_for_a_class_conditional_preset():
+    """cifar10 is unconditional, as the paper's model: a labelled dataset adds its classes only
+    with --num-classes (checked against the data) or under a preset that has classes."""
+    cifar = types.SimpleNamespace(name="cifar10", vocab_size=256, num_classes=10)
+    base = preset("cifar10")
+    assert train.fit_to_data(base, cifar, set()).model.num_classes == 0
+    given = dataclasses.replace(base, model=dataclasses.replace(base.model, num_classes=10))
+    assert train.fit_to_data(given, cifar, {"model.num_classes"}).model.num_classes == 10
+    conditional = dataclasses.replace(base, model=dataclasses.replace(base.model, num_classes=3))
+    assert train.fit_to_data(conditional, cifar, set()).model.num_classes == 10  # the data's count
 
 
 def test_default_workdir_names():

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from md4_eqx.config import ModelConfig, Precision
-from md4_eqx.parallel import DATA, MODEL, make_mesh, param_specs, shard_map_modules
+from md4_eqx.config import Backbone, ConfigError, ModelConfig, Precision
+from md4_eqx.parallel import DATA, MODEL, MeshError, check_model_split, make_mesh, param_specs, shard_map_modules
 from md4_eqx.unet import UNet
 
 # DeepMind's MD4 CIFAR-10 network (md4/configs/md4/cifar10.py): feature_dim 128, n_layers 32,
 # one attention head, the time conditioning 128 -> 512 -> 128, unconditional (classes = -1).
-FULL = ModelConfig(vocab_size=256, seq_len=32 * 32 * 3, width=128, num_layers=32, num_heads=1,
+FULL = ModelConfig(backbone=Backbone.UNET, vocab_size=256, seq_len=32 * 32 * 3, width=128, num_layers=32, num_heads=1,
                    cond_dim=128, dropout=0.1)
 # Computed from the reference's code (google-deepmind/md4, flax 0.12.8, jax 0.10.2): the
 # parameters of `md4.models.diffusion.md4.MD4` built as md4/models/utils.py `get_model` builds
@@ -32,7 +32,7 @@ REFERENCE_PARAMS_CLASSES = 28_494_464
 def small(**overrides) -> ModelConfig:
     """4 x 4 RGB images, one block each way, width 64: two channels per GroupNorm group (with
     one, the norm after the conditioning's per-channel shift would remove it)."""
-    fields = dict(vocab_size=256, seq_len=4 * 4 * 3, width=64, num_layers=1, num_heads=1,
+    fields = dict(backbone=Backbone.UNET, vocab_size=256, seq_len=4 * 4 * 3, width=64, num_layers=1, num_heads=1,
                   cond_dim=32, precision=Precision.FLOAT32)
     return ModelConfig(**(fields | overrides))
 
@@ -168,6 +168,16 @@ def test_bfloat16_compute_matches_float32(getkey):
     [(dict(seq_len=50), "seq_len = 3 \\* side"), (dict(width=48, num_heads=1), "multiple of 32")],
     ids=["not-square-rgb", "groups"],
 )
-def test_bad_configs_raise(getkey, overrides, message):
-    with pytest.raises(ValueError, match=message):
-        UNet(small(**overrides), key=getkey())
+def test_bad_configs_raise(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        small(**overrides)
+
+
+def test_model_axis_needs_only_the_vocabulary_to_split():
+    """The U-Net's parameters are replicated over `model`: one head and 128 channels do not have
+    to split, the padded vocabulary (256 + 1 -> 384 ids) does."""
+    check_model_split(FULL, 2)
+    with pytest.raises(MeshError, match="num_heads"):
+        check_model_split(dataclasses.replace(FULL, backbone=Backbone.TRANSFORMER), 2)
+    with pytest.raises(MeshError, match="padded vocabulary"):
+        check_model_split(FULL, 5)
