@@ -1,14 +1,17 @@
 """bench/train_step.py runs end to end (two steps of a small tiny-preset case) and reports sane figures."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-
-import train_step as bench  # noqa: E402  (bench/ is a folder of scripts, not a package)
+# bench/ is a folder of scripts, not a package: load the one script by path, leaving sys.path
+# alone (bench/sample.py would otherwise shadow the sample.py program for later tests).
+_spec = importlib.util.spec_from_file_location("bench_train_step", ROOT / "bench" / "train_step.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
 
 def test_train_step_bench_reports_every_figure(tmp_path, capsys):
