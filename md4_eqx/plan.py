@@ -215,13 +215,14 @@ class Planner:
 
 def _largest(fits: Callable[[int], bool], guess: int, top: int | None = None) -> int:
     """The largest n in [1, top] with fits(n), for a `fits` that holds up to some n and not
-    beyond: from `guess`, doubling until a size does not fit, then bisecting. 0 if none fits."""
-    lo, hi, n = 0, None, min(guess, top or guess)  # fits(lo) (or lo = 0), not fits(hi)
+    beyond: from `guess`, galloping up (guess + 1, + 3, + 7, ...) until a size does not fit,
+    then bisecting; a good guess costs two compiles. 0 if none fits."""
+    lo, hi, n, stride = 0, None, min(guess, top or guess), 1  # fits(lo) (or lo = 0), not fits(hi)
     while hi is None:
         if top is not None and n > top:
             hi = top + 1
         elif fits(n):
-            lo, n = n, 2 * n
+            lo, n, stride = n, n + stride, 2 * stride
         else:
             hi = n
     while hi - lo > 1:

@@ -103,7 +103,7 @@ def test_long_samples_keep_a_long_prompt_and_record_their_settings(workdir, tmp_
         assert (r["index"], r["seed"], r["checkpoint_step"], r["length"], r["block"]) == (i, 5, 4, 80, 8)
         assert r["sampler"] == {"rule": "remdm", "loop": "every_step", "steps": 3, "grid": "cosine", "top_p": 0.8,
                                 "draws": "exact", "remask": "cap", "eta": 0.02, "remask_from": 1.0,
-                                "remask_until": 0.0}
+                                "remask_until": 0.0, "guidance": 0.0}
     # windows start at 0, 8, ..., 40 and 48: 7 windows of 3 steps + the final fill each
     assert "7/7" in stderr and "calls=28" in stderr and "steps=3" in stderr
 
