@@ -67,9 +67,8 @@ def device_memory(limit: int | None = None) -> int:
 def abstract_state(config: Config, mesh: Mesh) -> TrainState:
     """The training state as `jax.ShapeDtypeStruct`s carrying their shardings on `mesh`."""
     optimizer = make_optimizer(config.optim, config.train.steps)
-    with jax.numpy_dtype_promotion("standard"):  # optax's schedules mix Python floats and int32 counts
-        abstract = eqx.filter_eval_shape(init_state, config, optimizer, mesh)
-        specs = state_specs(abstract, optimizer)
+    abstract = eqx.filter_eval_shape(init_state, config, optimizer, mesh)
+    specs = state_specs(abstract, optimizer)
     arrays, static = eqx.partition(abstract, lambda x: isinstance(x, jax.ShapeDtypeStruct))
     arrays = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, s)),
@@ -109,9 +108,8 @@ def step_memory(config: Config, mesh: Mesh, *, batch: int, microbatches: int) ->
     compilation, a proxy for an accelerator's, which fuses and schedules differently."""
     state = abstract_state(config, mesh)
     optimizer = make_optimizer(config.optim, config.train.steps)
-    with jax.numpy_dtype_promotion("standard"):  # as in abstract_state
-        step = make_train_step(state, optimizer, mesh, microbatches=microbatches,
-                               clip=config.optim.clip, ema=config.optim.ema)
+    step = make_train_step(state, optimizer, mesh, microbatches=microbatches,
+                           clip=config.optim.clip, ema=config.optim.ema)
     arrays, static = eqx.partition(state, lambda x: isinstance(x, jax.ShapeDtypeStruct))
     rows = NamedSharding(mesh, P(DATA))
     tokens = jax.ShapeDtypeStruct((batch, config.model.seq_len), jnp.int32, sharding=rows)
