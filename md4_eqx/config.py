@@ -111,6 +111,7 @@ class ModelConfig:
     dropout: float = 0.0
     precision: Precision = Precision.BFLOAT16
     remat: bool = False  # rematerialise each block in the backward pass
+    unroll_layers: bool = True  # straight-line blocks (faster steps); False: a rolled loop (faster compiles)
     rope_theta: float = 10_000.0
     attention: Impl = Impl.AUTO  # how attention is computed (md4_eqx/kernels/attention.py)
 
@@ -347,7 +348,7 @@ class ConfigError(ValueError):
 
 
 # Fields that only say how the model is computed, not what it is: they may differ on resume.
-EXECUTION_FIELDS = {"remat", "attention"}
+EXECUTION_FIELDS = {"remat", "unroll_layers", "attention"}
 
 
 def config_to_json(config: Config) -> dict[str, dict[str, Any]]:

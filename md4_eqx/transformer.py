@@ -5,8 +5,11 @@ class label) -> final adaLN LayerNorm -> a zero-initialised head to the padded v
 head being zero makes a fresh model predict the uniform distribution over V: log2(V) bits/token.
 Images use the same network over their flattened sub-pixel sequence.
 
-Blocks are stacked along a leading layer axis and run with `lax.scan`, so compile time does not
-grow with depth.
+Blocks are stacked along a leading layer axis and run with `lax.scan`. By default the scan is
+unrolled (`unroll_layers`): XLA then sees straight-line code, without the loop's stacked residual
+buffers, their zero-fill and the dynamic slices into them (measured on CPU: 8-10% faster steps,
+bench/RESULTS.md); `unroll_layers=False` keeps the loop rolled, so compile time stays flat in depth
+(MD4-S on CPU: 19 s rolled against 34 s unrolled).
 """
 
 import math
@@ -132,7 +135,7 @@ class Transformer(eqx.Module):
 
         if self.cfg.remat:
             layer = jax.checkpoint(layer)
-        x, _ = lax.scan(layer, x, (params, jnp.arange(self.cfg.num_layers)))
+        x, _ = lax.scan(layer, x, (params, jnp.arange(self.cfg.num_layers)), unroll=self.cfg.unroll_layers)
         shift, scale = jnp.split(self.final_ada(activation(self.cfg.mlp)(c))[:, None, :], 2, axis=-1)
         x = layer_norm(x) * (1 + scale) + shift
         return self.head(x.astype(self.cfg.precision.dtype))  # (b, l, padded_vocab / M)

@@ -1,4 +1,4 @@
-"""The transformer backbone: shapes, zero head, precision, remat, dropout, runtime type checks."""
+"""The transformer backbone: shapes, zero head, precision, remat, unrolling, dropout, runtime type checks."""
 
 import equinox as eqx
 import jax
@@ -76,13 +76,15 @@ def test_bfloat16_compute_matches_float32(getkey):
     assert not np.allclose(bf16, f32, atol=1e-6)  # it really computed in bfloat16
 
 
-def test_remat_gives_the_same_gradients(getkey):
+@pytest.mark.parametrize("execution", [dict(remat=True), dict(unroll_layers=False)])
+def test_execution_fields_give_the_same_gradients(getkey, execution):
+    """remat and a rolled layer loop change how the step is computed, not what it computes."""
     key, head_key = getkey(), getkey()
     z = jax.random.randint(getkey(), (2, 24), 0, 51)
     t = jnp.array([0.3, 0.8])
     grads = []
-    for remat in (False, True):
-        model = with_random_head(MD4(small(remat=remat), key=key), head_key)
+    for overrides in ({}, execution):
+        model = with_random_head(MD4(small(**overrides), key=key), head_key)
         loss = lambda m: jnp.sum(jnp.sin(logits_fn(m, z, t)))  # noqa: E731
         grads.append(jax.tree.leaves(eqx.filter_grad(loss)(model)))
     for a, b in zip(*grads, strict=True):
