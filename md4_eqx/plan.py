@@ -158,8 +158,12 @@ class Planner:
         return one - per_example, per_example
 
     def guess(self, remat: bool) -> int:
-        """The largest per-device microbatch that fits by the line (at least 1)."""
+        """The largest per-device microbatch that fits by the line (at least 1). A line that does
+        not rise says nothing (tiny models, where XLA's buffer reuse varies by more than one
+        example's activations): then 2, and the search gallops up from there."""
         fixed, per_example = self.line(remat)
+        if per_example <= 1:  # line() floors the slope at 1 byte
+            return 2
         return max(1, (self.budget - fixed) // per_example)
 
     def fit(self, remat: bool) -> Fit:

@@ -53,12 +53,17 @@ def test_microbatches_auto_is_the_fewest_that_fit(mesh, forced):
 def test_batch_size_auto_is_the_largest_that_fits(mesh):
     """With room for 4 examples per device (a limit between the peaks at 4 and 5 per device):
     the global batch is 4 x data, without accumulation."""
+    compiled = step_memory.cache_info().misses
     four = step_memory(CONFIG, mesh, batch=8, microbatches=1).peak
     five = step_memory(CONFIG, mesh, batch=10, microbatches=1).peak
     planner = Planner(CONFIG, mesh, int((four + five) / 2 / (1.0 - MARGIN)))
     assert planner.batch_size() == 8
     fit = planner.fit(remat=False)
     assert fit.largest == 4 and fit.per_example > 0
+    # At this size the peak does not grow from 1 to 2 examples per device (XLA's buffer reuse
+    # varies more than an example's activations); the search still stays near the answer:
+    # 4 and 5 per device above, 1 and 2 for the line, then 3 (the gallop from a guess of 2).
+    assert step_memory.cache_info().misses - compiled <= 5
 
 
 def test_nothing_fits_names_the_numbers(mesh):

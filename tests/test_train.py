@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -28,7 +29,12 @@ from md4_eqx.config import Config, preset
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--seq-len", "32", "--batch-size", "8",
          "--eval-batches", "2", "--sampler.steps", "4", "--num-samples", "2", "--no-progress"]
-ENV = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "JAX_PLATFORMS": "cpu"}
+# The runs compile the same few programs again and again: they share a persistent compilation
+# cache, this module's own (a size limit turns on its file lock, so concurrent runs are safe).
+COMPILED = tempfile.TemporaryDirectory(prefix="md4-eqx-test-compiled-")
+ENV = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "JAX_PLATFORMS": "cpu",
+       "JAX_COMPILATION_CACHE_DIR": COMPILED.name, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+       "JAX_COMPILATION_CACHE_MAX_SIZE": str(2**30)}
 
 
 def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
