@@ -235,24 +235,40 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, workdir:
     bar = tqdm(total=tc.steps, initial=step, unit="step", disable=args.no_progress or not main_process,
                dynamic_ncols=True)
     pending, busy, tick = [], 0.0, time.perf_counter()  # busy: seconds spent outside train steps
+    unread = None  # (step, metrics) of the newest step whose `skipped` flag is not read yet
     bad_steps = BadSteps(tc.max_bad_steps)  # Diverged: exit status 1
     preemption = Preemption()  # SIGTERM / SIGINT: stop after the step, checkpointed, exit 0
+
+    def observe(step: int, metrics) -> None:  # reads the step's flag: waits for that step
+        if event := bad_steps.observe(step, metrics):  # a non-finite step, its update skipped
+            log.write(**event)
+            say(f"step {step}: non-finite loss or gradient norm, update skipped ({event['skipped']} in a row)")
+            bad_steps.check()  # Diverged after --max-bad-steps in a row
+
     while step < tc.steps:
         tokens, labels = on_mesh(next(loader), mesh, cfg.model.num_classes > 0)
         state, metrics = train_step(state, tokens, labels)
         pending.append(metrics)
         step += 1
         bar.update()
-        if event := bad_steps.observe(step, metrics):  # a non-finite step, its update skipped
-            log.write(**event)
-            say(f"step {step}: non-finite loss or gradient norm, update skipped ({event['skipped']} in a row)")
-            bad_steps.check()  # Diverged after --max-bad-steps in a row
-        if step % tc.log_every == 0 or step == tc.steps:
-            bpt = float(np.mean([float(m.bpt) for m in pending]))  # waits for the steps to finish
+        # The previous step's flag, read while this step runs: the host waits for that step only,
+        # then loads and places the next batch, so the device always has a step queued.
+        if unread is not None:
+            observe(*unread)
+        unread = (step, metrics)
+        logs = step % tc.log_every == 0 or step == tc.steps
+        if logs or step % tc.eval_every == 0 or step % tc.checkpoint_every == 0:
+            observe(*unread)  # before anything reads or saves this step's state
+            unread = None
+        if logs:
+            # The window's mean over the steps that updated (a skipped step's loss is not finite).
+            good = [m for m in pending if not bool(m.skipped)]
             tokens_per_s = len(pending) * tc.batch_size * cfg.model.seq_len / (time.perf_counter() - tick - busy)
-            log.write(step=step, train_bpt=bpt, lr=float(metrics.lr), grad_norm=float(metrics.grad_norm),
-                      tokens_per_s=tokens_per_s)
-            bar.set_postfix(bpt=f"{bpt:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            if good:
+                bpt = float(np.mean([float(m.bpt) for m in good]))
+                log.write(step=step, train_bpt=bpt, lr=float(good[-1].lr),
+                          grad_norm=float(good[-1].grad_norm), tokens_per_s=tokens_per_s)
+                bar.set_postfix(bpt=f"{bpt:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             pending, busy, tick = [], 0.0, time.perf_counter()
         started = time.perf_counter()
         if step % tc.eval_every == 0 or step == tc.steps:
@@ -261,6 +277,8 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, workdir:
             checkpoint.save_safely(workdir, state, loader.state(), cfg)
         busy += time.perf_counter() - started
         if preemption.requested():  # every process stops here, at the same step
+            if unread is not None:
+                observe(*unread)
             if checkpoint.latest_step(workdir) != step:
                 checkpoint.save_safely(workdir, state, loader.state(), cfg)
             say(f"step {step}: stopped by a signal; checkpoint saved, rerun the same command to resume")

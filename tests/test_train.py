@@ -278,6 +278,8 @@ def test_divergence_skips_steps_then_stops_with_exit_1(data):
     assert [e["skipped"] for e in skipped] == [1, 2, 3]
     first = skipped[0]["step"]
     assert [e["step"] for e in skipped] == [first, first + 1, first + 2]
+    # Training losses are logged for the steps that updated, never a skipped step's NaN.
+    assert [e["step"] for e in events(workdir) if "train_bpt" in e and "skipped" not in e] == list(range(1, first))
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
     assert saved[-1] == first - 1  # none written during the streak
     assert checkpoint.read_meta(workdir)[0] == first - 1
