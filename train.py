@@ -256,8 +256,9 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, workdir:
         if unread is not None:
             observe(*unread)
         unread = (step, metrics)
-        logs = step % tc.log_every == 0 or step == tc.steps
-        if logs or step % tc.eval_every == 0 or step % tc.checkpoint_every == 0:
+        logs, evaluates, saves = (step % every == 0 or step == tc.steps
+                                  for every in (tc.log_every, tc.eval_every, tc.checkpoint_every))
+        if logs or evaluates or saves:
             observe(*unread)  # before anything reads or saves this step's state
             unread = None
         if logs:
@@ -271,9 +272,9 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, workdir:
                 bar.set_postfix(bpt=f"{bpt:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             pending, busy, tick = [], 0.0, time.perf_counter()
         started = time.perf_counter()
-        if step % tc.eval_every == 0 or step == tc.steps:
+        if evaluates:
             texts = eval_and_sample(state, step)
-        if (step % tc.checkpoint_every == 0 or step == tc.steps) and not bad_steps.streak:
+        if saves and not bad_steps.streak:
             checkpoint.save_safely(workdir, state, loader.state(), cfg)
         busy += time.perf_counter() - started
         if preemption.requested():  # every process stops here, at the same step
