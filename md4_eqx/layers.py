@@ -19,10 +19,13 @@ from md4_eqx.kernels import Impl, attention
 from md4_eqx.parallel import MODEL, Sharded, Split, psum, vocab_offset
 
 
-def _truncated_normal(key: PRNGKeyArray, shape: tuple[int, ...], scale: float) -> Array:
-    """Fan-in truncated normal with variance scale / fan_in (as Flax's variance_scaling)."""
-    std = math.sqrt(scale / shape[0]) / 0.87962566103423978  # std of N(0,1) truncated to [-2, 2]
-    return std * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+def truncated_normal(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int, scale: float = 1.0) -> Array:
+    """Fan-in truncated normal with variance scale / fan_in (Flax's variance_scaling, e.g. LeCun
+    normal). Drawn flat and reshaped: the same numbers as a draw of `shape` (JAX's threefry
+    counts the elements in row-major order), but a rank-1 draw compiles in a quarter of the time
+    of a rank-4 one, which is most of the time it takes to build a model outside `jit`."""
+    std = math.sqrt(scale / fan_in) / 0.87962566103423978  # std of N(0,1) truncated to [-2, 2]
+    return std * jax.random.truncated_normal(key, -2.0, 2.0, (math.prod(shape),), jnp.float32).reshape(shape)
 
 
 class Linear(Sharded):
@@ -46,7 +49,7 @@ class Linear(Sharded):
         if bias and split is not Split.REPLICATED:
             raise ValueError(f"a bias is only supported on replicated layers, not {split=}")
         shape = (fan_in, fan_out)
-        self.weight = jnp.zeros(shape) if zero else _truncated_normal(key, shape, scale)
+        self.weight = jnp.zeros(shape) if zero else truncated_normal(key, shape, fan_in, scale)
         self.bias = jnp.zeros((fan_out,)) if bias else None
         self.split = split
 

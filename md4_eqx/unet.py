@@ -32,7 +32,7 @@ from md4_eqx.config import UNET_CHANNELS as CHANNELS
 from md4_eqx.config import UNET_GROUPS as GROUPS
 from md4_eqx.config import ModelConfig
 from md4_eqx.kernels import attention
-from md4_eqx.layers import Linear, dropout
+from md4_eqx.layers import Linear, dropout, truncated_normal
 from md4_eqx.parallel import MODEL, vocab_offset
 from md4_eqx.transformer import Conditioning
 
@@ -44,10 +44,11 @@ def conv2d(
 ) -> eqx.nn.Conv2d:
     """A 'same'-padded conv initialised as Flax's nn.Conv (LeCun normal kernel, zero bias), or all
     zeros (`zero`), the reference's init for the last conv of a block and of the network."""
-    conv = eqx.nn.Conv2d(in_channels, out_channels, kernel, padding="SAME", key=key)
-    init = jax.nn.initializers.zeros if zero else jax.nn.initializers.lecun_normal(in_axis=1, out_axis=0)
-    weight = init(key, conv.weight.shape, jnp.float32)  # (out, in, k, k)
-    return eqx.tree_at(lambda c: (c.weight, c.bias), conv, (weight, jnp.zeros_like(conv.bias)))
+    # Only the layer's structure: its own (uniform) init would be drawn and thrown away.
+    conv = eqx.filter_eval_shape(eqx.nn.Conv2d, in_channels, out_channels, kernel, padding="SAME", key=key)
+    shape = conv.weight.shape  # (out, in, k, k)
+    weight = jnp.zeros(shape) if zero else truncated_normal(key, shape, fan_in=in_channels * kernel * kernel)
+    return eqx.tree_at(lambda c: (c.weight, c.bias), conv, (weight, jnp.zeros(conv.bias.shape)))
 
 
 def apply(layer: eqx.Module, x: Float[Array, "b ..."], dtype: jnp.dtype) -> Float[Array, "b ..."]:
