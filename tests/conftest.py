@@ -1,7 +1,9 @@
 """Strict test configuration: 8 simulated CPU devices, strict promotion, seeded keys."""
 
+import equinox as eqx
 import jax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -18,3 +20,14 @@ def getkey():
         return sub
 
     return _getkey
+
+
+@eqx.filter_jit
+def randomised(module: eqx.Module, key, scale: float) -> eqx.Module:
+    """`module` with every parameter moved off its init by scale * N(0, 1) noise, so the
+    zero-initialised heads, convs and projections act. The same key gives the same noise to
+    modules of the same structure. One flat draw: a draw per parameter shape compiles its own
+    random-number kernel, seconds in all."""
+    params, static = eqx.partition(module, eqx.is_array)
+    flat, unravel = ravel_pytree(params)
+    return eqx.combine(unravel(flat + scale * jax.random.normal(key, flat.shape)), static)

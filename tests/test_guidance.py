@@ -15,6 +15,7 @@ from md4_eqx.loss import LABEL_STREAM, drop_labels, losses
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
 from md4_eqx.sampling import generate, guided_logits
+from conftest import randomised
 
 MESH = make_mesh(1, 1, jax.devices()[:1])
 CLASSES = 3
@@ -25,14 +26,6 @@ CONFIGS = {
     Backbone.UNET: ModelConfig(backbone=Backbone.UNET, vocab_size=20, seq_len=12, width=64, num_layers=1,
                                num_heads=1, cond_dim=16, num_classes=CLASSES, precision=Precision.FLOAT32),
 }
-
-
-def randomised(model: MD4, key) -> MD4:
-    """Every parameter moved off its init, so the zero-initialised heads and projections act."""
-    params, static = eqx.partition(model, eqx.is_array)
-    leaves, treedef = jax.tree.flatten(params)
-    noisy = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, jax.random.split(key, len(leaves)))]
-    return eqx.combine(jax.tree.unflatten(treedef, noisy), static)
 
 
 def on_mesh(fn, *args):
@@ -60,7 +53,7 @@ def test_training_loss_sees_the_dropped_labels(getkey):
     """train=True with label dropout = train=False on the labels `drop_labels` gives (no network
     dropout, so the two differ only in the labels)."""
     cfg = dataclasses.replace(CONFIGS[Backbone.TRANSFORMER], label_dropout=0.5)
-    model = randomised(MD4(cfg, key=getkey()), getkey())
+    model = randomised(MD4(cfg, key=getkey()), getkey(), 0.3)
     key, x = getkey(), jax.random.randint(getkey(), (16, cfg.seq_len), 0, cfg.vocab_size)
     labels, ids = jnp.arange(16, dtype=jnp.int32) % CLASSES, jnp.arange(16)
 
@@ -77,7 +70,7 @@ def test_training_loss_sees_the_dropped_labels(getkey):
 @pytest.mark.parametrize("backbone", list(Backbone), ids=lambda b: b.value)
 def test_guided_logits(getkey, backbone):
     cfg = CONFIGS[backbone]
-    model = randomised(MD4(cfg, key=getkey()), getkey())
+    model = randomised(MD4(cfg, key=getkey()), getkey(), 0.3)
     z = jax.random.randint(getkey(), (4, cfg.seq_len), 0, cfg.vocab_size + 1)
     t, labels = jax.random.uniform(getkey(), (4,)), jnp.array([0, 1, 2, 1], jnp.int32)
     null = jnp.full_like(labels, CLASSES)

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from md4_eqx.config import Backbone, ConfigError, ModelConfig, Precision
 from md4_eqx.parallel import DATA, MODEL, MeshError, check_model_split, make_mesh, param_specs, shard_map_modules
 from md4_eqx.unet import UNet
+from conftest import randomised
 
 # DeepMind's MD4 CIFAR-10 network (md4/configs/md4/cifar10.py): feature_dim 128, n_layers 32,
 # one attention head, the time conditioning 128 -> 512 -> 128, unconditional (classes = -1).
@@ -35,15 +36,6 @@ def small(**overrides) -> ModelConfig:
     fields = dict(backbone=Backbone.UNET, vocab_size=256, seq_len=4 * 4 * 3, width=64, num_layers=1, num_heads=1,
                   cond_dim=32, precision=Precision.FLOAT32)
     return ModelConfig(**(fields | overrides))
-
-
-def randomised(net: UNet, key) -> UNet:
-    """Every parameter moved off its init, so the zero-initialised convs and projections act."""
-    params, static = eqx.partition(net, eqx.is_array)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    noisy = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    return eqx.combine(jax.tree.unflatten(treedef, noisy), static)
 
 
 @functools.cache
@@ -108,7 +100,7 @@ def test_fresh_unet_predicts_uniform_8_bits_per_dimension(getkey):
 @pytest.mark.parametrize("shape", [(2, 2), (4, 2)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_sharded_logits_equal_single_device(getkey, shape):
     cfg = small(num_classes=10)
-    net = randomised(UNet(cfg, key=getkey()), getkey())
+    net = randomised(UNet(cfg, key=getkey()), getkey(), 0.2)
     z, t = inputs(cfg, getkey())
     labels = jnp.array([1, 10, 4, 7])
     mesh = make_mesh(*shape, jax.devices()[: shape[0] * shape[1]])
@@ -126,9 +118,9 @@ def test_dropout_keys_matter_only_with_dropout(getkey):
     cfg = small()
     z, t = inputs(cfg, getkey())
     keys, other = jax.random.split(getkey(), 4), jax.random.split(getkey(), 4)
-    plain = randomised(UNet(cfg, key=key), noise)
+    plain = randomised(UNet(cfg, key=key), noise, 0.2)
     np.testing.assert_array_equal(logits_on(SINGLE, plain, z, t, keys=keys), logits_on(SINGLE, plain, z, t))
-    dropped = randomised(UNet(small(dropout=0.5), key=key), noise)  # the same parameters
+    dropped = randomised(UNet(small(dropout=0.5), key=key), noise, 0.2)  # the same parameters
     train_a, train_b = logits_on(SINGLE, dropped, z, t, keys=keys), logits_on(SINGLE, dropped, z, t, keys=other)
     np.testing.assert_array_equal(train_a, logits_on(SINGLE, dropped, z, t, keys=keys))  # keys decide
     assert not np.allclose(train_a, logits_on(SINGLE, plain, z, t), atol=1e-3)
@@ -137,7 +129,7 @@ def test_dropout_keys_matter_only_with_dropout(getkey):
 
 def test_null_class(getkey):
     cfg = small(num_classes=10)
-    net = randomised(UNet(cfg, key=getkey()), getkey())
+    net = randomised(UNet(cfg, key=getkey()), getkey(), 0.2)
     assert net.cond.class_embed.shape == (11, cfg.cond_dim)  # 10 classes + the null class
     z, t = inputs(cfg, getkey(), batch=2)
     z, t = jnp.concatenate([z, z]), jnp.concatenate([t, t])  # the same inputs under two labels
@@ -151,7 +143,7 @@ def test_null_class(getkey):
 def test_bfloat16_compute_matches_float32(getkey):
     key, noise = getkey(), getkey()
     z, t = inputs(small(), getkey())
-    out = {p: logits_on(SINGLE, randomised(UNet(small(precision=p), key=key), noise), z, t)
+    out = {p: logits_on(SINGLE, randomised(UNet(small(precision=p), key=key), noise, 0.2), z, t)
            for p in Precision}
     f32, bf16 = out[Precision.FLOAT32], out[Precision.BFLOAT16]
     # bfloat16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); the float32 residual stream
