@@ -4,14 +4,17 @@
 #   bash bench/gpu_check.sh                      # on the lent GPU, from the repository root
 #   GPU_CHECK_TINY=1 bash bench/gpu_check.sh     # the same steps at tiny shapes, on a CPU (~5 min on 2 cores)
 #
-# Steps: the GPU-relevant tests (attention, samplers); bench/attention.py at full shapes;
-# bench/train_step.py on MD4-S (bf16, attention auto = cuDNN inside the shard_map) at batch
-# 16, 32, 64, 128, one process per batch so each peak-memory figure is that batch's own, plus
-# XLA attention in bf16 and f32 at batch 16; then train.py --preset md4-s for 30 steps on a random-token
-# OpenWebText-shaped cache (bench/owt_cache.py: the real loader, no network). Imports neither
-# beartype nor datasets (the GPU machine has neither). A failing step is recorded and the rest
-# still run. Writes bench/results/gpu_check-<time>.json (or $GPU_CHECK_JSON) and prints a
-# markdown table for bench/RESULTS.md.
+# Steps, the figures first: bench/attention.py at full shapes; bench/train_step.py on MD4-S
+# (bf16, attention auto = cuDNN inside the shard_map) at batch 16, 32, 64, 128, one process per
+# batch so each peak-memory figure is that batch's own, plus XLA attention in bf16 and f32 at
+# batch 16; train.py --preset md4-s for 30 steps on a random-token OpenWebText-shaped cache
+# (bench/owt_cache.py: the real loader, no network); then the GPU-relevant tests (attention,
+# samplers). Imports neither beartype nor datasets (the GPU machine has neither). A failing step
+# is recorded and the rest still run. The whole run keeps to $GPU_CHECK_BUDGET seconds (480): a
+# step still running at the deadline is stopped and recorded as rc 124, the steps after it as
+# skipped (rc -1), and the JSON and table are written all the same, so a lent machine's time
+# limit never costs the figures already measured. Writes bench/results/gpu_check-<time>.json
+# (or $GPU_CHECK_JSON) and prints a markdown table for bench/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -36,16 +39,22 @@ else
 fi
 
 : > "$TMP/steps.tsv"
+DEADLINE=$(( $(date +%s) + ${GPU_CHECK_BUDGET:-480} ))
 run() {  # run NAME CMD...: log to $TMP/NAME.log, record status and seconds, show the tail
-  local name=$1 start rc; shift
-  echo "== $name: $*"
-  start=$(date +%s)
-  "$@" > "$TMP/$name.log" 2>&1; rc=$?
+  local name=$1 start rc left; shift
+  start=$(date +%s); left=$(( DEADLINE - start ))
+  : > "$TMP/$name.log"
+  if (( left < 10 )); then
+    echo "== $name: skipped, the budget is spent"
+    printf '%s\t%s\t%s\n' "$name" -1 0 >> "$TMP/steps.tsv"
+    return
+  fi
+  echo "== $name (at most ${left} s): $*"
+  timeout --kill-after=10 "$left" "$@" > "$TMP/$name.log" 2>&1; rc=$?
   printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" >> "$TMP/steps.tsv"
   tail -n 25 "$TMP/$name.log"
 }
 
-run tests "$PY" -m pytest -q -p no:cacheprovider -o addopts="" "${TESTS[@]}"
 run attention "$PY" bench/attention.py "${ATTENTION[@]}"
 for b in "${BATCHES[@]}"; do
   run "train_step_b$b" "$PY" bench/train_step.py --preset "$PRESET" --batch "$b" --attention auto \
@@ -56,6 +65,7 @@ run train_step_all "$PY" bench/train_step.py --preset "$PRESET" "${ALL_CASES[@]}
 run owt_cache "$PY" bench/owt_cache.py "$TMP/cache" --tokens "$TOKENS"
 run train "$PY" train.py --preset md4-s --dataset owt --cache-dir "$TMP/cache" --workdir "$TMP/run" \
   --eval-every 100000 --eval-batches 2 --sampler.steps 16 --num-samples 2 --no-progress "${TRAIN[@]}"
+run tests "$PY" -m pytest -q -p no:cacheprovider -o addopts="" "${TESTS[@]}"
 
 "$PY" - "$TMP" "$OUT_JSON" <<'PY'
 """Collect every figure into one JSON and print the markdown table."""
@@ -80,7 +90,8 @@ out.write_text(json.dumps(result, indent=1))
 print(f"\n### GPU check: {result.get('machine', '?')}\n")
 print("| step | status | seconds |\n|---|---|---|")
 for s in result["steps"]:
-    print(f"| {s['step']} | {'ok' if s['rc'] == 0 else 'FAILED rc=' + str(s['rc'])} | {s['seconds']} |")
+    status = {0: "ok", -1: "skipped (budget spent)", 124: "stopped at the deadline"}.get(s["rc"], f"FAILED rc={s['rc']}")
+    print(f"| {s['step']} | {status} | {s['seconds']} |")
 print(f"\ntests: {result['tests']}\n")
 print("\n".join(result["attention_table"]))
 print("\n| batch | attention | compute | ms/step | tokens/s | MFU | peak GiB | planned GiB |\n|---|---|---|---|---|---|---|---|")
