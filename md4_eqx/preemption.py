@@ -8,11 +8,14 @@ nothing else, so the save is never cut short (orbax also writes it to a temporar
 renames it when complete). SIGKILL still kills at once; the previous checkpoint then resumes.
 """
 
+import functools
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 class Preemption:
@@ -20,6 +23,7 @@ class Preemption:
 
     def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.received: signal.Signals | None = None
+        self._gathering: jax.Array | None = None  # several processes: the previous call's answer
         for signum in signals:
             signal.signal(signum, self._handle)
 
@@ -27,10 +31,29 @@ class Preemption:
         self.received = self.received or signal.Signals(signum)
 
     def requested(self) -> bool:
-        """Whether a signal reached this process or, in a multi-process run, any process: every
-        process gets the same answer, so all stop at the same step. That is a collective there:
-        every process calls it at the same points."""
-        flag = np.asarray(self.received is not None)
-        if jax.process_count() > 1:
-            return bool(np.any(multihost_utils.process_allgather(flag)))
-        return bool(flag)
+        """Whether a signal reached this process or, in a multi-process run, any process.
+
+        Several processes must all stop at the same step, so there every call is a collective
+        (every process calls it at the same points) that ORs the processes' flags on the
+        devices, behind the step in flight. Waiting for it would wait for that step, and leave
+        the devices idle while the host loads the next batch; so a call starts that OR and
+        answers with the previous call's, which the devices have computed by then or soon
+        after. Every process gets the same answer, one step after the signal."""
+        if jax.process_count() == 1:
+            return self.received is not None
+        previous, self._gathering = self._gathering, _any_process(self.received is not None)
+        return previous is not None and bool(previous.addressable_data(0))
+
+
+def _any_process(flag: bool) -> jax.Array:
+    """Whether `flag` is set in any process, replicated on every device; dispatched, not awaited."""
+    sharding, reduce = _all_devices()
+    flags = [jax.device_put(np.array([flag]), device) for device in jax.local_devices()]
+    return reduce(jax.make_array_from_single_device_arrays((jax.device_count(),), sharding, flags))
+
+
+@functools.cache
+def _all_devices() -> tuple[NamedSharding, jax.stages.Wrapped]:
+    """One flag per device, and `any` of them replicated everywhere."""
+    mesh = Mesh(np.array(jax.devices()), ("devices",))
+    return NamedSharding(mesh, P("devices")), jax.jit(jnp.any, out_shardings=NamedSharding(mesh, P()))

@@ -157,22 +157,48 @@ def test_damaged_or_different_checkpoint_is_reported_and_left_alone(trained, tmp
         assert tree_digest(workdir) == before  # nothing overwritten: no checkpoint, no metrics
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one(trained, data):
-    """The same command as two processes of one CPU device each (gloo), each loading half of
-    every batch: the same metrics as the one-process run, up to the order of float sums."""
-    flags, full = trained
-    workdir = data[1] / "two"
+def start_two_processes(workdir: Path, flags: list[str]) -> list[subprocess.Popen]:
+    """The same train.py command as two processes of one CPU device each (gloo)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags,
            "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-    procs = [subprocess.Popen([*cmd, "--process-id", str(i)], cwd=ROOT, env=ENV, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
+    return [subprocess.Popen([*cmd, "--process-id", str(i)], cwd=ROOT, env=ENV, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
+
+
+def finish(procs: list[subprocess.Popen]) -> list[str]:
+    """Both processes' output, once both exited 0."""
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert all("Traceback" not in out for out in outputs)
+    return outputs
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_and_resume_like_one(trained, data):
+    """Two processes, each loading half of every batch: SIGTERM reaches process 1 only, and
+    both stop at the same step with its checkpoint; the rerun resumes there and ends with the
+    one-process run's metrics, up to the order of float sums."""
+    flags, full = trained
+    workdir = data[1] / "two"
+    procs = start_two_processes(workdir, flags)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and '"step": 11,' in metrics.read_text()):
+        assert procs[1].poll() is None and time.monotonic() < deadline, "the run ended before the signal"
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = finish(procs)
     assert "mesh {'data': 2, 'model': 1}" in outputs[0]
+    stopped = int(outputs[0].split(": stopped by a signal")[0].rsplit("step ", 1)[1])
+    assert 11 <= stopped < 30
+    assert checkpoint.latest_step(workdir) == stopped
+    assert max(e["step"] for e in events(workdir)) == stopped
+
+    outputs = finish(start_two_processes(workdir, flags))
+    assert f"from step {stopped}" in outputs[0]
     got, want = events(workdir), events(full)
     assert [e.keys() for e in got] == [e.keys() for e in want]
     for g, w in zip(got, want):
