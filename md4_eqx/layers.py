@@ -28,6 +28,11 @@ def truncated_normal(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int, sca
     return std * jax.random.truncated_normal(key, -2.0, 2.0, (math.prod(shape),), jnp.float32).reshape(shape)
 
 
+def embedding_table(key: PRNGKeyArray, rows: int, width: int) -> Float[Array, "rows width"]:
+    """Flax nn.Embed's init: normal with variance 1 / width."""
+    return jax.random.normal(key, (rows, width)) / math.sqrt(width)
+
+
 class Linear(Sharded):
     """y = x W (+ b), W of shape [in, out], split over `model` as `split` says."""
 
@@ -69,7 +74,7 @@ class Embedding(Sharded):
     split: Split = eqx.field(static=True)
 
     def __init__(self, num: int, width: int, *, key: PRNGKeyArray):
-        self.weight = jax.random.normal(key, (num, width)) / math.sqrt(width)
+        self.weight = embedding_table(key, num, width)
         self.split = Split.VOCAB
 
     def __call__(self, ids: Int[Array, "*b"]) -> Float[Array, "*b width"]:

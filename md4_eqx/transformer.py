@@ -21,7 +21,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
 from md4_eqx.config import ModelConfig
-from md4_eqx.layers import MLP, Attention, Embedding, Linear, activation, dropout, layer_norm
+from md4_eqx.layers import MLP, Attention, Embedding, Linear, activation, dropout, embedding_table, layer_norm
 from md4_eqx.parallel import Split
 
 
@@ -45,9 +45,7 @@ class Conditioning(eqx.Module):
 
     def __init__(self, dim: int, num_classes: int, *, key: PRNGKeyArray):
         kc, k1, k2 = jax.random.split(key, 3)
-        self.class_embed = (
-            jax.random.normal(kc, (num_classes + 1, dim)) / math.sqrt(dim) if num_classes else None
-        )
+        self.class_embed = embedding_table(kc, num_classes + 1, dim) if num_classes else None
         in_dim = dim * (2 if num_classes else 1)
         self.dense1 = Linear(in_dim, 4 * dim, key=k1, bias=True)
         self.dense2 = Linear(4 * dim, dim, key=k2, bias=True)

@@ -32,7 +32,7 @@ from md4_eqx.config import UNET_CHANNELS as CHANNELS
 from md4_eqx.config import UNET_GROUPS as GROUPS
 from md4_eqx.config import ModelConfig
 from md4_eqx.kernels import attention
-from md4_eqx.layers import Linear, dropout, truncated_normal
+from md4_eqx.layers import Linear, dropout, embedding_table, truncated_normal
 from md4_eqx.parallel import MODEL, vocab_offset
 from md4_eqx.transformer import Conditioning
 
@@ -159,8 +159,7 @@ class UNet(eqx.Module):
         self.side = math.isqrt(cfg.seq_len // CHANNELS)  # ModelConfig checks seq_len = 3 side^2
         ke, kc, ki, kd, k1, ka, k2, ku, ko = jax.random.split(key, 9)
         width = cfg.width
-        # Flax nn.Embed's init: normal with variance 1 / width.
-        self.embed = jax.random.normal(ke, (cfg.vocab_size + 1, width)) / math.sqrt(width)
+        self.embed = embedding_table(ke, cfg.vocab_size + 1, width)
         self.cond = Conditioning(cfg.cond_dim, cfg.num_classes, key=kc)
         self.conv_in = conv2d(CHANNELS * width, width, 3, key=ki)
         self.down = eqx.filter_vmap(lambda k: ResBlock(cfg, width, key=k))(
