@@ -19,10 +19,12 @@ reads a (rows, head_dim) tile directly, so the wrapper transposes nothing. Seque
 zero-padded to whole blocks; each kernel masks the padded tail of the axis it reduces over
 (-inf logits), and padded rows of the other axis are sliced away by the wrapper.
 
-Status: NOT YET RUN ON A GPU. The kernels are tested on CPU through the Mosaic GPU
-interpreter only (`interpret=True`), until a Hopper measurement exists. The interpreter
-(JAX 0.10.2) lacks four things the compiled kernel uses; `_Ops` holds the only code that
-differs between the two, each a few lines:
+Status: NOT YET RUN ON A GPU. On CPU, the kernels' numbers are tested through the Mosaic GPU
+interpreter (`interpret=True`), and their compiled form is lowered for CUDA
+(`lowering_platforms=("cuda",)`: Mosaic GPU's own lowering down to NVVM and wgmma PTX, which
+rejects mismatched register layouts and operand shapes), alone and inside the training step;
+ptxas and a run wait for a Hopper GPU. The interpreter (JAX 0.10.2) lacks four things the
+compiled kernel uses; `_Ops` holds the only code that differs between the two, each a few lines:
   1. `plgpu.layout_cast` / `plgpu.load(..., layout=)` (WGMMA register layouts, Lane
      semantics): the interpreter has no layouts, so it uses the plain arrays;
   2. `plgpu.transpose_ref` as a wgmma operand (for A @ B^T): the interpreter copies B^T
