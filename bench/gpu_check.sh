@@ -6,8 +6,8 @@
 #
 # Steps, the figures first: bench/attention.py at full shapes; bench/train_step.py on MD4-S
 # (bf16, attention auto = cuDNN inside the shard_map) at batch 16, 32, 64, 128, one process per
-# batch so each peak-memory figure is that batch's own, plus XLA attention in bf16 and f32 at
-# batch 16; train.py --preset md4-s for 30 steps on a random-token OpenWebText-shaped cache
+# batch so each peak-memory figure is that batch's own, our Hopper kernel (attention pallas) at
+# batch 16 right after cuDNN's, plus XLA attention in bf16 and f32 at batch 16; train.py --preset md4-s for 30 steps on a random-token OpenWebText-shaped cache
 # (bench/owt_cache.py: the real loader, no network); then the GPU-relevant tests (attention,
 # samplers). Imports neither beartype nor datasets (the GPU machine has neither). A failing step
 # is recorded and the rest still run. The whole run keeps to $GPU_CHECK_BUDGET seconds (480): a
@@ -28,12 +28,14 @@ if [[ "${GPU_CHECK_TINY:-0}" == 1 ]]; then
   TESTS=(tests/test_attention.py -k "xla_matches or auto_picks or rejects")
   ATTENTION=(--small --dtype float32 --repeats 2)
   PRESET=tiny; BATCHES=(4 8); STEP=(--steps 2 --warmup 0); ALL_CASES=(--batch 4 --precision float32)
+  KERNEL_CASE=(--batch 4 --attention xla --precision float32)  # no Hopper kernel on a CPU
   TOKENS=200000
   TRAIN=(--width 32 --num-layers 1 --num-heads 2 --seq-len 128 --batch-size 4 --steps 3 --log-every 1)
 else
   TESTS=(tests/test_attention.py tests/test_sampling.py tests/test_fast_sampler.py -m "not slow")
   ATTENTION=()
   PRESET=md4-s; BATCHES=(16 32 64 128); STEP=(--steps 10 --warmup 2); ALL_CASES=(--batch 16 --attention xla)
+  KERNEL_CASE=(--batch 16 --attention pallas --precision bfloat16)  # our Hopper kernel in the step
   TOKENS=8000000
   TRAIN=(--batch-size 32 --steps 30 --log-every 10)
 fi
@@ -59,6 +61,8 @@ run attention "$PY" bench/attention.py "${ATTENTION[@]}"
 for b in "${BATCHES[@]}"; do
   run "train_step_b$b" "$PY" bench/train_step.py --preset "$PRESET" --batch "$b" --attention auto \
     --precision bfloat16 "${STEP[@]}" --json "$TMP/train_step_b$b.json"
+  [[ $b == "${BATCHES[0]}" ]] && run train_step_pallas "$PY" bench/train_step.py --preset "$PRESET" \
+    "${KERNEL_CASE[@]}" "${STEP[@]}" --json "$TMP/train_step_pallas.json"
 done
 run train_step_all "$PY" bench/train_step.py --preset "$PRESET" "${ALL_CASES[@]}" "${STEP[@]}" \
   --json "$TMP/train_step_all.json"
