@@ -4,9 +4,12 @@ The Pallas kernel runs in interpret mode on CPU. The interpreter fills every out
 with NaN before the kernel runs, so an output block the kernel never wrote fails the
 comparison (test_interpreter_poisons_unwritten_outputs shows the poison is there).
 Interpret mode pays a host round trip per grid step, so shapes are small and grids short.
+The compiled kernels are lowered for their platforms here (no TPU or GPU needed), alone and
+inside the training step.
 """
 
 import dataclasses
+import importlib
 
 import equinox as eqx
 import jax
@@ -14,14 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import pallas as pl
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from md4_eqx.config import preset
+from md4_eqx.config import Precision, preset
 from md4_eqx.kernels import Impl, attention
 from md4_eqx.kernels.attention import available_impls, resolve
+from md4_eqx.kernels.flash_attention_gpu import flash_attention_gpu
 from md4_eqx.kernels.flash_attention_tpu import INTERPRET, BlockSizes, flash_attention
-from md4_eqx.parallel import make_mesh
+from md4_eqx.parallel import DATA, make_mesh
+from md4_eqx.plan import abstract_state
 from md4_eqx.train_step import init_state, make_optimizer, make_train_step
+
+attention_module = importlib.import_module("md4_eqx.kernels.attention")  # the package exports the function
 
 # Tolerance on max |error| / max |reference|, per input dtype.
 # float32: the kernel differs from the float64 reference only by float32 rounding in sums of
@@ -165,6 +173,13 @@ def test_interpreter_poisons_unwritten_outputs():
     assert np.isnan(out[:8]).all() and np.isfinite(out[8:]).all()
 
 
+def lowered_for(platform: str, fn, *args) -> str:
+    """The StableHLO text of jit(fn)(*args) lowered for `platform` ("tpu", "cuda") on this CPU:
+    each Pallas kernel is a custom call holding the module its compiler's lowering produced
+    (Mosaic TPU's, or Mosaic GPU's down to NVVM and inline PTX); nothing is compiled."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_pallas_lowers_for_tpu(dtype, head_dim):
@@ -178,9 +193,33 @@ def test_pallas_lowers_for_tpu(dtype, head_dim):
     def loss(q, k, v):
         return jnp.sum(flash_attention(q, k, v).astype(jnp.float32))
 
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    lowered = grads.trace(x, x, x).lower(lowering_platforms=("tpu",))
-    assert lowered.as_text().count("tpu_custom_call") == 3  # forward, dq, dk+dv
+    assert lowered_for("tpu", jax.grad(loss, argnums=(0, 1, 2)), x, x, x).count("tpu_custom_call") == 3  # fwd, dq, dk+dv
+
+
+@pytest.mark.parametrize("remat", [False, True], ids=["unrolled", "remat-scan"])
+@pytest.mark.parametrize(
+    "platform, kernel, custom_call",
+    [("tpu", flash_attention, "tpu_custom_call"), ("cuda", flash_attention_gpu, "custom_call @mosaic_gpu")],
+    ids=["tpu", "hopper"],
+)
+def test_training_step_with_our_kernel_lowers(monkeypatch, platform, kernel, custom_call, remat):
+    """The whole training step with `--attention pallas` as a TPU or an H100 runs it: the
+    kernel inside the (data, model) shard_map with heads split over `model` and vma checked,
+    bfloat16, a ragged sequence; unrolled, and rolled into a scan with remat. Lowered for that
+    platform here, with the kernel's row of KERNELS chosen by hand (there is no device to ask)."""
+    row = next(k for k in attention_module.KERNELS if k.run is kernel)
+    monkeypatch.setattr(attention_module, "resolve", lambda *args, **kwargs: row)
+    cfg = preset("tiny")
+    model = dataclasses.replace(cfg.model, width=256, num_heads=4, seq_len=200, precision=Precision.BFLOAT16,
+                                remat=remat, unroll_layers=not remat)
+    cfg = dataclasses.replace(cfg, model=model)
+    mesh = make_mesh(2, 2, jax.devices("cpu")[:4])
+    state = abstract_state(cfg, mesh)
+    step = make_train_step(state, make_optimizer(cfg.optim, 100), mesh, clip=1.0, ema=0.99)
+    arrays, static = eqx.partition(state, lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    tokens = jax.ShapeDtypeStruct((8, model.seq_len), jnp.int32, sharding=NamedSharding(mesh, P(DATA)))
+    text = lowered_for(platform, lambda arrays, tokens: step(eqx.combine(arrays, static), tokens), arrays, tokens)
+    assert custom_call in text
 
 
 def test_auto_picks_xla_on_cpu():

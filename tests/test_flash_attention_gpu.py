@@ -8,30 +8,22 @@ with NaN, so an output tile the kernels never write fails the finiteness check. 
 compiled kernel uses what the interpreter lacks, the interpreted form differs in four small
 spots (see the kernel's module docstring); those spots are checked by lowering the compiled
 form for CUDA (`lowering_platforms=("cuda",)`), which runs Mosaic GPU's own lowering down to
-NVVM and wgmma PTX: register layouts, transposed and register operands, in-place
-accumulation and shared-memory budgets are checked there; ptxas and a run are not.
+NVVM and wgmma PTX: register layouts, transposed and register operands and in-place
+accumulation are checked there; ptxas and a run are not (test_attention.py lowers the
+training step with it).
 Each interpreted kernel costs seconds, so shapes are one or two tiles of 64/128 rows.
 """
 
-import dataclasses
-import importlib
 import importlib.util
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from md4_eqx.config import Precision, preset
 from md4_eqx.kernels.flash_attention_gpu import BlockSizes, flash_attention_gpu
-from md4_eqx.parallel import DATA, make_mesh
-from md4_eqx.plan import abstract_state
-from md4_eqx.train_step import make_optimizer, make_train_step
-from test_attention import assert_matches, output_and_gradients, random_inputs, reference_float64
+from test_attention import assert_matches, lowered_for, output_and_gradients, random_inputs, reference_float64
 
-attention_module = importlib.import_module("md4_eqx.kernels.attention")  # the package exports the function
 needs_interpreter = pytest.mark.skipif(
     importlib.util.find_spec("jax._src.pallas.mosaic_gpu.interpret") is None,
     reason="this JAX has no Mosaic GPU interpreter to run the kernels on CPU",
@@ -103,12 +95,6 @@ def test_block_sizes_must_suit_wgmma():
     assert (BlockSizes().q_multiple, BlockSizes().kv_multiple) == (128, 128)
 
 
-def lowered_for_cuda(fn, *args) -> str:
-    """The StableHLO text of jit(fn)(*args) lowered for CUDA: each Mosaic GPU kernel is a
-    custom call holding its module, lowered by Mosaic GPU down to NVVM and inline PTX."""
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
-
 @pytest.mark.parametrize("head_dim, dtype", [(64, jnp.bfloat16), (128, jnp.float16)], ids=["d64-bf16", "d128-f16"])
 def test_compiled_form_lowers_for_hopper(head_dim, dtype):
     """Forward, dq and dk/dv in their compiled form (layouts, transposed SMEM operands,
@@ -119,28 +105,7 @@ def test_compiled_form_lowers_for_hopper(head_dim, dtype):
     def loss(q, k, v):
         return jnp.sum(flash_attention_gpu(q, k, v).astype(jnp.float32))
 
-    text = lowered_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), x, x, x)
+    text = lowered_for("cuda", jax.grad(loss, argnums=(0, 1, 2)), x, x, x)
     assert text.count("custom_call @mosaic_gpu") == 3  # forward, dq, dk+dv
     kind = "bf16" if dtype == jnp.bfloat16 else "f16"
     assert f"wgmma.mma_async.sync.aligned.m64n{head_dim}k16.f32.{kind}.{kind}" in text
-
-
-@pytest.mark.parametrize("remat", [False, True], ids=["unrolled", "remat-scan"])
-def test_training_step_with_the_kernel_lowers_for_cuda(monkeypatch, remat):
-    """The whole training step with `attention=pallas` resolved to the Hopper kernel: inside
-    the (data, model) shard_map, heads split over `model`, vma checked, bfloat16, a ragged
-    sequence; rolled into a scan with remat too. What `--attention pallas` runs on an H100."""
-    hopper = next(k for k in attention_module.KERNELS if k.run is flash_attention_gpu)
-    monkeypatch.setattr(attention_module, "resolve", lambda *args, **kwargs: hopper)  # no GPU to ask
-    cfg = preset("tiny")
-    model = dataclasses.replace(cfg.model, width=256, num_heads=4, seq_len=200, precision=Precision.BFLOAT16,
-                                remat=remat, unroll_layers=not remat)
-    cfg = dataclasses.replace(cfg, model=model)
-    mesh = make_mesh(2, 2, jax.devices("cpu")[:4])
-    state = abstract_state(cfg, mesh)
-    step = make_train_step(state, make_optimizer(cfg.optim, 100), mesh, clip=1.0, ema=0.99)
-    arrays, static = eqx.partition(state, lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    tokens = jax.ShapeDtypeStruct((8, model.seq_len), jnp.int32, sharding=NamedSharding(mesh, P(DATA)))
-    text = lowered_for_cuda(lambda arrays, tokens: step(eqx.combine(arrays, static), tokens), arrays, tokens)
-    assert "custom_call @mosaic_gpu" in text
-    assert "wgmma.mma_async" in text
