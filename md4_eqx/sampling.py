@@ -149,10 +149,9 @@ def sample_skip_local(
     Each masked position unmasks at exactly one step k in {0..T-1}, or is still masked at the end
     (k = T, the final argmax fill), with the law of `unmask_step_probs` whatever the network says;
     given that it unmasks at step i, its value is x ~ mu_theta(z_t_i, t_i) (or the rule's
-`token_logits` of it). So draw every k up
-    front (inverse CDF: k = #{i : -log P(k > i) < E}, E ~ Exp(1)), then let each example jump from
-    one of its unmask steps to the next: a step where nothing unmasks leaves z as it is, so skipping
-    it is exact, time conditioning included. Every call serves each example at its own next step
+    `token_logits` of it). So draw every k up front (inverse CDF: k = #{i : -log P(k > i) < E},
+    E ~ Exp(1)), then let each example jump from one of its unmask steps to the next: a step
+    where nothing unmasks leaves z as it is, so skipping it is exact, time conditioning included. Every call serves each example at its own next step
     and time (the network takes a time per example), so a device makes as many calls as its
     busiest example has distinct unmask steps. The trajectory is rebuilt from the k's afterwards.
     """
