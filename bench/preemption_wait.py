@@ -47,6 +47,9 @@ def worker(process_id: int, port: int) -> None:
     def allgather() -> bool:
         return bool(np.any(multihost_utils.process_allgather(np.asarray(False))))
 
+    if process_id == 0:
+        print(f"machine: {jax.devices()[0].device_kind} ({os.cpu_count()} cores), JAX {jax.__version__}, "
+              f"2 processes of {jax.local_device_count()} device each", flush=True)
     for name, check in (("immediate process_allgather (before)", allgather),
                         ("Preemption.requested (lagged)", Preemption().requested)):
         check(), check()  # compiled
@@ -73,7 +76,6 @@ def main() -> None:
              for i in range(2)]
     for p in procs:
         p.communicate(timeout=300)
-    print(f"machine: {os.cpu_count()} CPU cores, 2 processes of 1 CPU device each")
 
 
 if __name__ == "__main__":
