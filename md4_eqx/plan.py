@@ -101,11 +101,13 @@ class StepMemory:
         return self.arguments + self.outputs - self.aliased + self.temp
 
 
-@functools.cache  # a Planner and its callers (tests, benchmarks) ask for the same compilations
-def step_memory(config: Config, mesh: Mesh, *, batch: int, microbatches: int) -> StepMemory:
-    """Compile (without running) the training step for a global `batch` split into
-    `microbatches` and return its memory analysis. On CPU XLA's figures are those of its CPU
-    compilation, a proxy for an accelerator's, which fuses and schedules differently."""
+def lowered_step(
+    config: Config, mesh: Mesh, *, batch: int, microbatches: int, platform: str | None = None
+) -> jax.stages.Lowered:
+    """The training step for a global `batch` split into `microbatches`, traced on abstract
+    inputs (no parameter is ever made) and lowered: for this machine, or for `platform`
+    ("cuda", "tpu"), which needs no such device (its kernels go through their compilers'
+    lowering; nothing is compiled)."""
     state = abstract_state(config, mesh)
     optimizer = make_optimizer(config.optim, config.train.steps)
     step = make_train_step(state, optimizer, mesh, microbatches=microbatches,
@@ -118,7 +120,16 @@ def step_memory(config: Config, mesh: Mesh, *, batch: int, microbatches: int) ->
     def run(arrays, tokens, labels):
         return step(eqx.combine(arrays, static), tokens, labels)
 
-    compiled = jax.jit(run, donate_argnums=0).lower(arrays, tokens, labels).compile()
+    platforms = None if platform is None else (platform,)
+    return jax.jit(run, donate_argnums=0).trace(arrays, tokens, labels).lower(lowering_platforms=platforms)
+
+
+@functools.cache  # a Planner and its callers (tests, benchmarks) ask for the same compilations
+def step_memory(config: Config, mesh: Mesh, *, batch: int, microbatches: int) -> StepMemory:
+    """Compile (without running) the training step for a global `batch` split into
+    `microbatches` and return its memory analysis. On CPU XLA's figures are those of its CPU
+    compilation, a proxy for an accelerator's, which fuses and schedules differently."""
+    compiled = lowered_step(config, mesh, batch=batch, microbatches=microbatches).compile()
     m = compiled.memory_analysis()
     return StepMemory(int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
                       int(m.alias_size_in_bytes), int(m.temp_size_in_bytes))

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import pallas as pl
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from md4_eqx.config import Precision, preset
@@ -25,8 +24,8 @@ from md4_eqx.kernels import Impl, attention
 from md4_eqx.kernels.attention import available_impls, resolve
 from md4_eqx.kernels.flash_attention_gpu import flash_attention_gpu
 from md4_eqx.kernels.flash_attention_tpu import INTERPRET, BlockSizes, flash_attention
-from md4_eqx.parallel import DATA, make_mesh
-from md4_eqx.plan import abstract_state
+from md4_eqx.parallel import make_mesh
+from md4_eqx.plan import lowered_step
 from md4_eqx.train_step import init_state, make_optimizer, make_train_step
 
 attention_module = importlib.import_module("md4_eqx.kernels.attention")  # the package exports the function
@@ -214,11 +213,7 @@ def test_training_step_with_our_kernel_lowers(monkeypatch, platform, kernel, cus
                                 remat=remat, unroll_layers=not remat)
     cfg = dataclasses.replace(cfg, model=model)
     mesh = make_mesh(2, 2, jax.devices("cpu")[:4])
-    state = abstract_state(cfg, mesh)
-    step = make_train_step(state, make_optimizer(cfg.optim, 100), mesh, clip=1.0, ema=0.99)
-    arrays, static = eqx.partition(state, lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    tokens = jax.ShapeDtypeStruct((8, model.seq_len), jnp.int32, sharding=NamedSharding(mesh, P(DATA)))
-    text = lowered_for(platform, lambda arrays, tokens: step(eqx.combine(arrays, static), tokens), arrays, tokens)
+    text = lowered_step(cfg, mesh, batch=8, microbatches=1, platform=platform).as_text()
     assert custom_call in text
 
 
