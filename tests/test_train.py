@@ -88,6 +88,20 @@ def trained(data) -> tuple[list[str], Path]:
     return flags, tmp / "full"
 
 
+def wait_until_logged(workdir: Path, step: int, proc: subprocess.Popen) -> None:
+    """Polls workdir's metrics.jsonl until `step` is logged; fails if `proc` ends or 240 s pass first."""
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and f'"step": {step},' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, f"the run ended before step {step}"
+        time.sleep(0.01)
+
+
+def stopped_step(stdout: str) -> int:
+    """The step train.py says it stopped at on a signal."""
+    return int(stdout.split(": stopped by a signal")[0].rsplit("step ", 1)[1])
+
+
 @pytest.mark.slow
 def test_run_writes_metrics_samples_and_last_checkpoints(trained):
     flags, workdir = trained
@@ -117,11 +131,7 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(trained, data):
     workdir = data[1] / "killed"
     cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (metrics.exists() and '"step": 7,' in metrics.read_text()):  # after checkpoint 5
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it was killed"
-        time.sleep(0.01)
+    wait_until_logged(workdir, 7, proc)  # after checkpoint 5
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert 5 <= max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) < 30
@@ -157,25 +167,6 @@ def test_damaged_or_different_checkpoint_is_reported_and_left_alone(trained, tmp
         assert tree_digest(workdir) == before  # nothing overwritten: no checkpoint, no metrics
 
 
-def start_two_processes(workdir: Path, flags: list[str]) -> list[subprocess.Popen]:
-    """The same train.py command as two processes of one CPU device each (gloo)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags,
-           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-    return [subprocess.Popen([*cmd, "--process-id", str(i)], cwd=ROOT, env=ENV, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
-
-
-def finish(procs: list[subprocess.Popen]) -> list[str]:
-    """Both processes' output, once both exited 0."""
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
-    assert all("Traceback" not in out for out in outputs)
-    return outputs
-
-
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_stop_together(trained, data):
     """Two processes, each loading half of every batch, train as the one-process run does (the
@@ -184,16 +175,20 @@ def test_two_processes_train_like_one_and_stop_together(trained, data):
     test's, and test_parallel's two-process checkpoint test's, subject.)"""
     flags, full = trained
     workdir = data[1] / "two"
-    procs = start_two_processes(workdir, flags)
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (metrics.exists() and '"step": 11,' in metrics.read_text()):
-        assert procs[1].poll() is None and time.monotonic() < deadline, "the run ended before the signal"
-        time.sleep(0.01)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags,
+           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+    procs = [subprocess.Popen([*cmd, "--process-id", str(i)], cwd=ROOT, env=ENV, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
+    wait_until_logged(workdir, 11, procs[1])
     procs[1].send_signal(signal.SIGTERM)
-    outputs = finish(procs)
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert all("Traceback" not in out for out in outputs)
     assert "mesh {'data': 2, 'model': 1}" in outputs[0]
-    stopped = int(outputs[0].split(": stopped by a signal")[0].rsplit("step ", 1)[1])
+    stopped = stopped_step(outputs[0])
     assert 11 <= stopped < 30
     assert checkpoint.latest_step(workdir) == stopped
     got, want = events(workdir), [e for e in events(full) if e["step"] <= stopped]
@@ -316,16 +311,12 @@ def test_sigterm_checkpoints_the_step_and_the_rerun_matches_the_uninterrupted_ru
     workdir = data[1] / "preempted"
     cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (metrics.exists() and '"step": 11,' in metrics.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
-        time.sleep(0.01)
+    wait_until_logged(workdir, 11, proc)
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "Traceback" not in err, err
-    stopped = int(out.split(": stopped by a signal")[0].rsplit("step ", 1)[1])
+    stopped = stopped_step(out)
     assert 11 <= stopped < 30
     assert checkpoint.latest_step(workdir) == stopped  # saved there, on schedule or on the signal
     assert max(e["step"] for e in events(workdir)) == stopped
