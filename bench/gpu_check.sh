@@ -7,10 +7,11 @@
 # Steps, the figures first: bench/attention.py at full shapes; bench/train_step.py on MD4-S
 # (bf16, attention auto = cuDNN inside the shard_map) at batch 16, 32, 64, 128, one process per
 # batch so each peak-memory figure is that batch's own, our Hopper kernel (attention pallas) at
-# batch 16 right after cuDNN's, plus XLA attention in bf16 and f32 at batch 16; train.py --preset md4-s for 30 steps on a random-token OpenWebText-shaped cache
-# (bench/owt_cache.py: the real loader, no network); then the GPU-relevant tests (attention,
-# samplers). Imports neither beartype nor datasets (the GPU machine has neither). A failing step
-# is recorded and the rest still run. The whole run keeps to $GPU_CHECK_BUDGET seconds (480): a
+# batch 16 right after cuDNN's, plus XLA attention in bf16 and f32 at batch 16; train.py
+# --preset md4-s for 30 steps on a random-token OpenWebText-shaped cache (bench/owt_cache.py:
+# the real loader, no network); then the GPU-relevant tests (attention, samplers). Imports
+# neither beartype nor datasets (the GPU machine has neither). A failing step is recorded and
+# the rest still run. The whole run keeps to $GPU_CHECK_BUDGET seconds (480): a
 # step still running at the deadline is stopped and recorded as rc 124, the steps after it as
 # skipped (rc -1), and the JSON and table are written all the same, so a lent machine's time
 # limit never costs the figures already measured. Writes bench/results/gpu_check-<time>.json

@@ -151,9 +151,10 @@ def sample_skip_local(
     given that it unmasks at step i, its value is x ~ mu_theta(z_t_i, t_i) (or the rule's
     `token_logits` of it). So draw every k up front (inverse CDF: k = #{i : -log P(k > i) < E},
     E ~ Exp(1)), then let each example jump from one of its unmask steps to the next: a step
-    where nothing unmasks leaves z as it is, so skipping it is exact, time conditioning included. Every call serves each example at its own next step
-    and time (the network takes a time per example), so a device makes as many calls as its
-    busiest example has distinct unmask steps. The trajectory is rebuilt from the k's afterwards.
+    where nothing unmasks leaves z as it is, so skipping it is exact, time conditioning included.
+    Every call serves each example at its own next step and time (the network takes a time per
+    example), so a device makes as many calls as its busiest example has distinct unmask steps.
+    The trajectory is rebuilt from the k's afterwards.
     """
     steps, mask_id = cfg.steps, model.mask_id
     keys = example_keys(key, example_ids(template.shape[0]))
