@@ -14,9 +14,10 @@ class-conditional preset's dataset) comes from the dataset unless given.
 
 WORKDIR (default runs/<preset>-<dataset>) gets checkpoints/ (the last --keep-checkpoints, each
 with params, EMA, optimizer state, step, key, data position and the full config), metrics.jsonl
-(one JSON object per event), samples/ (at each evaluation) and, when tensorboardX is installed,
-tb/. Rerunning the same command resumes from the newest checkpoint and continues exactly as an
-uninterrupted run; flags that change the model must match the checkpoint.
+(one JSON object per event), curves.png (its bits per token) and samples/ (both at each
+evaluation) and, when tensorboardX is installed, tb/. Rerunning the same command resumes from
+the newest checkpoint and continues exactly as an uninterrupted run; flags that change the model
+must match the checkpoint.
 
 Several processes (e.g. one per GPU host; every process runs the same command and reads its own
 slice of each batch): --coordinator HOST:PORT --num-processes N --process-id I, or --distributed
@@ -224,6 +225,7 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, workdir:
         if not main_process:
             return []
         path, texts = write_samples(tokens, ds, state.ema.mask_id, workdir / "samples" / f"step_{step:07d}")
+        log.plot()
         say(f"step {step}: eval {bpt:.4f} ± {se:.4f} bits/token (perplexity <= {ppl:.2f}), samples in {path}")
         return texts
 

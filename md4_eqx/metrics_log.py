@@ -1,9 +1,13 @@
-"""A training run's events: WORKDIR/metrics.jsonl (one JSON object per event) and, when
-tensorboardX is installed, TensorBoard scalars in WORKDIR/tb."""
+"""A training run's events: WORKDIR/metrics.jsonl (one JSON object per event), their curves in
+WORKDIR/curves.png and, when tensorboardX is installed, TensorBoard scalars in WORKDIR/tb."""
 
 import json
 import os
 from pathlib import Path
+
+import numpy as np
+
+from md4_eqx.visualize import line_chart
 
 
 class MetricsLog:
@@ -44,3 +48,18 @@ class MetricsLog:
                 if name != "step" and isinstance(value, (int, float)):
                     self.tb.add_scalar(name, value, event["step"])
             self.tb.flush()
+
+    def plot(self) -> None:
+        """WORKDIR/curves.png: the training and evaluation bits per token logged so far (a skipped
+        step's event, whose values are strings, is left out)."""
+        if not self.enabled:
+            return
+        events = [json.loads(line) for line in self.path.read_text().splitlines()]
+        series = {}
+        for key, name in (("train_bpt", "train"), ("eval_bpt", "eval (EMA model)")):
+            points = np.array([(e["step"], e[key]) for e in events if isinstance(e.get(key), float)])
+            if points.size:
+                series[name] = (points[:, 0], points[:, 1])
+        path = self.path.with_name("curves.png")
+        line_chart(series, "step", "bits per token").save(path.with_suffix(".png.tmp"), format="PNG")
+        os.replace(path.with_suffix(".png.tmp"), path)

@@ -1,4 +1,5 @@
-"""Pictures of samples: image grids, the unmasking trajectory as a strip or GIF, and as text.
+"""Pictures: image grids of samples, the unmasking trajectory as a strip, a GIF or text, and
+training curves.
 
 Images are flattened sub-pixel sequences (CIFAR-10: 32 x 32 x 3 = 3072 tokens in [0, 256)); a
 sub-pixel still masked (id V) is drawn mid-grey. Text trajectories show masked tokens as `MASK_CHAR`.
@@ -8,11 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from jaxtyping import Integer, UInt8
-from PIL import Image
+from jaxtyping import Integer, Real, UInt8
+from PIL import Image, ImageDraw, ImageFont
 
 MASK_CHAR = "▒"
 MASK_GREY = 128
+COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44))  # one per series of a chart
+GRID_GREY = (225, 225, 225)
 
 
 def to_images(
@@ -88,3 +91,53 @@ def text_trajectory(
     """(step, rendered text) at `frames` steps of one sample's trajectory."""
     return [(i + 1, render_text(trajectory[i], decode, mask_id))
             for i in frame_indices(trajectory.shape[0], frames)]
+
+
+def ticks(lo: float, hi: float, count: int = 6) -> np.ndarray:
+    """About `count` round values in [lo, hi]: multiples of 1, 2 or 5 x 10^k, the step that gives
+    the nearest number of them."""
+    magnitude = 10 ** np.floor(np.log10((hi - lo) / count))
+    step = min((m * magnitude for m in (1, 2, 5, 10)), key=lambda s: abs((hi - lo) / s - count))
+    return np.arange(np.ceil(lo / step), np.floor(hi / step) + 1) * step
+
+
+def line_chart(
+    series: dict[str, tuple[Real[np.ndarray, " _"], Real[np.ndarray, " _"]]], xlabel: str, ylabel: str,
+    size: tuple[int, int] = (720, 420),
+) -> Image.Image:
+    """Named (x, y) series on shared axes, with round ticks, a grid and a legend (training curves
+    without a plotting library). The y range spans the values; a series of up to 50 points also
+    marks each one with a dot."""
+    width, height = size
+    left, right, top, bottom = 56, 16, 24, 40  # margins around the plot area
+    xs = np.concatenate([x for x, _ in series.values()], dtype=float)
+    ys = np.concatenate([y for _, y in series.values()], dtype=float)
+    x0, x1 = xs.min(), max(xs.max(), xs.min() + 1)
+    pad = 0.05 * (ys.max() - ys.min()) or 0.05 * abs(ys.max()) or 1.0
+    y0, y1 = ys.min() - pad, ys.max() + pad
+
+    def at(x, y):  # data -> pixel
+        return (left + (x - x0) / (x1 - x0) * (width - left - right),
+                top + (y1 - y) / (y1 - y0) * (height - top - bottom))
+
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=12)
+    for x in ticks(x0, x1):
+        px = at(x, y0)[0]
+        draw.line([(px, top), (px, height - bottom)], fill=GRID_GREY)
+        draw.text((px, height - bottom + 4), f"{x:,.0f}", fill="black", font=font, anchor="ma")
+    for y in ticks(y0, y1):
+        py = at(x0, y)[1]
+        draw.line([(left, py), (width - right, py)], fill=GRID_GREY)
+        draw.text((left - 4, py), f"{y:g}", fill="black", font=font, anchor="rm")
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    draw.text(((left + width - right) / 2, height - 4), xlabel, fill="black", font=font, anchor="md")
+    draw.text((left, top - 4), ylabel, fill="black", font=font, anchor="ld")
+    for row, (colour, (name, (x, y))) in enumerate(zip(COLOURS, series.items(), strict=False)):
+        points = [at(a, b) for a, b in zip(x, y, strict=True)]
+        draw.line(points, fill=colour, width=2)
+        for px, py in points if len(points) <= 50 else ():
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+        draw.text((width - right - 8, top + 8 + 16 * row), name, fill=colour, font=font, anchor="ra")
+    return image

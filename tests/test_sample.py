@@ -13,7 +13,8 @@ from PIL import Image
 
 import sample
 from md4_eqx.visualize import (
-    MASK_CHAR, frame_indices, image_grid, render_text, to_images, trajectory_gif, trajectory_strip,
+    COLOURS, MASK_CHAR, frame_indices, image_grid, line_chart, render_text, ticks, to_images, trajectory_gif,
+    trajectory_strip,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,3 +180,31 @@ def test_frames_and_text_rendering():
     decode = lambda ids: bytes(ids.astype(np.uint8)).decode("utf-8", "replace")  # noqa: E731
     tokens = np.array([*b"ab", 256, 256, *"é".encode(), 256])
     assert render_text(tokens, decode, 256) == f"ab{MASK_CHAR * 2}é{MASK_CHAR}"
+
+
+def test_ticks_are_round_evenly_spaced_and_inside():
+    np.testing.assert_allclose(ticks(0.0, 1000.0), [0, 200, 400, 600, 800, 1000])
+    np.testing.assert_allclose(ticks(2.9, 8.35), [3, 4, 5, 6, 7, 8])
+    rng = np.random.default_rng(0)
+    for lo, span in zip(rng.normal(0, 100, 200), 10.0 ** rng.uniform(-4, 6, 200), strict=True):
+        got = ticks(lo, lo + span)
+        step = np.diff(got)
+        assert 3 <= got.size <= 13 and got[0] >= lo - 1e-9 * span and got[-1] <= lo + span * (1 + 1e-9)
+        np.testing.assert_allclose(step, step[0], rtol=1e-6)
+        mantissa = step[0] / 10 ** np.floor(np.log10(step[0]) + 1e-6)
+        assert min(abs(mantissa - m) for m in (1, 2, 5)) < 1e-6
+
+
+def test_line_chart_draws_each_series_where_its_values_are():
+    # Blue falls from 8 to 3 over the steps, red stays at 5.5; the legend sits top right.
+    steps = np.arange(0, 101, 10)
+    chart = line_chart({"falls": (steps, np.linspace(8, 3, steps.size)), "flat": (steps, np.full(steps.size, 5.5))},
+                       "step", "bits", size=(400, 300))
+    assert chart.size == (400, 300)
+    pixels = np.array(chart)
+    pixels[:70, 300:] = 255  # the legend's corner
+    (fall_y, fall_x), (flat_y, flat_x) = (np.nonzero((pixels == colour).all(-1)) for colour in COLOURS[:2])
+    assert fall_x.min() < 70 and fall_x.max() > 370 and flat_x.min() < 70 and flat_x.max() > 370
+    assert np.ptp(flat_y) <= 5  # one horizontal line, its dots included
+    left, right = fall_y[fall_x < 80].mean(), fall_y[fall_x > 360].mean()
+    assert left < flat_y.mean() - 80 and right > flat_y.mean() + 80  # 8 above 5.5 above 3

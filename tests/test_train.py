@@ -18,13 +18,16 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import train
 from md4_eqx import checkpoint
 from md4_eqx import workdir as workdir_lock
 from md4_eqx.cli import make_config
 from md4_eqx.config import Config, preset
+from md4_eqx.visualize import line_chart
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--seq-len", "32", "--batch-size", "8",
@@ -118,6 +121,11 @@ def test_run_writes_metrics_samples_and_last_checkpoints(trained):
     assert sorted(p.name for p in (workdir / "samples").iterdir()) == [
         f"step_{s:07d}.txt" for s in (0, 10, 20, 30)
     ]
+    # The curves are those of the logged bits per token.
+    curves = {name: (np.array([e["step"] for e in log if key in e]), np.array([e[key] for e in log if key in e]))
+              for key, name in (("train_bpt", "train"), ("eval_bpt", "eval (EMA model)"))}
+    with Image.open(workdir / "curves.png") as png:
+        np.testing.assert_array_equal(np.asarray(png), np.asarray(line_chart(curves, "step", "bits per token")))
     # Rerunning the finished command does nothing.
     before = tree_digest(workdir)
     proc = run("train.py", "--workdir", str(workdir), *flags)
