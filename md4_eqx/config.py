@@ -111,7 +111,7 @@ class ModelConfig:
     dropout: float = 0.0
     precision: Precision = Precision.BFLOAT16
     remat: bool = False  # rematerialise each block in the backward pass
-    unroll_layers: bool = True  # straight-line blocks (faster steps); False: a rolled loop (faster compiles)
+    unroll_layers: bool = True  # straight-line blocks (faster steps); False, or remat: a rolled loop (faster compiles)
     rope_theta: float = 10_000.0
     attention: Impl = Impl.AUTO  # how attention is computed (md4_eqx/kernels/attention.py)
 
