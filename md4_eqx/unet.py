@@ -184,17 +184,26 @@ class UNet(eqx.Module):
 
         A Python loop, not `lax.scan`: XLA's CPU backend runs a convolution inside a loop body
         tens of times slower (measured: 0.84 s against 0.01 s for one 32x32 block), and the 65
-        blocks compile in seconds unrolled."""
+        blocks compile in seconds unrolled. With remat, a scan: in straight-line code XLA schedules
+        every block's recomputation ahead of the backward pass, and remat saved nothing (CIFAR-10
+        preset on CPU, batch 8: 5.28 GiB with remat against 5.26 GiB without)."""
         params, static = eqx.partition(blocks, eqx.is_array)
 
         def layer(h, block_params, skip, i):
             x = h if skip is None else jnp.concatenate([h, skip], axis=1)  # (b, d or 2 d, hh, ww)
             return eqx.combine(block_params, static)(x, c, layer_keys(keys, first + i))
 
+        count = jax.tree.leaves(params)[0].shape[0]
         if self.cfg.remat:
-            layer = jax.checkpoint(layer, static_argnums=(3,))
+            def step(h, inputs):
+                h = jax.checkpoint(layer)(h, *inputs)
+                return h, h
+
+            stacked = None if skips is None else jnp.stack(skips)  # (count, b, d, hh, ww)
+            _, outs = lax.scan(step, h, (params, stacked, jnp.arange(count)))
+            return list(outs)
         outs = []
-        for i in range(jax.tree.leaves(params)[0].shape[0]):
+        for i in range(count):
             h = layer(h, jax.tree.map(lambda a: a[i], params), None if skips is None else skips[i], i)
             outs.append(h)
         return outs
