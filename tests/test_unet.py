@@ -132,7 +132,7 @@ def test_remat_gives_the_same_gradients_with_fewer_temporaries(getkey):
     each block keeps its keys) from fewer temporaries. Unrolled, XLA had hoisted every block's
     recomputation ahead of the backward pass, and remat saved nothing."""
     key, noise = getkey(), getkey()
-    cfg = small(num_layers=2, dropout=0.5)
+    cfg = small(dropout=0.5)
     z, t = inputs(cfg, getkey())
     keys = jax.random.split(getkey(), 4)
     grads, temp = [], []
@@ -149,7 +149,7 @@ def test_remat_gives_the_same_gradients_with_fewer_temporaries(getkey):
     scale = max(float(jnp.max(jnp.abs(b))) for b in grads[0])
     for a, b in zip(*grads, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-5 * scale)
-    assert temp[1] < 0.75 * temp[0], temp
+    assert temp[1] < 0.8 * temp[0], temp
 
 
 def test_null_class(getkey):
