@@ -51,13 +51,14 @@ class MetricsLog:
 
     def plot(self) -> None:
         """WORKDIR/curves.png: the training and evaluation bits per token logged so far (a skipped
-        step's event, whose values are strings, is left out)."""
+        step's event, whose values are strings, and any non-finite value are left out)."""
         if not self.enabled:
             return
         events = [json.loads(line) for line in self.path.read_text().splitlines()]
         series = {}
         for key, name in (("train_bpt", "train"), ("eval_bpt", "eval (EMA model)")):
-            points = np.array([(e["step"], e[key]) for e in events if isinstance(e.get(key), float)])
+            points = np.array([(e["step"], e[key]) for e in events
+                               if isinstance(e.get(key), float) and np.isfinite(e[key])])
             if points.size:
                 series[name] = (points[:, 0], points[:, 1])
         path = self.path.with_name("curves.png")

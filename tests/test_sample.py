@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import sample
+from md4_eqx.metrics_log import MetricsLog
 from md4_eqx.visualize import (
     COLOURS, MASK_CHAR, frame_indices, image_grid, line_chart, render_text, ticks, to_images, trajectory_gif,
     trajectory_strip,
@@ -208,3 +209,18 @@ def test_line_chart_draws_each_series_where_its_values_are():
     assert np.ptp(flat_y) <= 5  # one horizontal line, its dots included
     left, right = fall_y[fall_x < 80].mean(), fall_y[fall_x > 360].mean()
     assert left < flat_y.mean() - 80 and right > flat_y.mean() + 80  # 8 above 5.5 above 3
+
+
+def test_curves_leave_out_skipped_steps_and_non_finite_values(tmp_path):
+    log = MetricsLog(tmp_path, None, enabled=True)
+    log.write(step=0, eval_bpt=8.0)
+    log.write(step=1, train_bpt=7.5, lr=1e-3)
+    log.write(step=2, skipped=1, train_bpt="nan", grad_norm="inf")
+    log.write(step=3, train_bpt=6.0, lr=1e-3)
+    log.write(step=4, eval_bpt=float("nan"))
+    log.write(step=5, eval_bpt=5.5)
+    log.plot()
+    expected = line_chart({"train": (np.array([1.0, 3.0]), np.array([7.5, 6.0])),
+                           "eval (EMA model)": (np.array([0.0, 5.0]), np.array([8.0, 5.5]))}, "step", "bits per token")
+    with Image.open(tmp_path / "curves.png") as png:
+        np.testing.assert_array_equal(np.asarray(png), np.asarray(expected))
