@@ -5,8 +5,8 @@
 Compiles the training step on this machine's first device (a (1, 1) mesh: per-device figures)
 at microbatches of 8 and 16 examples, for float32 and bfloat16 compute, with and without remat,
 and extends the line peak = fixed + per_example * m to each memory size, less the planner's
-margin (md4_eqx.plan.MARGIN). The planner's own line, through 1 and 2 examples, is only its first
-guess: its slope is 15-20% lower than at the sizes that matter here. On CPU, XLA's memory
+margin (md4_eqx.plan.MARGIN). The planner's default line, through 1 and 2 examples, is only its
+first guess: its slope is 15-20% lower than at the sizes that matter here. On CPU, XLA's memory
 analysis is a proxy for the accelerator's.
 
 Attention is planned as the accelerators run it, a flash kernel (cuDNN's or ours), not as XLA's
@@ -71,10 +71,7 @@ def main() -> None:
     for precision in Precision:
         config = dataclasses.replace(base, model=dataclasses.replace(base.model, precision=precision))
         for remat in (False, True):
-            planner = Planner(config, mesh, 1)
-            eight, sixteen = planner.peak(remat, 8), planner.peak(remat, 16)
-            per_example = (sixteen - eight) // 8
-            fixed = eight - 8 * per_example
+            fixed, per_example = Planner(config, mesh, 1).line(remat, at=(8, 16))
             print(f"{precision.value} remat={remat}: peak {show_size(fixed)} + {per_example / 2**20:.1f} MiB per example",
                   flush=True)
             rows.append((precision.value, remat, fixed, per_example))
