@@ -95,7 +95,7 @@ class ModelConfig:
     """The network mu_theta (MD4_MATH.md, "Network"): the transformer, or the U-Net for images.
     The U-Net reads vocab_size, seq_len (3 side^2), width (its channels), num_layers (residual
     blocks down; one more up), num_heads, cond_dim, num_classes, dropout, precision, remat and
-    attention; mlp, mlp_hidden and rope_theta are the transformer's only."""
+    attention; mlp, mlp_hidden, rope_theta and head_chunk are the transformer's only."""
 
     backbone: Backbone = Backbone.TRANSFORMER
     vocab_size: int = 256
@@ -114,6 +114,7 @@ class ModelConfig:
     unroll_layers: bool = True  # straight-line blocks (faster steps); False, or remat: a rolled loop (faster compiles)
     rope_theta: float = 10_000.0
     attention: Impl = Impl.AUTO  # how attention is computed (md4_eqx/kernels/attention.py)
+    head_chunk: int = 0  # > 0: the loss runs the output head on this many tokens at a time (MD4.readout)
 
     def __post_init__(self):
         if self.width % self.num_heads:
@@ -124,11 +125,15 @@ class ModelConfig:
         for name in ("vocab_size", "seq_len", "width", "num_layers", "num_heads", "cond_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"{name}={getattr(self, name)} must be positive")
+        if self.head_chunk < 0:
+            raise ConfigError("head_chunk", f"head_chunk={self.head_chunk} must be 0 (off) or a token count")
         if self.backbone is Backbone.UNET:
             side = math.isqrt(self.seq_len // UNET_CHANNELS)
             if UNET_CHANNELS * side * side != self.seq_len:
                 raise ConfigError("seq_len", f"the U-Net needs seq_len = {UNET_CHANNELS} * side^2 sub-pixels, "
                                              f"got {self.seq_len}")
+            if self.head_chunk:
+                raise ConfigError("head_chunk", "head_chunk is the transformer's: the U-Net's head is a convolution")
             if self.width % UNET_GROUPS:
                 raise ConfigError("width", f"the U-Net's GroupNorm needs width={self.width} to be a multiple "
                                            f"of {UNET_GROUPS}")
@@ -348,7 +353,7 @@ class ConfigError(ValueError):
 
 
 # Fields that only say how the model is computed, not what it is: they may differ on resume.
-EXECUTION_FIELDS = {"remat", "unroll_layers", "attention"}
+EXECUTION_FIELDS = {"remat", "unroll_layers", "attention", "head_chunk"}
 
 
 def config_to_json(config: Config) -> dict[str, dict[str, Any]]:

@@ -6,6 +6,7 @@ keyed by its *global* index, so any mesh draws the same times and masks. Losses 
 example, summed over positions, in nats; `bits_per_token` turns them into the reported number.
 """
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -61,8 +62,8 @@ def forward_mask(
 
 
 def log_probs_at(
-    logits: Float[Array, "b l v_local"], x: Int[Array, "b l"], vocab_size: int
-) -> Float[Array, "b l"]:
+    logits: Float[Array, "*n v_local"], x: Int[Array, "*n"], vocab_size: int
+) -> Float[Array, "*n"]:
     """log mu_theta[x] at every position: a gather and a distributed log-normaliser, no one-hot."""
     return vocab_gather(logits, x) - vocab_log_normaliser(logits, vocab_size)
 
@@ -116,7 +117,8 @@ def md4_losses(
     else:
         alpha_t, weight = schedule.alpha(t), schedule.weight(t)
     z = forward_mask(jax.vmap(jax.random.split)(keys)[:, 0], x, alpha_t[:, None], model.mask_id)
-    logp = log_probs_at(model.logits(z, t, labels, keys=dropout_keys), x, model.vocab_size)
+    log_probs = functools.partial(log_probs_at, vocab_size=model.vocab_size)
+    logp = model.readout(log_probs, z, t, labels, x, keys=dropout_keys)
     masked = z == model.mask_id  # (b, l)
     diffusion = weight * jnp.sum(jnp.where(masked, logp, 0.0), axis=-1)  # (b,)
     seq_len = x.shape[1]
@@ -124,27 +126,32 @@ def md4_losses(
     return Losses(diffusion, recon, diffusion + recon)
 
 
+def genmd4_token_terms(
+    logits: Float[Array, "*n v_local"], x: Int[Array, "*n"], w: Float[Array, " v_pad"], vocab_size: int
+) -> tuple[Float[Array, "*n"], Float[Array, "*n"]]:
+    """What GenMD4's integrand needs of mu_theta at each token: log p[x] and sum_v w_v p[v].
+    `w` is padded to the padded vocabulary (zeros past V) so each device takes its slice."""
+    v_local = logits.shape[-1]
+    w_local = jax.lax.dynamic_slice_in_dim(w, vocab_offset(v_local), v_local)  # (v_local,)
+    log_norm = vocab_log_normaliser(logits, vocab_size)  # (*n,)
+    logp = vocab_gather(logits, x) - log_norm
+    probs = jnp.exp(logits - log_norm[..., None])  # padded columns are multiplied by w = 0 below
+    return logp, psum(jnp.einsum("...v,v->...", probs, w_local), MODEL)
+
+
 def genmd4_integrand(
-    logits: Float[Array, "b l v_local"],
-    x: Int[Array, "b l"],
-    w: Float[Array, " v_pad"],
+    logp: Float[Array, "b l"],
+    expected_w: Float[Array, "b l"],
+    w_x: Float[Array, "b l"],
     t: Float[Array, " b"],
     masked: Bool[Array, "b l"],
-    vocab_size: int,
 ) -> Float[Array, " b"]:
     """GenMD4's diffusion term for one draw of z_t (MD4_MATH.md, "GenMD4"):
         L_diff = sum_{i masked} sum_v (-w_v / t) [(log p[x^i] + 1) 1{v = x^i} - p[v]]
                = sum_{i masked} [ -w_{x^i} / t (log p[x^i] + 1) + (1 / t) sum_v w_v p[v] ].
     With all w_v = k it is -k / t sum_{i masked} log p[x^i], MD4's polynomial-schedule loss.
-    `w` is padded to the padded vocabulary (zeros past V) so each device takes its slice.
     """
-    v_local = logits.shape[-1]
-    w_local = jax.lax.dynamic_slice_in_dim(w, vocab_offset(v_local), v_local)  # (v_local,)
-    log_norm = vocab_log_normaliser(logits, vocab_size)  # (b, l)
-    logp = vocab_gather(logits, x) - log_norm
-    probs = jnp.exp(logits - log_norm[..., None])  # padded columns are multiplied by w = 0 below
-    expected_w = psum(jnp.einsum("blv,v->bl", probs, w_local), MODEL)  # sum_v w_v p[v]
-    per_position = -w[x] * (logp + 1.0) + expected_w  # (b, l), times 1 / t below
+    per_position = -w_x * (logp + 1.0) + expected_w  # (b, l), times 1 / t below
     return jnp.sum(jnp.where(masked, per_position, 0.0), axis=-1) / t
 
 
@@ -172,8 +179,9 @@ def genmd4_losses(
         mask_keys = jax.vmap(lambda k: jax.random.fold_in(k, draw))(keys)
         z = forward_mask(mask_keys, x, jax.lax.stop_gradient(alpha), model.mask_id)
         masked = z == model.mask_id
-        logits = model.logits(z, t, labels, keys=dropout_keys)
-        loss = genmd4_integrand(logits, x, w_pad, t, masked, model.vocab_size)
+        terms = functools.partial(genmd4_token_terms, w=w_pad, vocab_size=model.vocab_size)
+        logp, expected_w = model.readout(terms, z, t, labels, x, keys=dropout_keys)
+        loss = genmd4_integrand(logp, expected_w, w_x, t, masked)
         log_q_masked = jnp.log1p(-learned.eps) + w_x * jnp.log(t)[:, None]
         log_q = jnp.sum(jnp.where(masked, log_q_masked, jnp.log(alpha)), axis=-1)  # log q(z | x)
         return loss, log_q

@@ -215,8 +215,10 @@ class Planner:
     def report(self) -> str:
         """What `train.py --plan` prints: state bytes, the step's memory and the largest batches."""
         state = state_bytes(abstract_state(self.config, self.mesh))
-        lines = [f"memory plan per device, mesh {dict(self.mesh.shape)}, seq {self.config.model.seq_len}, "
-                 f"{self.config.model.precision.value} compute "
+        m = self.config.model
+        chunk = f", the head {m.head_chunk} tokens at a time" if m.head_chunk else ""
+        lines = [f"memory plan per device, mesh {dict(self.mesh.shape)}, seq {m.seq_len}, "
+                 f"{m.precision.value} compute{chunk} "
                  f"(XLA's compiled memory analysis on {jax.local_devices()[0].platform}):"]
         lines += [f"  {name:<16} {show_size(n)}" for name, n in state.items()]
         lines.append(f"  device memory    {show_size(self.memory)}; budget {show_size(self.budget)} after a {MARGIN:.0%} margin")

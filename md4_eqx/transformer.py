@@ -122,6 +122,17 @@ class Transformer(eqx.Module):
         keys: Key[Array, " b"] | None = None,
     ) -> Float[Array, "b l v_local"]:
         """Logits (float32) for this device's vocabulary slice; `keys` (one per example) enable dropout."""
+        return self.head(self.features(z, t, labels, keys=keys))  # (b, l, padded_vocab / M)
+
+    def features(
+        self,
+        z: Int[Array, "b l"],
+        t: Float[Array, " b"],
+        labels: Int[Array, " b"] | None = None,
+        *,
+        keys: Key[Array, " b"] | None = None,
+    ) -> Float[Array, "b l d"]:
+        """What the head reads: the last block's output after the final adaLN, in compute dtype."""
         c = self.cond(t, labels)  # (b, cond)
         x = self.embed(z)  # (b, l, d), float32 residual stream
         params, static = eqx.partition(self.blocks, eqx.is_array)
@@ -141,4 +152,4 @@ class Transformer(eqx.Module):
         x, _ = lax.scan(layer, x, (params, jnp.arange(self.cfg.num_layers)), unroll=unroll)
         shift, scale = jnp.split(self.final_ada(activation(self.cfg.mlp)(c))[:, None, :], 2, axis=-1)
         x = layer_norm(x) * (1 + scale) + shift
-        return self.head(x.astype(self.cfg.precision.dtype))  # (b, l, padded_vocab / M)
+        return x.astype(self.cfg.precision.dtype)

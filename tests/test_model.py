@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from jaxtyping import TypeCheckError
 
-from md4_eqx.config import MLPKind, ModelConfig, Precision, preset
+from md4_eqx.config import Backbone, MLPKind, ModelConfig, Precision, preset
 from md4_eqx.model import MD4
 from md4_eqx.parallel import MODEL, make_mesh, param_specs, shard_map_modules
 
@@ -137,6 +137,8 @@ def test_runtime_type_checks_are_on(getkey):
         (dict(width=30, num_heads=4), "multiple of"),
         (dict(dropout=1.0), "dropout"),
         (dict(num_layers=0), "num_layers"),
+        (dict(head_chunk=-1), "head_chunk=-1"),
+        (dict(backbone=Backbone.UNET, seq_len=48, head_chunk=64), "head_chunk is the transformer's"),
     ],
 )
 def test_config_errors_name_the_value(fields, message):

@@ -6,6 +6,7 @@ Run as a script (`python tests/test_parallel.py worker ...`) this file is also t
 two-process test.
 """
 
+import dataclasses
 import math
 import os
 import socket
@@ -46,6 +47,9 @@ CONFIG = Config(
 )
 REFERENCE = (1, 1)
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
+# This mesh's run also computes the head and the loss's log-softmax 24 tokens at a time (head_chunk,
+# MD4.readout): the chunked loop under the vocabulary split over 8, the last chunk padded (512 tokens).
+CHUNKED = (1, 8)
 STEPS = 3
 # float32 parameters after 3 steps: the meshes sum the same numbers in different orders (psum
 # over `data`, `model`), a few ulp (~1e-7) per step. AdamW's update is O(lr) = 1e-3 whatever the
@@ -125,8 +129,11 @@ def runs():
     the same fresh state (made once and moved: `init_state` compiles for each mesh)."""
     optimizer = make_optimizer(CONFIG.optim, CONFIG.train.steps)
     fresh = init_state(CONFIG, optimizer, mesh_of(REFERENCE))
+    chunked = init_state(dataclasses.replace(CONFIG, model=dataclasses.replace(CONFIG.model, head_chunk=24)),
+                         optimizer, mesh_of(REFERENCE))  # the same arrays, another static config
     # Copies first: training donates its state, and a moved array may share the original's buffer.
-    starts = {shape: place(jax.tree.map(jnp.copy, fresh), optimizer, mesh_of(shape)) for shape in MESHES}
+    starts = {shape: place(jax.tree.map(jnp.copy, chunked if shape == CHUNKED else fresh), optimizer,
+                           mesh_of(shape)) for shape in MESHES}
     starts[REFERENCE] = fresh
     return {shape: train(mesh_of(shape), start, optimizer) for shape, start in starts.items()}
 
@@ -134,6 +141,7 @@ def runs():
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: f"data{s[0]}-model{s[1]}")
 def test_sharded_step_equals_single_device(runs, shape):
     state, _, _, metrics = runs[shape]
+    assert state.model.config.head_chunk == (24 if shape == CHUNKED else 0)
     ref_state, _, _, ref_metrics = runs[REFERENCE]
     assert max_difference(state.model, ref_state.model) < ATOL
     assert max_difference(state.ema, ref_state.ema) < ATOL
