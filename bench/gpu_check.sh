@@ -7,7 +7,8 @@
 # Steps, the figures first: bench/attention.py at full shapes; bench/train_step.py on MD4-S
 # (bf16, attention auto = cuDNN inside the shard_map) at batch 16, 32, 64, 128, one process per
 # batch so each peak-memory figure is that batch's own, our Hopper kernel (attention pallas) at
-# batch 16 right after cuDNN's, plus XLA attention in bf16 and f32 at batch 16; train.py
+# batch 16 right after cuDNN's, the loss's head in chunks of 2048 tokens (--head-chunk) at batch
+# 64, plus XLA attention in bf16 and f32 at batch 16; train.py
 # --preset md4-s for 30 steps on a random-token OpenWebText-shaped cache (bench/owt_cache.py:
 # the real loader, no network); then the GPU-relevant tests (attention, samplers). Imports
 # neither beartype nor datasets (the GPU machine has neither). A failing step is recorded and
@@ -30,6 +31,7 @@ if [[ "${GPU_CHECK_TINY:-0}" == 1 ]]; then
   ATTENTION=(--small --dtype float32 --repeats 2)
   PRESET=tiny; BATCHES=(4 8); STEP=(--steps 2 --warmup 0); ALL_CASES=(--batch 4 --precision float32)
   KERNEL_CASE=(--batch 4 --attention xla --precision float32)  # no Hopper kernel on a CPU
+  CHUNK_CASE=(--batch 8 --head-chunk 256)
   TOKENS=200000
   TRAIN=(--width 32 --num-layers 1 --num-heads 2 --seq-len 128 --batch-size 4 --steps 3 --log-every 1)
 else
@@ -37,6 +39,7 @@ else
   ATTENTION=()
   PRESET=md4-s; BATCHES=(16 32 64 128); STEP=(--steps 10 --warmup 2); ALL_CASES=(--batch 16 --attention xla)
   KERNEL_CASE=(--batch 16 --attention pallas --precision bfloat16)  # our Hopper kernel in the step
+  CHUNK_CASE=(--batch 64 --head-chunk 2048)  # does 64 fit without remat, at what speed (#11)
   TOKENS=8000000
   TRAIN=(--batch-size 32 --steps 30 --log-every 10)
 fi
@@ -65,6 +68,8 @@ for b in "${BATCHES[@]}"; do
   [[ $b == "${BATCHES[0]}" ]] && run train_step_pallas "$PY" bench/train_step.py --preset "$PRESET" \
     "${KERNEL_CASE[@]}" "${STEP[@]}" --json "$TMP/train_step_pallas.json"
 done
+run train_step_chunk "$PY" bench/train_step.py --preset "$PRESET" "${CHUNK_CASE[@]}" --attention auto \
+  --precision bfloat16 "${STEP[@]}" --json "$TMP/train_step_chunk.json"
 run train_step_all "$PY" bench/train_step.py --preset "$PRESET" "${ALL_CASES[@]}" "${STEP[@]}" \
   --json "$TMP/train_step_all.json"
 run owt_cache "$PY" bench/owt_cache.py "$TMP/cache" --tokens "$TOKENS"
@@ -99,14 +104,15 @@ for s in result["steps"]:
     print(f"| {s['step']} | {status} | {s['seconds']} |")
 print(f"\ntests: {result['tests']}\n")
 print("\n".join(result["attention_table"]))
-print("\n| batch | attention | compute | ms/step | tokens/s | MFU | peak GiB | planned GiB |\n|---|---|---|---|---|---|---|---|")
+print("\n| batch | attention | compute | head chunk | ms/step | tokens/s | MFU | peak GiB | planned GiB |\n|---|---|---|---|---|---|---|---|---|")
 for c in result["train_step"]:
+    case = f"| {c['batch']} | {c['attention']} | {c['precision']} | {c['head_chunk'] or 'whole'} "
     if "error" in c:
-        print(f"| {c['batch']} | {c['attention']} | {c['precision']} | {c['error']} | | | | |")
+        print(f"{case}| {c['error']} | | | | |")
         continue
     mfu = "n/a" if c["mfu"] is None else f"{c['mfu']:.1%}"
     mem = "n/a" if c["peak_memory_gib"] is None else f"{c['peak_memory_gib']:.1f}"
-    print(f"| {c['batch']} | {c['attention']} | {c['precision']} | {c['ms_per_step']:.1f} "
+    print(f"{case}| {c['ms_per_step']:.1f} "
           f"| {c['tokens_per_s']:,.0f} | {mfu} | {mem} | {c['planned_memory_gib']:.1f} |")
 if result["train"]:
     last = result["train"][-1]

@@ -1,13 +1,16 @@
 """The README's planned maximum per-device batch of MD4-S (seq 1024) for common accelerators.
 
     python bench/plan_table.py
+    python bench/plan_table.py --head-chunk 2048 --at 64 128   # the loss's head 2048 tokens at a time
 
 Compiles the training step on this machine's first device (a (1, 1) mesh: per-device figures)
-at microbatches of 8 and 16 examples, for float32 and bfloat16 compute, with and without remat,
+at microbatches of 8 and 16 examples (--at), for float32 and bfloat16 compute, with and without remat,
 and extends the line peak = fixed + per_example * m to each memory size, less the planner's
 margin (md4_eqx.plan.MARGIN). The planner's default line, through 1 and 2 examples, is only its
-first guess: its slope is 15-20% lower than at the sizes that matter here. On CPU, XLA's memory
-analysis is a proxy for the accelerator's.
+first guess: its slope is 15-20% lower than at the sizes that matter here. With --head-chunk and
+remat, a step's peak moves from the head's chunk to a block's recomputation only past 16 or so
+examples, so that table needs a line through larger sizes. On CPU, XLA's memory analysis is a
+proxy for the accelerator's.
 
 Attention is planned as the accelerators run it, a flash kernel (cuDNN's or ours), not as XLA's
 [T, T] probabilities on this CPU: `flash_memory` stands in for the kernel, one call opaque to XLA
@@ -60,20 +63,33 @@ flash_memory.defvjp(flash_forward, flash_backward)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--xla", action="store_true", help="plan with XLA's attention, not a flash kernel's memory")
+    parser.add_argument("--head-chunk", type=int, default=0, help="the loss's head on this many tokens at a time")
+    parser.add_argument("--precision", choices=[p.value for p in Precision], action="append",
+                        help="only these compute precisions (default: both)")
+    parser.add_argument("--at", type=int, nargs=2, default=(8, 16), metavar=("SMALL", "LARGE"),
+                        help="the two microbatch sizes the line runs through (default 8 16)")
+    parser.add_argument("--compile", type=int, nargs="+", default=[], metavar="M",
+                        help="also compile these per-device sizes and print their peaks (to check the line)")
     args = parser.parse_args()
     if not args.xla:  # every attention call resolves to the stand-in
         row = Kernel(Impl.PALLAS, flash_memory, lambda *_: None)
         importlib.import_module("md4_eqx.kernels.attention").resolve = lambda *_, **__: row
     mesh = make_mesh(1, 1, jax.devices()[:1])
     base = preset("md4-s")
-    print(f"MD4-S, attention {'XLA' if args.xla else 'as a flash kernel'}, compiled on {jax.devices()[0].device_kind}")
+    print(f"MD4-S, attention {'XLA' if args.xla else 'as a flash kernel'}, head_chunk {args.head_chunk}, "
+          f"line through {args.at[0]} and {args.at[1]} examples, compiled on {jax.devices()[0].device_kind}")
     rows = []
-    for precision in Precision:
-        config = dataclasses.replace(base, model=dataclasses.replace(base.model, precision=precision))
+    for precision in [Precision(p) for p in args.precision or [p.value for p in Precision]]:
+        model = dataclasses.replace(base.model, precision=precision, head_chunk=args.head_chunk)
+        config = dataclasses.replace(base, model=model)
         for remat in (False, True):
-            fixed, per_example = Planner(config, mesh, 1).line(remat, at=(8, 16))
+            planner = Planner(config, mesh, 1)
+            fixed, per_example = planner.line(remat, at=tuple(args.at))
             print(f"{precision.value} remat={remat}: peak {show_size(fixed)} + {per_example / 2**20:.1f} MiB per example",
                   flush=True)
+            for m in args.compile:
+                print(f"  {m} per device: compiled {show_size(planner.peak(remat, m))}, "
+                      f"line {show_size(fixed + m * per_example)}", flush=True)
             rows.append((precision.value, remat, fixed, per_example))
     print(f"\n| device | " + " | ".join(f"{p} {'remat' if r else 'no remat'}" for p, r, _, _ in rows) + " |")
     print("|---|" + "---|" * len(rows))

@@ -3,6 +3,7 @@
     python bench/train_step.py --preset tiny                        # CPU: every case of the tiny model
     python bench/train_step.py --preset md4-s --batch 16 32 64      # GPU: MD4-S, bf16 and f32, each attention
     python bench/train_step.py --preset md4-s --batch 64 --precision bfloat16 --attention cudnn --json out.json
+    python bench/train_step.py --preset md4-s --batch 64 --precision bfloat16 --head-chunk 2048  # the loss's head in chunks
     python bench/train_step.py --preset cifar10 --batch 2 --precision float32 --steps 1 --warmup 0  # the U-Net
 
 Every case (batch size x attention implementation x compute dtype) builds a fresh state on one
@@ -48,10 +49,10 @@ PEAK_TFLOPS = {"H100": {"bfloat16": 989.0, "float32": 494.0},
 
 
 # --- The only calls into md4_eqx's training API: update these when that API changes. ---------
-def case_config(name: str, batch: int, attention: str, precision: Precision) -> Config:
-    """The preset with this case's batch size, attention implementation and compute dtype."""
+def case_config(name: str, batch: int, attention: str, precision: Precision, head_chunk: int = 0) -> Config:
+    """The preset with this case's batch size, attention implementation, compute dtype and head chunk."""
     config = preset(name)
-    model = dataclasses.replace(config.model, attention=Impl(attention), precision=precision)
+    model = dataclasses.replace(config.model, attention=Impl(attention), precision=precision, head_chunk=head_chunk)
     train = dataclasses.replace(config.train, batch_size=batch, microbatches=1)
     return dataclasses.replace(config, model=model, train=train)
 
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per case (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: by device kind)")
+    parser.add_argument("--head-chunk", type=int, default=0,
+                        help="every case computes the loss's head this many tokens at a time (default 0: whole)")
     parser.add_argument("--json", help="also write every case's figures to this file")
     args = parser.parse_args(argv)
     impls = tuple(i.value for i in available_impls())
@@ -174,12 +177,14 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := [a for a in attention if a not in impls + ("auto",)]:
         parser.error(f"--attention {unknown[0]} does not run here; this machine has {impls} (and auto)")
     batches = sorted(args.batch or [preset(args.preset).train.batch_size])
-    if args.steps < 1 or args.warmup < 0 or min(batches) < 1:
-        parser.error(f"need --steps >= 1, --warmup >= 0 and batches >= 1 (got {args.steps}, {args.warmup}, {batches})")
+    if args.steps < 1 or args.warmup < 0 or min(batches) < 1 or args.head_chunk < 0:
+        parser.error(f"need --steps >= 1, --warmup >= 0, batches >= 1 and --head-chunk >= 0 "
+                     f"(got {args.steps}, {args.warmup}, {batches}, {args.head_chunk})")
     if args.peak_tflops is not None:
         PEAK_TFLOPS[jax.devices()[0].device_kind] = dict.fromkeys(args.precision, args.peak_tflops)
 
-    header = f"`python bench/train_step.py --preset {args.preset}`: {machine()}"
+    chunk = f" --head-chunk {args.head_chunk}" if args.head_chunk else ""
+    header = f"`python bench/train_step.py --preset {args.preset}{chunk}`: {machine()}"
     print(header + f", median of {args.steps} steps after compile + {args.warmup}\n")
     print("| batch | attention | compute | ms/step | tokens/s | MFU | peak GiB | planned GiB | compile s |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
@@ -189,8 +194,9 @@ def main(argv: list[str] | None = None) -> None:
             for name in args.precision:
                 if impl == "cudnn" and name == "float32":
                     continue  # cuDNN's fused attention takes only 16-bit inputs
-                config = case_config(args.preset, batch, impl, Precision(name))
+                config = case_config(args.preset, batch, impl, Precision(name), args.head_chunk)
                 row = {"preset": args.preset, "batch": batch, "attention": impl, "precision": name,
+                       "head_chunk": args.head_chunk,
                        "seq_len": config.model.seq_len, "flops_per_token": flops_per_token(config)}
                 try:
                     row |= time_case(config, args.warmup, args.steps)
