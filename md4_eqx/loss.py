@@ -175,11 +175,12 @@ def genmd4_losses(
     w_x = w[x]  # (b, l)
     alpha = learned.alpha(t[:, None], w_x)  # (b, l): alpha_t(x^i)
 
+    terms = functools.partial(genmd4_token_terms, w=w_pad, vocab_size=model.vocab_size)
+
     def one_draw(draw: int) -> tuple[Float[Array, " b"], Float[Array, " b"]]:
         mask_keys = jax.vmap(lambda k: jax.random.fold_in(k, draw))(keys)
         z = forward_mask(mask_keys, x, jax.lax.stop_gradient(alpha), model.mask_id)
         masked = z == model.mask_id
-        terms = functools.partial(genmd4_token_terms, w=w_pad, vocab_size=model.vocab_size)
         logp, expected_w = model.readout(terms, z, t, labels, x, keys=dropout_keys)
         loss = genmd4_integrand(logp, expected_w, w_x, t, masked)
         log_q_masked = jnp.log1p(-learned.eps) + w_x * jnp.log(t)[:, None]

@@ -66,7 +66,7 @@ class MD4(eqx.Module):
         With `head_chunk` (the transformer's), the head and `fn` run on that many tokens at a
         time, and again in the backward pass, so the [b, l, V] logits and their gradient never
         exist whole, for one more head matmul. MD4-S in bfloat16 at 2048 tokens a chunk: 1243 ->
-        862 MiB per example without remat, 429 -> 45 MiB with it (bench/RESULTS.md)."""
+        862 MiB per example without remat, 429 -> 143 MiB with it (bench/RESULTS.md)."""
         if not self.config.head_chunk:
             return fn(self.logits(z, t, labels, keys=keys), x)
         h = self.net.features(z, t, labels, keys=keys)  # (b, l, d)

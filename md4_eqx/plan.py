@@ -9,9 +9,9 @@ allocated); its per-device peak is
 
 for a per-device microbatch of m examples. Two compilations (m = 1, 2) fit the line; the answer
 is then confirmed by compiling the chosen size and the next larger one, so what the planner picks
-is what XLA says fits. The plan reports the line through half the answer and the answer. A batch fits when its peak is at most the budget: the device's memory less
-a `MARGIN` for what the analysis does not see (allocator fragmentation, runtime workspaces,
-collectives' buffers).
+is what XLA says fits; the report draws its line through the answer and half of it. A batch
+fits when its peak is at most the budget: the device's memory less a `MARGIN` for what the
+analysis does not see (allocator fragmentation, runtime workspaces, collectives' buffers).
 """
 
 import dataclasses
