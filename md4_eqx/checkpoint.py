@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -118,10 +119,13 @@ def save(workdir: str | Path, state: TrainState, data_state: dict, config: Confi
 def save_safely(workdir: str | Path, state: TrainState, data_state: dict, config: Config) -> None:
     """`save`, for a disk that may fill up or fail: a write that fails (tensorstore reports a full
     or unwritable disk as ValueError, Python as OSError) becomes a one-line CheckpointError, and
-    orbax's logs of its writer threads' exceptions are dropped (from then on: some come late).
+    orbax's logs of its writer threads' exceptions are dropped (from then on: some come late), as
+    is the warning, when Python collects them, about the array writes a failed save abandons.
     Partial checkpoints (orbax's temporary directories) of a failed or killed save are removed,
     the completed ones are untouched: a rerun resumes from the newest."""
     logging.getLogger("absl").addFilter(_writer_failure)  # once: a filter is added only once
+    warnings.filterwarnings(  # once: an identical filter replaces the earlier one
+        "ignore", r"coroutine '.*write_fragment' was never awaited", RuntimeWarning)
     step = int(state.step)
     _remove_partial(workdir)  # left by an earlier run: no other run writes here (the workdir lock)
     try:
