@@ -29,14 +29,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from md4_eqx.config import Config, config_from_json, config_to_json, model_differences
-from md4_eqx.errors import first_line
+from md4_eqx.errors import CheckpointError, first_line
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh, param_specs, shardings
 from md4_eqx.train_step import TrainState, init_state, state_specs
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, unreadable, corrupt or does not fit the run (one line)."""
 
 
 def _directory(workdir: str | Path) -> Path:

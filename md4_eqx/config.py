@@ -11,7 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from md4_eqx.kernels import Impl
+from md4_eqx.errors import ConfigError
 
 
 class Schedule(enum.Enum):
@@ -47,6 +47,16 @@ class Precision(enum.Enum):
     @property
     def dtype(self) -> Any:
         return jnp.dtype(self.value)
+
+
+class Impl(enum.Enum):
+    """Which attention to run (the kernels: md4_eqx/kernels/attention.py)."""
+
+    AUTO = "auto"  # the first row of KERNELS that runs here: pallas on TPU, cudnn on GPU, else xla
+    XLA = "xla"  # the plain-JAX attention_reference, on any backend
+    CUDNN = "cudnn"  # cuDNN's fused kernel (jax.nn.dot_product_attention), GPU
+    PALLAS = "pallas"  # our hand-written flash attention: Mosaic TPU, or Mosaic GPU on Hopper
+    PALLAS_INTERPRET = "pallas-interpret"  # the same kernel run by the Pallas interpreter: any backend, slow (tests)
 
 
 class Rule(enum.Enum):
@@ -334,22 +344,14 @@ PRESETS = {"md4-s": _md4_s, "text8": _text8, "cifar10": _cifar10, "tiny": _tiny}
 
 
 def preset(name: str) -> Config:
-    """The named preset; raises ValueError listing the known names."""
+    """The named preset; a ConfigError lists the known names."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError("preset", f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
 
 
 # ---------------------------------------------------------------------------------------------
-# Errors, and the config as JSON (what a checkpoint stores).
-
-
-class ConfigError(ValueError):
-    """An invalid config field: `field` names it ("width"), the message says why."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
+# The config as JSON (what a checkpoint stores).
 
 
 # Fields that only say how the model is computed, not what it is: they may differ on resume.

@@ -6,11 +6,8 @@ skipped step into an event for the log, and `check` raises `Diverged` after `lim
 While a streak lasts the loop writes no checkpoint, so the kept ones are from before it.
 """
 
+from md4_eqx.errors import Diverged
 from md4_eqx.train_step import Metrics
-
-
-class Diverged(Exception):
-    """The run stopped after too many non-finite steps in a row (a one-line message)."""
 
 
 class BadSteps:

@@ -17,13 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from md4_eqx.errors import first_line
+from md4_eqx.errors import ScoringError, first_line
 
 INSTALL_HINT = "generative perplexity needs PyTorch: pip install md4-eqx[eval]"
-
-
-class ScoringError(Exception):
-    """The scoring model cannot be used as asked (one line)."""
 
 
 def unigram_entropy(tokens: Sequence[int]) -> float:

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PyTree
 
 from md4_eqx.config import Backbone, ModelConfig
+from md4_eqx.errors import MeshError
 
 DATA = "data"
 MODEL = "model"
@@ -32,10 +33,6 @@ class Split(enum.Enum):
     COLUMN = "column"  # output features split: no communication, output is a local slice
     ROW = "row"  # input features split: partial outputs are summed over `model`
     VOCAB = "vocab"  # rows of an embedding table split
-
-
-class MeshError(ValueError):
-    """A mesh that does not fit the devices, the model or the batch (the scripts name the flag)."""
 
 
 def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from md4_eqx.config import AUTO, Config
+from md4_eqx.errors import PlanError
 from md4_eqx.parallel import DATA
 from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_train_step, state_specs
 
@@ -34,10 +35,6 @@ MARGIN = 0.10  # a tenth of the device's memory is kept free of the planned peak
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-class PlanError(Exception):
-    """Bad input to the planner (a size that does not parse, a batch that fits no way)."""
 
 
 def parse_size(text: str) -> int:

@@ -19,11 +19,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from md4_eqx.errors import WorkdirError
 from md4_eqx.train_step import TrainState
-
-
-class WorkdirError(Exception):
-    """The workdir cannot be used: unwritable, too full, or another run's (a one-line message)."""
 
 
 def _agree(error: str | None) -> None:

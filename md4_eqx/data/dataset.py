@@ -13,7 +13,7 @@ import numpy as np
 from jaxtyping import Int32, Integer
 
 from md4_eqx.data.cache import default_cache_dir, entry_dir, fingerprint, open_tokens, preparing, read_meta
-from md4_eqx.data.errors import DataError
+from md4_eqx.errors import DataError
 from md4_eqx.data.prepare import prepare
 from md4_eqx.data.sources import Layout, parse
 from md4_eqx.data.tokenizers import ByteTokenizer, HFTokenizer, Text8Tokenizer, Tokenizer

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from md4_eqx.data.dataset import Subset
-from md4_eqx.data.errors import DataError
+from md4_eqx.errors import DataError
 
 
 class BatchLoader:

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from md4_eqx.data.cache import FORMAT, EntryWriter, token_dtype
-from md4_eqx.data.errors import DataError
+from md4_eqx.errors import DataError
 from md4_eqx.data.sources import Source, Task
 from md4_eqx.data.tokenizers import HFTokenizer, Tokenizer, get_tokenizer
 

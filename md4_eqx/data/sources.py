@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from md4_eqx.data.cache import digest, path_fingerprint
-from md4_eqx.data.errors import DataError
+from md4_eqx.errors import DataError
 from md4_eqx.data.tokenizers import Tokenizer
 from md4_eqx.errors import first_line
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Int32, Integer
 
-from md4_eqx.data.errors import DataError
+from md4_eqx.errors import DataError
 from md4_eqx.errors import first_line
 
 

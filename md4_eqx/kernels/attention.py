@@ -1,5 +1,5 @@
 """Bidirectional multi-head attention: the one entry point the model calls, and the table of
-implementations it chooses from.
+implementations it chooses from (`Impl`, the choice a config names, is in `md4_eqx.config`).
 
 Layout everywhere is [batch, seq, heads, head_dim] and the softmax scale is 1/sqrt(head_dim)
 for every implementation. `Impl` is what a config names; `KERNELS` says, for each concrete
@@ -7,7 +7,6 @@ kernel, what it runs and where it can run. Adding a kernel is one file plus one 
 """
 
 import dataclasses
-import enum
 import functools
 from collections.abc import Callable
 
@@ -15,18 +14,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from md4_eqx.config import Impl
 from md4_eqx.kernels import flash_attention_gpu as hopper
 from md4_eqx.kernels.flash_attention_tpu import flash_attention
-
-
-class Impl(enum.Enum):
-    """Which attention to run."""
-
-    AUTO = "auto"  # the first row of KERNELS that runs here: pallas on TPU, cudnn on GPU, else xla
-    XLA = "xla"  # the plain-JAX reference below, on any backend
-    CUDNN = "cudnn"  # cuDNN's fused kernel (jax.nn.dot_product_attention), GPU
-    PALLAS = "pallas"  # our hand-written flash attention: Mosaic TPU, or Mosaic GPU on Hopper
-    PALLAS_INTERPRET = "pallas-interpret"  # the same kernel run by the Pallas interpreter: any backend, slow (tests)
 
 
 def attention_reference(
