@@ -29,10 +29,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from md4_eqx.config import Config, DiffusionConfig, ModelConfig, OptimConfig, Precision, TrainConfig
-from md4_eqx.kernels import Impl
-from md4_eqx.train_step import init_state, make_optimizer, make_train_step
+from md4_eqx.config import (
+    Config,
+    DiffusionConfig,
+    ExecutionConfig,
+    Impl,
+    ModelConfig,
+    OptimConfig,
+    Precision,
+    TrainConfig,
+)
 from md4_eqx.parallel import make_mesh
+from md4_eqx.train_step import init_state, make_optimizer, make_train_step
 
 VOCAB, SEQ, LAYERS, HEADS, HEAD_DIM, BATCH = 256, 128, 4, 4, 64, 32
 STUBBED = ("tensorflow_probability", "tensorflow_probability.substrates",
@@ -44,7 +52,8 @@ def ours() -> tuple[object, object]:
     """(state, step) of md4-eqx at the comparison config."""
     config = Config(
         model=ModelConfig(vocab_size=VOCAB, seq_len=SEQ, width=HEADS * HEAD_DIM, num_layers=LAYERS,
-                          num_heads=HEADS, precision=Precision.FLOAT32, attention=Impl.XLA),
+                          num_heads=HEADS),
+        execution=ExecutionConfig(precision=Precision.FLOAT32, attention=Impl.XLA),
         diffusion=DiffusionConfig(),
         optim=OptimConfig(),
         train=TrainConfig(batch_size=BATCH, steps=1_000_000),

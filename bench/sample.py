@@ -66,14 +66,15 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = preset(args.preset)
-    changes = {"seq_len": args.seq_len, "num_layers": args.layers,
-               "precision": Precision.FLOAT32 if args.float32 else None}
+    changes = {"seq_len": args.seq_len, "num_layers": args.layers}
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{k: v for k, v in changes.items() if v}))
-    model = MD4(cfg.model, cfg.diffusion, key=jax.random.key(0))
+    if args.float32:
+        cfg = dataclasses.replace(cfg, execution=dataclasses.replace(cfg.execution, precision=Precision.FLOAT32))
+    model = MD4(cfg.model, cfg.diffusion, cfg.execution, key=jax.random.key(0))
     m = cfg.model
     print(f"machine: {machine()}")
     print(f"model: {args.preset}, {m.num_layers} layers, width {m.width}, vocab {m.vocab_size}, "
-          f"seq {m.seq_len}, {m.precision.value}; batch {args.batch}; cosine grid; median of {args.repeats}")
+          f"seq {m.seq_len}, {cfg.execution.precision.value}; batch {args.batch}; cosine grid; median of {args.repeats}")
     print("| steps | sampler | calls | expected | s/run | tokens/s | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for steps in args.steps:

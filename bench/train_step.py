@@ -52,9 +52,10 @@ PEAK_TFLOPS = {"H100": {"bfloat16": 989.0, "float32": 494.0},
 def case_config(name: str, batch: int, attention: str, precision: Precision, head_chunk: int = 0) -> Config:
     """The preset with this case's batch size, attention implementation, compute dtype and head chunk."""
     config = preset(name)
-    model = dataclasses.replace(config.model, attention=Impl(attention), precision=precision, head_chunk=head_chunk)
+    execution = dataclasses.replace(config.execution, attention=Impl(attention), precision=precision,
+                                    head_chunk=head_chunk)
     train = dataclasses.replace(config.train, batch_size=batch, microbatches=1)
-    return dataclasses.replace(config, model=model, train=train)
+    return dataclasses.replace(config, execution=execution, train=train)
 
 
 def build(config: Config) -> tuple[object, Callable]:
@@ -142,7 +143,7 @@ def time_case(config: Config, warmup: int, steps: int) -> dict:
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     tokens_per_s = b * m.seq_len / seconds
-    peak = peak_tflops(m.precision)
+    peak = peak_tflops(config.execution.precision)
     return {"ms_per_step": seconds * 1e3, "tokens_per_s": tokens_per_s, "compile_s": compile_s,
             "mfu": None if peak is None else tokens_per_s * flops_per_token(config) / (peak * 1e12),
             "peak_memory_gib": peak_memory_gib(), "planned_memory_gib": planned,

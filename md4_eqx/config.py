@@ -103,9 +103,10 @@ UNET_GROUPS = 32  # the U-Net's GroupNorm groups (Flax's default, as the VDM U-N
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The network mu_theta (MD4_MATH.md, "Network"): the transformer, or the U-Net for images.
-    The U-Net reads vocab_size, seq_len (3 side^2), width (its channels), num_layers (residual
-    blocks down; one more up), num_heads, cond_dim, num_classes, dropout, precision, remat and
-    attention; mlp, mlp_hidden, rope_theta and head_chunk are the transformer's only."""
+    What the model is, and all a checkpoint's parameters must match on resume; how it is
+    computed is `ExecutionConfig`. The U-Net reads vocab_size, seq_len (3 side^2), width (its
+    channels), num_layers (residual blocks down; one more up), num_heads, cond_dim, num_classes
+    and dropout; mlp, mlp_hidden and rope_theta are the transformer's only."""
 
     backbone: Backbone = Backbone.TRANSFORMER
     vocab_size: int = 256
@@ -119,12 +120,7 @@ class ModelConfig:
     num_classes: int = 0  # > 0 adds a class-label embedding (CIFAR-10: 10), plus a null class
     label_dropout: float = 0.1  # with classes: P(a training label becomes the null class), for guidance
     dropout: float = 0.0
-    precision: Precision = Precision.BFLOAT16
-    remat: bool = False  # rematerialise each block in the backward pass
-    unroll_layers: bool = True  # straight-line blocks (faster steps); False, or remat: a rolled loop (faster compiles)
     rope_theta: float = 10_000.0
-    attention: Impl = Impl.AUTO  # how attention is computed (md4_eqx/kernels/attention.py)
-    head_chunk: int = 0  # > 0: the loss runs the output head on this many tokens at a time (MD4.readout)
 
     def __post_init__(self):
         if self.width % self.num_heads:
@@ -135,15 +131,11 @@ class ModelConfig:
         for name in ("vocab_size", "seq_len", "width", "num_layers", "num_heads", "cond_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"{name}={getattr(self, name)} must be positive")
-        if self.head_chunk < 0:
-            raise ConfigError("head_chunk", f"head_chunk={self.head_chunk} must be 0 (off) or a token count")
         if self.backbone is Backbone.UNET:
             side = math.isqrt(self.seq_len // UNET_CHANNELS)
             if UNET_CHANNELS * side * side != self.seq_len:
                 raise ConfigError("seq_len", f"the U-Net needs seq_len = {UNET_CHANNELS} * side^2 sub-pixels, "
                                              f"got {self.seq_len}")
-            if self.head_chunk:
-                raise ConfigError("head_chunk", "head_chunk is the transformer's: the U-Net's head is a convolution")
             if self.width % UNET_GROUPS:
                 raise ConfigError("width", f"the U-Net's GroupNorm needs width={self.width} to be a multiple "
                                            f"of {UNET_GROUPS}")
@@ -163,6 +155,22 @@ class ModelConfig:
         """V + 1 ids (the mask is id V) rounded up to a multiple of 128, for fast matmuls and
         so that a vocabulary-parallel table splits evenly over up to 128 devices."""
         return -(-(self.vocab_size + 1) // 128) * 128
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionConfig:
+    """How the network is computed: the same parameters and the same function, in any of these
+    ways, so every field may change when a run resumes."""
+
+    precision: Precision = Precision.BFLOAT16
+    attention: Impl = Impl.AUTO  # which kernel (md4_eqx/kernels/attention.py)
+    remat: bool = False  # rematerialise each block in the backward pass
+    unroll_layers: bool = True  # straight-line blocks (faster steps); False, or remat: a rolled loop (faster compiles)
+    head_chunk: int = 0  # > 0: the loss runs the output head on this many tokens at a time (MD4.readout)
+
+    def __post_init__(self):
+        if self.head_chunk < 0:
+            raise ConfigError("head_chunk", f"head_chunk={self.head_chunk} must be 0 (off) or a token count")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +286,7 @@ class Config:
     """Everything a run needs; a preset fills it, command-line flags override fields."""
 
     model: ModelConfig = ModelConfig()
+    execution: ExecutionConfig = ExecutionConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     sampler: SamplerConfig = SamplerConfig()
     optim: OptimConfig = OptimConfig()
@@ -310,8 +319,9 @@ def _cifar10() -> Config:
     return Config(
         model=ModelConfig(
             backbone=Backbone.UNET, vocab_size=256, seq_len=3072, width=128, num_layers=32, num_heads=1,
-            cond_dim=128, dropout=0.1, precision=Precision.FLOAT32,
+            cond_dim=128, dropout=0.1,
         ),
+        execution=ExecutionConfig(precision=Precision.FLOAT32),
         diffusion=DiffusionConfig(schedule=Schedule.LINEAR, timesteps=0),
         sampler=SamplerConfig(rule=Rule.ANCESTRAL, steps=256, grid=TimeGrid.COSINE),
         optim=OptimConfig(lr=2e-4, warmup=100, b2=0.99, weight_decay=0.01, clip=0.0, ema=0.9999),
@@ -329,8 +339,8 @@ def _tiny() -> Config:
     return Config(
         model=ModelConfig(
             vocab_size=256, seq_len=128, width=128, num_layers=2, num_heads=4,
-            precision=Precision.FLOAT32,
         ),
+        execution=ExecutionConfig(precision=Precision.FLOAT32),
         sampler=SamplerConfig(rule=Rule.TOP_P, steps=128, top_p=0.8),
         optim=OptimConfig(lr=2e-3, warmup=50, ema=0.99),
         train=TrainConfig(
@@ -354,10 +364,6 @@ def preset(name: str) -> Config:
 # The config as JSON (what a checkpoint stores).
 
 
-# Fields that only say how the model is computed, not what it is: they may differ on resume.
-EXECUTION_FIELDS = {"remat", "unroll_layers", "attention", "head_chunk"}
-
-
 def config_to_json(config: Config) -> dict[str, dict[str, Any]]:
     """{section: {field: value}} with enums as their values."""
     return {
@@ -368,7 +374,13 @@ def config_to_json(config: Config) -> dict[str, dict[str, Any]]:
 
 
 def config_from_json(data: dict) -> Config:
-    """The inverse of `config_to_json`; a missing field takes its default, an unknown one fails."""
+    """The inverse of `config_to_json`; a missing field takes its default, an unknown one fails.
+    Checkpoints written before `ExecutionConfig` existed kept its fields under `model`: they
+    are read from there."""
+    data = {name: dict(values) for name, values in data.items()}
+    execution = {f.name for f in dataclasses.fields(ExecutionConfig)}
+    moved = {k: data["model"].pop(k) for k in execution & set(data.get("model", {}))}
+    data["execution"] = {**moved, **data.get("execution", {})}
     sections = {}
     for section in dataclasses.fields(Config):
         values = dict(data.get(section.name, {}))
@@ -386,13 +398,13 @@ def config_from_json(data: dict) -> Config:
 
 def model_differences(saved: Config, config: Config) -> list[str]:
     """`section.field: saved -> new` for every field that changes the model: the network
-    (`model`, but for `EXECUTION_FIELDS`), the diffusion process, and the dataset."""
+    (`model`, whole), the diffusion process, and the dataset."""
     out = []
     for section in ("model", "diffusion"):
         old, new = getattr(saved, section), getattr(config, section)
         for f in dataclasses.fields(old):
             a, b = getattr(old, f.name), getattr(new, f.name)
-            if f.name not in EXECUTION_FIELDS and a != b:
+            if a != b:
                 out.append(f"{section}.{f.name}: {_plain(a)} -> {_plain(b)}")
     if saved.train.dataset != config.train.dataset:
         out.append(f"train.dataset: {saved.train.dataset} -> {config.train.dataset}")

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray, PyTree
 
-from md4_eqx.config import Backbone, DiffusionConfig, ModelConfig
+from md4_eqx.config import Backbone, DiffusionConfig, ExecutionConfig, ModelConfig
 from md4_eqx.schedule import LearnableSchedule, MaskingSchedule, make_schedule
 from md4_eqx.transformer import Transformer
 from md4_eqx.unet import UNet
@@ -22,13 +22,19 @@ class MD4(eqx.Module):
     schedule: MaskingSchedule | LearnableSchedule
     config: ModelConfig = eqx.field(static=True)
     diffusion: DiffusionConfig = eqx.field(static=True)
+    execution: ExecutionConfig = eqx.field(static=True)
 
     def __init__(
-        self, config: ModelConfig, diffusion: DiffusionConfig = DiffusionConfig(), *, key: PRNGKeyArray
+        self,
+        config: ModelConfig,
+        diffusion: DiffusionConfig = DiffusionConfig(),
+        execution: ExecutionConfig = ExecutionConfig(),
+        *,
+        key: PRNGKeyArray,
     ):
-        self.net = (UNet if config.backbone is Backbone.UNET else Transformer)(config, key=key)
+        self.net = (UNet if config.backbone is Backbone.UNET else Transformer)(config, execution, key=key)
         self.schedule = make_schedule(diffusion, config.vocab_size)
-        self.config, self.diffusion = config, diffusion
+        self.config, self.diffusion, self.execution = config, diffusion, execution
 
     @property
     def vocab_size(self) -> int:
@@ -67,10 +73,10 @@ class MD4(eqx.Module):
         time, and again in the backward pass, so the [b, l, V] logits and their gradient never
         exist whole, for one more head matmul. MD4-S in bfloat16 at 2048 tokens a chunk: 1243 ->
         862 MiB per example without remat, 429 -> 143 MiB with it (bench/RESULTS.md)."""
-        if not self.config.head_chunk:
+        if not self.execution.head_chunk:
             return fn(self.logits(z, t, labels, keys=keys), x)
         h = self.net.features(z, t, labels, keys=keys)  # (b, l, d)
-        return token_chunks(lambda h, x: fn(self.net.head(h), x), h, x, self.config.head_chunk)
+        return token_chunks(lambda h, x: fn(self.net.head(h), x), h, x, self.execution.head_chunk)
 
     def unmask_probs(self, t: Float[Array, ""], s: Float[Array, ""]) -> Float[Array, " vocab"]:
         """P(a masked position becomes token v between t and s < t | it would be v)."""

@@ -27,10 +27,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 from md4_eqx.config import Config, OptimConfig
 from md4_eqx.loss import losses
 from md4_eqx.model import MD4
-from md4_eqx.parallel import (
-    DATA, MODEL, check_batch, check_model_split, example_ids, global_norm, param_specs, psum, pvary,
-    shard_map_modules, shardings,
-)
+from md4_eqx.parallel import DATA, example_ids, global_norm, param_specs, psum, pvary, shard_map_modules, shardings
 
 
 class TrainState(eqx.Module):
@@ -82,7 +79,7 @@ def init_state(config: Config, optimizer: optax.GradientTransformation, mesh: Me
     device computes only its own slices, so a mesh over several processes needs nothing more."""
 
     def fresh() -> TrainState:
-        model = MD4(config.model, config.diffusion, key=jax.random.key(config.train.seed))
+        model = MD4(config.model, config.diffusion, config.execution, key=jax.random.key(config.train.seed))
         with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
             opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
         return TrainState(
@@ -198,8 +195,8 @@ def make_train_step(
 
     `tokens` is the global batch [B, L] (B divisible by the mesh's `data` size times
     `microbatches`, the gradient-accumulation chunks), `labels` [B] or None. `clip` is the
-    global gradient norm it clips to (0: no clipping), `ema` the decay of the parameters' EMA."""
-    check_model_split(state.model.config, mesh.shape[MODEL])
+    global gradient norm it clips to (0: no clipping), `ema` the decay of the parameters' EMA.
+    `md4_eqx.validate` checks the model and batch against the mesh."""
     specs = state_specs(state, optimizer)
 
     def in_specs(batch, state):
@@ -216,8 +213,7 @@ def make_train_step(
     def step(batch, state):
         return shard_map_modules(local_step, mesh, in_specs, (specs, P()))(batch, state)
 
-    def checked(state: TrainState, tokens, labels=None):
-        check_batch(tokens.shape[0], mesh, microbatches)
+    def train_step(state: TrainState, tokens, labels=None):
         return step((tokens, labels), state)
 
-    return checked
+    return train_step

@@ -30,11 +30,10 @@ from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
 from md4_eqx.config import UNET_CHANNELS as CHANNELS
 from md4_eqx.config import UNET_GROUPS as GROUPS
-from md4_eqx.config import ModelConfig
+from md4_eqx.config import ExecutionConfig, ModelConfig
 from md4_eqx.kernels import attention
-from md4_eqx.layers import Linear, dropout, embedding_table, truncated_normal
+from md4_eqx.layers import Conditioning, Linear, dropout, embedding_table, truncated_normal
 from md4_eqx.parallel import MODEL, vocab_offset
-from md4_eqx.transformer import Conditioning
 
 NORM_EPS = 1e-6  # Flax GroupNorm's epsilon
 
@@ -73,8 +72,9 @@ class ResBlock(eqx.Module):
     conv2: eqx.nn.Conv2d  # zero-initialised: a fresh block is the identity (or its skip)
     skip: eqx.nn.Conv2d | None
     cfg: ModelConfig = eqx.field(static=True)
+    run: ExecutionConfig = eqx.field(static=True)
 
-    def __init__(self, cfg: ModelConfig, in_channels: int, *, key: PRNGKeyArray):
+    def __init__(self, cfg: ModelConfig, run: ExecutionConfig, in_channels: int, *, key: PRNGKeyArray):
         k1, kc, k2, ks = jax.random.split(key, 4)
         width = cfg.width
         self.norm1 = group_norm(in_channels)
@@ -83,12 +83,12 @@ class ResBlock(eqx.Module):
         self.norm2 = group_norm(width)
         self.conv2 = conv2d(width, width, 3, key=k2, zero=True)
         self.skip = conv2d(in_channels, width, 1, key=ks) if in_channels != width else None
-        self.cfg = cfg
+        self.cfg, self.run = cfg, run
 
     def __call__(
         self, x: Float[Array, "b ci h w"], c: Float[Array, "b cond"], keys: Key[Array, " b"] | None
     ) -> Float[Array, "b co h w"]:
-        dtype = self.cfg.precision.dtype
+        dtype = self.run.precision.dtype
         h = apply(self.conv1, jax.nn.swish(jax.vmap(self.norm1)(x)), dtype)  # (b, width, h, w)
         h = h + self.cond(c)[:, :, None, None]
         h = dropout(jax.nn.swish(jax.vmap(self.norm2)(h)), self.cfg.dropout, keys)
@@ -105,18 +105,19 @@ class SelfAttention(eqx.Module):
     wv: Linear
     wo: Linear
     cfg: ModelConfig = eqx.field(static=True)
+    run: ExecutionConfig = eqx.field(static=True)
 
-    def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
+    def __init__(self, cfg: ModelConfig, run: ExecutionConfig, *, key: PRNGKeyArray):
         kq, kk, kv, ko = jax.random.split(key, 4)
         self.norm = group_norm(cfg.width)
         self.wq, self.wk, self.wv, self.wo = (
             Linear(cfg.width, cfg.width, key=k, bias=True) for k in (kq, kk, kv, ko)
         )
-        self.cfg = cfg
+        self.cfg, self.run = cfg, run
 
     def __call__(self, x: Float[Array, "b d h w"]) -> Float[Array, "b d h w"]:
         b, d, height, width = x.shape
-        dtype = self.cfg.precision.dtype
+        dtype = self.run.precision.dtype
         n = jax.vmap(self.norm)(x).reshape(b, d, height * width).transpose(0, 2, 1)  # (b, hw, d)
         n = n.astype(dtype)
 
@@ -125,7 +126,7 @@ class SelfAttention(eqx.Module):
 
         out = attention(
             heads(self.wq), heads(self.wk), heads(self.wv),
-            impl=self.cfg.attention,
+            impl=self.run.attention,
         )  # (b, hw, heads, hd)
         out = self.wo(out.reshape(b, height * width, d))  # (b, hw, d), float32
         return x + out.transpose(0, 2, 1).reshape(b, d, height, width)
@@ -153,27 +154,28 @@ class UNet(eqx.Module):
     norm_out: eqx.nn.GroupNorm
     conv_out: eqx.nn.Conv2d  # zero-initialised: a fresh U-Net predicts uniform logits
     cfg: ModelConfig = eqx.field(static=True)
+    run: ExecutionConfig = eqx.field(static=True)
     side: int = eqx.field(static=True)
 
-    def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
+    def __init__(self, cfg: ModelConfig, run: ExecutionConfig, *, key: PRNGKeyArray):
         self.side = math.isqrt(cfg.seq_len // CHANNELS)  # ModelConfig checks seq_len = 3 side^2
         ke, kc, ki, kd, k1, ka, k2, ku, ko = jax.random.split(key, 9)
         width = cfg.width
         self.embed = embedding_table(ke, cfg.vocab_size + 1, width)
         self.cond = Conditioning(cfg.cond_dim, cfg.num_classes, key=kc)
         self.conv_in = conv2d(CHANNELS * width, width, 3, key=ki)
-        self.down = eqx.filter_vmap(lambda k: ResBlock(cfg, width, key=k))(
+        self.down = eqx.filter_vmap(lambda k: ResBlock(cfg, run, width, key=k))(
             jax.random.split(kd, cfg.num_layers)
         )
-        self.mid1 = ResBlock(cfg, width, key=k1)
-        self.attn = SelfAttention(cfg, key=ka)
-        self.mid2 = ResBlock(cfg, width, key=k2)
-        self.up = eqx.filter_vmap(lambda k: ResBlock(cfg, 2 * width, key=k))(
+        self.mid1 = ResBlock(cfg, run, width, key=k1)
+        self.attn = SelfAttention(cfg, run, key=ka)
+        self.mid2 = ResBlock(cfg, run, width, key=k2)
+        self.up = eqx.filter_vmap(lambda k: ResBlock(cfg, run, 2 * width, key=k))(
             jax.random.split(ku, cfg.num_layers + 1)
         )
         self.norm_out = group_norm(width)
         self.conv_out = conv2d(width, CHANNELS * cfg.vocab_size, 3, key=ko, zero=True)
-        self.cfg = cfg
+        self.cfg, self.run = cfg, run
 
     def _blocks(
         self, blocks: ResBlock, h: Float[Array, "b d hh ww"], skips: list[Array] | None,
@@ -194,7 +196,7 @@ class UNet(eqx.Module):
             return eqx.combine(block_params, static)(x, c, layer_keys(keys, first + i))
 
         count = jax.tree.leaves(params)[0].shape[0]
-        if self.cfg.remat:
+        if self.run.remat:
             def step(h, inputs):
                 h = jax.checkpoint(layer)(h, *inputs)
                 return h, h
@@ -217,7 +219,7 @@ class UNet(eqx.Module):
         keys: Key[Array, " b"] | None = None,
     ) -> Float[Array, "b l v_local"]:
         """Logits (float32) for this device's vocabulary slice; `keys` (one per example) enable dropout."""
-        cfg, side, dtype = self.cfg, self.side, self.cfg.precision.dtype
+        cfg, side, dtype = self.cfg, self.side, self.run.precision.dtype
         b, num = z.shape[0], cfg.num_layers
         c = self.cond(t, labels)  # (b, cond)
         x = self.embed[z].reshape(b, side, side, CHANNELS * cfg.width)  # (b, h, w, 3 d), (h, w, c) order

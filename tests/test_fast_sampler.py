@@ -21,7 +21,7 @@ from jaxtyping import Array, Float, Int
 from scipy import stats
 
 from md4_eqx.config import (
-    Config, DiffusionConfig, ModelConfig, Loop, Precision, SamplerConfig, TimeGrid,
+    Config, DiffusionConfig, ExecutionConfig, ModelConfig, Loop, Precision, SamplerConfig, TimeGrid,
 )
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh, vocab_offset
@@ -56,11 +56,11 @@ class KnownNet(eqx.Module):
 def known_model(delay: float = 0.0) -> MD4:
     # eps = 0.05 makes the final argmax fill happen often enough to be tested (P = eps / (1 - eps)).
     config = Config(
-        model=ModelConfig(vocab_size=V, seq_len=L, width=8, num_layers=1, num_heads=2, cond_dim=8,
-                          precision=Precision.FLOAT32),
+        model=ModelConfig(vocab_size=V, seq_len=L, width=8, num_layers=1, num_heads=2, cond_dim=8),
+        execution=ExecutionConfig(precision=Precision.FLOAT32),
         diffusion=DiffusionConfig(eps=0.05),
     )
-    model = MD4(config.model, config.diffusion, key=jax.random.key(0))
+    model = MD4(config.model, config.diffusion, config.execution, key=jax.random.key(0))
     ramp = jnp.arange(L, dtype=jnp.float32)[:, None] * jnp.eye(V)[1][None]  # token 1 likelier along l
     base = jnp.log(jnp.array([0.1, 0.2, 0.3, 0.4]))[None] + 0.3 * ramp  # (L, V)
     net = KnownNet(base, jnp.array([3.0, 0.0, -3.0, 0.0]), jnp.array(delay), 0.7, config.model.padded_vocab)
@@ -155,9 +155,9 @@ def test_unmask_step_law_telescopes():
 
 
 def test_transformer_on_a_mesh_keeps_the_prompt():
-    config = Config(model=ModelConfig(vocab_size=50, seq_len=16, width=32, num_layers=1, num_heads=2,
-                                      cond_dim=16, precision=Precision.FLOAT32))
-    model = MD4(config.model, config.diffusion, key=jax.random.key(0))
+    config = Config(model=ModelConfig(vocab_size=50, seq_len=16, width=32, num_layers=1, num_heads=2, cond_dim=16),
+                    execution=ExecutionConfig(precision=Precision.FLOAT32))
+    model = MD4(config.model, config.diffusion, config.execution, key=jax.random.key(0))
     rng = np.random.default_rng(0)  # a random head and adaLN: a fresh model's are zero
     model = jax.tree.map(lambda x: x + rng.normal(0.0, 0.2, x.shape).astype(np.float32), model)
     template = jnp.full((8, 16), model.mask_id, jnp.int32).at[:, :4].set(7)

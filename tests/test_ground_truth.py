@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from md4_eqx.config import Backbone, Config, DiffusionConfig, ModelConfig, OptimConfig, Precision, SamplerConfig, TrainConfig
+from md4_eqx.config import (
+    Backbone, Config, DiffusionConfig, ExecutionConfig, ModelConfig, OptimConfig, Precision, SamplerConfig, TrainConfig,
+)
 from md4_eqx.evaluate import nelbo
 from md4_eqx.loss import bits_per_token
 from md4_eqx.model import MD4
@@ -20,14 +22,15 @@ from md4_eqx.parallel import make_mesh
 from md4_eqx.sampling import generate
 from md4_eqx.train_step import init_state, make_optimizer, make_train_step
 
+FLOAT32 = ExecutionConfig(precision=Precision.FLOAT32)
 PROBS = np.array([0.45, 0.2, 0.12, 0.08, 0.06, 0.045, 0.03, 0.015])
 ENTROPY_BITS = float(-(PROBS * np.log2(PROBS)).sum())  # 2.33 bits
 
 
 def config(learnable: bool) -> Config:
     return Config(
-        model=ModelConfig(vocab_size=len(PROBS), seq_len=32, width=32, num_layers=1, num_heads=2,
-                          cond_dim=16, precision=Precision.FLOAT32),
+        model=ModelConfig(vocab_size=len(PROBS), seq_len=32, width=32, num_layers=1, num_heads=2, cond_dim=16),
+        execution=FLOAT32,
         diffusion=DiffusionConfig(learnable=learnable),
         optim=OptimConfig(lr=3e-3, warmup=20, ema=0.99),
         train=TrainConfig(batch_size=64, steps=300),
@@ -91,7 +94,7 @@ IMAGE_ENTROPY_BITS = float(-(CHANNEL_PROBS * np.log2(CHANNEL_PROBS)).sum(-1).mea
 # Small: width 32 (one channel per GroupNorm group, which removes the time conditioning; the
 # ideal denoiser here is the per-channel marginal whatever t, so it needs none) and 2 blocks.
 UNET = ModelConfig(backbone=Backbone.UNET, vocab_size=8, seq_len=4 * 4 * 3, width=32, num_layers=2,
-                   num_heads=1, cond_dim=32, precision=Precision.FLOAT32)
+                   num_heads=1, cond_dim=32)
 
 
 def draw_images(key, shape):
@@ -107,7 +110,7 @@ def test_fresh_unet_scores_8_bits_per_dimension(getkey):
     and its mean over 2048 images is 8 (1 - eps) bits per dimension within its standard error."""
     mesh = make_mesh(1, 1, jax.devices()[:1])
     cfg = dataclasses.replace(UNET, vocab_size=256)
-    unet, transformer = (MD4(dataclasses.replace(cfg, backbone=b), key=getkey()) for b in Backbone)
+    unet, transformer = (MD4(dataclasses.replace(cfg, backbone=b), execution=FLOAT32, key=getkey()) for b in Backbone)
     x = jax.random.randint(getkey(), (1024, cfg.seq_len), 0, 256)
     keys = jax.random.split(getkey(), 4)
     bpt = np.concatenate([bits_per_token(nelbo(unet, k, x, mesh), cfg.seq_len) for k in keys])
@@ -119,7 +122,7 @@ def test_fresh_unet_scores_8_bits_per_dimension(getkey):
 
 def test_unet_nelbo_approaches_entropy_and_samples_match(getkey):
     mesh = make_mesh(1, 1, jax.devices()[:1])
-    cfg = Config(model=UNET, optim=OptimConfig(lr=3e-3, warmup=10, ema=0.9),
+    cfg = Config(model=UNET, execution=FLOAT32, optim=OptimConfig(lr=3e-3, warmup=10, ema=0.9),
                  train=TrainConfig(batch_size=32, steps=100))
     state, metrics = train(cfg, mesh, getkey(), draw_images)
     assert np.isfinite(float(metrics.bpt))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from md4_eqx.config import Config, DiffusionConfig, ModelConfig, Precision, Schedule
+from md4_eqx.config import Config, DiffusionConfig, ExecutionConfig, ModelConfig, Precision, Schedule
 from md4_eqx.evaluate import nelbo
 from md4_eqx.loss import bits_per_token, genmd4_integrand, genmd4_token_terms, log_probs_at, losses
 from md4_eqx.model import MD4
@@ -22,11 +22,13 @@ MESH = make_mesh(1, 1, jax.devices()[:1])
 
 
 def small(vocab: int, seq: int, **diffusion) -> Config:
-    model = ModelConfig(
-        vocab_size=vocab, seq_len=seq, width=32, num_layers=1, num_heads=2, cond_dim=16,
-        precision=Precision.FLOAT32,
-    )
-    return Config(model=model, diffusion=DiffusionConfig(**diffusion))
+    model = ModelConfig(vocab_size=vocab, seq_len=seq, width=32, num_layers=1, num_heads=2, cond_dim=16)
+    execution = ExecutionConfig(precision=Precision.FLOAT32)
+    return Config(model=model, execution=execution, diffusion=DiffusionConfig(**diffusion))
+
+
+def build(cfg: Config, key) -> MD4:
+    return MD4(cfg.model, cfg.diffusion, cfg.execution, key=key)
 
 
 def on_mesh(fn, *args):
@@ -49,7 +51,7 @@ def test_fresh_model_scores_log2_vocab(getkey):
     key = getkey()
     per_v = {}
     for vocab in (27, 256, 50257):
-        model = MD4(small(vocab, seq).model, key=getkey())
+        model = build(small(vocab, seq), getkey())
         x = jax.random.randint(getkey(), (batch, seq), 0, vocab)
         per_v[vocab] = bits_per_token(nelbo(model, key, x, MESH), seq) / math.log2(vocab)
     # Identical noise, different V: equal up to float32 rounding of log V.
@@ -58,7 +60,7 @@ def test_fresh_model_scores_log2_vocab(getkey):
 
     # The estimator's mean: per-example relative std is ~sqrt(ln(1/eps) / L) ~ 0.36 at L = 64,
     # so 32768 examples give a standard error of ~0.2%: 1% is 5 sigma.
-    model = MD4(small(27, seq).model, key=getkey())
+    model = build(small(27, seq), getkey())
     x = jnp.zeros((8192, seq), jnp.int32)
     draws = jnp.stack([nelbo(model, k, x, MESH) for k in jax.random.split(getkey(), 4)])
     bpt = bits_per_token(draws, seq) / math.log2(27)
@@ -77,7 +79,7 @@ def test_discrete_nelbo_approaches_continuous(getkey, schedule):
 
     def estimate(timesteps):
         cfg = small(vocab, seq, schedule=schedule, timesteps=timesteps)
-        model = perturbed(MD4(cfg.model, cfg.diffusion, key=init_key), head_key)  # the same parameters for every T
+        model = perturbed(build(cfg, init_key), head_key)  # the same parameters for every T
         return float(jnp.mean(nelbo(model, key, x, MESH)))
 
     continuous = estimate(0)
@@ -133,7 +135,9 @@ def test_head_chunks_change_the_memory_not_the_loss(getkey):
     x = jax.random.randint(getkey(), (batch, seq), 0, vocab)
     results, temp = [], []
     for chunk in (0, 7):  # 7 divides no part of the 96 tokens: the last chunk is padded
-        model = perturbed(MD4(dataclasses.replace(small(vocab, seq).model, head_chunk=chunk), key=key), head_key)
+        cfg = small(vocab, seq)
+        cfg = dataclasses.replace(cfg, execution=dataclasses.replace(cfg.execution, head_chunk=chunk))
+        model = perturbed(build(cfg, key), head_key)
         params, static = eqx.partition(model, eqx.is_array)
 
         def loss(params):

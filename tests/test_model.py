@@ -8,7 +8,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from jaxtyping import TypeCheckError
 
-from md4_eqx.config import Backbone, MLPKind, ModelConfig, Precision, preset
+from md4_eqx.config import ExecutionConfig, MLPKind, ModelConfig, Precision, preset
+from md4_eqx.errors import ConfigError
 from md4_eqx.model import MD4
 from md4_eqx.parallel import MODEL, make_mesh, param_specs, shard_map_modules
 
@@ -16,9 +17,13 @@ MESH = make_mesh(1, 1, jax.devices()[:1])
 
 
 def small(**overrides) -> ModelConfig:
-    fields = dict(vocab_size=50, seq_len=24, width=32, num_layers=2, num_heads=4, cond_dim=16,
-                  precision=Precision.FLOAT32)
+    fields = dict(vocab_size=50, seq_len=24, width=32, num_layers=2, num_heads=4, cond_dim=16)
     return ModelConfig(**(fields | overrides))
+
+
+def run(**overrides) -> ExecutionConfig:
+    """How the small model is computed: float32 unless overridden."""
+    return ExecutionConfig(**(dict(precision=Precision.FLOAT32) | overrides))
 
 
 def logits_fn(model: MD4, z, t, labels=None, keys=None):
@@ -52,7 +57,7 @@ def test_paper_sizes():
 @pytest.mark.parametrize("mlp", list(MLPKind), ids=lambda k: k.value)
 def test_fresh_model_is_uniform(getkey, mlp):
     cfg = small(mlp=mlp)
-    model = MD4(cfg, key=getkey())
+    model = MD4(cfg, execution=run(), key=getkey())
     z = jax.random.randint(getkey(), (3, cfg.seq_len), 0, cfg.vocab_size + 1)
     logits = logits_fn(model, z, jnp.array([0.1, 0.5, 0.9]))
     assert logits.shape == (3, cfg.seq_len, cfg.padded_vocab) and logits.dtype == jnp.float32
@@ -65,7 +70,7 @@ def test_bfloat16_compute_matches_float32(getkey):
     t = jnp.array([0.3, 0.8])
     out = {}
     for precision in Precision:
-        model = with_random_head(MD4(small(precision=precision), key=key), head_key)
+        model = with_random_head(MD4(small(), execution=run(precision=precision), key=key), head_key)
         out[precision] = logits_fn(model, z, t)
         assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
     f32, bf16 = out[Precision.FLOAT32], out[Precision.BFLOAT16]
@@ -87,7 +92,8 @@ def test_execution_fields_give_the_same_gradients(getkey, execution):
     t = jnp.array([0.3, 0.8])
     grads, temp = [], []
     for overrides in ({}, execution):
-        params, static = eqx.partition(with_random_head(MD4(small(**overrides), key=key), head_key), eqx.is_array)
+        model = with_random_head(MD4(small(), execution=run(**overrides), key=key), head_key)
+        params, static = eqx.partition(model, eqx.is_array)
         loss = lambda p: jnp.sum(jnp.sin(logits_fn(eqx.combine(p, static), z, t)))  # noqa: E731
         compiled = jax.jit(jax.grad(loss)).lower(params).compile()
         grads.append(jax.tree.leaves(compiled(params)))
@@ -100,7 +106,7 @@ def test_execution_fields_give_the_same_gradients(getkey, execution):
 
 
 def test_dropout_needs_keys_and_is_per_example(getkey):
-    model = with_random_head(MD4(small(dropout=0.5), key=getkey()), getkey())
+    model = with_random_head(MD4(small(dropout=0.5), execution=run(), key=getkey()), getkey())
     z = jnp.tile(jax.random.randint(getkey(), (1, 24), 0, 51), (2, 1))
     t = jnp.array([0.5, 0.5])
     eval_out = logits_fn(model, z, t)
@@ -115,7 +121,7 @@ def test_dropout_needs_keys_and_is_per_example(getkey):
 
 
 def test_class_embedding_changes_the_output(getkey):
-    model = with_random_head(MD4(small(num_classes=10), key=getkey()), getkey())
+    model = with_random_head(MD4(small(num_classes=10), execution=run(), key=getkey()), getkey())
     z = jnp.full((2, 24), 50)
     out = logits_fn(model, z, jnp.array([0.5, 0.5]), jnp.array([1, 7]))
     assert not np.allclose(out[0], out[1])
@@ -132,15 +138,14 @@ def test_runtime_type_checks_are_on(getkey):
 
 
 @pytest.mark.parametrize(
-    "fields, message",
+    "make, fields, message",
     [
-        (dict(width=30, num_heads=4), "multiple of"),
-        (dict(dropout=1.0), "dropout"),
-        (dict(num_layers=0), "num_layers"),
-        (dict(head_chunk=-1), "head_chunk=-1"),
-        (dict(backbone=Backbone.UNET, seq_len=48, head_chunk=64), "head_chunk is the transformer's"),
+        (small, dict(width=30, num_heads=4), "multiple of"),
+        (small, dict(dropout=1.0), "dropout"),
+        (small, dict(num_layers=0), "num_layers"),
+        (run, dict(head_chunk=-1), "head_chunk=-1"),
     ],
 )
-def test_config_errors_name_the_value(fields, message):
-    with pytest.raises(ValueError, match=message):
-        small(**fields)
+def test_config_errors_name_the_value(make, fields, message):
+    with pytest.raises(ConfigError, match=message):
+        make(**fields)

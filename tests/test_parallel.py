@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from md4_eqx import checkpoint
 from md4_eqx.config import (
-    Config, DiffusionConfig, ModelConfig, OptimConfig, Precision, SamplerConfig, TrainConfig, preset,
+    Config, DiffusionConfig, ExecutionConfig, ModelConfig, OptimConfig, Precision, SamplerConfig, TrainConfig, preset,
 )
 from md4_eqx.distributed import batch_part, gather, global_batch, initialize
 from md4_eqx.evaluate import nelbo
@@ -39,8 +39,9 @@ from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_trai
 CONFIG = Config(
     model=ModelConfig(
         vocab_size=200, seq_len=32, width=64, num_layers=2, num_heads=8, mlp_hidden=128,
-        cond_dim=32, num_classes=4, dropout=0.1, precision=Precision.FLOAT32,
+        cond_dim=32, num_classes=4, dropout=0.1,
     ),
+    execution=ExecutionConfig(precision=Precision.FLOAT32),
     diffusion=DiffusionConfig(learnable=True),
     optim=OptimConfig(lr=1e-3, warmup=1, ema=0.9),
     train=TrainConfig(batch_size=16, steps=10),
@@ -129,7 +130,7 @@ def runs():
     the same fresh state (made once and moved: `init_state` compiles for each mesh)."""
     optimizer = make_optimizer(CONFIG.optim, CONFIG.train.steps)
     fresh = init_state(CONFIG, optimizer, mesh_of(REFERENCE))
-    chunked = init_state(dataclasses.replace(CONFIG, model=dataclasses.replace(CONFIG.model, head_chunk=24)),
+    chunked = init_state(dataclasses.replace(CONFIG, execution=dataclasses.replace(CONFIG.execution, head_chunk=24)),
                          optimizer, mesh_of(REFERENCE))  # the same arrays, another static config
     # Copies first: training donates its state, and a moved array may share the original's buffer.
     starts = {shape: place(jax.tree.map(jnp.copy, chunked if shape == CHUNKED else fresh), optimizer,
@@ -141,7 +142,7 @@ def runs():
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: f"data{s[0]}-model{s[1]}")
 def test_sharded_step_equals_single_device(runs, shape):
     state, _, _, metrics = runs[shape]
-    assert state.model.config.head_chunk == (24 if shape == CHUNKED else 0)
+    assert state.model.execution.head_chunk == (24 if shape == CHUNKED else 0)
     ref_state, _, _, ref_metrics = runs[REFERENCE]
     assert max_difference(state.model, ref_state.model) < ATOL
     assert max_difference(state.ema, ref_state.ema) < ATOL

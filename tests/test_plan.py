@@ -7,14 +7,14 @@ config and mesh (step_memory caches its compilations).
 import jax
 import pytest
 
-from md4_eqx.config import AUTO, Config, ModelConfig, Precision
+from md4_eqx.config import AUTO, Config, ExecutionConfig, ModelConfig, Precision
 from md4_eqx.parallel import make_mesh
 from md4_eqx.plan import MARGIN, Planner, PlanError, parse_size, step_memory
 
 import train
 
-CONFIG = Config(model=ModelConfig(vocab_size=32, seq_len=16, width=32, num_layers=1, num_heads=2,
-                                  cond_dim=8, precision=Precision.FLOAT32))
+CONFIG = Config(model=ModelConfig(vocab_size=32, seq_len=16, width=32, num_layers=1, num_heads=2, cond_dim=8),
+                execution=ExecutionConfig(precision=Precision.FLOAT32))
 BATCH = 16  # global: 8 per device on data=2
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from md4_eqx.config import Backbone, ConfigError, ModelConfig, Precision
+from md4_eqx.config import Backbone, ConfigError, ExecutionConfig, ModelConfig, Precision
 from md4_eqx.parallel import DATA, MODEL, MeshError, check_model_split, make_mesh, param_specs, shard_map_modules
 from md4_eqx.unet import UNet
 from conftest import randomised
@@ -34,8 +34,11 @@ def small(**overrides) -> ModelConfig:
     """4 x 4 RGB images, one block each way, width 64: two channels per GroupNorm group (with
     one, the norm after the conditioning's per-channel shift would remove it)."""
     fields = dict(backbone=Backbone.UNET, vocab_size=256, seq_len=4 * 4 * 3, width=64, num_layers=1, num_heads=1,
-                  cond_dim=32, precision=Precision.FLOAT32)
+                  cond_dim=32)
     return ModelConfig(**(fields | overrides))
+
+
+RUN = ExecutionConfig(precision=Precision.FLOAT32)  # how the small U-Nets are computed
 
 
 @functools.cache
@@ -73,9 +76,10 @@ def inputs(cfg: ModelConfig, key, batch: int = 4):
 
 
 def test_parameter_count_and_shape_match_the_reference(getkey):
-    net = eqx.filter_eval_shape(UNet, FULL, key=getkey())  # nothing allocated
+    net = eqx.filter_eval_shape(UNet, FULL, ExecutionConfig(), key=getkey())  # nothing allocated
     assert num_params(net) == REFERENCE_PARAMS
-    classes = eqx.filter_eval_shape(UNet, dataclasses.replace(FULL, num_classes=10), key=getkey())
+    classes = eqx.filter_eval_shape(UNet, dataclasses.replace(FULL, num_classes=10), ExecutionConfig(),
+                                    key=getkey())
     assert num_params(classes) == REFERENCE_PARAMS_CLASSES
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(net) if hasattr(x, "dtype"))
     z = jax.ShapeDtypeStruct((2, FULL.seq_len), jnp.int32)
@@ -86,7 +90,7 @@ def test_parameter_count_and_shape_match_the_reference(getkey):
 
 def test_fresh_unet_predicts_uniform_8_bits_per_dimension(getkey):
     cfg = small(num_classes=10)
-    net = UNet(cfg, key=getkey())
+    net = UNet(cfg, RUN, key=getkey())
     z, t = inputs(cfg, getkey())
     logits = logits_on(SINGLE, net, z, t, jnp.array([0, 3, 9, 10]))
     assert logits.shape == (4, cfg.seq_len, cfg.padded_vocab) and logits.dtype == jnp.float32
@@ -100,7 +104,7 @@ def test_fresh_unet_predicts_uniform_8_bits_per_dimension(getkey):
 @pytest.mark.parametrize("shape", [(2, 2), (4, 2)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_sharded_logits_equal_single_device(getkey, shape):
     cfg = small(num_classes=10)
-    net = randomised(UNet(cfg, key=getkey()), getkey(), 0.2)
+    net = randomised(UNet(cfg, RUN, key=getkey()), getkey(), 0.2)
     z, t = inputs(cfg, getkey())
     labels = jnp.array([1, 10, 4, 7])
     mesh = make_mesh(*shape, jax.devices()[: shape[0] * shape[1]])
@@ -118,9 +122,9 @@ def test_dropout_keys_matter_only_with_dropout(getkey):
     cfg = small()
     z, t = inputs(cfg, getkey())
     keys, other = jax.random.split(getkey(), 4), jax.random.split(getkey(), 4)
-    plain = randomised(UNet(cfg, key=key), noise, 0.2)
+    plain = randomised(UNet(cfg, RUN, key=key), noise, 0.2)
     np.testing.assert_array_equal(logits_on(SINGLE, plain, z, t, keys=keys), logits_on(SINGLE, plain, z, t))
-    dropped = randomised(UNet(small(dropout=0.5), key=key), noise, 0.2)  # the same parameters
+    dropped = randomised(UNet(small(dropout=0.5), RUN, key=key), noise, 0.2)  # the same parameters
     train_a, train_b = logits_on(SINGLE, dropped, z, t, keys=keys), logits_on(SINGLE, dropped, z, t, keys=other)
     np.testing.assert_array_equal(train_a, logits_on(SINGLE, dropped, z, t, keys=keys))  # keys decide
     assert not np.allclose(train_a, logits_on(SINGLE, plain, z, t), atol=1e-3)
@@ -137,8 +141,8 @@ def test_remat_gives_the_same_gradients_with_fewer_temporaries(getkey):
     keys = jax.random.split(getkey(), 4)
     grads, temp = [], []
     for remat in (False, True):
-        params, static = eqx.partition(randomised(UNet(dataclasses.replace(cfg, remat=remat), key=key), noise, 0.2),
-                                       eqx.is_array)
+        net = UNet(cfg, dataclasses.replace(RUN, remat=remat), key=key)
+        params, static = eqx.partition(randomised(net, noise, 0.2), eqx.is_array)
         loss = lambda p: jnp.sum(jnp.sin(logits_on(SINGLE, eqx.combine(p, static), z, t, keys=keys)))  # noqa: E731
         compiled = jax.jit(jax.grad(loss)).lower(params).compile()
         grads.append(jax.tree.leaves(compiled(params)))
@@ -154,7 +158,7 @@ def test_remat_gives_the_same_gradients_with_fewer_temporaries(getkey):
 
 def test_null_class(getkey):
     cfg = small(num_classes=10)
-    net = randomised(UNet(cfg, key=getkey()), getkey(), 0.2)
+    net = randomised(UNet(cfg, RUN, key=getkey()), getkey(), 0.2)
     assert net.cond.class_embed.shape == (11, cfg.cond_dim)  # 10 classes + the null class
     z, t = inputs(cfg, getkey(), batch=2)
     z, t = jnp.concatenate([z, z]), jnp.concatenate([t, t])  # the same inputs under two labels
@@ -168,8 +172,8 @@ def test_null_class(getkey):
 def test_bfloat16_compute_matches_float32(getkey):
     key, noise = getkey(), getkey()
     z, t = inputs(small(), getkey())
-    out = {p: logits_on(SINGLE, randomised(UNet(small(precision=p), key=key), noise, 0.2), z, t)
-           for p in Precision}
+    nets = {p: randomised(UNet(small(), ExecutionConfig(precision=p), key=key), noise, 0.2) for p in Precision}
+    out = {p: logits_on(SINGLE, net, z, t) for p, net in nets.items()}
     f32, bf16 = out[Precision.FLOAT32], out[Precision.BFLOAT16]
     # bfloat16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); the float32 residual stream
     # passes about 8 bfloat16 conv/attention inputs on the way: ~1% of the logits' scale in rms
