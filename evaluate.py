@@ -33,14 +33,14 @@ import numpy as np
 from tqdm import tqdm
 
 from md4_eqx import checkpoint
-from md4_eqx.cli import (
-    UsageError, check_batch_size, check_positive, checked_mesh, field_flag, run_command, script_parser,
-)
+from md4_eqx.cli import check_positive, field_flag, run_command, script_parser
 from md4_eqx.data import load
 from md4_eqx.distributed import replicated_on_mesh
+from md4_eqx.errors import UsageError
 from md4_eqx.evaluate import NelboEstimate, nelbo_draws
-from md4_eqx.genppl import CausalLM, ScoringError, unigram_entropy
-from md4_eqx.parallel import DATA
+from md4_eqx.genppl import CausalLM, unigram_entropy
+from md4_eqx.parallel import DATA, make_mesh
+from md4_eqx.validate import validate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,11 +79,12 @@ def _se(value: float) -> str:
 
 def run_nelbo(args) -> dict:
     check_positive(args, "draws", "batches", "batch_size", "model_parallel")
-    step, config, _ = checkpoint.read_meta(args.workdir, args.step)
-    mesh = checked_mesh(config.model, f"--model-parallel {args.model_parallel}", model=args.model_parallel)
+    checkpoints = checkpoint.Checkpoints(args.workdir)  # a reader: left open on an error, it holds nothing
+    step, config, _ = checkpoints.read_meta(args.step)
+    mesh = make_mesh(model=args.model_parallel)
     parts = mesh.shape[DATA]
     batch = args.batch_size or max(parts, config.train.batch_size // config.train.microbatches // parts * parts)
-    check_batch_size(batch, mesh)
+    validate(config, mesh, batch)
 
     dataset = args.dataset or config.train.dataset
     ds = load(dataset, seq_len=config.model.seq_len, cache_dir=args.cache_dir, tokenizer=args.tokenizer,
@@ -93,7 +94,8 @@ def run_nelbo(args) -> dict:
     split = ds.split(args.split)
     n = split.num_examples if args.batches is None else min(split.num_examples, args.batches * batch)
     count = -(-n // batch)
-    _, model = checkpoint.load_for_inference(args.workdir, step, mesh)
+    _, model = checkpoints.load_for_inference(step, mesh)
+    checkpoints.close()
     labelled = config.model.num_classes > 0
 
     bar = tqdm(total=count, desc="nelbo", unit="batch", disable=args.no_progress, file=sys.stderr)
@@ -153,12 +155,9 @@ def run_samples(args) -> dict:
     check_positive(args, "batch_size")
     texts, tokens = read_samples(args.file)
     entropy = np.array([unigram_entropy(ids) for ids in tokens if ids])
-    try:
-        lm = CausalLM(args.model, args.device)
-        scored = tokens if args.tokens else lm.encode(texts)
-        ppl = lm.perplexity(scored, args.batch_size)
-    except ScoringError as e:
-        raise UsageError(str(e)) from None
+    lm = CausalLM(args.model, args.device)
+    scored = tokens if args.tokens else lm.encode(texts)
+    ppl = lm.perplexity(scored, args.batch_size)
     return {
         "file": args.file, "samples": len(texts), "tokens_per_sample": float(np.mean([len(t) for t in tokens])),
         "unigram_entropy": float(entropy.mean()), "unigram_entropy_min": float(entropy.min()),
@@ -179,8 +178,8 @@ def print_samples(r: dict) -> None:
 
 def run(args) -> int:
     result = run_nelbo(args) if args.command == "nelbo" else run_samples(args)
-    if args.json:  # JSON has no NaN: a missing error bar is null
-        print(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in result.items()}))
+    if args.json:  # JSON has no NaN or inf: a missing error bar (or an overflowed perplexity) is null
+        print(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in result.items()}))
     else:
         (print_nelbo if args.command == "nelbo" else print_samples)(result)
     return 0

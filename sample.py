@@ -39,12 +39,14 @@ import numpy as np
 from tqdm import tqdm
 
 from md4_eqx import checkpoint
-from md4_eqx.cli import UsageError, check_positive, field_flag, run_command, script_parser
-from md4_eqx.config import Loop, Rule, config_to_json
+from md4_eqx.cli import check_positive, field_flag, run_command, script_parser
+from md4_eqx.config import Config, Loop, Rule, config_to_json
 from md4_eqx.data import load
 from md4_eqx.distributed import replicated_on_mesh
+from md4_eqx.errors import UsageError
 from md4_eqx.parallel import make_mesh
-from md4_eqx.sampling import Samples, block_starts, check_sampler, generate, generate_long
+from md4_eqx.sampling import Samples, block_starts, generate, generate_long
+from md4_eqx.validate import validate
 from md4_eqx.visualize import image_grid, text_trajectory, to_images, trajectory_gif, trajectory_strip
 
 MASK_MARKER = re.compile(r"\[MASK:(\d+)\]")
@@ -96,32 +98,46 @@ def template_row(args, ds, length: int, mask_id: int) -> np.ndarray:
     return row
 
 
+def window(args, seq_len: int) -> tuple[int, int]:
+    """(--length, --block), or their defaults: seq_len, and a quarter of it."""
+    return (seq_len if args.length is None else args.length,
+            max(seq_len // 4, 1) if args.block is None else args.block)
+
+
 def check(args, config) -> None:
+    """The flags against the checkpoint's model (the config's own checks are `validate`'s)."""
     if args.prompt is not None and args.infill is not None:
         raise UsageError("give --prompt or --infill, not both")
-    check_positive(args, "num_samples", "steps")
+    check_positive(args, "num_samples")
     seq_len = config.model.seq_len
-    if args.length is not None and args.length < seq_len:
-        raise UsageError(f"--length {args.length} must be at least the model's seq_len {seq_len}")
-    if args.block is not None and not 0 < args.block <= seq_len:
-        raise UsageError(f"--block {args.block} must lie in [1, seq_len {seq_len}]")
-    if args.trajectory and (args.length or seq_len) > seq_len:
+    length, block = window(args, seq_len)
+    block_starts(seq_len, length, block)  # raises for a --length or --block that does not fit
+    if args.trajectory and length > seq_len:
         raise UsageError("--trajectory shows one window: leave --length at the model's seq_len")
-    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
-        raise UsageError(f"--top-p {args.top_p} must lie in (0, 1]")
     classes = config.model.num_classes
     if args.label is not None and not 0 <= args.label < classes:
         raise UsageError(f"--label {args.label}: this model has {classes} classes")
-    if args.guidance and not classes:
-        raise UsageError(f"--guidance {args.guidance} needs a class-conditional model; this one has no classes")
+
+
+def with_flags(config: Config, args) -> Config:
+    """The run's config with the sampler flags given (the sampler's ConfigError names the flag)."""
+    changes = {"steps": args.steps, "top_p": args.top_p,
+               "rule": args.sampler or (Rule.TOP_P if args.top_p is not None else None), "loop": args.loop,
+               "guidance": args.guidance}
+    sampler = dataclasses.replace(config.sampler, **{k: v for k, v in changes.items() if v is not None})
+    return dataclasses.replace(config, sampler=sampler)
 
 
 def sample(args) -> int:
-    step, config, _ = checkpoint.read_meta(args.workdir, args.step)
+    checkpoints = checkpoint.Checkpoints(args.workdir)  # a reader: left open on an error, it holds nothing
+    step, config, _ = checkpoints.read_meta(args.step)
     check(args, config)
+    config = with_flags(config, args)
     devices = jax.devices()[: math.gcd(args.num_samples, jax.device_count())]
     mesh = make_mesh(len(devices), 1, devices)
-    _, model = checkpoint.load_for_inference(args.workdir, step, mesh)
+    validate(config, mesh, batch=args.num_samples)
+    _, model = checkpoints.load_for_inference(step, mesh)
+    checkpoints.close()
     ds = load(config.train.dataset, seq_len=config.model.seq_len, cache_dir=args.cache_dir, progress=False)
     images = ds.image_shape is not None
     if images and (args.prompt is not None or args.infill is not None or args.length is not None):
@@ -129,16 +145,9 @@ def sample(args) -> int:
     if args.out and not args.out.endswith(".png" if images else ".jsonl"):
         raise UsageError(f"--out {args.out}: expected a {'.png' if images else '.jsonl'} file")
 
-    changes = {"steps": args.steps, "top_p": args.top_p,
-               "rule": args.sampler or (Rule.TOP_P if args.top_p is not None else None), "loop": args.loop,
-               "guidance": args.guidance}
-    sampler_cfg = dataclasses.replace(config.sampler, **{k: v for k, v in changes.items() if v is not None})
-    try:
-        check_sampler(sampler_cfg, per_token_schedule=model.schedule.per_token)
-    except ValueError as e:
-        raise UsageError(f"--sampler {sampler_cfg.rule.value} --loop {sampler_cfg.loop.value}: {e}") from e
+    sampler_cfg = config.sampler
     n, mask_id, seq_len = args.num_samples, model.mask_id, config.model.seq_len
-    length, block = args.length or seq_len, args.block or max(seq_len // 4, 1)
+    length, block = window(args, seq_len)
     template = replicated_on_mesh(np.tile(template_row(args, ds, length, mask_id), (n, 1)), mesh)
     labels = None
     if config.model.num_classes:

@@ -2,9 +2,8 @@
 
 A parser whose errors are one line; a flag for every config field (`--section.field VALUE`, or
 `--field` where the name is unique); the mesh and multi-process flags; and `run_command`, which
-turns bad input (flags, data, checkpoints) into one line on stderr and exit status 2, never a
-traceback. Library errors arrive typed (`ConfigError` names its field, `MeshError` is rendered
-with the flag that chose the mesh), so no message is parsed here.
+turns every `Md4Error` (md4_eqx/errors.py) into one line on stderr and its exit status, never a
+traceback. A `ConfigError` names its field, shown as the flag; no message is parsed here.
 """
 
 import argparse
@@ -14,18 +13,10 @@ import sys
 
 from jax.sharding import Mesh
 
-from md4_eqx.checkpoint import CheckpointError
-from md4_eqx.config import AUTO, AUTO_FIELDS, PRESETS, Config, ConfigError, ModelConfig, preset
-from md4_eqx.data import DataError
+from md4_eqx.config import AUTO, AUTO_FIELDS, PRESETS, Config, preset
 from md4_eqx.distributed import initialize
-from md4_eqx.divergence import Diverged
-from md4_eqx.parallel import MeshError, check_batch, check_model_split, make_mesh
-from md4_eqx.plan import PlanError
-from md4_eqx.workdir import WorkdirError
-
-
-class UsageError(Exception):
-    """Bad command-line input: one line on stderr, exit status 2."""
+from md4_eqx.errors import ConfigError, Md4Error, UsageError
+from md4_eqx.parallel import make_mesh
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -44,14 +35,15 @@ def script_parser(doc: str, **kwargs) -> ArgumentParser:
 
 
 def run_command(parser: argparse.ArgumentParser, command, argv: list[str] | None) -> int:
-    """command(parsed argv); bad input (flags, data, checkpoints, workdir) is one line on stderr,
-    status 2; a diverged run, status 1."""
+    """command(parsed argv); an `Md4Error` is one line on stderr and its status (2: bad input,
+    1: a diverged run)."""
     args = parser.parse_args(argv)
     try:
         return command(args)
-    except (UsageError, DataError, CheckpointError, WorkdirError, PlanError, Diverged) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 1 if isinstance(e, Diverged) else 2  # a diverged run is not bad input: it failed
+    except Md4Error as e:
+        flag = f"--{e.field.replace('_', '-')}: " if isinstance(e, ConfigError) else ""
+        print(f"{parser.prog}: error: {flag}{e}", file=sys.stderr)
+        return e.status
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -137,33 +129,16 @@ def make_config(args: argparse.Namespace) -> tuple[Config, set[str]]:
 # The mesh, and several processes.
 
 
-def parse_mesh(text: str | None, cfg: ModelConfig) -> Mesh:
-    """--mesh `data=D,model=M` over all devices; each part optional (data defaults to the rest)."""
+def parse_mesh(text: str | None, devices=None) -> Mesh:
+    """--mesh `data=D,model=M` over all devices (or `devices`: a --target's); each part optional
+    (data defaults to the rest)."""
     sizes = {}
     for part in text.split(",") if text else []:
         name, _, value = part.partition("=")
         if name not in ("data", "model") or not value.isdigit() or int(value) < 1 or name in sizes:
             raise UsageError(f"--mesh {text!r}: expected data=D,model=M with positive integers")
         sizes[name] = int(value)
-    return checked_mesh(cfg, f"--mesh {text}", sizes.get("data"), sizes.get("model", 1))
-
-
-def checked_mesh(cfg: ModelConfig, flag: str, data: int | None = None, model: int = 1) -> Mesh:
-    """`make_mesh(data, model)` for a model of config `cfg`; a mismatch is reported under `flag`."""
-    try:
-        mesh = make_mesh(data, model)
-        check_model_split(cfg, model)
-    except MeshError as e:
-        raise UsageError(f"{flag}: {e}") from e
-    return mesh
-
-
-def check_batch_size(batch: int, mesh: Mesh, microbatches: int = 1) -> None:
-    """`check_batch`, reported under --batch-size."""
-    try:
-        check_batch(batch, mesh, microbatches)
-    except MeshError as e:
-        raise UsageError(f"--batch-size: {e}") from e
+    return make_mesh(sizes.get("data"), sizes.get("model", 1), devices)
 
 
 def add_process_flags(parser: argparse.ArgumentParser) -> None:

@@ -19,9 +19,10 @@ from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from md4_eqx.distributed import gather
+from md4_eqx.errors import DataError
 from md4_eqx.loss import losses
 from md4_eqx.model import MD4
-from md4_eqx.parallel import DATA, MODEL, check_batch, check_model_split, example_ids, param_specs, shard_map_modules
+from md4_eqx.parallel import DATA, example_ids, param_specs, shard_map_modules
 
 
 def _nelbo_local(model: MD4, key: PRNGKeyArray, tokens: Int[Array, "b l"], labels: Int[Array, " b"] | None,
@@ -48,9 +49,8 @@ def nelbo(
     labels: Int[Array, " b"] | None = None,
 ) -> Float[Array, " b"]:
     """The NELBO of each sequence in nats, one Monte Carlo time draw each (antithetic across the
-    batch when the config says so); divide by L ln 2 for bits per token."""
-    check_model_split(model.config, mesh.shape[MODEL])
-    check_batch(tokens.shape[0], mesh)
+    batch when the config says so); divide by L ln 2 for bits per token. The batch splits evenly
+    over the mesh's `data` axis (`md4_eqx.validate`)."""
     return _nelbo(model, key, tokens, labels, mesh)
 
 
@@ -64,16 +64,14 @@ def nelbo_draws(
     """The NELBO in nats of every sequence of `batches` (n in all) under `draws` independent draws
     of the time t and the masks z_t. Draw d of batch i uses the key fold_in(fold_in(key, d), i),
     so row d is the training-time evaluation (`nelbo` per batch with fold_in(key_d, i)) for
-    key_d = fold_in(key, d)."""
-    if draws < 1:
-        raise ValueError(f"{draws=} must be positive")
+    key_d = fold_in(key, d). `draws` is at least 1 (TrainConfig, evaluate.py --draws)."""
     draw_keys = [jax.random.fold_in(key, d) for d in range(draws)]
     columns = []
     for i, (tokens, labels) in enumerate(batches):
         per_draw = [nelbo(model, jax.random.fold_in(k, i), tokens, mesh, labels) for k in draw_keys]
         columns.append(np.stack([gather(x).astype(np.float64) for x in per_draw]))  # (draws, b), every process
     if not columns:
-        raise ValueError("no batches to evaluate")
+        raise DataError("no batches to evaluate: the split is empty")
     return np.concatenate(columns, axis=1)
 
 
@@ -125,7 +123,11 @@ class NelboEstimate:
 
     @property
     def perplexity(self) -> float:
-        return 2.0**self.bits_per_token
+        """2^bits, or inf past the float range (a diverged model's finite but huge NELBO)."""
+        try:
+            return 2.0**self.bits_per_token
+        except OverflowError:
+            return math.inf
 
     def perplexity_se(self, bits_se: float) -> float:
         return self.perplexity * math.log(2.0) * bits_se

@@ -41,10 +41,10 @@ def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
     count = len(devices)
     if data is None:
         if model <= 0 or count % model:
-            raise MeshError(f"{model=} must divide the {count} devices")
+            raise MeshError(f"the mesh's {model=} must divide the {count} devices")
         data = count // model
     if data <= 0 or model <= 0 or data * model != count:
-        raise MeshError(f"{data=} x {model=} must equal the {count} devices")
+        raise MeshError(f"the mesh's {data=} x {model=} must equal the {count} devices")
     array = np.asarray(devices, dtype=object).reshape(data, model)
     return Mesh(array, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
 
@@ -58,15 +58,7 @@ def check_model_split(cfg: ModelConfig, model: int) -> None:
         sizes += [("num_heads", cfg.num_heads), ("the MLP hidden size", cfg.hidden)]
     for what, size in sizes:
         if size % model:
-            raise MeshError(f"{model=} must divide {what} ({size})")
-
-
-def check_batch(batch: int, mesh: Mesh, microbatches: int = 1) -> None:
-    """Raise a MeshError unless a global batch of `batch` rows splits evenly over the mesh's
-    `data` axis and, on every device, into `microbatches` chunks."""
-    if batch % (mesh.shape[DATA] * microbatches):
-        chunks = f" x {microbatches} microbatches" if microbatches > 1 else ""
-        raise MeshError(f"{batch=} must be a multiple of the {mesh.shape[DATA]} devices on the data axis{chunks}")
+            raise MeshError(f"the mesh's {model=} must divide {what} ({size})")
 
 
 # Collectives over a mesh axis of size 1 cost nothing here. XLA:CPU keeps a collective over one

@@ -9,8 +9,8 @@ A sampler is a per-step rule (`Rule`, in `md4_eqx.reverse_step`) run by a loop (
 `Loop.EVERY_STEP` calls the network at every step (`sample_local`); `Loop.EXACT_SKIP` samples the
 same law with fewer network calls: which step unmasks a position does not depend on the network,
 so it draws every position's unmask step up front and calls the network only at steps where
-something unmasks (`sample_skip_local`). Valid pairs (`check_sampler`): every rule with
-EVERY_STEP; ANCESTRAL, TOP_P and MEAN with EXACT_SKIP under MD4's schedule, where MEAN's
+something unmasks (`sample_skip_local`). Valid pairs (`md4_eqx.validate.check_sampler`): every
+rule with EVERY_STEP; ANCESTRAL, TOP_P and MEAN with EXACT_SKIP under MD4's schedule, where MEAN's
 two-stage draw is the ancestral one (the unmask probability is the same for every token, so
 "z0 ~ mu, then unmask" and "unmask, then x ~ mu" are one law). GenMD4's per-token schedule makes
 the unmask step depend on the token, so it takes EVERY_STEP only. REMDM remasks decoded tokens, so
@@ -34,9 +34,10 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from md4_eqx.categorical import categorical, exponential
 from md4_eqx.config import Loop, Rule, SamplerConfig, TimeGrid
+from md4_eqx.errors import SamplingError
 from md4_eqx.loss import example_keys
 from md4_eqx.model import MD4
-from md4_eqx.parallel import DATA, MODEL, check_batch, check_model_split, example_ids, param_specs, shard_map_modules, vocab_all_gather
+from md4_eqx.parallel import DATA, example_ids, param_specs, shard_map_modules, vocab_all_gather
 from md4_eqx.reverse_step import remasking, reverse_step, token_logits
 from md4_eqx.schedule import MaskingSchedule
 
@@ -95,7 +96,7 @@ def sample_local(
         i, t, s = inputs
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
         unmask, remask = model.unmask_probs(t, s), jnp.zeros(())
-        if cfg.rule is Rule.REMDM:  # MD4's schedule only (check_sampler)
+        if cfg.rule is Rule.REMDM:  # MD4's schedule only (md4_eqx.validate.check_sampler)
             alpha = model.schedule.alpha
             unmask_one, remask = remasking(t, alpha(t), alpha(jnp.maximum(s, 0.0)), cfg)
             unmask = jnp.full_like(unmask, unmask_one)
@@ -186,20 +187,6 @@ def sample_skip_local(
     return Samples(z, traj, calls)
 
 
-def check_sampler(cfg: SamplerConfig, per_token_schedule: bool) -> None:
-    """Raise ValueError for a (rule, loop) pair that does not sample the model's law."""
-    if cfg.loop is Loop.EXACT_SKIP and per_token_schedule:
-        raise ValueError(
-            "the exact_skip loop needs unmask steps that do not depend on the tokens; GenMD4's "
-            "learned per-token schedule makes them depend: use the every_step loop"
-        )
-    if cfg.rule is Rule.REMDM and (cfg.loop is Loop.EXACT_SKIP or per_token_schedule):
-        raise ValueError(
-            "the remdm rule runs on the every_step loop under MD4's schedule: remasking lets a "
-            "position unmask more than once, and its formulas need one alpha_t for every token"
-        )
-
-
 def _sample_on_mesh(model, key, template, labels, mesh, cfg, trajectory):
     def specs(model, key, template, labels):
         return (param_specs(model), P(), P(DATA), None if labels is None else P(DATA))
@@ -215,15 +202,10 @@ def _sample_on_mesh(model, key, template, labels, mesh, cfg, trajectory):
 _generate = eqx.filter_jit(_sample_on_mesh)
 
 
-def check_generate(
-    model: MD4, batch: int, mesh: Mesh, cfg: SamplerConfig, labels: Int[Array, " b"] | None
-) -> None:
-    """Raise for a mesh, batch or sampler that `generate` cannot run."""
-    check_model_split(model.config, mesh.shape[MODEL])
-    check_batch(batch, mesh)
-    check_sampler(cfg, per_token_schedule=model.schedule.per_token)
+def check_labels(cfg: SamplerConfig, labels: Int[Array, " b"] | None) -> None:
+    """Guidance mixes the conditional and unconditional logits: it needs the labels."""
     if cfg.guidance and labels is None:
-        raise ValueError(f"guidance {cfg.guidance} needs labels (a class-conditional model)")
+        raise SamplingError(f"guidance {cfg.guidance} needs labels (a class-conditional model)")
 
 
 def generate(
@@ -237,10 +219,11 @@ def generate(
 ) -> Samples:
     """Samples for every row of `template`: positions equal to the mask id V are generated, the
     others are kept (all masks: unconditional; a prompt or an infilling template otherwise).
-    The batch is split over the mesh's `data` axis; the result does not depend on the mesh."""
-    check_generate(model, template.shape[0], mesh, cfg, labels)
+    The batch is split over the mesh's `data` axis; the result does not depend on the mesh.
+    `md4_eqx.validate` checks the model, sampler and batch against the mesh."""
+    check_labels(cfg, labels)
     if template.shape[1] != model.config.seq_len:
-        raise ValueError(f"template length {template.shape[1]} != seq_len {model.config.seq_len}")
+        raise SamplingError(f"template length {template.shape[1]} != seq_len {model.config.seq_len}")
     return _generate(model, key, template, labels, mesh, cfg, trajectory)
 
 
@@ -249,9 +232,9 @@ def block_starts(seq_len: int, length: int, block: int) -> list[int]:
     before `length`, then length - L, so the last window ends at the end (and may keep more
     than L - B tokens)."""
     if not 0 < block <= seq_len:
-        raise ValueError(f"block {block} must lie in [1, seq_len {seq_len}]")
+        raise SamplingError(f"block {block} must lie in [1, seq_len {seq_len}]")
     if length < seq_len:
-        raise ValueError(f"length {length} must be at least seq_len {seq_len}")
+        raise SamplingError(f"length {length} must be at least the model's seq_len {seq_len}")
     return [*range(0, length - seq_len, block), length - seq_len]
 
 
@@ -281,7 +264,7 @@ def generate_long(
     The window at i > 0 draws with fold_in(key, i), the first with `key`, so n = L is
     `generate`. `on_block(samples)` sees the tokens after each window and that window's calls;
     the result's calls add up every window's."""
-    check_generate(model, template.shape[0], mesh, cfg, labels)
+    check_labels(cfg, labels)
     starts = block_starts(model.config.seq_len, template.shape[1], block)
     tokens, calls = template, jnp.zeros((mesh.shape[DATA],), jnp.int32)
     for i, start in enumerate(starts):

@@ -13,7 +13,7 @@ import pytest
 import evaluate
 import train
 from md4_eqx import checkpoint
-from md4_eqx.config import Config, DiffusionConfig, ModelConfig, Precision, TrainConfig
+from md4_eqx.config import Config, DiffusionConfig, ExecutionConfig, ModelConfig, Precision, TrainConfig
 from md4_eqx.data import load
 from md4_eqx.evaluate import NelboEstimate, nelbo_draws
 from md4_eqx.genppl import unigram_entropy
@@ -28,10 +28,15 @@ UNIFORM_BITS = math.log2(V) * (1 - DiffusionConfig().eps)
 
 def tiny_config(dataset: str = "pystdlib") -> Config:
     return Config(
-        model=ModelConfig(vocab_size=V, seq_len=L, width=32, num_layers=1, num_heads=2, cond_dim=16,
-                          precision=Precision.FLOAT32),
+        model=ModelConfig(vocab_size=V, seq_len=L, width=32, num_layers=1, num_heads=2, cond_dim=16),
+        execution=ExecutionConfig(precision=Precision.FLOAT32),
         train=TrainConfig(dataset=dataset, batch_size=8, steps=10),
     )
+
+
+def tiny_model(key) -> MD4:
+    config = tiny_config()
+    return MD4(config.model, config.diffusion, config.execution, key=key)
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -55,7 +60,7 @@ def workdir(tmp_path_factory):
 
 
 def test_draws_are_the_training_time_eval(getkey):
-    model, mesh = MD4(tiny_config().model, tiny_config().diffusion, key=getkey()), make_mesh(8, 1)
+    model, mesh = tiny_model(getkey()), make_mesh(8, 1)
     batches = [(jax.random.randint(getkey(), (16, L), 0, V), None) for _ in range(2)]
     key = getkey()
     nats = nelbo_draws(model, key, batches, mesh, draws=3)  # (3, 32)
@@ -65,13 +70,14 @@ def test_draws_are_the_training_time_eval(getkey):
 
 
 def test_standard_error_covers_the_known_nelbo(getkey):
-    model, mesh = MD4(tiny_config().model, tiny_config().diffusion, key=getkey()), make_mesh(8, 1)
+    model, mesh = tiny_model(getkey()), make_mesh(8, 1)
     batches = [(jax.random.randint(getkey(), (64, L), 0, V), None)]
     est = NelboEstimate.from_nats(nelbo_draws(model, getkey(), batches, mesh, draws=16), L)
     assert 0 < est.mc_stderr < 0.2 and 0 < est.stderr < 0.2
     assert abs(est.bits_per_token - UNIFORM_BITS) < 4 * est.mc_stderr
     assert est.perplexity == pytest.approx(2**est.bits_per_token)
     assert math.isnan(NelboEstimate.from_nats(np.ones((1, 3)), L).mc_stderr)  # one draw: no error bar
+    assert NelboEstimate.from_nats(np.full((1, 3), 1e6), L).perplexity == math.inf  # 2^(45,000 bits)
 
 
 def test_nelbo_command(workdir, capsys):
@@ -100,8 +106,9 @@ def test_nelbo_command(workdir, capsys):
         (["--batch-size", "12"], "multiple of the 8 devices"),
         (["--split", "test"], "no split 'test'"),
         (["--step", "5"], "no checkpoint for step 5"),
+        (["--model-parallel", "3"], "model=3 must divide the 8 devices"),
     ],
-    ids=["draws", "batch", "split", "step"],
+    ids=["draws", "batch", "split", "step", "model-parallel"],
 )
 def test_nelbo_bad_input(workdir, capsys, argv, message):
     base = ["nelbo", "--workdir", str(workdir / "run"), "--cache-dir", str(workdir / "cache"), "--no-progress"]

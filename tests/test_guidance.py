@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from md4_eqx.config import Backbone, ModelConfig, Precision, SamplerConfig
+from md4_eqx.config import Backbone, ExecutionConfig, ModelConfig, Precision, SamplerConfig
+from md4_eqx.errors import SamplingError
 from md4_eqx.loss import LABEL_STREAM, drop_labels, losses
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
@@ -21,11 +22,12 @@ MESH = make_mesh(1, 1, jax.devices()[:1])
 CLASSES = 3
 CONFIGS = {
     Backbone.TRANSFORMER: ModelConfig(vocab_size=20, seq_len=12, width=32, num_layers=1, num_heads=2, cond_dim=16,
-                                      num_classes=CLASSES, precision=Precision.FLOAT32),
+                                      num_classes=CLASSES),
     # Width 64: two channels per GroupNorm group (with one, the norm after the conditioning removes it).
     Backbone.UNET: ModelConfig(backbone=Backbone.UNET, vocab_size=20, seq_len=12, width=64, num_layers=1,
-                               num_heads=1, cond_dim=16, num_classes=CLASSES, precision=Precision.FLOAT32),
+                               num_heads=1, cond_dim=16, num_classes=CLASSES),
 }
+RUN = ExecutionConfig(precision=Precision.FLOAT32)
 
 
 def on_mesh(fn, *args):
@@ -53,7 +55,7 @@ def test_training_loss_sees_the_dropped_labels(getkey):
     """train=True with label dropout = train=False on the labels `drop_labels` gives (no network
     dropout, so the two differ only in the labels)."""
     cfg = dataclasses.replace(CONFIGS[Backbone.TRANSFORMER], label_dropout=0.5)
-    model = randomised(MD4(cfg, key=getkey()), getkey(), 0.3)
+    model = randomised(MD4(cfg, execution=RUN, key=getkey()), getkey(), 0.3)
     key, x = getkey(), jax.random.randint(getkey(), (16, cfg.seq_len), 0, cfg.vocab_size)
     labels, ids = jnp.arange(16, dtype=jnp.int32) % CLASSES, jnp.arange(16)
 
@@ -70,7 +72,7 @@ def test_training_loss_sees_the_dropped_labels(getkey):
 @pytest.mark.parametrize("backbone", list(Backbone), ids=lambda b: b.value)
 def test_guided_logits(getkey, backbone):
     cfg = CONFIGS[backbone]
-    model = randomised(MD4(cfg, key=getkey()), getkey(), 0.3)
+    model = randomised(MD4(cfg, execution=RUN, key=getkey()), getkey(), 0.3)
     z = jax.random.randint(getkey(), (4, cfg.seq_len), 0, cfg.vocab_size + 1)
     t, labels = jax.random.uniform(getkey(), (4,)), jnp.array([0, 1, 2, 1], jnp.int32)
     null = jnp.full_like(labels, CLASSES)
@@ -87,7 +89,7 @@ def test_guided_logits(getkey, backbone):
 
 
 def test_guidance_needs_labels(getkey):
-    model = MD4(dataclasses.replace(CONFIGS[Backbone.TRANSFORMER], num_classes=0), key=getkey())
+    model = MD4(dataclasses.replace(CONFIGS[Backbone.TRANSFORMER], num_classes=0), execution=RUN, key=getkey())
     template = jnp.full((2, model.config.seq_len), model.mask_id)
-    with pytest.raises(ValueError, match="needs labels"):
+    with pytest.raises(SamplingError, match="needs labels"):
         generate(model, getkey(), template, MESH, SamplerConfig(steps=2, guidance=1.0))

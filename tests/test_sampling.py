@@ -8,11 +8,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from md4_eqx.config import Config, DiffusionConfig, ModelConfig, Loop, Precision, Remask, Rule, SamplerConfig, TimeGrid
+from md4_eqx.config import (
+    Config, DiffusionConfig, ExecutionConfig, ModelConfig, Loop, Precision, Remask, Rule, SamplerConfig, TimeGrid,
+)
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
 from md4_eqx.categorical import top_p_filter
+from md4_eqx.errors import ConfigError, SamplingError
 from md4_eqx.sampling import block_starts, generate, generate_long, time_grid
+from md4_eqx.validate import check_sampler
 
 MESH = make_mesh(1, 1, jax.devices()[:1])
 PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.07, 0.03])
@@ -24,9 +28,9 @@ def fixed_output_model(probs: np.ndarray, seq: int, num_classes: int = 0, learna
     vocab = len(probs)
     cfg = Config(model=ModelConfig(
         vocab_size=vocab, seq_len=seq, width=16, num_layers=1, num_heads=2, cond_dim=16,
-        num_classes=num_classes, precision=Precision.FLOAT32,
-    ), diffusion=DiffusionConfig(learnable=learnable))
-    model = MD4(cfg.model, cfg.diffusion, key=jax.random.key(0))
+        num_classes=num_classes,
+    ), execution=ExecutionConfig(precision=Precision.FLOAT32), diffusion=DiffusionConfig(learnable=learnable))
+    model = MD4(cfg.model, cfg.diffusion, cfg.execution, key=jax.random.key(0))
     width = cfg.model.width
     shift = jnp.zeros(width).at[0].set(1.0)
     model = eqx.tree_at(lambda m: m.net.final_ada.bias, model, jnp.concatenate([shift, -jnp.ones(width)]))
@@ -56,8 +60,8 @@ def test_token_frequencies_match_the_model(rule, expected, loop):
     cfg = SamplerConfig(rule=rule, loop=loop, steps=32, top_p=0.75, eta=0.1)
     template = jnp.full((64, seq), model.mask_id)
     if rule is Rule.REMDM and loop is Loop.EXACT_SKIP:
-        with pytest.raises(ValueError, match="every_step"):
-            generate(model, jax.random.key(1), template, MESH, cfg)
+        with pytest.raises(ConfigError, match="every_step"):
+            check_sampler(cfg, per_token_schedule=False)
         return
     tokens = generate(model, jax.random.key(1), template, MESH, cfg).tokens
     assert int(jnp.max(tokens)) < model.vocab_size  # no mask left
@@ -91,9 +95,8 @@ def test_genmd4_sampler_follows_its_per_token_schedule():
     counts = token_counts(tokens, model.vocab_size)
     assert stats.chisquare(counts, counts.sum() * law).pvalue > 1e-4, (counts / counts.sum(), law)
     assert stats.chisquare(counts, counts.sum() * PROBS).pvalue < 1e-10
-    with pytest.raises(ValueError, match="exact_skip"):
-        generate(model, jax.random.key(2), jnp.full((2, seq), model.mask_id), MESH,
-                 SamplerConfig(loop=Loop.EXACT_SKIP))
+    with pytest.raises(ConfigError, match="exact_skip"):
+        check_sampler(SamplerConfig(loop=Loop.EXACT_SKIP), per_token_schedule=model.schedule.per_token)
 
 
 def test_wrong_distribution_is_detected():
@@ -175,9 +178,9 @@ def test_remdm_keeps_the_forward_marginal(remask):
 
 def random_model(seq: int, vocab: int = 11) -> MD4:
     """A freshly initialised MD4: its predictions depend on every token of the window."""
-    cfg = Config(model=ModelConfig(vocab_size=vocab, seq_len=seq, width=16, num_layers=1, num_heads=2,
-                                   cond_dim=16, precision=Precision.FLOAT32))
-    return MD4(cfg.model, cfg.diffusion, key=jax.random.key(5))
+    cfg = Config(model=ModelConfig(vocab_size=vocab, seq_len=seq, width=16, num_layers=1, num_heads=2, cond_dim=16),
+                 execution=ExecutionConfig(precision=Precision.FLOAT32))
+    return MD4(cfg.model, cfg.diffusion, cfg.execution, key=jax.random.key(5))
 
 
 def test_generate_long_is_generate_window_by_window():
@@ -221,7 +224,7 @@ def test_generate_long_of_one_window_is_generate():
 )
 def test_generate_long_rejects_bad_windows(length, block, message):
     model = random_model(8)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SamplingError, match=message):
         generate_long(model, jax.random.key(0), jnp.full((1, length), model.mask_id), MESH, SamplerConfig(steps=2), block)
 
 
