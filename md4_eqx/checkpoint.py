@@ -4,18 +4,22 @@
                               /ema     the EMA model (arrays; all that inference reads)
                               /meta    JSON: the full Config, the data position, the step
 
-Orbax writes each step into a temporary directory and renames it when complete, so a run killed
-while saving leaves the previous checkpoints intact. Restoring builds the state abstractly
-(`eqx.filter_eval_shape`) and asks orbax for every array with the `NamedSharding` it has on the
-target mesh, so a checkpoint saved on one mesh restores onto another; in a multi-process run
-every process reads only its own shards. PRNG keys are stored as their raw uint32 data.
+A program opens the workdir's checkpoints once, `with Checkpoints(workdir, keep) as checkpoints:`,
+and saves and restores through that one orbax `CheckpointManager` (the functions at the end are
+one-call conveniences for a single read or write). Orbax writes each step into a temporary
+directory and renames it when complete, so a run killed while saving leaves the previous
+checkpoints intact, and the next writer removes the partial one. Restoring builds the state
+abstractly (`eqx.filter_eval_shape`) and asks orbax for every array with the `NamedSharding` it
+has on the target mesh, so a checkpoint saved on one mesh restores onto another; in a
+multi-process run every process reads only its own shards. PRNG keys are stored as their raw
+uint32 data.
 """
 
 import functools
+import gc
 import logging
 import os
 import re
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -29,28 +33,164 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from md4_eqx.config import Config, config_from_json, config_to_json, model_differences
-from md4_eqx.errors import CheckpointError, first_line
+from md4_eqx.errors import CheckpointError, ConfigError, first_line
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh, param_specs, shardings
 from md4_eqx.train_step import TrainState, init_state, state_specs
 
 
-def _directory(workdir: str | Path) -> Path:
-    return Path(workdir).absolute() / "checkpoints"
+class Checkpoints:
+    """The checkpoints of one workdir, through one orbax `CheckpointManager` held until `close`.
+
+    A writer (`keep` given: the run that holds the workdir's lock) creates the directory, removes
+    the partial checkpoints that killed or failed saves left, and keeps the newest `keep`
+    complete ones; a reader (sample.py, evaluate.py) changes nothing on disk."""
+
+    def __init__(self, workdir: str | Path, keep: int | None = None):
+        self.directory = Path(workdir).absolute() / "checkpoints"
+        _hide_orbax_aftermath()
+        writer = keep is not None
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=False,  # `save` returns once the checkpoint is complete on disk
+            create=writer,
+            cleanup_tmp_directories=writer,  # done by process 0 before this manager's first save
+            preservation_policy=ocp.checkpoint_managers.LatestN(keep) if writer else None,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "ema", "meta"))
+
+    def __enter__(self) -> "Checkpoints":  # not typing.Self: beartype refuses it outside a decorated class
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._manager.close()
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self._manager.latest_step()
+
+    def save(self, state: TrainState, data_state: dict, config: Config) -> None:
+        """Writes checkpoint `state.step` (atomically); every process calls it and writes its own
+        shards. A write that fails (tensorstore reports a full or unwritable disk as ValueError,
+        Python as OSError) is a one-line CheckpointError; the complete checkpoints are untouched."""
+        step = int(state.step)
+        rest = eqx.filter(eqx.tree_at(lambda s: s.ema, state, None), eqx.is_array)
+        meta = {"step": step, "config": config_to_json(config), "data": data_state}
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_flat(rest)),
+            ema=ocp.args.StandardSave(_flat(eqx.filter(state.ema, eqx.is_array))),
+            meta=ocp.args.JsonSave(meta),
+        )
+        try:
+            self._manager.save(step, args=args)
+            return
+        except (OSError, ValueError) as e:
+            code = re.search(r"os_error_code='?(\d+)", str(e))  # tensorstore's errno, e.g. ENOSPC
+            reason = os.strerror(int(code.group(1))) if code else first_line(e)
+        gc.collect()  # the writes orbax abandoned, finalized now under `_hide_orbax_aftermath`, not at exit
+        self._manager.reload()
+        raise CheckpointError(
+            f"checkpoint {step} could not be written to {self.directory} ({reason}); "
+            f"the newest complete one is step {self.latest_step()}"
+        )
+
+    def _step(self, step: int | None) -> int:
+        """`step` (default: the newest), checked to exist."""
+        steps = self._manager.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        if step is None:
+            return max(steps)
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; it has {sorted(steps)}")
+        return step
+
+    def _read(self, step: int, **items) -> ocp.args.Composite:
+        """Restores the named items of checkpoint `step`. What a damaged checkpoint raises becomes
+        a CheckpointError: tensorstore's ValueError (an array's bytes or its metadata), the JSON
+        decoder's (meta), OSError (a missing file), KeyError (a missing item)."""
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, OSError, KeyError) as e:
+            where = self.directory / str(step)
+            raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first_line(e)})") from e
+
+    def read_meta(self, step: int | None = None) -> tuple[int, Config, dict]:
+        """(step, config, data position) of checkpoint `step` (default: the newest)."""
+        step = self._step(step)
+        meta = self._read(step, meta=ocp.args.JsonRestore())["meta"]
+        try:
+            return step, config_from_json(meta["config"]), meta["data"]
+        except (KeyError, TypeError, ValueError, ConfigError) as e:
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} has a bad config: {e}") from e
+
+    def restore(
+        self, mesh: Mesh, optimizer: optax.GradientTransformation, config: Config | None = None,
+        step: int | None = None,
+    ) -> tuple[Config, TrainState, dict]:
+        """(config, state on `mesh`, data position) of checkpoint `step` (default: the newest).
+
+        With `config`, the state is built for it (e.g. more steps, another learning rate), after
+        checking that it describes the same model as the checkpoint (`model_differences`)."""
+        step, saved, data_state = self.read_meta(step)
+        if config is None:
+            config = saved
+        elif differences := model_differences(saved, config):
+            raise CheckpointError(
+                f"the checkpoint in {self.directory.parent} is a different model: {'; '.join(differences)}")
+        abstract = eqx.filter_eval_shape(init_state, config, optimizer, mesh)
+        arrays, specs = _arrays(abstract), state_specs(abstract, optimizer)
+        rest, rest_specs = (eqx.tree_at(lambda s: s.ema, tree, None) for tree in (arrays, specs))
+        targets = {"state": _targets(rest, rest_specs, mesh), "ema": _targets(arrays.ema, specs.ema, mesh)}
+        items = self._read(step, **{k: ocp.args.StandardRestore(v) for k, v in targets.items()})
+        _check_shapes(self.directory / str(step), targets, items)
+        restored = eqx.tree_at(
+            lambda s: s.ema, _unflat(items["state"], rest), _unflat(items["ema"], arrays.ema),
+            is_leaf=lambda x: x is None,
+        )
+        return config, eqx.combine(restored, abstract), data_state
+
+    def load_for_inference(self, step: int | None = None, mesh: Mesh | None = None) -> tuple[Config, MD4]:
+        """(config, EMA model) of checkpoint `step` (default: the newest), its parameters placed
+        on `mesh` (default: the first device); only the EMA is read."""
+        step, config, _ = self.read_meta(step)
+        mesh = make_mesh(1, 1, jax.devices()[:1]) if mesh is None else mesh
+        abstract = eqx.filter_eval_shape(MD4, config.model, config.diffusion, config.execution, key=jax.random.key(0))
+        arrays = _arrays(abstract)
+        target = _targets(arrays, param_specs(arrays), mesh)
+        items = self._read(step, ema=ocp.args.StandardRestore(target))
+        _check_shapes(self.directory / str(step), {"ema": target}, items)
+        return config, eqx.combine(_unflat(items["ema"], arrays), abstract)
 
 
-def _manager(workdir: str | Path, keep: int | None = None, create: bool = False) -> ocp.CheckpointManager:
-    """Saves are synchronous: `save` returns once the checkpoint is complete on disk."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(_directory(workdir), options=options, item_names=("state", "ema", "meta"))
+@functools.cache  # once per process
+def _hide_orbax_aftermath() -> None:
+    """When a save or a restore fails, orbax raises the first error and abandons the array
+    reads and writes it started: they finish later, in tensorstore's threads, each reporting the
+    same failure, some only when Python exits. The CheckpointError already says what is wrong,
+    and orbax has no option to stop these reports, so four filters, process-wide because the
+    reports outlive the call (and the manager), drop exactly them; anything else is shown."""
+    # orbax's commit thread (`_SignalingThread.run`) logs, through absl, the exception that
+    # `save` then raises.
+    logging.getLogger("absl").addFilter(
+        lambda record: "_SignalingThread.run() raised an exception" not in record.getMessage())
+    # asyncio logs the error of each abandoned read ("Future exception was never retrieved").
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not record.getMessage().partition("\n")[0].endswith("exception was never retrieved"))
+    # An abandoned write that never started: "coroutine '...write_fragment' was never awaited".
+    warnings.filterwarnings("ignore", r"coroutine '.*write_fragment' was never awaited", RuntimeWarning)
+    # A read or write that finishes after orbax closed the event loop it was started on: its
+    # callback (`loop.call_soon_threadsafe`) raises, unraisably, "Event loop is closed".
+    default = sys.unraisablehook
 
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            default(unraisable)
 
-def latest_step(workdir: str | Path) -> int | None:
-    """The newest complete checkpoint's step, or None (no checkpoint, or no such directory)."""
-    if not _directory(workdir).is_dir():
-        return None
-    with _manager(workdir) as manager:
-        return manager.latest_step()
+    sys.unraisablehook = hook
 
 
 def _flat(tree) -> dict[str, Any]:
@@ -96,159 +236,7 @@ def _raw_abstract(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(raw.shape, raw.dtype, sharding=NamedSharding(x.sharding.mesh, P()))
 
 
-def save(workdir: str | Path, state: TrainState, data_state: dict, config: Config) -> None:
-    """Writes checkpoint `state.step` (atomically) and keeps the newest `train.keep_checkpoints`.
-    Every process calls it; each writes its own shards."""
-    step = int(state.step)
-    rest = eqx.filter(eqx.tree_at(lambda s: s.ema, state, None), eqx.is_array)
-    meta = {"step": step, "config": config_to_json(config), "data": data_state}
-    args = ocp.args.Composite(
-        state=ocp.args.StandardSave(_flat(rest)),
-        ema=ocp.args.StandardSave(_flat(eqx.filter(state.ema, eqx.is_array))),
-        meta=ocp.args.JsonSave(meta),
-    )
-    with _manager(workdir, keep=config.train.keep_checkpoints, create=True) as manager:
-        manager.save(step, args=args)
-        manager.wait_until_finished()
-
-
-def save_safely(workdir: str | Path, state: TrainState, data_state: dict, config: Config) -> None:
-    """`save`, for a disk that may fill up or fail: a write that fails (tensorstore reports a full
-    or unwritable disk as ValueError, Python as OSError) becomes a one-line CheckpointError, and
-    orbax's logs of its writer threads' exceptions are dropped (from then on: some come late), as
-    is the warning, when Python collects them, about the array writes a failed save abandons.
-    Partial checkpoints (orbax's temporary directories) of a failed or killed save are removed,
-    the completed ones are untouched: a rerun resumes from the newest."""
-    logging.getLogger("absl").addFilter(_writer_failure)  # once: a filter is added only once
-    warnings.filterwarnings(  # once: an identical filter replaces the earlier one
-        "ignore", r"coroutine '.*write_fragment' was never awaited", RuntimeWarning)
-    step = int(state.step)
-    _remove_partial(workdir)  # left by an earlier run: no other run writes here (the workdir lock)
-    try:
-        save(workdir, state, data_state, config)
-    except (OSError, ValueError) as e:
-        _remove_partial(workdir)
-        code = re.search(r"os_error_code='?(\d+)", str(e))  # tensorstore's errno, e.g. ENOSPC
-        reason = os.strerror(int(code.group(1))) if code else first_line(e)
-        raise CheckpointError(
-            f"checkpoint {step} could not be written to {_directory(workdir)} ({reason}); "
-            f"the newest complete one is step {latest_step(workdir)}"
-        ) from None
-
-
-def _writer_failure(record: logging.LogRecord) -> bool:
-    """False for orbax's log of a writer thread's exception (save_safely reports it)."""
-    return "_SignalingThread.run() raised an exception" not in record.getMessage()
-
-
-def _remove_partial(workdir: str | Path) -> None:
-    """Process 0 removes orbax's temporary directories (before any process starts a save: orbax
-    has process 0 create the new one and the others wait for it)."""
-    if jax.process_index() == 0 and _directory(workdir).is_dir():
-        for partial in _directory(workdir).glob("*.orbax-checkpoint-tmp*"):
-            shutil.rmtree(partial, ignore_errors=True)
-
-
-def _step_or_latest(workdir: str | Path, step: int | None) -> int:
-    found = latest_step(workdir)
-    if found is None:
-        raise CheckpointError(f"no checkpoint in {_directory(workdir)}")
-    if step is None:
-        return found
-    with _manager(workdir) as manager:
-        steps = manager.all_steps()
-    if step not in steps:
-        raise CheckpointError(f"no checkpoint for step {step} in {_directory(workdir)}; it has {sorted(steps)}")
-    return step
-
-
-def _read(workdir: str | Path, step: int, **items) -> ocp.args.Composite:
-    """Restores the named items of checkpoint `step`. What a damaged checkpoint raises becomes a
-    CheckpointError: tensorstore's ValueError (an array's bytes or its metadata), the JSON
-    decoder's (meta), OSError (a missing file), KeyError (a missing item)."""
-    where = _directory(workdir) / str(step)
-    _silence_abandoned_reads()
-    try:
-        with _manager(workdir) as manager:
-            return manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, OSError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first_line(e)})") from e
-
-
-@functools.cache  # once per process, before its first read
-def _silence_abandoned_reads() -> None:
-    """When orbax gives up on a damaged checkpoint, the reads it started but no longer awaits
-    still finish, each with the same error: asyncio logs "Future exception was never retrieved",
-    or, once orbax's event loop has closed, Python reports an unraisable "Event loop is closed".
-    The CheckpointError already says what is wrong, so both are dropped; anything else is shown."""
-    default = sys.unraisablehook
-
-    def hook(unraisable):
-        value = unraisable.exc_value
-        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
-            default(unraisable)
-
-    sys.unraisablehook = hook
-    logging.getLogger("asyncio").addFilter(
-        lambda record: not record.getMessage().partition("\n")[0].endswith("exception was never retrieved")
-    )
-
-
-def read_meta(workdir: str | Path, step: int | None = None) -> tuple[int, Config, dict]:
-    """(step, config, data position) of checkpoint `step` (default: the newest)."""
-    step = _step_or_latest(workdir, step)
-    meta = _read(workdir, step, meta=ocp.args.JsonRestore())["meta"]
-    try:
-        return step, config_from_json(meta["config"]), meta["data"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {_directory(workdir) / str(step)} has a bad config: {e}") from e
-
-
-def restore(
-    workdir: str | Path,
-    mesh: Mesh,
-    optimizer: optax.GradientTransformation,
-    config: Config | None = None,
-    step: int | None = None,
-) -> tuple[Config, TrainState, dict]:
-    """(config, state on `mesh`, data position) of checkpoint `step` (default: the newest).
-
-    With `config`, the state is built for it (e.g. more steps, another learning rate), after
-    checking that it describes the same model as the checkpoint (`model_differences`)."""
-    step, saved, data_state = read_meta(workdir, step)
-    if config is None:
-        config = saved
-    elif differences := model_differences(saved, config):
-        raise CheckpointError(f"the checkpoint in {workdir} is a different model: {'; '.join(differences)}")
-    abstract = eqx.filter_eval_shape(init_state, config, optimizer, mesh)
-    arrays, specs = _arrays(abstract), state_specs(abstract, optimizer)
-    rest, rest_specs = (eqx.tree_at(lambda s: s.ema, tree, None) for tree in (arrays, specs))
-    targets = {"state": _targets(rest, rest_specs, mesh), "ema": _targets(arrays.ema, specs.ema, mesh)}
-    items = _read(workdir, step, **{k: ocp.args.StandardRestore(v) for k, v in targets.items()})
-    _check_shapes(workdir, step, targets, items)
-    restored = eqx.tree_at(
-        lambda s: s.ema, _unflat(items["state"], rest), _unflat(items["ema"], arrays.ema),
-        is_leaf=lambda x: x is None,
-    )
-    return config, eqx.combine(restored, abstract), data_state
-
-
-def load_for_inference(
-    workdir: str | Path, step: int | None = None, mesh: Mesh | None = None
-) -> tuple[Config, MD4]:
-    """(config, EMA model) of checkpoint `step` (default: the newest), its parameters placed on
-    `mesh` (default: the first device); only the EMA is read."""
-    step, config, _ = read_meta(workdir, step)
-    mesh = make_mesh(1, 1, jax.devices()[:1]) if mesh is None else mesh
-    abstract = eqx.filter_eval_shape(MD4, config.model, config.diffusion, key=jax.random.key(0))
-    arrays = _arrays(abstract)
-    target = _targets(arrays, param_specs(arrays), mesh)
-    items = _read(workdir, step, ema=ocp.args.StandardRestore(target))
-    _check_shapes(workdir, step, {"ema": target}, items)
-    return config, eqx.combine(_unflat(items["ema"], arrays), abstract)
-
-
-def _check_shapes(workdir: str | Path, step: int, targets: dict, items: ocp.args.Composite) -> None:
+def _check_shapes(where: Path, targets: dict, items: ocp.args.Composite) -> None:
     """Orbax restores into the target's shape; a stored array of another shape means the
     checkpoint does not belong to this config."""
     for item, target in targets.items():
@@ -256,6 +244,36 @@ def _check_shapes(workdir: str | Path, step: int, targets: dict, items: ocp.args
             got = items[item][name]
             if got.shape != want.shape or got.dtype != want.dtype:
                 raise CheckpointError(
-                    f"checkpoint {_directory(workdir) / str(step)}: {name} is {got.dtype}{list(got.shape)}, "
+                    f"checkpoint {where}: {name} is {got.dtype}{list(got.shape)}, "
                     f"the config needs {want.dtype}{list(want.shape)}"
                 )
+
+
+# One call, one manager: for a program (or a test) that reads or writes a workdir's checkpoints once.
+
+
+def latest_step(workdir: str | Path) -> int | None:
+    """The newest complete checkpoint's step, or None (no checkpoint, or no such directory)."""
+    with Checkpoints(workdir) as checkpoints:
+        return checkpoints.latest_step()
+
+
+def read_meta(workdir: str | Path, step: int | None = None) -> tuple[int, Config, dict]:
+    with Checkpoints(workdir) as checkpoints:
+        return checkpoints.read_meta(step)
+
+
+def restore(workdir: str | Path, mesh: Mesh, optimizer: optax.GradientTransformation, config: Config | None = None,
+            step: int | None = None) -> tuple[Config, TrainState, dict]:
+    with Checkpoints(workdir) as checkpoints:
+        return checkpoints.restore(mesh, optimizer, config, step)
+
+
+def load_for_inference(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> tuple[Config, MD4]:
+    with Checkpoints(workdir) as checkpoints:
+        return checkpoints.load_for_inference(step, mesh)
+
+
+def save(workdir: str | Path, state: TrainState, data_state: dict, config: Config) -> None:
+    with Checkpoints(workdir, config.train.keep_checkpoints) as checkpoints:
+        checkpoints.save(state, data_state, config)

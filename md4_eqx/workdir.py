@@ -5,14 +5,17 @@
 a second run started on the same workdir refuses instead of writing over the first one's
 checkpoints. `check_space` refuses a disk that cannot hold even one more checkpoint. Both raise
 `WorkdirError` (one line); in a multi-process run process 0 checks and every process raises.
-A disk that fills up later is `md4_eqx.checkpoint.save_safely`'s to report.
+A disk that fills up later is `md4_eqx.checkpoint.Checkpoints.save`'s to report.
 """
+
+from __future__ import annotations
 
 import contextlib
 import fcntl
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
@@ -20,7 +23,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from md4_eqx.errors import WorkdirError
-from md4_eqx.train_step import TrainState
+
+if TYPE_CHECKING:  # for annotations only: the workdir sits below the train step
+    from md4_eqx.train_step import TrainState
 
 
 def _agree(error: str | None) -> None:
