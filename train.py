@@ -40,15 +40,15 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from md4_eqx import checkpoint, plan
+from md4_eqx import checkpoint, plan, targets
 from md4_eqx.cli import (
-    UsageError, add_config_flags, add_process_flags, check_batch_size, make_config, parse_mesh, run_command,
-    script_parser, start_processes,
+    add_config_flags, add_process_flags, make_config, parse_mesh, run_command, script_parser, start_processes,
 )
 from md4_eqx.config import Config
 from md4_eqx.data import BatchLoader, Dataset, load
 from md4_eqx.distributed import batch_part, gather, global_batch, replicated_on_mesh
 from md4_eqx.divergence import BadSteps
+from md4_eqx.errors import UsageError
 from md4_eqx.evaluate import NelboEstimate, nelbo_draws
 from md4_eqx.metrics_log import MetricsLog
 from md4_eqx.model import MD4
@@ -56,6 +56,7 @@ from md4_eqx.parallel import DATA
 from md4_eqx.preemption import Preemption
 from md4_eqx.sampling import generate
 from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_train_step
+from md4_eqx.validate import validate
 from md4_eqx.visualize import image_grid, to_images
 from md4_eqx.workdir import check_space, claim
 
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plan", action="store_true", help="print the memory plan for these devices and exit")
     parser.add_argument("--memory-limit", metavar="SIZE", help="device memory for the plan, e.g. 80GiB "
                         "(default: what the device reports)")
+    parser.add_argument("--target", metavar="NAME", help="plan for hardware this machine need not have, compiled "
+                        "by its own compiler: a TPU slice (v5e:2x4, v6e:2x2, v5p:2x2x1, v4:2x2x1) or GPUs "
+                        "(h100, h200, a100-40gb, a100-80gb; h100:8 for eight); with --plan")
     add_process_flags(parser)
     add_config_flags(parser)
     return parser
@@ -168,24 +172,35 @@ def train(args: argparse.Namespace) -> int:
     start_processes(args)
     cfg, given = make_config(args)
     memory = plan.parse_size(args.memory_limit) if args.memory_limit else None
+    target = targets.parse(args.target) if args.target else None
+    if target is not None and not args.plan:
+        raise UsageError(f"--target {args.target} compiles for hardware this machine need not have: use it with --plan")
+    mesh = parse_mesh(args.mesh, None if target is None else target.devices())
+    validate(cfg, mesh)  # before reading data or compiling anything
     if args.plan:  # the memory plan, without loading data (the vocabulary is the preset's)
-        print(plan.Planner(cfg, parse_mesh(args.mesh, cfg.model), plan.device_memory(memory)).report())
+        # On a TPU the compiler's refusal marks the largest batch, unless a memory limit is given.
+        by_compiler = None if memory is None else False
+        memory = memory or (target.memory if target else plan.device_memory())
+        print(plan.Planner(cfg, mesh, memory, by_compiler=by_compiler).report())
+        planned = plan.resolve(cfg, mesh, memory, by_compiler=by_compiler)  # an `auto` batch size or microbatch count
+        if planned != cfg:
+            print(f"planned: --batch-size {planned.train.batch_size} --microbatches {planned.train.microbatches}")
         return 0
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.preset, cfg.train.dataset)
     ds = load_dataset(cfg, args)
     cfg = fit_to_data(cfg, ds, given)
-    mesh = parse_mesh(args.mesh, cfg.model)
     # An `auto` batch size or number of microbatches: planned now, the checkpoint's on resume.
     resume = checkpoint.latest_step(workdir)
     planned = plan.resolve(cfg, mesh, memory, None if resume is None else checkpoint.read_meta(workdir)[1])
     if planned != cfg and jax.process_index() == 0:
         print(f"planned: --batch-size {planned.train.batch_size} --microbatches {planned.train.microbatches}")
-    check_batch_size(planned.train.batch_size, mesh, planned.train.microbatches)
-    with claim(workdir):  # WorkdirError (exit status 2) if unwritable or another run's
-        return run(args, planned, ds, mesh, workdir, began)
+    validate(planned, mesh)  # again, for what the data and the plan set: the vocabulary, the batch
+    with claim(workdir), checkpoint.Checkpoints(workdir, planned.train.keep_checkpoints) as checkpoints:
+        return run(args, planned, ds, mesh, workdir, checkpoints, began)  # WorkdirError if unwritable or taken
 
 
-def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, workdir: Path, began: float) -> int:
+def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, workdir: Path,
+        checkpoints: checkpoint.Checkpoints, began: float) -> int:
     """The training run: state (fresh, or the newest checkpoint's), data, and the loop."""
     tc = cfg.train
     main_process = jax.process_index() == 0
@@ -195,11 +210,11 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, workdir:
             tqdm.write(" ".join(map(str, words)), file=sys.stdout)
 
     optimizer = make_optimizer(cfg.optim, tc.steps)
-    resume = checkpoint.latest_step(workdir)
+    resume = checkpoints.latest_step()
     if resume is None:
         state, data_state = init_state(cfg, optimizer, mesh), None
     else:
-        _, state, data_state = checkpoint.restore(workdir, mesh, optimizer, cfg)
+        _, state, data_state = checkpoints.restore(mesh, optimizer, cfg)
         if resume >= tc.steps:
             say(f"{workdir}: checkpoint at step {resume} already reaches --steps {tc.steps}")
             return 0
@@ -274,16 +289,16 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, workdir:
                 bar.set_postfix(bpt=f"{bpt:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             pending, busy, tick = [], 0.0, time.perf_counter()
         started = time.perf_counter()
+        if saves and not bad_steps.streak:  # first: a failed evaluation must not cost the steps
+            checkpoints.save(state, loader.state(), cfg)
         if evaluates:
             texts = eval_and_sample(state, step)
-        if saves and not bad_steps.streak:
-            checkpoint.save_safely(workdir, state, loader.state(), cfg)
         busy += time.perf_counter() - started
         if preemption.requested():  # every process stops here, at the same step
             if unread is not None:
                 observe(*unread)
-            if checkpoint.latest_step(workdir) != step:
-                checkpoint.save_safely(workdir, state, loader.state(), cfg)
+            if checkpoints.latest_step() != step:
+                checkpoints.save(state, loader.state(), cfg)
             say(f"step {step}: stopped by a signal; checkpoint saved, rerun the same command to resume")
             break
     bar.close()

@@ -12,12 +12,22 @@ is then confirmed by compiling the chosen size and the next larger one, so what 
 is what XLA says fits; the report draws its line through the answer and half of it. A batch
 fits when its peak is at most the budget: the device's memory less a `MARGIN` for what the
 analysis does not see (allocator fragmentation, runtime workspaces, collectives' buffers).
+
+For a target (md4_eqx.targets: a TPU slice or GPUs this host does not have) the mesh is over its
+abstract devices and the compiler is that hardware's own. On TPU a batch fits when the compiler
+accepts it: under memory pressure it rematerialises by itself, so the largest batch that
+compiles lies far above where the line through small batches crosses the memory, and it checks
+HBM twice (a first verdict within seconds, `CompileTimeHbmOom` after scheduling), so only a
+finished compile says "fits". On GPU the memory analysis decides, as here. Parts compiled only
+on a GPU itself (cuDNN's fused attention, the Mosaic GPU kernel) cannot be planned this way:
+the plan runs XLA's attention there, and says so.
 """
 
 import dataclasses
 import functools
 import math
 import re
+import time
 from collections.abc import Callable
 
 import equinox as eqx
@@ -26,8 +36,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from md4_eqx.config import AUTO, Config
+from md4_eqx.config import AUTO, Config, Impl
 from md4_eqx.errors import PlanError
+from md4_eqx.kernels.attention import platform_of
+from md4_eqx.kernels.attention import resolve as resolve_attention
 from md4_eqx.parallel import DATA
 from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_train_step, state_specs
 
@@ -86,12 +98,17 @@ def state_bytes(state: TrainState) -> dict[str, int]:
 
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
-    """Per-device bytes of one compiled training step, as XLA's memory analysis reports them."""
+    """Per-device bytes of one compiled training step, as XLA's memory analysis reports them,
+    with what else the compile said: its flops and how long it took. `refused` is the TPU
+    compiler's first line when the step does not fit in HBM (then the bytes are 0)."""
 
     arguments: int  # state and batch
     outputs: int  # new state and metrics
     aliased: int  # outputs written into donated arguments (the state)
     temp: int  # activations, gradients, optimizer temporaries
+    flops: float | None  # per device, XLA's count (None where the compiler gives none: GPU targets)
+    seconds: float  # compile time
+    refused: str | None = None
 
     @property
     def peak(self) -> int:
@@ -102,9 +119,9 @@ def lowered_step(
     config: Config, mesh: Mesh, *, batch: int, microbatches: int, platform: str | None = None
 ) -> jax.stages.Lowered:
     """The training step for a global `batch` split into `microbatches`, traced on abstract
-    inputs (no parameter is ever made) and lowered: for this machine, or for `platform`
-    ("cuda", "tpu"), which needs no such device (its kernels go through their compilers'
-    lowering; nothing is compiled)."""
+    inputs (no parameter is ever made) and lowered for the devices of `mesh`, real or abstract
+    (md4_eqx.targets), or for `platform` ("cuda"): its kernels then go through their
+    compilers' lowering only, which is all a host without that compiler can check."""
     state = abstract_state(config, mesh)
     optimizer = make_optimizer(config.optim, config.train.steps)
     step = make_train_step(state, optimizer, mesh, microbatches=microbatches,
@@ -121,15 +138,30 @@ def lowered_step(
     return jax.jit(run, donate_argnums=0).trace(arrays, tokens, labels).lower(lowering_platforms=platforms)
 
 
+# How the TPU compiler refuses a program too big for HBM: its first check, and the second one
+# after scheduling. Anything else (a kernel over VMEM, a bug) is not a batch size's answer.
+HBM_REFUSALS = ("Ran out of memory in memory space hbm", "Ran out of memory on HBM", "CompileTimeHbmOom")
+
+
 @functools.cache  # a Planner and its callers (tests, benchmarks) ask for the same compilations
 def step_memory(config: Config, mesh: Mesh, *, batch: int, microbatches: int) -> StepMemory:
     """Compile (without running) the training step for a global `batch` split into
-    `microbatches` and return its memory analysis. On CPU XLA's figures are those of its CPU
-    compilation, a proxy for an accelerator's, which fuses and schedules differently."""
-    compiled = lowered_step(config, mesh, batch=batch, microbatches=microbatches).compile()
+    `microbatches` for the devices of `mesh` and return its memory analysis. On CPU XLA's
+    figures are those of its CPU compilation, a proxy for an accelerator's, which fuses and
+    schedules differently; for a target's abstract devices they are its compiler's own."""
+    lowered = lowered_step(config, mesh, batch=batch, microbatches=microbatches)
+    started = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if not any(refusal in str(e) for refusal in HBM_REFUSALS):
+            raise
+        return StepMemory(0, 0, 0, 0, None, time.perf_counter() - started, refused=str(e).strip().splitlines()[0])
+    seconds = time.perf_counter() - started
     m = compiled.memory_analysis()
-    return StepMemory(int(m.argument_size_in_bytes), int(m.output_size_in_bytes),
-                      int(m.alias_size_in_bytes), int(m.temp_size_in_bytes))
+    flops = (compiled.cost_analysis() or {}).get("flops")
+    return StepMemory(int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
+                      int(m.temp_size_in_bytes), flops, seconds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,21 +175,34 @@ class Fit:
 
 
 class Planner:
-    """Compiles the step for one config, mesh and memory budget, remembering every compilation."""
+    """Compiles the step for one config, mesh and memory budget, remembering every compilation.
+    The mesh's devices, real or a target's abstract ones, say whose compiler judges."""
 
-    def __init__(self, config: Config, mesh: Mesh, memory: int):
-        self.config, self.mesh, self.memory = config, mesh, memory
+    def __init__(self, config: Config, mesh: Mesh, memory: int, *, by_compiler: bool | None = None):
+        """`by_compiler`: a batch fits when the compiler accepts it (default: on TPU), else when
+        its peak is within `memory` less the margin (a memory limit given for a TPU target)."""
+        self.platform = platform_of(mesh)
+        self.config, self.note = _plannable(config, self.platform)
+        self.mesh, self.memory = mesh, memory
+        self.by_compiler = self.platform.name == "tpu" if by_compiler is None else by_compiler
         self.budget = int(memory * (1.0 - MARGIN))
         self.data = mesh.shape[DATA]
 
+    def step(self, remat: bool, microbatch: int, microbatches: int = 1) -> StepMemory:
+        """The step compiled with `microbatches` chunks of `microbatch` examples per device."""
+        config = dataclasses.replace(self.config, execution=dataclasses.replace(self.config.execution, remat=remat))
+        batch = microbatch * microbatches * self.data
+        return step_memory(config, self.mesh, batch=batch, microbatches=microbatches)
+
     def peak(self, remat: bool, microbatch: int, microbatches: int = 1) -> int:
         """Peak bytes per device of the step with `microbatches` chunks of `microbatch` per device."""
-        config = dataclasses.replace(self.config, model=dataclasses.replace(self.config.model, remat=remat))
-        batch = microbatch * microbatches * self.data
-        return step_memory(config, self.mesh, batch=batch, microbatches=microbatches).peak
+        return self.step(remat, microbatch, microbatches).peak
 
     def fits(self, remat: bool, microbatch: int, microbatches: int = 1) -> bool:
-        return self.peak(remat, microbatch, microbatches) <= self.budget
+        """The compiler accepts the step (a TPU's refuses what its HBM cannot hold) and, unless
+        the compiler alone judges, its peak is within the budget."""
+        step = self.step(remat, microbatch, microbatches)
+        return step.refused is None and (self.by_compiler or step.peak <= self.budget)
 
     def line(self, remat: bool, at: tuple[int, int] = (1, 2)) -> tuple[int, int]:
         """(fixed, per_example): the peak's line through microbatches of `at` examples per device
@@ -168,11 +213,12 @@ class Planner:
         return low - small * per_example, per_example
 
     def guess(self, remat: bool) -> int:
-        """The largest per-device microbatch that fits by the line (at least 1). A line that does
-        not rise says nothing (tiny models, where XLA's buffer reuse varies by more than one
-        example's activations): then 2, and the search gallops up from there."""
+        """The largest per-device microbatch that fits by the line (at least 1). A line that rises
+        by under a KiB per example says nothing (tiny models, where XLA's buffer reuse varies by
+        more than one example's activations; on a TPU the tiny preset's peak moves by 512 bytes
+        from 1 to 2 examples): then 2, and the search gallops up from there."""
         fixed, per_example = self.line(remat)
-        if per_example <= 1:  # line() floors the slope at 1 byte
+        if per_example < 2**10:
             return 2
         return max(1, (self.budget - fixed) // per_example)
 
@@ -183,13 +229,16 @@ class Planner:
     def fit(self, remat: bool) -> Fit:
         """The largest per-device microbatch that fits, and the line through it and half of it:
         the slope where it matters. (Through 1 and 2 examples, the first guess, it runs 15-20%
-        flat at scale, and with `head_chunk` the head's chunk hides the slope there entirely.)"""
+        flat at scale, and with `head_chunk` the head's chunk hides the slope there entirely.)
+        Where the compiler judges, the line through 1 and 2 (it rematerialises under pressure,
+        so no line holds up to its answer)."""
         largest = self.largest(remat)
-        return Fit(remat, *self.line(remat, (max(largest // 2, 1), max(largest, 2))), largest)
+        at = (1, 2) if self.by_compiler else (max(largest // 2, 1), max(largest, 2))
+        return Fit(remat, *self.line(remat, at), largest)
 
     def microbatches(self, batch: int) -> int:
         """The fewest gradient-accumulation chunks of the global `batch` whose step fits."""
-        remat = self.config.model.remat
+        remat = self.config.execution.remat
         if batch % self.data:
             raise PlanError(f"--batch-size {batch} must be a multiple of data={self.data}")
         per_device = batch // self.data
@@ -203,34 +252,59 @@ class Planner:
 
     def batch_size(self) -> int:
         """The largest global batch whose step fits without gradient accumulation."""
-        largest = self.largest(self.config.model.remat)
+        largest = self.largest(self.config.execution.remat)
         if largest == 0:
-            self._no_fit("one example per device", self.peak(self.config.model.remat, 1))
+            self._no_fit("one example per device", self.peak(self.config.execution.remat, 1))
         return largest * self.data
 
     def _no_fit(self, what: str, peak: int) -> None:
+        if refused := self.step(self.config.execution.remat, 1).refused:
+            raise PlanError(f"{what} does not fit: the TPU compiler says {refused}")
         extra = ""
-        if not self.config.model.remat:
+        if not self.config.execution.remat:
             extra = f" ({show_size(self.peak(True, 1))} with --remat true)"
         raise PlanError(f"{what} does not fit: one example per device needs {show_size(peak)}{extra}, "
                         f"the budget is {show_size(self.budget)} ({show_size(self.memory)} less {MARGIN:.0%})")
 
     def report(self) -> str:
-        """What `train.py --plan` prints: state bytes, the step's memory and the largest batches."""
+        """What `train.py --plan` prints: state bytes, then the largest batch per device for the
+        config's remat setting, with its step's peak, flops and compile time (at that batch)."""
         state = state_bytes(abstract_state(self.config, self.mesh))
-        m = self.config.model
-        chunk = f", the head {m.head_chunk} tokens at a time" if m.head_chunk else ""
-        lines = [f"memory plan per device, mesh {dict(self.mesh.shape)}, seq {m.seq_len}, "
-                 f"{m.precision.value} compute{chunk} "
-                 f"(XLA's compiled memory analysis on {jax.local_devices()[0].platform}):"]
+        m, run = self.config.model, self.config.execution
+        chunk = f", the head {run.head_chunk} tokens at a time" if run.head_chunk else ""
+        judge = "a batch fits when the TPU compiler accepts it" if self.by_compiler else "XLA's compiled memory analysis"
+        lines = [f"memory plan per device, mesh {dict(self.mesh.shape)} of {self.platform.device_kind}, seq {m.seq_len}, "
+                 f"{run.precision.value} compute{chunk}, attention {run.attention.value} ({judge}):"]
+        if self.note:
+            lines.append(f"  note: {self.note}")
         lines += [f"  {name:<16} {show_size(n)}" for name, n in state.items()]
-        lines.append(f"  device memory    {show_size(self.memory)}; budget {show_size(self.budget)} after a {MARGIN:.0%} margin")
-        for remat in (False, True):
-            fit = self.fit(remat)
-            lines.append(f"  remat {str(remat).lower():<5}  step peak {show_size(fit.fixed)} + {fit.per_example / 2**20:.1f} MiB "
-                         f"per example; largest microbatch {fit.largest} per device "
-                         f"(global {fit.largest * self.data} without accumulation)")
+        budget = "" if self.by_compiler else f"; budget {show_size(self.budget)} after a {MARGIN:.0%} margin"
+        lines.append(f"  device memory    {show_size(self.memory)}{budget}")
+        fit = self.fit(run.remat)
+        if fit.largest == 0:
+            self._no_fit("one example per device", self.peak(run.remat, 1))
+        step = self.step(run.remat, fit.largest)
+        flops = "flops not counted by the compiler" if step.flops is None else f"{step.flops / 1e12:.3g} TFLOP"
+        lines.append(f"  remat {str(run.remat).lower():<5}  largest microbatch {fit.largest} per device "
+                     f"(global {fit.largest * self.data} without accumulation): peak {show_size(step.peak)}, "
+                     f"{flops} per step, compiled in {step.seconds:.1f} s; line {show_size(fit.fixed)} + "
+                     f"{fit.per_example / 2**20:.1f} MiB per example{' at 1-2 examples' if self.by_compiler else ''} "
+                     f"(--remat {str(not run.remat).lower()} plans the other way)")
         return "\n".join(lines)
+
+
+def _plannable(config: Config, platform) -> tuple[Config, str]:
+    """`config` as the plan compiles it for `platform`, and a note where that differs: on a GPU
+    cuDNN's fused attention and the Mosaic GPU kernel are compiled only on the device itself
+    (cuDNN builds its graph there; Mosaic GPU compiles inside its custom call at run time), so
+    the plan runs XLA's attention in their place, whose [T, T] scores make it conservative."""
+    run, model = config.execution, config.model
+    kernel = resolve_attention(run.attention, run.precision.dtype, model.head_dim, platform)
+    if platform.name != "gpu" or kernel.impl is Impl.XLA:
+        return config, ""
+    note = (f"attention {run.attention.value} would run {kernel.impl.value} here, which is compiled only on the "
+            f"GPU itself: this plan uses XLA's attention instead (more memory: the [T, T] scores)")
+    return dataclasses.replace(config, execution=dataclasses.replace(run, attention=Impl.XLA)), note
 
 
 def _largest(fits: Callable[[int], bool], guess: int, top: int | None = None) -> int:
@@ -251,9 +325,12 @@ def _largest(fits: Callable[[int], bool], guess: int, top: int | None = None) ->
     return lo
 
 
-def resolve(config: Config, mesh: Mesh, memory: int | None, saved: Config | None = None) -> Config:
+def resolve(
+    config: Config, mesh: Mesh, memory: int | None, saved: Config | None = None, *, by_compiler: bool | None = None
+) -> Config:
     """`config` with an `AUTO` batch size or microbatch count replaced: by the checkpoint's
-    (`saved`, so a resumed run keeps its choice), else by the planner's."""
+    (`saved`, so a resumed run keeps its choice), else by the planner's (for `memory`, default
+    what the device reports; `by_compiler` as `Planner` takes it)."""
     train = config.train
     if AUTO not in (train.batch_size, train.microbatches):
         return config
@@ -263,7 +340,7 @@ def resolve(config: Config, mesh: Mesh, memory: int | None, saved: Config | None
             microbatches=train.microbatches or saved.train.microbatches,
         )
     else:
-        planner = Planner(config, mesh, device_memory(memory))
+        planner = Planner(config, mesh, device_memory(memory), by_compiler=by_compiler)
         if train.batch_size == AUTO:
             if train.microbatches not in (AUTO, 1):
                 raise PlanError(f"--batch-size auto picks a batch without accumulation: drop --microbatches {train.microbatches}")

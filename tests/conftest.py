@@ -1,5 +1,12 @@
 """Strict test configuration: 8 simulated CPU devices, strict promotion, seeded keys."""
 
+import os
+
+# The CPU alone, even where libtpu (the [tpu] extra) or a CUDA plugin is installed: JAX would
+# otherwise load them to look for their devices (libtpu then prints its warnings on stderr,
+# which the one-line-error tests read). Compile targets (md4_eqx.targets) still load them.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import equinox as eqx
 import jax
 import pytest

@@ -8,13 +8,16 @@ kernel, what it runs and where it can run. Adding a kernel is one file plus one 
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 from jaxtyping import Array, Float
 
 from md4_eqx.config import Impl
+from md4_eqx.errors import ConfigError
 from md4_eqx.kernels import flash_attention_gpu as hopper
 from md4_eqx.kernels.flash_attention_tpu import flash_attention
 
@@ -34,51 +37,77 @@ def _cudnn(q: Array, k: Array, v: Array) -> Array:
     return jax.nn.dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5, implementation="cudnn")
 
 
-def _cudnn_refuses(backend: str, dtype: jnp.dtype, head_dim: int) -> str | None:
-    if backend != "gpu":
-        return f"needs a GPU, this is {backend=}"
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    """What a kernel's choice depends on: the platform ("cpu", "gpu", "tpu") and the device
+    kind ("TPU v5 lite", "NVIDIA H100 80GB HBM3") of the devices it will run on, real or
+    abstract (md4_eqx.targets: compiled for hardware this host does not have)."""
+
+    name: str
+    device_kind: str
+
+    @classmethod
+    def of(cls, device) -> "Platform":
+        """A jax.Device's or an AbstractDevice's; CUDA and ROCm devices are both "gpu"."""
+        name = "gpu" if device.platform in ("cuda", "rocm") else device.platform
+        return cls(name, device.device_kind)
+
+
+def platform_of(mesh: Mesh | None = None) -> Platform:
+    """The platform `mesh` runs on; with no mesh, that of the mesh being traced for (inside
+    `jax.shard_map`, where the model calls `attention`), else this process's first device."""
+    if mesh is not None:
+        return Platform.of(mesh.devices.flat[0])
+    abstract = jax.sharding.get_abstract_mesh().abstract_device
+    return Platform.of(abstract if abstract is not None else jax.devices()[0])
+
+
+def _cudnn_refuses(platform: Platform, dtype: jnp.dtype, head_dim: int) -> str | None:
+    if platform.name != "gpu":
+        return f"needs a GPU, this is {platform.name}"
     if dtype not in (jnp.float16, jnp.bfloat16) or head_dim % 8 or head_dim > 128:
         return (f"takes float16/bfloat16 with head_dim a multiple of 8 and <= 128, "
                 f"got dtype={dtype.name} and {head_dim=}")
     return None
 
 
-def _tpu_refuses(backend: str, dtype: jnp.dtype, head_dim: int) -> str | None:
-    if backend != "tpu":
-        return f"compiles only for TPU, this is {backend=}; use 'pallas-interpret' to run it here"
+def _tpu_refuses(platform: Platform, dtype: jnp.dtype, head_dim: int) -> str | None:
+    if platform.name != "tpu":
+        return f"compiles only for TPU, this is {platform.name}; use 'pallas-interpret' to run it here"
     return None
 
 
-def _hopper_refuses(backend: str, dtype: jnp.dtype, head_dim: int) -> str | None:
-    if backend != "gpu":
-        return f"compiles only for Hopper GPUs, this is {backend=}"
-    try:
-        capability = float(jax.devices("gpu")[0].compute_capability)
-    except RuntimeError:  # asked about a GPU backend on a machine without one
-        return "found no GPU device"
-    if not 9.0 <= capability < 10.0:  # wgmma is Hopper's alone
-        return f"needs a Hopper GPU (compute capability 9.x), this one is {capability}"
+# Hopper's names (H100, H200, H800, H20, GH200): the device kind says it, abstract devices too,
+# where a compute capability is there to ask only of a real GPU.
+HOPPER = re.compile(r"\bG?H(100|200|800|20)\b")
+
+
+def _hopper_refuses(platform: Platform, dtype: jnp.dtype, head_dim: int) -> str | None:
+    if platform.name != "gpu":
+        return f"compiles only for Hopper GPUs, this is {platform.name}"
+    if not HOPPER.search(platform.device_kind):  # wgmma is Hopper's alone
+        return f"needs a Hopper GPU (H100, H200, ...), this one is {platform.device_kind!r}"
     if dtype not in hopper.DTYPES or head_dim not in hopper.HEAD_DIMS:
         return (f"takes float16/bfloat16 with head_dim in {hopper.HEAD_DIMS}, "
                 f"got dtype={dtype.name} and {head_dim=}")
     return None
 
 
-def _anywhere(backend: str, dtype: jnp.dtype, head_dim: int) -> str | None:
+def _anywhere(platform: Platform, dtype: jnp.dtype, head_dim: int) -> str | None:
     return None
 
 
 @dataclasses.dataclass(frozen=True)
 class Kernel:
-    """One concrete implementation: `run(q, k, v)`, and `refuses(backend, dtype, head_dim)`,
+    """One concrete implementation: `run(q, k, v)`, and `refuses(platform, dtype, head_dim)`,
     which says why it cannot run there (None: it can)."""
 
     impl: Impl
     run: Callable[[Array, Array, Array], Array]
-    refuses: Callable[[str, jnp.dtype, int], str | None]
+    refuses: Callable[[Platform, jnp.dtype, int], str | None]
 
 
-# In order of preference: `Impl.AUTO` takes the first compiled row that runs on the backend.
+# In order of preference: `Impl.AUTO` takes the first compiled row that runs on the platform.
 # On a Hopper GPU cuDNN comes before our kernel until bench/attention.py measures otherwise
 # (no GPU figure of the Hopper kernel exists yet: bench/RESULTS.md).
 KERNELS = (
@@ -91,25 +120,27 @@ KERNELS = (
 COMPILED = tuple(k for k in KERNELS if k.impl is not Impl.PALLAS_INTERPRET)
 
 
-def available_impls(backend: str | None = None) -> tuple[Impl, ...]:
-    """The compiled implementations that can run on `backend` (default: JAX's default), for
+def available_impls(platform: Platform | None = None) -> tuple[Impl, ...]:
+    """The compiled implementations that can run on `platform` (default: `platform_of()`), for
     some dtype and head_dim."""
-    backend = backend or jax.default_backend()
-    runs = [k.impl for k in COMPILED if k.refuses(backend, jnp.dtype(jnp.bfloat16), 64) is None]
+    platform = platform or platform_of()
+    runs = [k.impl for k in COMPILED if k.refuses(platform, jnp.dtype(jnp.bfloat16), 64) is None]
     return tuple(dict.fromkeys(runs))
 
 
-def resolve(impl: Impl, dtype: jnp.dtype, head_dim: int, backend: str | None = None) -> Kernel:
-    """The kernel `attention` runs for `impl`, or a ValueError saying why it cannot run here."""
-    backend = backend or jax.default_backend()
+def resolve(impl: Impl, dtype: jnp.dtype, head_dim: int, platform: Platform | None = None) -> Kernel:
+    """The kernel `attention` runs for `impl` on `platform` (default: `platform_of()`), or a
+    ConfigError saying why it cannot run there."""
+    platform = platform or platform_of()
+    dtype = jnp.dtype(dtype)
     if impl is Impl.AUTO:
-        return next(k for k in COMPILED if k.refuses(backend, dtype, head_dim) is None)
+        return next(k for k in COMPILED if k.refuses(platform, dtype, head_dim) is None)
     reasons = []
     for kernel in (k for k in KERNELS if k.impl is impl):
-        if (why := kernel.refuses(backend, dtype, head_dim)) is None:
+        if (why := kernel.refuses(platform, dtype, head_dim)) is None:
             return kernel
         reasons.append(why)
-    raise ValueError(f"attention impl='{impl.value}' {'; '.join(reasons)}")
+    raise ConfigError("attention", f"'{impl.value}' {'; '.join(reasons)}")
 
 
 def attention(

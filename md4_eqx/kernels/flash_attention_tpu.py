@@ -201,6 +201,21 @@ def _backward_specs(bq: int, bk: int, d: int, *, q_axis: int, kv_axis: int) -> l
     return [q_rows, kv_rows, kv_rows, q_rows, stats, stats]
 
 
+def _nbytes(*arrays) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in arrays)
+
+
+def _cost(matmuls: int, q, k, *, once: tuple, streamed: tuple, passes: int) -> pl.CostEstimate:
+    """What XLA's cost analysis and scheduler are told of one kernel, which they cannot see into:
+    `matmuls` products of a [tq, tk] score tile with head_dim, one exp per score, the arrays
+    `once` read or written once and those `streamed` read `passes` times (once per block of
+    the axis the grid walks outside them). Padded sizes: the work the kernel does."""
+    b, h, tq, d = q.shape
+    tk = k.shape[2]
+    return pl.CostEstimate(flops=2 * matmuls * b * h * tq * tk * d, transcendentals=b * h * tq * tk,
+                           bytes_accessed=_nbytes(*once) + passes * _nbytes(*streamed))
+
+
 def _compiler_params() -> pltpu.CompilerParams:
     # The last grid axis carries the accumulators, so it runs in order on one core.
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
@@ -211,6 +226,7 @@ def _forward(q, k, v, *, kv_len, blocks, interpret):
     b, h, tq, d = q.shape
     tk = k.shape[2]
     bq, bk = blocks.block_q, blocks.block_k
+    out_shape = [_out_struct(q.shape, q.dtype, q, k, v), _out_struct((b, h, tq, LANES), jnp.float32, q, k, v)]
     o, lse = pl.pallas_call(
         functools.partial(_forward_kernel, scale=d**-0.5, kv_len=kv_len),
         grid=(b, h, tq // bq, tk // bk),
@@ -219,14 +235,14 @@ def _forward(q, k, v, *, kv_len, blocks, interpret):
             _rows(bq, d, seq_axis=2),
             pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j: (b, h, i, 0)),
         ],
-        out_shape=[_out_struct(q.shape, q.dtype, q, k, v),
-                   _out_struct((b, h, tq, LANES), jnp.float32, q, k, v)],
+        out_shape=out_shape,
         scratch_shapes=[
             pltpu.VMEM((bq, LANES), jnp.float32),  # m: running row max
             pltpu.VMEM((bq, LANES), jnp.float32),  # l: running row sum of exp(s - m)
             pltpu.VMEM((bq, d), jnp.float32),  # acc: unnormalised output
         ],
         compiler_params=_compiler_params(),
+        cost_estimate=_cost(2, q, k, once=(q, *out_shape), streamed=(k, v), passes=tq // bq),  # s = q k^T, p v
         interpret=INTERPRET if interpret else False,
         name="flash_attention_forward",
     )(q, k, v)
@@ -252,6 +268,8 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
         out_shape=_out_struct(q.shape, q.dtype, *operands),
         scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
         compiler_params=_compiler_params(),
+        # s = q k^T, dp = do v^T, dq = ds k; the output is q's size
+        cost_estimate=_cost(3, q, k, once=(q, q, do, lse, delta), streamed=(k, v), passes=tq // bq),
         interpret=interpret_params,
         name="flash_attention_dq",
     )(*operands)
@@ -264,6 +282,8 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
         out_shape=[_out_struct(k.shape, k.dtype, *operands), _out_struct(v.shape, v.dtype, *operands)],
         scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
         compiler_params=_compiler_params(),
+        # s^T = k q^T, dv = p^T do, dp^T = v do^T, dk = ds^T q; the outputs are k's and v's sizes
+        cost_estimate=_cost(4, q, k, once=(k, v, k, v), streamed=(q, do, lse, delta), passes=tk // bk),
         interpret=interpret_params,
         name="flash_attention_dkv",
     )(*operands)
