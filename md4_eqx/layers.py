@@ -1,11 +1,16 @@
-"""The transformer's layers, written for the local slice of a tensor-parallel mesh.
+"""The networks' layers, written for the local slice of a tensor-parallel mesh; the time (and
+class) conditioning both backbones share is here too.
 
 Each layer sees its own slice of a `model`-split weight (see `md4_eqx.parallel`): a COLUMN layer
 produces a slice of the features, a ROW layer sums partial products over `model`. On a (1, 1)
-mesh the slices are whole and the sums are over one device. Activations accumulate in float32;
-matmul inputs are cast to the configured compute dtype.
+mesh the slices are whole and the sums are over one device. Matmuls take their inputs in the
+configured compute dtype and accumulate in float32; the blocks' projections return the compute
+dtype, so what the backward pass keeps of them is that size, while the residual stream stays
+float32. The cheap elementwise steps between matmuls (adaLN, the GLU gate) are recomputed in the
+backward pass (`jax.checkpoint`) rather than stored: bench/fit_tpu.py measures what each saves.
 """
 
+import functools
 import math
 
 import equinox as eqx
@@ -58,13 +63,17 @@ class Linear(Sharded):
         self.bias = jnp.zeros((fan_out,)) if bias else None
         self.split = split
 
-    def __call__(self, x: Float[Array, "*b fan_in"]) -> Float[Array, "*b fan_out"]:
+    def __call__(self, x: Float[Array, "*b fan_in"], dtype: jnp.dtype = jnp.float32) -> Float[Array, "*b fan_out"]:
+        """x W (+ b), accumulated in float32 inside the matmul (and the sum over `model`), returned
+        in `dtype`. The blocks ask for their compute dtype: what the backward pass keeps of a
+        projection is then that size, and the cast fuses into the matmul."""
         y = jnp.einsum(
             "...i,io->...o", x, self.weight.astype(x.dtype), preferred_element_type=jnp.float32
         )
         if self.split is Split.ROW:
             y = psum(y, MODEL)  # partial sums over the split input features
-        return y if self.bias is None else y + self.bias[(None,) * (y.ndim - 1)]
+        y = y if self.bias is None else y + self.bias[(None,) * (y.ndim - 1)]
+        return y.astype(dtype)
 
 
 class Embedding(Sharded):
@@ -91,6 +100,26 @@ def layer_norm(x: Float[Array, "*b d"]) -> Float[Array, "*b d"]:
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
     return (x - mean) * lax.rsqrt(var + 1e-5)  # DeepMind's norm_eps (md4/networks/transformer.py)
+
+
+@functools.partial(jax.checkpoint, static_argnums=3)
+def ada_norm(
+    x: Float[Array, "b l d"], shift: Float[Array, "b 1 d"], scale: Float[Array, "b 1 d"], dtype: jnp.dtype
+) -> Float[Array, "b l d"]:
+    """adaLN: LN(x) (1 + scale) + shift, in `dtype`. Recomputed from x in the backward pass (x is
+    kept anyway), so the float32 [b, l, d] intermediates of the norm are never stored."""
+    return (layer_norm(x) * (1 + scale) + shift).astype(dtype)
+
+
+@functools.partial(jax.checkpoint, static_argnums=5)
+def add_ada_norm(
+    x: Float[Array, "b l d"], gate: Float[Array, "b 1 d"], a: Float[Array, "b l d"],
+    shift: Float[Array, "b 1 d"], scale: Float[Array, "b 1 d"], dtype: jnp.dtype,
+) -> tuple[Float[Array, "b l d"], Float[Array, "b l d"]]:
+    """h = x + gate a in float32 and its adaLN in `dtype`. The backward pass recomputes both from
+    x and a, which it keeps anyway, so neither h nor the norm's intermediates are stored."""
+    h = x + gate * a.astype(jnp.float32)
+    return h, (layer_norm(h) * (1 + scale) + shift).astype(dtype)
 
 
 def activation(kind: MLPKind):
@@ -141,11 +170,11 @@ class Attention(eqx.Module):
         b, l, _ = x.shape
 
         def heads(proj: Linear) -> Float[Array, "b l h hd"]:
-            return proj(x).astype(x.dtype).reshape(b, l, -1, self.head_dim)  # local heads
+            return proj(x, x.dtype).reshape(b, l, -1, self.head_dim)  # local heads
 
         q, k, v = rope(heads(self.wq), self.rope_theta), rope(heads(self.wk), self.rope_theta), heads(self.wv)
         out = attention(q, k, v, impl=impl)  # (b, l, h_local, hd)
-        return self.wo(out.reshape(b, l, -1))
+        return self.wo(out.reshape(b, l, -1), x.dtype)  # in x's (compute) dtype
 
 
 class MLP(eqx.Module):
@@ -164,5 +193,47 @@ class MLP(eqx.Module):
         self.kind = kind
 
     def __call__(self, x: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
-        gate = activation(self.kind)(self.w1(x)) * self.w3(x)  # (b, l, hidden_local), float32
-        return self.w2(gate.astype(x.dtype))
+        """In x's (compute) dtype. Recomputed from x in the backward pass: W1 x, W3 x and the
+        gate, [b, l, hidden] each, are never stored, for two more matmuls."""
+        act = activation(self.kind)
+
+        @jax.checkpoint
+        def mlp(x: Float[Array, "b l d"], w1: Linear, w3: Linear, w2: Linear) -> Float[Array, "b l d"]:
+            return w2(act(w1(x, x.dtype)) * w3(x, x.dtype), x.dtype)
+
+        return mlp(x, self.w1, self.w3, self.w2)
+
+
+def time_embedding(t: Float[Array, " b"], dim: int) -> Float[Array, "b dim"]:
+    """Sinusoidal embedding of 1000 t: half sin, half cos, frequencies exp(-k log(1e4) / (dim/2 - 1))."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+    args = 1000.0 * t[:, None] * freqs[None, :]  # (b, dim/2)
+    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class Conditioning(eqx.Module):
+    """c = Dense(cond)(swish(Dense(4 cond)([time_emb(t), class_emb(y)]))). With `num_classes` > 0
+    the class embedding has num_classes + 1 rows: labels 0..num_classes - 1 and the null class
+    `num_classes` (no label), which label dropout trains and classifier-free guidance uses."""
+
+    class_embed: Float[Array, "classes_and_null cond"] | None
+    dense1: Linear
+    dense2: Linear
+    dim: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, num_classes: int, *, key: PRNGKeyArray):
+        kc, k1, k2 = jax.random.split(key, 3)
+        self.class_embed = embedding_table(kc, num_classes + 1, dim) if num_classes else None
+        in_dim = dim * (2 if num_classes else 1)
+        self.dense1 = Linear(in_dim, 4 * dim, key=k1, bias=True)
+        self.dense2 = Linear(4 * dim, dim, key=k2, bias=True)
+        self.dim = dim
+
+    def __call__(self, t: Float[Array, " b"], labels: Int[Array, " b"] | None) -> Float[Array, "b c"]:
+        h = time_embedding(t, self.dim)
+        if self.class_embed is not None:
+            if labels is None:
+                raise ValueError("this model is class-conditional: pass `labels`")
+            h = jnp.concatenate([h, self.class_embed[labels]], axis=-1)
+        return self.dense2(jax.nn.swish(self.dense1(h)))

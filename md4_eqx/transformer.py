@@ -13,83 +13,69 @@ bench/RESULTS.md); `unroll_layers=False` keeps the loop rolled, so compile time 
 there does each block's recomputation wait for its backward step.
 """
 
-import math
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
-from md4_eqx.config import ModelConfig
-from md4_eqx.layers import MLP, Attention, Embedding, Linear, activation, dropout, embedding_table, layer_norm
+from md4_eqx.config import ExecutionConfig, ModelConfig
+from md4_eqx.layers import (
+    MLP,
+    Attention,
+    Conditioning,
+    Embedding,
+    Linear,
+    activation,
+    ada_norm,
+    add_ada_norm,
+    dropout,
+)
 from md4_eqx.parallel import Split
-
-
-def time_embedding(t: Float[Array, " b"], dim: int) -> Float[Array, "b dim"]:
-    """Sinusoidal embedding of 1000 t: half sin, half cos, frequencies exp(-k log(1e4) / (dim/2 - 1))."""
-    half = dim // 2
-    freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
-    args = 1000.0 * t[:, None] * freqs[None, :]  # (b, dim/2)
-    return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-
-
-class Conditioning(eqx.Module):
-    """c = Dense(cond)(swish(Dense(4 cond)([time_emb(t), class_emb(y)]))). With `num_classes` > 0
-    the class embedding has num_classes + 1 rows: labels 0..num_classes - 1 and the null class
-    `num_classes` (no label), which label dropout trains and classifier-free guidance uses."""
-
-    class_embed: Float[Array, "classes_and_null cond"] | None
-    dense1: Linear
-    dense2: Linear
-    dim: int = eqx.field(static=True)
-
-    def __init__(self, dim: int, num_classes: int, *, key: PRNGKeyArray):
-        kc, k1, k2 = jax.random.split(key, 3)
-        self.class_embed = embedding_table(kc, num_classes + 1, dim) if num_classes else None
-        in_dim = dim * (2 if num_classes else 1)
-        self.dense1 = Linear(in_dim, 4 * dim, key=k1, bias=True)
-        self.dense2 = Linear(4 * dim, dim, key=k2, bias=True)
-        self.dim = dim
-
-    def __call__(self, t: Float[Array, " b"], labels: Int[Array, " b"] | None) -> Float[Array, "b c"]:
-        h = time_embedding(t, self.dim)
-        if self.class_embed is not None:
-            if labels is None:
-                raise ValueError("this model is class-conditional: pass `labels`")
-            h = jnp.concatenate([h, self.class_embed[labels]], axis=-1)
-        return self.dense2(jax.nn.swish(self.dense1(h)))
 
 
 class Block(eqx.Module):
     """One adaLN-zero block:
     h = x + gate_a * Attn(LN(x) (1 + scale_a) + shift_a);  out = h + gate_m * MLP(LN(h) (1 + scale_m) + shift_m).
+
+    What the backward pass keeps of a block, without `remat`: x (float32), the attention's input,
+    q, k, v, output and Attn(...) (compute dtype), and MLP(...) (compute dtype). h, both norms and
+    the MLP's [b, l, hidden] intermediates are recomputed from them (two more MLP matmuls). MD4-S
+    on one v5e chip, with `head_chunk` 2048, then fits 47 examples in bfloat16 and 32 in float32
+    (XLA's attention), where it fit 22 and 23 without (bench/fit_tpu.py).
     """
 
     ada: Linear  # zero-initialised: a fresh block is the identity
     attn: Attention
     mlp: MLP
     cfg: ModelConfig = eqx.field(static=True)
+    run: ExecutionConfig = eqx.field(static=True)
 
-    def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
+    def __init__(self, cfg: ModelConfig, run: ExecutionConfig, *, key: PRNGKeyArray):
         ka, km, kd = jax.random.split(key, 3)
         self.ada = Linear(cfg.cond_dim, 6 * cfg.width, key=kd, zero=True, bias=True)
         self.attn = Attention(cfg.width, cfg.num_heads, key=ka, rope_theta=cfg.rope_theta)
         # Depth-scaled init: MLP weights with variance 2 / num_layers (fan-in).
         self.mlp = MLP(cfg.width, cfg.hidden, cfg.mlp, key=km, scale=2.0 / cfg.num_layers)
-        self.cfg = cfg
+        self.cfg, self.run = cfg, run
 
     def __call__(
         self, x: Float[Array, "b l d"], c: Float[Array, "b c"], keys: Key[Array, " b"] | None
     ) -> Float[Array, "b l d"]:
-        dtype = self.cfg.precision.dtype
+        dtype = self.run.precision.dtype
         mods = self.ada(activation(self.cfg.mlp)(c))[:, None, :]  # (b, 1, 6 d)
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = jnp.split(mods, 6, axis=-1)
         ka, km = (None, None) if keys is None else jax.vmap(jax.random.split, out_axes=1)(keys)
-        a = self.attn((layer_norm(x) * (1 + scale_a) + shift_a).astype(dtype), self.cfg.attention)
-        h = x + gate_a * dropout(a, self.cfg.dropout, ka)
-        m = self.mlp((layer_norm(h) * (1 + scale_m) + shift_m).astype(dtype))
-        return h + gate_m * dropout(m, self.cfg.dropout, km)
+        a = self.attn(ada_norm(x, shift_a, scale_a, dtype), self.run.attention)  # (b, l, d), dtype
+
+        @jax.checkpoint
+        def mlp_half(x, gate_a, a, shift_m, scale_m, mlp):
+            # h and the MLP's input recomputed from x and a in the backward pass: neither is stored
+            h, n = add_ada_norm(x, gate_a, a, shift_m, scale_m, dtype)
+            return h, mlp(n)  # (b, l, d) float32, (b, l, d) dtype
+
+        h, m = mlp_half(x, gate_a, dropout(a, self.cfg.dropout, ka), shift_m, scale_m, self.mlp)
+        return h + gate_m * dropout(m, self.cfg.dropout, km).astype(jnp.float32)
 
 
 class Transformer(eqx.Module):
@@ -101,17 +87,18 @@ class Transformer(eqx.Module):
     final_ada: Linear
     head: Linear
     cfg: ModelConfig = eqx.field(static=True)
+    run: ExecutionConfig = eqx.field(static=True)
 
-    def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
+    def __init__(self, cfg: ModelConfig, run: ExecutionConfig, *, key: PRNGKeyArray):
         ke, kc, kb, kf, kh = jax.random.split(key, 5)
         self.embed = Embedding(cfg.padded_vocab, cfg.width, key=ke)
         self.cond = Conditioning(cfg.cond_dim, cfg.num_classes, key=kc)
-        self.blocks = eqx.filter_vmap(lambda k: Block(cfg, key=k))(
+        self.blocks = eqx.filter_vmap(lambda k: Block(cfg, run, key=k))(
             jax.random.split(kb, cfg.num_layers)
         )
         self.final_ada = Linear(cfg.cond_dim, 2 * cfg.width, key=kf, zero=True, bias=True)
         self.head = Linear(cfg.width, cfg.padded_vocab, key=kh, split=Split.COLUMN, zero=True)
-        self.cfg = cfg
+        self.cfg, self.run = cfg, run
 
     def __call__(
         self,
@@ -143,13 +130,12 @@ class Transformer(eqx.Module):
             layer_keys = None if keys is None else jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
             return block(x, c, layer_keys), None
 
-        if self.cfg.remat:
+        if self.run.remat:
             layer = jax.checkpoint(layer)
         # Unrolled, XLA schedules every block's recomputation ahead of the backward pass, and remat
         # saves nothing (MD4-S on CPU: 3058 against 394 MiB per example rolled); in a rolled loop
         # each block is recomputed only when its backward step runs.
-        unroll = self.cfg.unroll_layers and not self.cfg.remat
+        unroll = self.run.unroll_layers and not self.run.remat
         x, _ = lax.scan(layer, x, (params, jnp.arange(self.cfg.num_layers)), unroll=unroll)
         shift, scale = jnp.split(self.final_ada(activation(self.cfg.mlp)(c))[:, None, :], 2, axis=-1)
-        x = layer_norm(x) * (1 + scale) + shift
-        return x.astype(self.cfg.precision.dtype)
+        return ada_norm(x, shift, scale, self.run.precision.dtype)
