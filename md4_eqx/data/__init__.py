@@ -8,8 +8,8 @@
 
 from md4_eqx.data.cache import default_cache_dir
 from md4_eqx.data.dataset import Dataset, Subset, load
-from md4_eqx.errors import DataError
 from md4_eqx.data.loader import BatchLoader
 from md4_eqx.data.sources import dataset_help
+from md4_eqx.errors import DataError
 
 __all__ = ["BatchLoader", "DataError", "Dataset", "Subset", "dataset_help", "default_cache_dir", "load"]

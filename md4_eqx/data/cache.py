@@ -84,19 +84,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
     raise ValueError(f"{vocab_size=} does not fit uint32")
 
 
-def open_tokens(path: Path, dtype: str, count: int) -> np.ndarray:
-    """A read-only memmap of `count` ids (an empty array for an empty stream)."""
-    if count == 0:
-        return np.zeros(0, dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
-
-
 class EntryWriter:
-    """Builds an entry in a temporary sibling directory; `commit` renames it into place.
-
-    Used as a context manager: leaving the block without `commit` (an error, Ctrl-C) removes
-    the temporary directory.
-    """
+    """Builds an entry in a temporary sibling directory; `commit` renames it into place. Leaving
+    its `with` block without `commit` (an error, Ctrl-C) removes the temporary directory."""
 
     def __init__(self, entry: Path):
         self.entry = entry

@@ -7,39 +7,42 @@ sub-pixels (the paper's x in {0..255}^L with L = 3072 for CIFAR-10).
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from jaxtyping import Int32, Integer
 
-from md4_eqx.data.cache import default_cache_dir, entry_dir, fingerprint, open_tokens, preparing, read_meta
-from md4_eqx.errors import DataError
+from md4_eqx.data.cache import default_cache_dir, entry_dir, fingerprint, preparing, read_meta
 from md4_eqx.data.prepare import prepare
 from md4_eqx.data.sources import Layout, parse
-from md4_eqx.data.tokenizers import ByteTokenizer, HFTokenizer, Text8Tokenizer, Tokenizer
+from md4_eqx.data.tokenizers import Tokenizer, get_tokenizer
+from md4_eqx.errors import DataError
 
 
+@dataclass(eq=False)  # compared by identity, as arrays cannot be
 class Subset:
     """The examples of one split ("train", "valid", ...): seq_len windows of a stream, possibly
     every n-th (a hold-out). (Not `parallel.Split`, which says how a weight is sharded.)"""
 
-    def __init__(self, name: str, tokens: np.ndarray, labels: np.ndarray | None, seq_len: int,
-                 layout: Layout):
-        self.name = name
-        self.seq_len = seq_len
-        self._tokens = tokens  # [stream_len], a read-only memmap
-        self._labels = labels  # [stream_len // seq_len] or None
-        self._layout = layout
-        chunks = tokens.size // seq_len
-        held_out = chunks // layout.every if layout.every else 0  # chunks every-1, 2*every-1, ...
-        self.num_examples = held_out if layout.held_out else chunks - held_out
+    name: str
+    tokens: np.ndarray  # [stream_len], a read-only memmap
+    labels: np.ndarray | None  # [stream_len // seq_len] or None
+    seq_len: int
+    layout: Layout
+
+    def __post_init__(self):
+        chunks = self.tokens.size // self.seq_len
+        every = self.layout.every
+        held_out = chunks // every if every else 0  # chunks every-1, 2*every-1, ...
+        self.num_examples = held_out if self.layout.held_out else chunks - held_out
 
     def chunks(self, indices: Integer[np.ndarray, " n"]) -> Integer[np.ndarray, " n"]:
         """The stream chunk behind each example index."""
-        every = self._layout.every
+        every = self.layout.every
         if every == 0:
             return indices
-        if self._layout.held_out:
+        if self.layout.held_out:
             return indices * every + (every - 1)  # chunks every-1, 2*every-1, ...
         return indices + indices // (every - 1)  # skips one chunk after every every-1 kept
 
@@ -52,8 +55,8 @@ class Subset:
             raise IndexError(f"example indices must lie in [0, {self.num_examples}) for {self.name!r}")
         chunks = self.chunks(indices)
         windows = chunks[:, None] * self.seq_len + np.arange(self.seq_len)  # [n, seq_len]
-        tokens = np.asarray(self._tokens[windows], np.int32)
-        labels = None if self._labels is None else np.asarray(self._labels[chunks], np.int32)
+        tokens = np.asarray(self.tokens[windows], np.int32)
+        labels = None if self.labels is None else np.asarray(self.labels[chunks], np.int32)
         return tokens, labels
 
 
@@ -67,7 +70,6 @@ class Dataset:
         self.seq_len = seq_len
         self.image_shape = None if meta["image_shape"] is None else tuple(meta["image_shape"])
         self.num_classes: int = meta["num_classes"]
-        self.eos_id: int | None = meta["eos_id"]
         self.meta = meta
         self.splits = tuple(meta["splits"])
 
@@ -76,11 +78,11 @@ class Dataset:
         if name not in self.meta["splits"]:
             raise DataError(f"{self.name} has no split {name!r}; it has {', '.join(self.splits)}")
         layout = Layout(**self.meta["splits"][name])
-        stream = self.meta["streams"][layout.stream]
-        tokens = open_tokens(self.path / f"{layout.stream}.bin", self.meta["dtype"], stream["tokens"])
+        stream, sizes = self.path / layout.stream, self.meta["streams"][layout.stream]
+        tokens = np.memmap(f"{stream}.bin", self.meta["dtype"], "r", shape=(sizes["tokens"],))
         labels = None
-        if stream["labels"]:
-            labels = open_tokens(self.path / f"{layout.stream}.labels", "int32", stream["labels"])
+        if sizes["labels"]:
+            labels = np.memmap(f"{stream}.labels", np.int32, "r", shape=(sizes["labels"],))
         split = Subset(name, tokens, labels, self.seq_len, layout)
         if split.num_examples == 0:
             raise DataError(f"the {name!r} split of {self.name} has {tokens.size} tokens: "
@@ -89,12 +91,10 @@ class Dataset:
 
     @functools.cached_property
     def tokenizer(self) -> Tokenizer:
-        kind = self.meta["tokenizer"]["kind"]
         if self.image_shape is not None:
             raise DataError(f"{self.name} is an image dataset: reshape tokens to {self.image_shape}")
-        if kind == "hf":
-            return HFTokenizer(str(self.path / "tokenizer"))
-        return Text8Tokenizer() if kind == "text8" else ByteTokenizer()
+        kind = self.meta["tokenizer"]["kind"]  # a Hugging Face tokenizer is saved in the entry
+        return get_tokenizer(str(self.path / "tokenizer") if kind == "hf" else kind)
 
     def encode(self, text: str) -> Int32[np.ndarray, " n"]:
         """Token ids of `text` (a prompt), without EOS."""

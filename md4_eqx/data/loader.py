@@ -7,11 +7,11 @@ examples consumed) is the same on every process, small, and JSON-able: save it w
 checkpoint and pass it back as `state` to continue the identical stream.
 """
 
-import functools
+import contextlib
 import queue
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -45,24 +45,20 @@ class BatchLoader:
             raise DataError(f"{prefetch=} must be >= 0")
         self.split = split
         self.seed = seed
-        self._state = self._check_state(state) if state is not None else {"epoch": 0, "position": 0}
+        state = {"seed": seed, "epoch": 0, "position": 0} if state is None else state
+        if not (isinstance(state, dict) and {"seed", "epoch", "position"} <= state.keys()):
+            raise DataError(f"loader state must have seed, epoch and position; got {state!r}")
+        if state["seed"] != seed:
+            raise DataError(f"loader state was saved with seed={state['seed']}, but {seed=} was given")
+        epoch, position = state["epoch"], state["position"]
+        if not (isinstance(epoch, int) and isinstance(position, int) and epoch >= 0
+                and 0 <= position <= split.num_examples):
+            raise DataError(f"loader state has a bad epoch or position: {state!r}")
+        self._state = {"epoch": epoch, "position": position}
         rows = batch_size // process_count  # this process's share of every global batch
         part = slice(process_index * rows, (process_index + 1) * rows)
-        order = functools.partial(_order, split.num_examples, seed, shuffle)  # epoch -> example order
-        batches = _batches(split, batch_size, part, order, **self._state)
+        batches = _batches(split, batch_size, part, seed, shuffle, **self._state)
         self._source = _Prefetcher(batches, prefetch) if prefetch else batches
-
-    def _check_state(self, state: dict) -> dict:
-        try:
-            seed, epoch, position = (state[k] for k in ("seed", "epoch", "position"))
-        except (KeyError, TypeError):
-            raise DataError(f"loader state must have seed, epoch and position; got {state!r}") from None
-        if seed != self.seed:
-            raise DataError(f"loader state was saved with seed={seed}, but seed={self.seed} was given")
-        if not (isinstance(epoch, int) and isinstance(position, int) and epoch >= 0
-                and 0 <= position <= self.split.num_examples):
-            raise DataError(f"loader state has a bad epoch or position: {state!r}")
-        return {"epoch": epoch, "position": position}
 
     def __iter__(self) -> "BatchLoader":
         return self
@@ -80,25 +76,19 @@ class BatchLoader:
         if isinstance(self._source, _Prefetcher):
             self._source.close()
 
-    def __enter__(self) -> "BatchLoader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _order(n: int, seed: int, shuffle: bool, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-
 
 def _batches(
-    split: Subset, batch_size: int, part: slice, order: Callable[[int], np.ndarray], *,
-    epoch: int, position: int,
+    split: Subset, batch_size: int, part: slice, seed: int, shuffle: bool, *, epoch: int, position: int,
 ) -> Iterator[tuple[dict, dict]]:
     """(this process's part of the next global batch, the state after it), forever.
 
     A plain function, not a method: the prefetch thread runs it and must not keep the
     loader alive."""
+
+    def order(epoch: int) -> np.ndarray:
+        n = split.num_examples
+        return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+
     examples = order(epoch)
     while True:
         if position + batch_size > examples.size:  # drop the incomplete last batch
@@ -116,11 +106,10 @@ class _Prefetcher:
 
     def __init__(self, items: Iterator, size: int):
         self._queue = queue.Queue(maxsize=size)
-        self._stop = threading.Event()
-        thread = threading.Thread(target=_fill, args=(items, self._queue, self._stop), daemon=True)
-        thread.start()
+        stop = threading.Event()
+        threading.Thread(target=_fill, args=(items, self._queue, stop), daemon=True).start()
         # The thread holds neither self nor the loader, so dropping the loader stops it.
-        self._finalizer = weakref.finalize(self, self._stop.set)
+        self.close = weakref.finalize(self, stop.set)
 
     def __next__(self):
         item, error = self._queue.get()
@@ -128,19 +117,15 @@ class _Prefetcher:
             raise error
         return item
 
-    def close(self) -> None:
-        self._finalizer()
-
 
 def _fill(items: Iterator, out: queue.Queue, stop: threading.Event) -> None:
+    """Puts (item, None) on `out` until `stop` is set, looking at it every 0.1 s while `out` is full."""
     try:
         for item in items:
             while not stop.is_set():
-                try:
+                with contextlib.suppress(queue.Full):
                     out.put((item, None), timeout=0.1)
                     break
-                except queue.Full:
-                    continue
             if stop.is_set():
                 return
     except Exception as e:  # handed to the consumer, raised by its next()

@@ -25,9 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from md4_eqx.data.cache import digest, path_fingerprint
-from md4_eqx.errors import DataError
-from md4_eqx.data.tokenizers import Tokenizer
-from md4_eqx.errors import first_line
+from md4_eqx.data.tokenizers import ALPHABETS, Tokenizer
+from md4_eqx.errors import DataError, first_line
 
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 OWT_DATASET = "Skylion007/openwebtext"
@@ -49,10 +48,6 @@ class Layout:
 
 
 TRAIN_VALID = {"train": Layout("train"), "valid": Layout("valid")}
-HOLDOUT = {
-    "train": Layout("all", HOLDOUT_EVERY, held_out=False),
-    "valid": Layout("all", HOLDOUT_EVERY, held_out=True),
-}
 
 
 @dataclass(frozen=True)
@@ -84,7 +79,7 @@ class Source(abc.ABC):
     @property
     def parallel(self) -> bool:
         """Whether worker processes pay off: for a real tokenizer, not for bytes or characters."""
-        return self.tokenizer not in ("bytes", "text8")
+        return self.tokenizer not in ALPHABETS
 
     def fetch(self, progress: bool) -> None:
         """Downloads what `tasks` needs (only text8 downloads by itself)."""
@@ -126,10 +121,6 @@ class PyStdlib(Source):
             raise DataError(f"no .py files in the standard library at {self.root}")
         return sorted(found)
 
-    @staticmethod
-    def split_of(relpath: str) -> str:
-        return "valid" if zlib.crc32(relpath.encode()) % 20 == 0 else "train"
-
     def fingerprint(self) -> dict:
         files = self.files()
         sizes = [(self.root / f).stat().st_size for f in files]
@@ -138,10 +129,8 @@ class PyStdlib(Source):
 
     def tasks(self) -> list[Task]:
         files = self.files()
-        return [
-            Task(split, 0, tuple(f for f in files if self.split_of(f) == split))
-            for split in ("train", "valid")
-        ]
+        split = {f: "valid" if zlib.crc32(f.encode()) % 20 == 0 else "train" for f in files}
+        return [Task(s, 0, tuple(f for f in files if split[f] == s)) for s in ("train", "valid")]
 
     def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
         for rel in task.payload:
@@ -231,7 +220,7 @@ class HubText(Source):
     tokenizer: str = GPT2_TOKENIZER
     default_seq_len = 1024
     parallel = True
-    layouts = HOLDOUT
+    layouts = {"train": Layout("all", HOLDOUT_EVERY), "valid": Layout("all", HOLDOUT_EVERY, held_out=True)}
 
     def fingerprint(self) -> dict:
         local = path_fingerprint(Path(self.path)) if Path(self.path).exists() else None

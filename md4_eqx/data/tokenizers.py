@@ -10,67 +10,47 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Int32, Integer
 
-from md4_eqx.errors import DataError
-from md4_eqx.errors import first_line
+from md4_eqx.errors import DataError, first_line
+
+ALPHABETS = {
+    "bytes": bytes(range(256)),  # UTF-8 bytes: lossless for any file, V = 256
+    "text8": b" abcdefghijklmnopqrstuvwxyz",  # text8's: space -> 0, 'a'..'z' -> 1..26, V = 27
+}
 
 
-class _FixedVocab:
-    """What the two fixed-vocabulary tokenizers share: no EOS, and their `name` says it all."""
+class ByteTokenizer:
+    """One token per byte, for an alphabet of `ALPHABETS` ("bytes" or "text8"); no EOS."""
 
     eos_id = None
 
-    def encode_batch(self, texts: list[str]) -> list[Int32[np.ndarray, " _"]]:
-        return [self.encode(text) for text in texts]
-
-    def describe(self) -> dict:
-        return {"kind": self.name}
-
-
-class ByteTokenizer(_FixedVocab):
-    """UTF-8 bytes as tokens: V = 256, lossless for any file (undecodable bytes round-trip)."""
-
-    name = "bytes"
-    vocab_size = 256
-
-    def encode(self, text: str) -> Int32[np.ndarray, " n"]:
-        # surrogateescape carries bytes that were not UTF-8 through str unchanged.
-        return np.frombuffer(text.encode("utf-8", "surrogateescape"), np.uint8).astype(np.int32)
-
-    def encode_raw(self, raw: bytes, where: str) -> Int32[np.ndarray, " n"]:
-        del where  # every byte string is valid input
-        return np.frombuffer(raw, np.uint8).astype(np.int32)
-
-    def decode(self, ids: Integer[np.ndarray, " n"]) -> str:
-        _check_range(ids, self.vocab_size)
-        return bytes(ids.astype(np.uint8)).decode("utf-8", "replace")
-
-
-class Text8Tokenizer(_FixedVocab):
-    """text8's alphabet: space -> 0, 'a'..'z' -> 1..26 (V = 27)."""
-
-    name = "text8"
-    alphabet = " abcdefghijklmnopqrstuvwxyz"
-    vocab_size = 27
-
-    def __init__(self):
-        self._ids = np.full(256, -1, np.int32)  # byte value -> id, -1 outside the alphabet
-        self._ids[np.frombuffer(self.alphabet.encode("ascii"), np.uint8)] = np.arange(27)
-        self._chars = np.array(list(self.alphabet))
+    def __init__(self, name: str):
+        self.name = name
+        self._bytes = np.frombuffer(ALPHABETS[name], np.uint8)  # id -> byte
+        self.vocab_size = self._bytes.size
+        self._ids = np.full(256, -1, np.int32)  # byte -> id, -1 outside the alphabet
+        self._ids[self._bytes] = np.arange(self.vocab_size)
 
     def encode_raw(self, raw: bytes, where: str) -> Int32[np.ndarray, " n"]:
         ids = self._ids[np.frombuffer(raw, np.uint8)]
-        bad = np.flatnonzero(ids < 0)
+        bad = np.flatnonzero(ids < 0)  # only text8's alphabet leaves bytes out
         if bad.size:
             byte = raw[bad[0] : bad[0] + 1]
             raise DataError(f"{where} has {byte!r} at offset {bad[0]}; text8 allows only ' ' and a-z")
         return ids
 
     def encode(self, text: str) -> Int32[np.ndarray, " n"]:
-        return self.encode_raw(text.encode("utf-8"), "the text")
+        # surrogateescape carries bytes that were not UTF-8 through str unchanged.
+        return self.encode_raw(text.encode("utf-8", "surrogateescape"), "the text")
+
+    def encode_batch(self, texts: list[str]) -> list[Int32[np.ndarray, " _"]]:
+        return [self.encode(text) for text in texts]
 
     def decode(self, ids: Integer[np.ndarray, " n"]) -> str:
         _check_range(ids, self.vocab_size)
-        return "".join(self._chars[ids])
+        return self._bytes[ids].tobytes().decode("utf-8", "replace")
+
+    def describe(self) -> dict:
+        return {"kind": self.name}
 
 
 class HFTokenizer:
@@ -116,13 +96,12 @@ class HFTokenizer:
         return {"kind": "hf", "name": self.name}
 
 
-Tokenizer = ByteTokenizer | Text8Tokenizer | HFTokenizer
+Tokenizer = ByteTokenizer | HFTokenizer
 
 
 def get_tokenizer(name: str) -> Tokenizer:
     """"bytes", "text8", or a Hugging Face tokenizer's hub name or local directory."""
-    fixed = {"bytes": ByteTokenizer, "text8": Text8Tokenizer}
-    return fixed[name]() if name in fixed else HFTokenizer(name)
+    return ByteTokenizer(name) if name in ALPHABETS else HFTokenizer(name)
 
 
 def _check_range(ids: np.ndarray, vocab_size: int) -> None:
