@@ -22,7 +22,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from md4_eqx.kernels.flash_attention_gpu import BlockSizes, flash_attention_gpu
-from test_attention import assert_matches, lowered_for, output_and_gradients, random_inputs, reference_float64
+from test_attention import assert_matches, output_and_gradients, random_inputs, reference_float64
 
 needs_interpreter = pytest.mark.skipif(
     importlib.util.find_spec("jax._src.pallas.mosaic_gpu.interpret") is None,
@@ -37,6 +37,13 @@ CASES = {
     # Two q blocks (the second ragged): the dk/dv kernel's ring refills (4 q steps).
     "d128-q-tiles-ragged": (2, 130, 70, 1, 128, jnp.float16),
 }
+
+
+def lowered_for(platform: str, fn, *args) -> str:
+    """The StableHLO text of jit(fn)(*args) lowered for `platform` ("cuda") on this CPU: each
+    Pallas kernel is a custom call holding the module Mosaic GPU's lowering produced (down to
+    NVVM and inline PTX); nothing is compiled (Mosaic GPU compiles only on a device)."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
 def interpreted(q, k, v):
