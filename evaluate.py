@@ -6,17 +6,15 @@
     python evaluate.py samples --file samples.jsonl --model ./my-causal-lm --tokens
 
 nelbo: the EMA model's NELBO on a dataset split (default: the whole split) in bits per token,
-averaged over --draws independent draws of the time and the masks per sequence, with its Monte
-Carlo standard error (other draws, same sequences) and its standard error over sequences (other
-sequences from the same source); and the perplexity bound exp(nats per token) with the same
-errors. Draw d is exactly the training-time evaluation with key fold_in(key(seed), d).
+averaged over --draws draws of the time and masks per sequence, with its Monte Carlo standard
+error (other draws, same sequences), its standard error over sequences, and the perplexity bound
+exp(nats per token). Draw d is exactly the training-time evaluation with key fold_in(key(seed), d).
 
-samples: for a .jsonl of samples (one {"text": ..., "tokens": [...]} per line, as sample.py
---out writes), the unigram entropy of each sample's tokens (nats; collapsed, repetitive samples
-score low) and the generative perplexity under a causal LM from `transformers` (a hub name such
-as gpt2-large, or a local directory): the text is retokenised with the LM's tokenizer, or with
---tokens the token ids are scored as they are (when the LM shares the diffusion model's
-vocabulary). Needs PyTorch: pip install md4-eqx[eval].
+samples: for a .jsonl of samples (as sample.py --out writes), the unigram entropy of each
+sample's tokens (nats; collapsed, repetitive samples score low) and the generative perplexity
+under a `transformers` causal LM (a hub name such as gpt2-large, or a local directory), on the
+text retokenised, or with --tokens on the token ids as they are (an LM sharing the diffusion
+model's vocabulary). Needs PyTorch: pip install md4-eqx[eval].
 
 --json prints one JSON object instead of the table. Bad input prints one line on stderr and
 exits with status 2.
@@ -98,17 +96,14 @@ def run_nelbo(args) -> dict:
     checkpoints.close()
     labelled = config.model.num_classes > 0
 
-    bar = tqdm(total=count, desc="nelbo", unit="batch", disable=args.no_progress, file=sys.stderr)
 
     def batches():
-        for i in range(count):
+        for i in tqdm(range(count), desc="nelbo", unit="batch", disable=args.no_progress, file=sys.stderr):
             # The last batch is filled up with the last sequence; those extra rows are dropped.
             tokens, labels = split.get(np.minimum(np.arange(i * batch, (i + 1) * batch), n - 1))
             yield replicated_on_mesh(tokens, mesh), (replicated_on_mesh(labels, mesh) if labelled else None)
-            bar.update()
 
     nats = nelbo_draws(model, jax.random.key(args.seed), batches(), mesh, args.draws)[:, :n]
-    bar.close()
     est = NelboEstimate.from_nats(nats, config.model.seq_len)
     return {
         "workdir": str(args.workdir), "step": step, "dataset": ds.name, "split": args.split,

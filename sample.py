@@ -9,19 +9,15 @@
     python sample.py --workdir runs/cifar10-classes --label 3 --guidance 2 --out cats.png
 
 Text: the samples go to stdout and, with --out FILE.jsonl, one JSON object per sample with its
-`text` and `tokens`. --prompt keeps the given text at the start and generates the rest;
---infill takes a template in which `[MASK:n]` stands for n generated tokens (everything else
-is kept; positions after the template are generated too). Use bash's $'...' for newlines.
---length N makes samples of N tokens, longer than the model's seq_len L, semi-autoregressively:
-each window of L tokens keeps the L - B tokens it shares with the last and samples B = --block
-new ones (a prompt may then be longer than L). Each JSON record also holds what reproduces it:
-the sampler's settings (rule, loop, steps, grid, top_p, draws, remasking), the seed, the
-checkpoint step, the length and block, and the sample's index (its randomness depends on
-nothing else). A progress bar on stderr counts the windows, with the network calls made.
+`text`, `tokens` and what reproduces it (sampler settings, seed, checkpoint step, length, block,
+index). --prompt keeps the given text at the start; --infill takes a template in which
+`[MASK:n]` stands for n generated tokens, and positions past it are generated too (use bash's
+$'...' for newlines). --length N past the model's seq_len L samples window by window: each keeps
+the L - B tokens it shares with the last and samples B = --block new ones (so a prompt may be
+longer than L). A progress bar on stderr counts windows and network calls.
 Images: a PNG grid (--out, default WORKDIR/samples_step<N>.png); --label picks the class and
 --guidance W samples with classifier-free guidance (a model trained with --num-classes).
---trajectory shows how the samples unmasked step by step: a PNG strip and a GIF for images,
-text snapshots for text.
+--trajectory shows how the samples unmasked: a PNG strip and a GIF for images, text snapshots.
 
 Bad input prints one line on stderr and exits with status 2.
 """
@@ -79,15 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def template_row(args, ds, length: int, mask_id: int) -> np.ndarray:
     """One template [N]: the prompt or infilling template's tokens, masks (id V) elsewhere."""
-    pieces = []  # token arrays; -1 marks a generated position
-    if args.prompt is not None:
-        pieces.append(ds.encode(args.prompt))
-    else:
-        text = args.infill or ""
-        for i, part in enumerate(MASK_MARKER.split(text)):
-            # split alternates literal text and the numbers inside [MASK:n]
-            pieces.append(ds.encode(part) if i % 2 == 0 else np.full(int(part), -1, np.int32))
-    tokens = np.concatenate([np.zeros(0, np.int32), *pieces]).astype(np.int32)
+    # -1 marks a generated position; split alternates literal text and the n inside [MASK:n].
+    parts = [args.prompt] if args.prompt is not None else MASK_MARKER.split(args.infill or "")
+    tokens = np.concatenate([ds.encode(part) if i % 2 == 0 else np.full(int(part), -1, np.int32)
+                             for i, part in enumerate(parts)]).astype(np.int32)
     if tokens.size > length:
         raise UsageError(f"the template is {tokens.size} tokens; the samples are {length}")
     outside = (tokens >= mask_id) | (tokens < -1)
@@ -98,25 +89,22 @@ def template_row(args, ds, length: int, mask_id: int) -> np.ndarray:
     return row
 
 
-def window(args, seq_len: int) -> tuple[int, int]:
-    """(--length, --block), or their defaults: seq_len, and a quarter of it."""
-    return (seq_len if args.length is None else args.length,
-            max(seq_len // 4, 1) if args.block is None else args.block)
-
-
-def check(args, config) -> None:
-    """The flags against the checkpoint's model (the config's own checks are `validate`'s)."""
+def check(args, config) -> tuple[int, int]:
+    """The flags against the checkpoint's model (the config's own checks are `validate`'s);
+    returns (--length, --block), by default seq_len and a quarter of it."""
     if args.prompt is not None and args.infill is not None:
         raise UsageError("give --prompt or --infill, not both")
     check_positive(args, "num_samples")
     seq_len = config.model.seq_len
-    length, block = window(args, seq_len)
+    length = seq_len if args.length is None else args.length
+    block = max(seq_len // 4, 1) if args.block is None else args.block
     block_starts(seq_len, length, block)  # raises for a --length or --block that does not fit
     if args.trajectory and length > seq_len:
         raise UsageError("--trajectory shows one window: leave --length at the model's seq_len")
     classes = config.model.num_classes
     if args.label is not None and not 0 <= args.label < classes:
         raise UsageError(f"--label {args.label}: this model has {classes} classes")
+    return length, block
 
 
 def with_flags(config: Config, args) -> Config:
@@ -131,7 +119,7 @@ def with_flags(config: Config, args) -> Config:
 def sample(args) -> int:
     checkpoints = checkpoint.Checkpoints(args.workdir)  # a reader: left open on an error, it holds nothing
     step, config, _ = checkpoints.read_meta(args.step)
-    check(args, config)
+    length, block = check(args, config)
     config = with_flags(config, args)
     devices = jax.devices()[: math.gcd(args.num_samples, jax.device_count())]
     mesh = make_mesh(len(devices), 1, devices)
@@ -145,9 +133,7 @@ def sample(args) -> int:
     if args.out and not args.out.endswith(".png" if images else ".jsonl"):
         raise UsageError(f"--out {args.out}: expected a {'.png' if images else '.jsonl'} file")
 
-    sampler_cfg = config.sampler
-    n, mask_id, seq_len = args.num_samples, model.mask_id, config.model.seq_len
-    length, block = window(args, seq_len)
+    n, mask_id = args.num_samples, model.mask_id
     template = replicated_on_mesh(np.tile(template_row(args, ds, length, mask_id), (n, 1)), mesh)
     labels = None
     if config.model.num_classes:
@@ -155,9 +141,9 @@ def sample(args) -> int:
         labels = replicated_on_mesh(classes.astype(np.int32), mesh)
     key = jax.random.key(args.seed)
     if args.trajectory:  # one window (check)
-        out = generate(model, key, template, mesh, sampler_cfg, labels, trajectory=True)
+        out = generate(model, key, template, mesh, config.sampler, labels, trajectory=True)
     else:
-        out = generate_with_progress(model, key, template, mesh, sampler_cfg, block, labels, args.no_progress)
+        out = generate_with_progress(model, key, template, mesh, config.sampler, block, labels, args.no_progress)
     tokens = np.asarray(out.tokens)
     trajectory = None if out.trajectory is None else np.asarray(out.trajectory)
 
@@ -172,7 +158,7 @@ def sample(args) -> int:
             print(f"trajectory in {strip} and {gif}")
         return 0
 
-    settings = {"sampler": config_to_json(dataclasses.replace(config, sampler=sampler_cfg))["sampler"],
+    settings = {"sampler": config_to_json(config)["sampler"],
                 "seed": args.seed, "checkpoint_step": step, "length": length, "block": block,
                 "workdir": args.workdir, "prompt": args.prompt, "infill": args.infill}
     records = []
@@ -184,12 +170,11 @@ def sample(args) -> int:
             snapshots = text_trajectory(trajectory[:, i], ds.decode, mask_id)
             record["trajectory"] = [{"step": s, "text": t} for s, t in snapshots]
             for s, t in snapshots:
-                print(f"--- sample {i}, after step {s}/{sampler_cfg.steps}:\n{t}")
+                print(f"--- sample {i}, after step {s}/{config.sampler.steps}:\n{t}")
         print(f"{'=' * 30} sample {i} (step {step}) {'=' * 30}\n{record['text']}")
         records.append(record)
     if args.out:
-        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
-        Path(args.out).write_text("".join(lines), encoding="utf-8")
+        Path(args.out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     return 0
 
 

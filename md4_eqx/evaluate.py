@@ -7,7 +7,6 @@ bits per token, the perplexity bound and two standard errors (see its docstring)
 """
 
 import dataclasses
-import functools
 import math
 from collections.abc import Iterable
 
@@ -25,42 +24,26 @@ from md4_eqx.model import MD4
 from md4_eqx.parallel import DATA, example_ids, param_specs, shard_map_modules
 
 
-def _nelbo_local(model: MD4, key: PRNGKeyArray, tokens: Int[Array, "b l"], labels: Int[Array, " b"] | None,
-                 global_batch: int) -> Float[Array, " b"]:
-    """The NELBO in nats of each of this shard's b sequences."""
-    ids = example_ids(tokens.shape[0])
-    return losses(model, tokens, labels, ids, key, global_batch=global_batch, train=False).nelbo
-
-
 @eqx.filter_jit
-def _nelbo(model, key, tokens, labels, mesh):
-    def specs(model, key, tokens, labels):
-        return (param_specs(model), P(), P(DATA), None if labels is None else P(DATA))
-
-    fn = functools.partial(_nelbo_local, global_batch=tokens.shape[0])
-    return shard_map_modules(fn, mesh, specs, P(DATA))(model, key, tokens, labels)
-
-
-def nelbo(
-    model: MD4,
-    key: PRNGKeyArray,
-    tokens: Int[Array, "b l"],
-    mesh: Mesh,
-    labels: Int[Array, " b"] | None = None,
-) -> Float[Array, " b"]:
+def nelbo(model: MD4, key: PRNGKeyArray, tokens: Int[Array, "b l"], mesh: Mesh,
+          labels: Int[Array, " b"] | None = None) -> Float[Array, " b"]:
     """The NELBO of each sequence in nats, one Monte Carlo time draw each (antithetic across the
     batch when the config says so); divide by L ln 2 for bits per token. The batch splits evenly
     over the mesh's `data` axis (`md4_eqx.validate`)."""
-    return _nelbo(model, key, tokens, labels, mesh)
+    global_batch = tokens.shape[0]
+
+    def local(model, key, tokens, labels):  # this shard's b sequences
+        ids = example_ids(tokens.shape[0])
+        return losses(model, tokens, labels, ids, key, global_batch=global_batch, train=False).nelbo
+
+    def specs(model, key, tokens, labels):
+        return (param_specs(model), P(), P(DATA), None if labels is None else P(DATA))
+
+    return shard_map_modules(local, mesh, specs, P(DATA))(model, key, tokens, labels)
 
 
-def nelbo_draws(
-    model: MD4,
-    key: PRNGKeyArray,
-    batches: Iterable[tuple[Int[Array, "b l"], Int[Array, " b"] | None]],
-    mesh: Mesh,
-    draws: int,
-) -> Float[np.ndarray, "draws n"]:
+def nelbo_draws(model: MD4, key: PRNGKeyArray, batches: Iterable[tuple[Int[Array, "b l"], Int[Array, " b"] | None]],
+                mesh: Mesh, draws: int) -> Float[np.ndarray, "draws n"]:
     """The NELBO in nats of every sequence of `batches` (n in all) under `draws` independent draws
     of the time t and the masks z_t. Draw d of batch i uses the key fold_in(fold_in(key, d), i),
     so row d is the training-time evaluation (`nelbo` per batch with fold_in(key_d, i)) for
@@ -100,25 +83,15 @@ class NelboEstimate:
         return cls(tuple(bits.mean(axis=1).tolist()), tuple(bits.mean(axis=0).tolist()), seq_len)
 
     @property
-    def draws(self) -> int:
-        return len(self.per_draw)
-
-    @property
-    def sequences(self) -> int:
-        return len(self.per_sequence)
-
-    @property
     def bits_per_token(self) -> float:
         return float(np.mean(self.per_draw))
 
     @property
     def mc_stderr(self) -> float:
-        """NaN for a single draw."""
         return _stderr(self.per_draw)
 
     @property
     def stderr(self) -> float:
-        """NaN for a single sequence."""
         return _stderr(self.per_sequence)
 
     @property
@@ -129,17 +102,16 @@ class NelboEstimate:
         except OverflowError:
             return math.inf
 
-    def perplexity_se(self, bits_se: float) -> float:
-        return self.perplexity * math.log(2.0) * bits_se
-
     def to_json(self) -> dict:
+        ppl_se = self.perplexity * math.log(2.0)  # d(2^bits) / d(bits): the delta method
         return {
             "bits_per_token": self.bits_per_token, "mc_stderr": self.mc_stderr, "stderr": self.stderr,
-            "perplexity": self.perplexity, "perplexity_mc_stderr": self.perplexity_se(self.mc_stderr),
-            "perplexity_stderr": self.perplexity_se(self.stderr), "draws": self.draws,
-            "sequences": self.sequences, "seq_len": self.seq_len, "per_draw": list(self.per_draw),
+            "perplexity": self.perplexity, "perplexity_mc_stderr": ppl_se * self.mc_stderr,
+            "perplexity_stderr": ppl_se * self.stderr, "draws": len(self.per_draw),
+            "sequences": len(self.per_sequence), "seq_len": self.seq_len, "per_draw": list(self.per_draw),
         }
 
 
 def _stderr(values: tuple[float, ...]) -> float:
+    """std / sqrt(n); NaN for a single value."""
     return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan

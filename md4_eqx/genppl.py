@@ -19,9 +19,6 @@ import numpy as np
 
 from md4_eqx.errors import ScoringError, first_line
 
-INSTALL_HINT = "generative perplexity needs PyTorch: pip install md4-eqx[eval]"
-
-
 def unigram_entropy(tokens: Sequence[int]) -> float:
     """Entropy in nats of the empirical distribution of one sample's tokens."""
     counts = np.unique(np.asarray(tokens), return_counts=True)[1]
@@ -59,7 +56,7 @@ class CausalLM:
         try:
             import torch
         except ImportError:
-            raise ScoringError(INSTALL_HINT) from None
+            raise ScoringError("generative perplexity needs PyTorch: pip install md4-eqx[eval]") from None
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch

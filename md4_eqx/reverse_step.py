@@ -33,19 +33,12 @@ def remasking(
     return (alpha_s - (1.0 - sigma) * alpha_t) / (1.0 - alpha_t), sigma
 
 
-def reverse_step(
-    keys: Key[Array, " b"],
-    z: Int[Array, "b l"],
-    generated: Bool[Array, "b l"],
-    logits: Float[Array, "b l v"],
-    unmask: Float[Array, " v"],
-    remask: Float[Array, ""],
-    mask_id: int,
-    cfg: SamplerConfig,
-) -> Int[Array, "b l"]:
+def reverse_step(keys: Key[Array, " b"], z: Int[Array, "b l"], generated: Bool[Array, "b l"],
+                 logits: Float[Array, "b l v"], unmask: Float[Array, " v"], remask: Float[Array, ""],
+                 mask_id: int, cfg: SamplerConfig) -> Int[Array, "b l"]:
     """One step t -> s of the reverse process, given mu_theta(z_t, t) as logits over V and
     unmask[v] = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v)) (`MD4.unmask_probs`; ReMDM's for
-    REMDM), and REMDM's remask probability of the `generated` (not given) positions."""
+    REMDM), and REMDM's remask probability of the `generated` (not given) positions (else 0)."""
     logits = token_logits(logits, cfg)
     log_unmask, log_stay = jnp.log(unmask)[None, :], jnp.log1p(-unmask)[None, :]  # (1, V)
 
@@ -58,24 +51,17 @@ def reverse_step(
         x = categorical(key, jnp.concatenate([log_mu + log_unmask, stay], -1), cfg.draws)
         return jnp.where(z == mask_id, x, z)  # outcome V is the mask id itself
 
-    def two_steps(key, z, logits):
+    def two_stage(key, z, generated, logits):
         # MEAN: draw z0 ~ mu first, then unmask with probability unmask[z0], taking z0's value. The
         # same law; the paper (App. G) finds it samples worse in finite precision than one step.
-        k_draw, k_unmask = jax.random.split(key)
+        # REMDM: the same (unmask is one number under MD4's schedule), and a decoded generated
+        # position is remasked with probability `remask` (0 for MEAN).
+        k_draw, k_unmask, k_remask = jax.random.split(key, 3)
         z0 = categorical(k_draw, logits, cfg.draws)  # (l,)
         unmasked = uniform_below(k_unmask, unmask[z0], cfg.draws)
-        return jnp.where((z == mask_id) & unmasked, z0, z)
-
-    def remdm(key, z, generated, logits):
-        # REMDM: x ~ mu where a masked position unmasks (unmask is one number under MD4's
-        # schedule), and a decoded generated position is remasked with probability `remask`.
-        k_draw, k_unmask, k_remask = jax.random.split(key, 3)
-        x = categorical(k_draw, logits, cfg.draws)  # (l,)
-        unmasked = uniform_below(k_unmask, jnp.broadcast_to(unmask[0], z.shape), cfg.draws)
         remasked = generated & uniform_below(k_remask, jnp.broadcast_to(remask, z.shape), cfg.draws)
-        return jnp.where(z == mask_id, jnp.where(unmasked, x, mask_id), jnp.where(remasked, mask_id, z))
+        return jnp.where(z == mask_id, jnp.where(unmasked, z0, mask_id), jnp.where(remasked, mask_id, z))
 
-    if cfg.rule is Rule.REMDM:
-        return jax.vmap(remdm)(keys, z, generated, logits)
-    per_example = two_steps if cfg.rule is Rule.MEAN else one_step
-    return jax.vmap(per_example)(keys, z, logits)
+    if cfg.rule in (Rule.MEAN, Rule.REMDM):
+        return jax.vmap(two_stage)(keys, z, generated, logits)
+    return jax.vmap(one_step)(keys, z, logits)

@@ -2,22 +2,19 @@
 
 From t to s < t, independently per position: an unmasked token stays; a masked one becomes
 x ~ mu_theta(z_t, t) with probability (alpha_s - alpha_t) / (1 - alpha_t), else stays masked.
-The whole loop is one `lax.scan`, jit-compiled, batched, and run on the (data, model) mesh like
-training. Positions given in the template (infilling, prompts) are never masked, so never change.
+The whole loop is jit-compiled, batched, and run on the (data, model) mesh like training.
+Positions given in the template (infilling, prompts) are never masked, so never change.
 
 A sampler is a per-step rule (`Rule`, in `md4_eqx.reverse_step`) run by a loop (`Loop`):
-`Loop.EVERY_STEP` calls the network at every step (`sample_local`); `Loop.EXACT_SKIP` samples the
-same law with fewer network calls: which step unmasks a position does not depend on the network,
-so it draws every position's unmask step up front and calls the network only at steps where
-something unmasks (`sample_skip_local`). Valid pairs (`md4_eqx.validate.check_sampler`): every
-rule with EVERY_STEP; ANCESTRAL, TOP_P and MEAN with EXACT_SKIP under MD4's schedule, where MEAN's
-two-stage draw is the ancestral one (the unmask probability is the same for every token, so
-"z0 ~ mu, then unmask" and "unmask, then x ~ mu" are one law). GenMD4's per-token schedule makes
-the unmask step depend on the token, so it takes EVERY_STEP only. REMDM remasks decoded tokens, so
-a position may unmask several times: it takes EVERY_STEP under MD4's schedule only.
+EVERY_STEP calls the network at every step (`sample_local`); EXACT_SKIP samples the same law
+calling it only at steps where something unmasks (`sample_skip_local`), which needs the unmask
+step of a position to be independent of the network and of the token. Valid pairs
+(`md4_eqx.validate.check_sampler`): every rule with EVERY_STEP; ANCESTRAL, TOP_P and MEAN with
+EXACT_SKIP under MD4's schedule (MEAN's unmask probability is the same for every token, so
+"z0 ~ mu, then unmask" is the ancestral law). GenMD4's per-token schedule makes the unmask step
+depend on the token, and REMDM may unmask a position several times: both take EVERY_STEP only.
 
-Text longer than the training length L comes from `generate_long`, window by window: each window
-of L tokens keeps what it shares with the previous one as its prompt and samples the rest.
+Text longer than the training length L comes from `generate_long`, window by window.
 """
 
 import functools
@@ -58,9 +55,8 @@ def time_grid(steps: int, grid: TimeGrid) -> tuple[Float[Array, " steps"], Float
     return t, s
 
 
-def guided_logits(
-    model: MD4, z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"] | None, guidance: float
-) -> Float[Array, "b l v"]:
+def guided_logits(model: MD4, z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"] | None,
+                  guidance: float) -> Float[Array, "b l v"]:
     """mu_theta's logits over the full vocabulary (sampling gathers the vocabulary slices). With
     classifier-free guidance w != 0: (1 + w) logits(z, t, y) - w logits(z, t, null), the null
     class being id num_classes, in one network call on the batch doubled; w = 0 is the plain
@@ -75,14 +71,8 @@ def guided_logits(
     return vocab_all_gather(logits, model.vocab_size)
 
 
-def sample_local(
-    model: MD4,
-    key: PRNGKeyArray,
-    template: Int[Array, "b l"],
-    labels: Int[Array, " b"] | None,
-    cfg: SamplerConfig,
-    trajectory: bool,
-) -> Samples:
+def sample_local(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"], labels: Int[Array, " b"] | None,
+                 cfg: SamplerConfig, trajectory: bool) -> Samples:
     """The sampling loop on this device's examples (runs inside the mesh's shard_map)."""
     mask_id = model.mask_id
     keys = example_keys(key, example_ids(template.shape[0]))
@@ -118,9 +108,7 @@ def log_survival(schedule: MaskingSchedule, steps: int, grid: TimeGrid) -> Float
     return jnp.log(schedule.mask_prob(ss)) - jnp.log(schedule.mask_prob(ts[0]))
 
 
-def unmask_step_probs(
-    schedule: MaskingSchedule, steps: int, grid: TimeGrid
-) -> Float[Array, " steps_and_final"]:
+def unmask_step_probs(schedule: MaskingSchedule, steps: int, grid: TimeGrid) -> Float[Array, " steps_and_final"]:
     """The law of the step at which a masked position unmasks, the same for every position and
     independent of the network (MD4_MATH.md, "Reverse process"): entry i < T is
     prod_{j<i} (1 - p_j) p_i and entry T is prod_j (1 - p_j), the chance of still being masked
@@ -137,14 +125,8 @@ def expected_skip_calls(schedule: MaskingSchedule, cfg: SamplerConfig, seq_len: 
     return float(np.sum(-np.expm1(seq_len * np.log1p(-probs))))
 
 
-def sample_skip_local(
-    model: MD4,
-    key: PRNGKeyArray,
-    template: Int[Array, "b l"],
-    labels: Int[Array, " b"] | None,
-    cfg: SamplerConfig,
-    trajectory: bool,
-) -> Samples:
+def sample_skip_local(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"], labels: Int[Array, " b"] | None,
+                      cfg: SamplerConfig, trajectory: bool) -> Samples:
     """The ancestral law with network calls only where something unmasks (runs inside shard_map).
 
     Each masked position unmasks at exactly one step k in {0..T-1}, or is still masked at the end
@@ -187,19 +169,15 @@ def sample_skip_local(
     return Samples(z, traj, calls)
 
 
-def _sample_on_mesh(model, key, template, labels, mesh, cfg, trajectory):
+@eqx.filter_jit
+def _generate(model, key, template, labels, mesh, cfg, trajectory):
     def specs(model, key, template, labels):
         return (param_specs(model), P(), P(DATA), None if labels is None else P(DATA))
 
+    local = functools.partial(sample_skip_local if cfg.loop is Loop.EXACT_SKIP else sample_local,
+                              cfg=cfg, trajectory=trajectory)
     out = Samples(P(DATA), P(None, DATA) if trajectory else None, P(DATA))
-    local = sample_skip_local if cfg.loop is Loop.EXACT_SKIP else sample_local
-    run = shard_map_modules(
-        functools.partial(local, cfg=cfg, trajectory=trajectory), mesh, specs, out
-    )
-    return run(model, key, template, labels)
-
-
-_generate = eqx.filter_jit(_sample_on_mesh)
+    return shard_map_modules(local, mesh, specs, out)(model, key, template, labels)
 
 
 def check_labels(cfg: SamplerConfig, labels: Int[Array, " b"] | None) -> None:
@@ -208,15 +186,8 @@ def check_labels(cfg: SamplerConfig, labels: Int[Array, " b"] | None) -> None:
         raise SamplingError(f"guidance {cfg.guidance} needs labels (a class-conditional model)")
 
 
-def generate(
-    model: MD4,
-    key: PRNGKeyArray,
-    template: Int[Array, "b l"],
-    mesh: Mesh,
-    cfg: SamplerConfig,
-    labels: Int[Array, " b"] | None = None,
-    trajectory: bool = False,
-) -> Samples:
+def generate(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"], mesh: Mesh, cfg: SamplerConfig,
+             labels: Int[Array, " b"] | None = None, trajectory: bool = False) -> Samples:
     """Samples for every row of `template`: positions equal to the mask id V are generated, the
     others are kept (all masks: unconditional; a prompt or an infilling template otherwise).
     The batch is split over the mesh's `data` axis; the result does not depend on the mesh.
@@ -243,20 +214,13 @@ def _sample_window(model, key, tokens, start, labels, mesh, cfg):
     """tokens[:, start : start + L] sampled as a template, in place; one compilation serves
     every window, as `start` is traced."""
     window = jax.lax.dynamic_slice_in_dim(tokens, start, model.config.seq_len, axis=1)  # (b, L)
-    out = _sample_on_mesh(model, key, window, labels, mesh, cfg, trajectory=False)
+    out = _generate(model, key, window, labels, mesh, cfg, trajectory=False)
     return jax.lax.dynamic_update_slice_in_dim(tokens, out.tokens, start, axis=1), out.calls
 
 
-def generate_long(
-    model: MD4,
-    key: PRNGKeyArray,
-    template: Int[Array, "b n"],
-    mesh: Mesh,
-    cfg: SamplerConfig,
-    block: int,
-    labels: Int[Array, " b"] | None = None,
-    on_block: Callable[[Samples], None] | None = None,
-) -> Samples:
+def generate_long(model: MD4, key: PRNGKeyArray, template: Int[Array, "b n"], mesh: Mesh, cfg: SamplerConfig,
+                  block: int, labels: Int[Array, " b"] | None = None,
+                  on_block: Callable[[Samples], None] | None = None) -> Samples:
     """Samples of any length n >= L, semi-autoregressively as MDLM (Sahoo et al. 2024, section
     4.2) does: the first window is `template[:, :L]`; each next one moves B = `block` positions
     on, keeps the L - B tokens it shares with the last as its prompt, and samples the B new

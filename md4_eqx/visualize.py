@@ -73,15 +73,8 @@ def render_text(tokens: Integer[np.ndarray, " l"], decode: Callable[[np.ndarray]
     """Decoded text with each masked token shown as `MASK_CHAR`; runs of unmasked tokens are
     decoded together so multi-token characters survive."""
     tokens = np.asarray(tokens)
-    out, start = [], 0
-    for i in np.flatnonzero(tokens == mask_id):
-        if i > start:
-            out.append(decode(tokens[start:i]))
-        out.append(MASK_CHAR)
-        start = i + 1
-    if start < tokens.size:
-        out.append(decode(tokens[start:]))
-    return "".join(out)
+    runs = np.split(tokens, np.flatnonzero(np.diff(tokens == mask_id)) + 1)  # all masked or all not
+    return "".join(MASK_CHAR * run.size if run[0] == mask_id else decode(run) for run in runs if run.size)
 
 
 def text_trajectory(
