@@ -17,6 +17,7 @@ from md4_eqx.config import AUTO, AUTO_FIELDS, PRESETS, Config, preset
 from md4_eqx.distributed import initialize
 from md4_eqx.errors import ConfigError, Md4Error, UsageError
 from md4_eqx.parallel import make_mesh
+from md4_eqx.targets import quiet_libtpu
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -38,6 +39,7 @@ def run_command(parser: argparse.ArgumentParser, command, argv: list[str] | None
     """command(parsed argv); an `Md4Error` is one line on stderr and its status (2: bad input,
     1: a diverged run)."""
     args = parser.parse_args(argv)
+    quiet_libtpu()  # before JAX starts a backend: the [tpu] extra on a host without TPUs is silent
     try:
         return command(args)
     except Md4Error as e:

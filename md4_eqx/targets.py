@@ -137,7 +137,7 @@ def parse(name: str) -> Target:
     raise TargetError(f"unknown target {name!r}; known: {_known()}")
 
 
-def _quiet_libtpu() -> None:
+def quiet_libtpu() -> None:
     """On a host without TPU chips, libtpu looks for its own chip when it loads, prints five lines
     of warnings on stderr when it finds none, and (without ALLOW_MULTIPLE_LIBTPU_LOAD) lets only
     one process on the host load it. Naming a (nominal) chip and host silences it; compile
@@ -165,7 +165,7 @@ def _devices(target: Target) -> list[jax.Device]:
 
 
 def _tpu_devices(tpu: Tpu, grid: tuple[int, ...]) -> list[jax.Device]:
-    _quiet_libtpu()
+    quiet_libtpu()
     options = {"chip_config_name": "megacore"} if tpu.megacore else {}
     grid3 = (*grid, 1, 1)[:3]
     if any(g < h for g, h in zip(grid3, HOST_CHIPS)):  # a slice of less than one host
