@@ -237,10 +237,9 @@ class Planner:
         return Fit(remat, *self.line(remat, at), largest)
 
     def microbatches(self, batch: int) -> int:
-        """The fewest gradient-accumulation chunks of the global `batch` whose step fits."""
+        """The fewest gradient-accumulation chunks of the global `batch` whose step fits (`batch`
+        splits evenly over `data`: md4_eqx.validate checks it before any plan)."""
         remat = self.config.execution.remat
-        if batch % self.data:
-            raise PlanError(f"--batch-size {batch} must be a multiple of data={self.data}")
         per_device = batch // self.data
         counts = [k for k in range(per_device, 0, -1) if per_device % k == 0]  # chunk size ascending
         guess = sum(1 for k in counts if per_device // k <= self.guess(remat))

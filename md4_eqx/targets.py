@@ -66,16 +66,15 @@ CHIPS = {
     "h100": Gpu("NVIDIA H100 80GB HBM3", 84_942_979_072, (9, 0), sms=132, fp32_per_sm=128, clock_ghz=1.98,
                 memory_bandwidth=3_352_320_000_000, l2_cache=50 * 2**20, shared_memory_per_sm=228 * 2**10,
                 shared_memory_per_block=227 * 2**10),
-    "h200": Gpu("NVIDIA H200", 151_397_597_184, (9, 0), sms=132, fp32_per_sm=128, clock_ghz=1.98,
-                memory_bandwidth=4_800_000_000_000, l2_cache=50 * 2**20, shared_memory_per_sm=228 * 2**10,
-                shared_memory_per_block=227 * 2**10),
     "a100-40gb": Gpu("NVIDIA A100-SXM4-40GB", 42_298_834_944, (8, 0), sms=108, fp32_per_sm=64, clock_ghz=1.41,
                      memory_bandwidth=1_555_200_000_000, l2_cache=40 * 2**20, shared_memory_per_sm=164 * 2**10,
                      shared_memory_per_block=163 * 2**10),
-    "a100-80gb": Gpu("NVIDIA A100-SXM4-80GB", 85_100_068_864, (8, 0), sms=108, fp32_per_sm=64, clock_ghz=1.41,
-                     memory_bandwidth=2_039_040_000_000, l2_cache=40 * 2**20, shared_memory_per_sm=164 * 2**10,
-                     shared_memory_per_block=163 * 2**10),
 }
+# The same chips with more, faster memory: the H200 is an H100 die with 141 GB of HBM3e.
+CHIPS["h200"] = dataclasses.replace(CHIPS["h100"], name="NVIDIA H200", memory=151_397_597_184,
+                                    memory_bandwidth=4_800_000_000_000)
+CHIPS["a100-80gb"] = dataclasses.replace(CHIPS["a100-40gb"], name="NVIDIA A100-SXM4-80GB", memory=85_100_068_864,
+                                         memory_bandwidth=2_039_040_000_000)
 # Where a grid smaller than one host's chips (2x2x1 on every generation here) has to say so.
 HOST_CHIPS = (2, 2, 1)
 
