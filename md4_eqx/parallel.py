@@ -62,9 +62,9 @@ def check_model_split(cfg: ModelConfig, model: int) -> None:
 
 
 # Collectives over a mesh axis of size 1 cost nothing here. XLA:CPU keeps a collective over one
-# device as a real all-reduce (a copy that also splits fusions), so these wrappers skip the axis
-# when its size is 1, and `shard_map_modules` drops such axes from every spec: no value ever
-# varies over an axis of size 1, so skipping the collective leaves its type unchanged.
+# device as a real all-reduce (a copy that also splits fusions), so these helpers (and the pmax in
+# `vocab_log_normaliser`) skip the axis when its size is 1, and `shard_map_modules` drops such axes
+# from every spec: no value ever varies over an axis of size 1, so skipping leaves its type unchanged.
 
 
 def psum(x: PyTree, axis: str) -> PyTree:
@@ -72,30 +72,15 @@ def psum(x: PyTree, axis: str) -> PyTree:
     return x if lax.axis_size(axis) == 1 else lax.psum(x, axis)
 
 
-def pmax(x: PyTree, axis: str) -> PyTree:
-    """`lax.pmax` over `axis`; the identity on an axis of size 1."""
-    return x if lax.axis_size(axis) == 1 else lax.pmax(x, axis)
-
-
 def pvary(x: PyTree, axis: str) -> PyTree:
     """Mark `x` as varying over `axis` (no communication); nothing on an axis of size 1."""
     return x if lax.axis_size(axis) == 1 else lax.pcast(x, (axis,), to="varying")
 
 
-def axis_index(axis: str) -> Int[Array, ""]:
+def _axis_index(axis: str) -> Int[Array, ""]:
     """This device's position on `axis`: a constant 0 on an axis of size 1, so that nothing
     computed from it is typed as varying over that axis."""
     return jnp.zeros((), jnp.int32) if lax.axis_size(axis) == 1 else lax.axis_index(axis)
-
-
-def model_index() -> Int[Array, ""]:
-    """This device's position on the `model` axis (0 on a single device)."""
-    return axis_index(MODEL)
-
-
-def data_index() -> Int[Array, ""]:
-    """This device's position on the `data` axis."""
-    return axis_index(DATA)
 
 
 def spec(split: Split, ndim: int) -> P:
@@ -164,7 +149,7 @@ def shardings(mesh: Mesh, specs: PyTree) -> PyTree:
 
 def vocab_offset(local_vocab: int) -> Int[Array, ""]:
     """Global id of this device's first vocabulary row/column."""
-    return model_index() * local_vocab
+    return _axis_index(MODEL) * local_vocab
 
 
 def vocab_log_normaliser(
@@ -176,7 +161,8 @@ def vocab_log_normaliser(
     ids = vocab_offset(v_local) + jnp.arange(v_local)
     logits = jnp.where(ids < vocab_size, logits, -jnp.inf)
     # The max is only a numerical shift: its gradient cancels, so it is held constant.
-    m = pmax(lax.stop_gradient(jnp.max(logits, axis=-1)), MODEL)
+    m = lax.stop_gradient(jnp.max(logits, axis=-1))
+    m = m if lax.axis_size(MODEL) == 1 else lax.pmax(m, MODEL)
     total = psum(jnp.sum(jnp.exp(logits - m[..., None]), axis=-1), MODEL)
     return jnp.log(total) + m
 
@@ -203,9 +189,8 @@ def global_norm(tree: PyTree, specs: PyTree) -> Float[Array, ""]:
     """The L2 norm of a pytree whose leaves may be split over `model` (as `specs` says): a split
     leaf contributes the sum over its slices, a replicated leaf counts once."""
     total = jnp.zeros((), jnp.float32)
-    leaves = jax.tree.leaves(tree)
     leaf_specs = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
-    for leaf, leaf_spec in zip(leaves, leaf_specs, strict=True):
+    for leaf, leaf_spec in zip(jax.tree.leaves(tree), leaf_specs, strict=True):
         sq = jnp.sum(jnp.square(leaf.astype(jnp.float32)))
         total = total + (psum(sq, MODEL) if MODEL in leaf_spec else sq)
     return jnp.sqrt(total)
@@ -214,4 +199,4 @@ def global_norm(tree: PyTree, specs: PyTree) -> Float[Array, ""]:
 def example_ids(local_batch: int) -> Int[Array, " b"]:
     """Global indices of this device's examples: the randomness of each example is keyed by
     its global index, so any mesh draws the same times, masks and dropout."""
-    return data_index() * local_batch + jnp.arange(local_batch)
+    return _axis_index(DATA) * local_batch + jnp.arange(local_batch)
