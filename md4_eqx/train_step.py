@@ -52,9 +52,8 @@ class Metrics(NamedTuple):
 def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup then cosine decay. On short runs the warmup is capped at a tenth of the run."""
     warmup = min(cfg.warmup, max(1, total_steps // 10))
-    return optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, warmup, max(total_steps, warmup + 1), cfg.lr * cfg.min_lr_ratio
-    )
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1),
+                                              cfg.lr * cfg.min_lr_ratio)
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
@@ -68,10 +67,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
         )
 
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
-    return adamw(
-        learning_rate(cfg, total_steps), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay,
-        mask=decay_mask,
-    )
+    return adamw(learning_rate(cfg, total_steps), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay,
+                 mask=decay_mask)
 
 
 def init_state(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
@@ -82,13 +79,9 @@ def init_state(config: Config, optimizer: optax.GradientTransformation, mesh: Me
         model = MD4(config.model, config.diffusion, config.execution, key=jax.random.key(config.train.seed))
         with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
             opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            model=model,
-            ema=jax.tree.map(jnp.copy, model),  # its own buffers: the step donates both
-            opt_state=opt_state,
-            key=jax.random.key(config.train.seed + 1),
-        )
+        ema = jax.tree.map(jnp.copy, model)  # its own buffers: the step donates both
+        return TrainState(step=jnp.zeros((), jnp.int32), model=model, ema=ema, opt_state=opt_state,
+                          key=jax.random.key(config.train.seed + 1))
 
     abstract = eqx.filter_eval_shape(fresh)
     static = eqx.filter(abstract, lambda x: not isinstance(x, jax.ShapeDtypeStruct))
@@ -112,76 +105,6 @@ def state_specs(state: TrainState, optimizer: optax.GradientTransformation) -> P
     return eqx.tree_at(lambda s: (s.model, s.ema, s.opt_state), specs, (params, params, opt))
 
 
-def _step(
-    state: TrainState,
-    tokens: Int[Array, "b l"],
-    labels: Int[Array, " b"] | None,
-    *,
-    optimizer: optax.GradientTransformation,
-    specs: PyTree,
-    global_batch: int,
-    microbatches: int,
-    clip: float,
-    ema: float,
-) -> tuple[TrainState, Metrics]:
-    """One optimisation step on this device's slice of the batch and of the parameters."""
-    seq_len = tokens.shape[1]
-    key = jax.random.fold_in(state.key, state.step)
-    ids = example_ids(tokens.shape[0])
-    params, static = eqx.partition(state.model, eqx.is_array)
-
-    def loss_fn(params, x, y, ids):
-        terms = losses(eqx.combine(params, static), x, y, ids, key, global_batch=global_batch, train=True)
-        norm = global_batch * seq_len
-        return jnp.sum(terms.objective) / norm, jnp.sum(terms.nelbo) / norm
-
-    def chunks(a):  # (b, ...) -> (microbatches, b / microbatches, ...)
-        return None if a is None else a.reshape(microbatches, a.shape[0] // microbatches, *a.shape[1:])
-
-    # Differentiating with respect to parameters marked as varying over `data` keeps each
-    # device's gradient local, so the microbatches accumulate without communication and the
-    # gradients are summed over `data` once, after the scan.
-    local_params = pvary(params, DATA)
-
-    def accumulate(carry, batch):
-        grads, nelbo = carry
-        (_, nll), g = jax.value_and_grad(loss_fn, has_aux=True)(local_params, *batch)
-        return (jax.tree.map(jnp.add, grads, g), nelbo + nll), None
-
-    zero_loss = pvary(jnp.zeros(()), DATA)  # a per-device partial sum
-    zero = (jax.tree.map(jnp.zeros_like, local_params), zero_loss)
-    (grads, nelbo), _ = lax.scan(accumulate, zero, (chunks(tokens), chunks(labels), chunks(ids)))
-    grads, nelbo = psum((grads, nelbo), DATA)
-
-    grad_norm = global_norm(grads, specs.model)
-    if clip:
-        grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip / (grad_norm + 1e-6)), grads)
-    with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
-        updates, opt_state = optimizer.update(grads, state.opt_state, params)
-    params = optax.apply_updates(params, updates)
-    # EMA decay warmed up as min(decay, (1 + step) / (10 + step)), so short runs are not all init.
-    step = state.step.astype(jnp.float32)
-    decay = jnp.minimum(ema, (1.0 + step) / (10.0 + step))
-    ema_params = optax.incremental_update(params, eqx.filter(state.ema, eqx.is_array), 1.0 - decay)
-    updated = TrainState(
-        step=state.step + 1,
-        model=eqx.combine(params, static),
-        ema=eqx.combine(ema_params, static),
-        opt_state=opt_state,
-        key=state.key,
-    )
-    # A non-finite loss or gradient norm keeps every array of the old state but the counter
-    # (`where`, not `cond`: both sides are computed anyway, and NaNs in the unused side vanish).
-    skipped = ~(jnp.isfinite(nelbo) & jnp.isfinite(grad_norm))
-    kept = eqx.tree_at(lambda s: (s.step, s.key), state, (updated.step, None))
-    fresh = eqx.tree_at(lambda s: s.key, updated, None)
-    new_state = jax.tree.map(lambda old, new: jnp.where(skipped, old, new), kept, fresh)
-    new_state = eqx.tree_at(lambda s: s.key, new_state, state.key, is_leaf=lambda x: x is None)
-    lr = jnp.asarray(opt_state.hyperparams["learning_rate"], jnp.float32)
-    metrics = Metrics(nelbo / math.log(2.0), grad_norm, lr, skipped)
-    return new_state, metrics
-
-
 def make_train_step(
     state: TrainState,
     optimizer: optax.GradientTransformation,
@@ -199,15 +122,60 @@ def make_train_step(
     `md4_eqx.validate` checks the model and batch against the mesh."""
     specs = state_specs(state, optimizer)
 
+    def local_step(batch, state: TrainState) -> tuple[TrainState, Metrics]:
+        """One optimisation step on this device's slice of the batch and of the parameters."""
+        tokens, labels = batch
+        global_batch, seq_len = tokens.shape[0] * mesh.shape[DATA], tokens.shape[1]
+        key = jax.random.fold_in(state.key, state.step)
+        ids = example_ids(tokens.shape[0])
+        params, static = eqx.partition(state.model, eqx.is_array)
+
+        def loss_fn(params, x, y, ids):
+            terms = losses(eqx.combine(params, static), x, y, ids, key, global_batch=global_batch, train=True)
+            norm = global_batch * seq_len
+            return jnp.sum(terms.objective) / norm, jnp.sum(terms.nelbo) / norm
+
+        def chunks(a):  # (b, ...) -> (microbatches, b / microbatches, ...)
+            return None if a is None else a.reshape(microbatches, a.shape[0] // microbatches, *a.shape[1:])
+
+        # Differentiating with respect to parameters marked as varying over `data` keeps each
+        # device's gradient local, so the microbatches accumulate without communication and the
+        # gradients are summed over `data` once, after the scan.
+        local_params = pvary(params, DATA)
+
+        def accumulate(carry, batch):
+            grads, nelbo = carry
+            (_, nll), g = jax.value_and_grad(loss_fn, has_aux=True)(local_params, *batch)
+            return (jax.tree.map(jnp.add, grads, g), nelbo + nll), None
+
+        zero_loss = pvary(jnp.zeros(()), DATA)  # a per-device partial sum
+        zero = (jax.tree.map(jnp.zeros_like, local_params), zero_loss)
+        (grads, nelbo), _ = lax.scan(accumulate, zero, (chunks(tokens), chunks(labels), chunks(ids)))
+        grads, nelbo = psum((grads, nelbo), DATA)
+
+        grad_norm = global_norm(grads, specs.model)
+        if clip:
+            grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip / (grad_norm + 1e-6)), grads)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
+            updates, opt_state = optimizer.update(grads, state.opt_state, params)
+        params = optax.apply_updates(params, updates)
+        # EMA decay warmed up as min(decay, (1 + step) / (10 + step)), so short runs are not all init.
+        step = state.step.astype(jnp.float32)
+        decay = jnp.minimum(ema, (1.0 + step) / (10.0 + step))
+        ema_params = optax.incremental_update(params, eqx.filter(state.ema, eqx.is_array), 1.0 - decay)
+        updated = TrainState(step=state.step + 1, model=eqx.combine(params, static),
+                             ema=eqx.combine(ema_params, static), opt_state=opt_state, key=state.key)
+        # A non-finite loss or gradient norm keeps every array of the old state but the counter
+        # (`where`, not `cond`: both sides are computed anyway, and NaNs in the unused side vanish).
+        skipped = ~(jnp.isfinite(nelbo) & jnp.isfinite(grad_norm))
+        new_state = jax.tree.map(lambda old, new: jnp.where(skipped, old, new), state, updated)
+        new_state = eqx.tree_at(lambda s: s.step, new_state, updated.step)
+        lr = jnp.asarray(opt_state.hyperparams["learning_rate"], jnp.float32)
+        return new_state, Metrics(nelbo / math.log(2.0), grad_norm, lr, skipped)
+
     def in_specs(batch, state):
         tokens, labels = batch
-        return ((P(DATA), None if labels is None else P(DATA)), specs)
-
-    def local_step(batch, state):
-        tokens, labels = batch
-        return _step(state, tokens, labels, optimizer=optimizer, specs=specs,
-                     global_batch=tokens.shape[0] * mesh.shape[DATA], microbatches=microbatches,
-                     clip=clip, ema=ema)
+        return (P(DATA), None if labels is None else P(DATA)), specs
 
     @functools.partial(eqx.filter_jit, donate="all-except-first")  # the state, not the batch
     def step(batch, state):
