@@ -7,6 +7,7 @@ one as a command-line flag and a checkpoint can store the whole `Config` as JSON
 import dataclasses
 import enum
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
@@ -96,6 +97,13 @@ class TimeGrid(enum.Enum):
     COSINE = "cosine"
 
 
+def _check(config: Any, rule: str, holds: Callable[[Any], bool], *names: str) -> None:
+    """A ConfigError `name=value rule` for the first of `names` whose value `holds` rejects."""
+    for name in names:
+        if not holds(getattr(config, name)):
+            raise ConfigError(name, f"{name}={getattr(config, name)} {rule}")
+
+
 UNET_CHANNELS = 3  # sub-pixels per pixel (RGB); the data pipeline flattens images row-major (h, w, c)
 UNET_GROUPS = 32  # the U-Net's GroupNorm groups (Flax's default, as the VDM U-Net uses)
 
@@ -123,14 +131,11 @@ class ModelConfig:
     rope_theta: float = 10_000.0
 
     def __post_init__(self):
+        _check(self, "must be positive", lambda v: v > 0,
+               "vocab_size", "seq_len", "width", "num_layers", "num_heads", "cond_dim")
+        _check(self, "must be in [0, 1)", lambda v: 0.0 <= v < 1.0, "dropout", "label_dropout")
         if self.width % self.num_heads:
             raise ConfigError("width", f"width={self.width} must be a multiple of num_heads={self.num_heads}")
-        for name in ("dropout", "label_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(name, f"{name}={getattr(self, name)} must be in [0, 1)")
-        for name in ("vocab_size", "seq_len", "width", "num_layers", "num_heads", "cond_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(name, f"{name}={getattr(self, name)} must be positive")
         if self.backbone is Backbone.UNET:
             side = math.isqrt(self.seq_len // UNET_CHANNELS)
             if UNET_CHANNELS * side * side != self.seq_len:
@@ -146,9 +151,7 @@ class ModelConfig:
 
     @property
     def hidden(self) -> int:
-        if self.mlp_hidden:
-            return self.mlp_hidden
-        return -(-(2 * 4 * self.width // 3) // 32) * 32
+        return self.mlp_hidden or -(-(2 * 4 * self.width // 3) // 32) * 32
 
     @property
     def padded_vocab(self) -> int:
@@ -169,8 +172,7 @@ class ExecutionConfig:
     head_chunk: int = 0  # > 0: the loss runs the output head on this many tokens at a time (MD4.readout)
 
     def __post_init__(self):
-        if self.head_chunk < 0:
-            raise ConfigError("head_chunk", f"head_chunk={self.head_chunk} must be 0 (off) or a token count")
+        _check(self, "must be 0 (off) or a token count", lambda v: v >= 0, "head_chunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,12 +188,9 @@ class DiffusionConfig:
     t1: float = 1e-3  # GenMD4 draws t in [t1, 1]
 
     def __post_init__(self):
-        if not 0.0 < self.eps < 0.5:
-            raise ConfigError("eps", f"eps={self.eps} must be in (0, 0.5)")
-        if self.exponent <= 0:
-            raise ConfigError("exponent", f"exponent={self.exponent} must be positive")
-        if self.timesteps < 0:
-            raise ConfigError("timesteps", f"timesteps={self.timesteps} must be >= 0 (0 means continuous time)")
+        _check(self, "must be in (0, 0.5)", lambda v: 0.0 < v < 0.5, "eps")
+        _check(self, "must be positive", lambda v: v > 0, "exponent")
+        _check(self, "must be >= 0 (0 means continuous time)", lambda v: v >= 0, "timesteps")
         if self.learnable and self.timesteps:
             raise ConfigError("timesteps", "GenMD4 (learnable=True) is a continuous-time model: set timesteps=0")
 
@@ -213,14 +212,11 @@ class SamplerConfig:
     guidance: float = 0.0  # classifier-free guidance w: (1 + w) cond - w uncond logits; 0: none
 
     def __post_init__(self):
-        if self.steps <= 0:
-            raise ConfigError("steps", f"steps={self.steps} must be positive")
-        if not 0.0 <= self.eta <= 1.0:
-            raise ConfigError("eta", f"eta={self.eta} must be in [0, 1]")
+        _check(self, "must be positive", lambda v: v > 0, "steps")
+        _check(self, "must be in [0, 1]", lambda v: 0.0 <= v <= 1.0, "eta")
         if not 0.0 <= self.remask_until < self.remask_from <= 1.0:
             raise ConfigError("remask_from", f"need 0 <= remask_until={self.remask_until} < remask_from={self.remask_from} <= 1")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError("top_p", f"top_p={self.top_p} must be in (0, 1]")
+        _check(self, "must be in (0, 1]", lambda v: 0.0 < v <= 1.0, "top_p")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,12 +233,9 @@ class OptimConfig:
     ema: float = 0.9999
 
     def __post_init__(self):
-        if self.lr <= 0:
-            raise ConfigError("lr", f"lr={self.lr} must be positive")
-        if self.warmup < 0:
-            raise ConfigError("warmup", f"warmup={self.warmup} must be >= 0")
-        if not 0.0 <= self.ema < 1.0:
-            raise ConfigError("ema", f"ema={self.ema} must be in [0, 1)")
+        _check(self, "must be positive", lambda v: v > 0, "lr")
+        _check(self, "must be >= 0", lambda v: v >= 0, "warmup")
+        _check(self, "must be in [0, 1)", lambda v: 0.0 <= v < 1.0, "ema")
 
 
 AUTO = 0  # train.batch_size or train.microbatches chosen for the devices' memory by md4_eqx.plan
@@ -268,13 +261,9 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite steps (each one skipped) before the run stops
 
     def __post_init__(self):
-        for name in ("batch_size", "microbatches"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, f"{name}={getattr(self, name)} must be positive (or auto)")
-        for name in ("steps", "log_every", "eval_every", "eval_batches", "eval_draws", "checkpoint_every",
-                     "keep_checkpoints", "max_bad_steps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(name, f"{name}={getattr(self, name)} must be positive")
+        _check(self, "must be positive (or auto)", lambda v: v >= 0, "batch_size", "microbatches")
+        _check(self, "must be positive", lambda v: v > 0, "steps", "log_every", "eval_every", "eval_batches",
+               "eval_draws", "checkpoint_every", "keep_checkpoints", "max_bad_steps")
         if self.microbatches and self.batch_size % self.microbatches:
             raise ConfigError(
                 "batch_size", f"batch_size={self.batch_size} must be a multiple of microbatches={self.microbatches}"
@@ -383,32 +372,23 @@ def config_from_json(data: dict) -> Config:
     data["execution"] = {**moved, **data.get("execution", {})}
     sections = {}
     for section in dataclasses.fields(Config):
-        values = dict(data.get(section.name, {}))
-        fields = {f.name: f for f in dataclasses.fields(section.type)}
-        unknown = set(values) - set(fields)
-        if unknown:
+        values = data.get(section.name, {})
+        kinds = {f.name: f.type for f in dataclasses.fields(section.type)}
+        if unknown := set(values) - set(kinds):
             raise ConfigError(section.name, f"unknown config fields {section.name}.{sorted(unknown)}")
-        for name, value in values.items():
-            kind = fields[name].type
-            if isinstance(kind, type) and issubclass(kind, enum.Enum):
-                values[name] = kind(value)
-        sections[section.name] = section.type(**values)
+        sections[section.name] = section.type(**{
+            name: kinds[name](value) if isinstance(kinds[name], enum.EnumMeta) else value
+            for name, value in values.items()
+        })
     return Config(**sections)
 
 
 def model_differences(saved: Config, config: Config) -> list[str]:
     """`section.field: saved -> new` for every field that changes the model: the network
     (`model`, whole), the diffusion process, and the dataset."""
-    out = []
-    for section in ("model", "diffusion"):
-        old, new = getattr(saved, section), getattr(config, section)
-        for f in dataclasses.fields(old):
-            a, b = getattr(old, f.name), getattr(new, f.name)
-            if a != b:
-                out.append(f"{section}.{f.name}: {_plain(a)} -> {_plain(b)}")
-    if saved.train.dataset != config.train.dataset:
-        out.append(f"train.dataset: {saved.train.dataset} -> {config.train.dataset}")
-    return out
+    old, new = config_to_json(saved), config_to_json(config)
+    fields = [(section, name) for section in ("model", "diffusion") for name in old[section]] + [("train", "dataset")]
+    return [f"{s}.{name}: {old[s][name]} -> {new[s][name]}" for s, name in fields if old[s][name] != new[s][name]]
 
 
 def _plain(value: Any) -> Any:
