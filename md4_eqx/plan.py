@@ -9,18 +9,18 @@ allocated); its per-device peak is
 
 for a per-device microbatch of m examples. Two compilations (m = 1, 2) fit the line; the answer
 is then confirmed by compiling the chosen size and the next larger one, so what the planner picks
-is what XLA says fits; the report draws its line through the answer and half of it. A batch
-fits when its peak is at most the budget: the device's memory less a `MARGIN` for what the
-analysis does not see (allocator fragmentation, runtime workspaces, collectives' buffers).
+is what XLA says fits. A batch fits when its peak is at most the budget: the device's memory
+less a `MARGIN` for what the analysis does not see (allocator fragmentation, runtime workspaces,
+collectives' buffers).
 
 For a target (md4_eqx.targets: a TPU slice or GPUs this host does not have) the mesh is over its
 abstract devices and the compiler is that hardware's own. On TPU a batch fits when the compiler
 accepts it: under memory pressure it rematerialises by itself, so the largest batch that
 compiles lies far above where the line through small batches crosses the memory, and it checks
 HBM twice (a first verdict within seconds, `CompileTimeHbmOom` after scheduling), so only a
-finished compile says "fits". On GPU the memory analysis decides, as here. Parts compiled only
-on a GPU itself (cuDNN's fused attention, the Mosaic GPU kernel) cannot be planned this way:
-the plan runs XLA's attention there, and says so.
+finished compile says "fits". On GPU the memory analysis decides, as here; cuDNN's fused
+attention and the Mosaic GPU kernel compile only on the GPU itself, so the plan runs XLA's
+attention there, and says so (`_plannable`).
 """
 
 import dataclasses
@@ -29,6 +29,7 @@ import math
 import re
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import equinox as eqx
 import jax
@@ -40,7 +41,7 @@ from md4_eqx.config import AUTO, Config, Impl
 from md4_eqx.errors import PlanError
 from md4_eqx.kernels.attention import platform_of
 from md4_eqx.kernels.attention import resolve as resolve_attention
-from md4_eqx.parallel import DATA
+from md4_eqx.parallel import DATA, shardings
 from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_train_step, state_specs
 
 MARGIN = 0.10  # a tenth of the device's memory is kept free of the planned peak
@@ -62,10 +63,8 @@ def show_size(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def device_memory(limit: int | None = None) -> int:
-    """`limit` if given, else the bytes the first local device lets XLA allocate."""
-    if limit is not None:
-        return limit
+def device_memory() -> int:
+    """The bytes the first local device lets XLA allocate."""
     device = jax.local_devices()[0]
     stats = device.memory_stats() or {}
     if "bytes_limit" not in stats:
@@ -79,10 +78,8 @@ def abstract_state(config: Config, mesh: Mesh) -> TrainState:
     abstract = eqx.filter_eval_shape(init_state, config, optimizer, mesh)
     specs = state_specs(abstract, optimizer)
     arrays, static = eqx.partition(abstract, lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    arrays = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, s)),
-        arrays, specs, is_leaf=lambda x: isinstance(x, P),
-    )
+    arrays = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          arrays, shardings(mesh, specs))
     return eqx.combine(arrays, static)
 
 
@@ -98,9 +95,9 @@ def state_bytes(state: TrainState) -> dict[str, int]:
 
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
-    """Per-device bytes of one compiled training step, as XLA's memory analysis reports them,
-    with what else the compile said: its flops and how long it took. `refused` is the TPU
-    compiler's first line when the step does not fit in HBM (then the bytes are 0)."""
+    """Per-device bytes of one compiled training step (XLA's memory analysis), its flops and its
+    compile time. `refused`: the TPU compiler's first line when the step does not fit in HBM
+    (then the bytes are 0)."""
 
     arguments: int  # state and batch
     outputs: int  # new state and metrics
@@ -164,29 +161,17 @@ def step_memory(config: Config, mesh: Mesh, *, batch: int, microbatches: int) ->
                       int(m.temp_size_in_bytes), flops, seconds)
 
 
-@dataclasses.dataclass(frozen=True)
-class Fit:
-    """The step's peak per device as a line in the per-device microbatch m: fixed + per_example * m."""
-
-    remat: bool
-    fixed: int
-    per_example: int
-    largest: int  # the largest m whose compiled step (one microbatch) fits the budget; 0: none
-
-
 class Planner:
-    """Compiles the step for one config, mesh and memory budget, remembering every compilation.
-    The mesh's devices, real or a target's abstract ones, say whose compiler judges."""
+    """Compiles the step for one config, mesh and memory budget (`step_memory` remembers every
+    compilation). `by_compiler`: a batch fits when the compiler accepts it (default: on TPU), else
+    when its peak is within `memory` less the margin (also for a memory limit given for a TPU)."""
 
     def __init__(self, config: Config, mesh: Mesh, memory: int, *, by_compiler: bool | None = None):
-        """`by_compiler`: a batch fits when the compiler accepts it (default: on TPU), else when
-        its peak is within `memory` less the margin (a memory limit given for a TPU target)."""
         self.platform = platform_of(mesh)
         self.config, self.note = _plannable(config, self.platform)
-        self.mesh, self.memory = mesh, memory
+        self.mesh, self.memory, self.data = mesh, memory, mesh.shape[DATA]
         self.by_compiler = self.platform.name == "tpu" if by_compiler is None else by_compiler
         self.budget = int(memory * (1.0 - MARGIN))
-        self.data = mesh.shape[DATA]
 
     def step(self, remat: bool, microbatch: int, microbatches: int = 1) -> StepMemory:
         """The step compiled with `microbatches` chunks of `microbatch` examples per device."""
@@ -194,29 +179,24 @@ class Planner:
         batch = microbatch * microbatches * self.data
         return step_memory(config, self.mesh, batch=batch, microbatches=microbatches)
 
-    def peak(self, remat: bool, microbatch: int, microbatches: int = 1) -> int:
-        """Peak bytes per device of the step with `microbatches` chunks of `microbatch` per device."""
-        return self.step(remat, microbatch, microbatches).peak
-
     def fits(self, remat: bool, microbatch: int, microbatches: int = 1) -> bool:
-        """The compiler accepts the step (a TPU's refuses what its HBM cannot hold) and, unless
-        the compiler alone judges, its peak is within the budget."""
+        """The compiler accepts the step and, unless it alone judges, its peak is within the budget."""
         step = self.step(remat, microbatch, microbatches)
         return step.refused is None and (self.by_compiler or step.peak <= self.budget)
 
     def line(self, remat: bool, at: tuple[int, int] = (1, 2)) -> tuple[int, int]:
-        """(fixed, per_example): the peak's line through microbatches of `at` examples per device
-        (1 and 2: the cheapest compilations, a first guess; at scale the slope is 15-20% higher)."""
+        """(fixed, per_example): the peak's line through microbatches of `at` examples per device."""
         small, large = at
-        low = self.peak(remat, small)
-        per_example = max((self.peak(remat, large) - low) // (large - small), 1)
+        low = self.step(remat, small).peak
+        per_example = max((self.step(remat, large).peak - low) // (large - small), 1)
         return low - small * per_example, per_example
 
     def guess(self, remat: bool) -> int:
-        """The largest per-device microbatch that fits by the line (at least 1). A line that rises
-        by under a KiB per example says nothing (tiny models, where XLA's buffer reuse varies by
-        more than one example's activations; on a TPU the tiny preset's peak moves by 512 bytes
-        from 1 to 2 examples): then 2, and the search gallops up from there."""
+        """The largest per-device microbatch that fits by the line through 1 and 2 examples (the
+        cheapest compiles; at scale its slope runs 15-20% low), at least 1. A slope under a KiB
+        per example says nothing (tiny models, where XLA's buffer reuse varies by more than one
+        example's activations; on a TPU the tiny preset's peak moves by 512 bytes from 1 to 2
+        examples): then 2, and the search gallops up from there."""
         fixed, per_example = self.line(remat)
         if per_example < 2**10:
             return 2
@@ -226,15 +206,14 @@ class Planner:
         """The largest per-device microbatch that fits, confirmed by compiling (0: none)."""
         return _largest(lambda m: self.fits(remat, m), self.guess(remat))
 
-    def fit(self, remat: bool) -> Fit:
-        """The largest per-device microbatch that fits, and the line through it and half of it:
-        the slope where it matters. (Through 1 and 2 examples, the first guess, it runs 15-20%
-        flat at scale, and with `head_chunk` the head's chunk hides the slope there entirely.)
-        Where the compiler judges, the line through 1 and 2 (it rematerialises under pressure,
-        so no line holds up to its answer)."""
+    def fit(self, remat: bool) -> tuple[int, int, int]:
+        """(fixed, per_example, largest): the largest per-device microbatch that fits (0: none)
+        and the peak's line through it and half of it, where the slope matters (`head_chunk`'s
+        chunk hides it at 1 and 2 examples). Where the compiler judges, the line through 1 and 2:
+        it rematerialises under pressure, so no line holds up to its answer."""
         largest = self.largest(remat)
         at = (1, 2) if self.by_compiler else (max(largest // 2, 1), max(largest, 2))
-        return Fit(remat, *self.line(remat, at), largest)
+        return *self.line(remat, at), largest
 
     def microbatches(self, batch: int) -> int:
         """The fewest gradient-accumulation chunks of the global `batch` whose step fits (`batch`
@@ -246,23 +225,24 @@ class Planner:
         best = _largest(lambda i: self.fits(remat, per_device // counts[i - 1], counts[i - 1]),
                         max(guess, 1), top=len(counts))
         if not best:
-            self._no_fit(f"batch {batch} (data={self.data})", self.peak(remat, 1, per_device))
+            self._no_fit(f"batch {batch} (data={self.data})", per_device)
         return counts[best - 1]
 
     def batch_size(self) -> int:
         """The largest global batch whose step fits without gradient accumulation."""
         largest = self.largest(self.config.execution.remat)
         if largest == 0:
-            self._no_fit("one example per device", self.peak(self.config.execution.remat, 1))
+            self._no_fit("one example per device")
         return largest * self.data
 
-    def _no_fit(self, what: str, peak: int) -> None:
-        if refused := self.step(self.config.execution.remat, 1).refused:
-            raise PlanError(f"{what} does not fit: the TPU compiler says {refused}")
-        extra = ""
-        if not self.config.execution.remat:
-            extra = f" ({show_size(self.peak(True, 1))} with --remat true)"
-        raise PlanError(f"{what} does not fit: one example per device needs {show_size(peak)}{extra}, "
+    def _no_fit(self, what: str, microbatches: int = 1) -> NoReturn:
+        """The PlanError for `what`, with the step of one example per device in `microbatches`."""
+        remat = self.config.execution.remat
+        step = self.step(remat, 1, microbatches)
+        if step.refused:
+            raise PlanError(f"{what} does not fit: the TPU compiler says {step.refused}")
+        extra = "" if remat else f" ({show_size(self.step(True, 1).peak)} with --remat true)"
+        raise PlanError(f"{what} does not fit: one example per device needs {show_size(step.peak)}{extra}, "
                         f"the budget is {show_size(self.budget)} ({show_size(self.memory)} less {MARGIN:.0%})")
 
     def report(self) -> str:
@@ -279,24 +259,23 @@ class Planner:
         lines += [f"  {name:<16} {show_size(n)}" for name, n in state.items()]
         budget = "" if self.by_compiler else f"; budget {show_size(self.budget)} after a {MARGIN:.0%} margin"
         lines.append(f"  device memory    {show_size(self.memory)}{budget}")
-        fit = self.fit(run.remat)
-        if fit.largest == 0:
-            self._no_fit("one example per device", self.peak(run.remat, 1))
-        step = self.step(run.remat, fit.largest)
+        fixed, per_example, largest = self.fit(run.remat)
+        if largest == 0:
+            self._no_fit("one example per device")
+        step = self.step(run.remat, largest)
         flops = "flops not counted by the compiler" if step.flops is None else f"{step.flops / 1e12:.3g} TFLOP"
-        lines.append(f"  remat {str(run.remat).lower():<5}  largest microbatch {fit.largest} per device "
-                     f"(global {fit.largest * self.data} without accumulation): peak {show_size(step.peak)}, "
-                     f"{flops} per step, compiled in {step.seconds:.1f} s; line {show_size(fit.fixed)} + "
-                     f"{fit.per_example / 2**20:.1f} MiB per example{' at 1-2 examples' if self.by_compiler else ''} "
+        lines.append(f"  remat {str(run.remat).lower():<5}  largest microbatch {largest} per device "
+                     f"(global {largest * self.data} without accumulation): peak {show_size(step.peak)}, "
+                     f"{flops} per step, compiled in {step.seconds:.1f} s; line {show_size(fixed)} + "
+                     f"{per_example / 2**20:.1f} MiB per example{' at 1-2 examples' if self.by_compiler else ''} "
                      f"(--remat {str(not run.remat).lower()} plans the other way)")
         return "\n".join(lines)
 
 
 def _plannable(config: Config, platform) -> tuple[Config, str]:
     """`config` as the plan compiles it for `platform`, and a note where that differs: on a GPU
-    cuDNN's fused attention and the Mosaic GPU kernel are compiled only on the device itself
-    (cuDNN builds its graph there; Mosaic GPU compiles inside its custom call at run time), so
-    the plan runs XLA's attention in their place, whose [T, T] scores make it conservative."""
+    cuDNN builds its graph on the device and Mosaic GPU compiles inside its custom call at run
+    time, so XLA's attention runs in their place (its [T, T] scores make the plan conservative)."""
     run, model = config.execution, config.model
     kernel = resolve_attention(run.attention, run.precision.dtype, model.head_dim, platform)
     if platform.name != "gpu" or kernel.impl is Impl.XLA:
@@ -306,18 +285,14 @@ def _plannable(config: Config, platform) -> tuple[Config, str]:
     return dataclasses.replace(config, execution=dataclasses.replace(run, attention=Impl.XLA)), note
 
 
-def _largest(fits: Callable[[int], bool], guess: int, top: int | None = None) -> int:
+def _largest(fits: Callable[[int], bool], guess: int, top: int | float = math.inf) -> int:
     """The largest n in [1, top] with fits(n), for a `fits` that holds up to some n and not
     beyond: from `guess`, galloping up (guess + 1, + 3, + 7, ...) until a size does not fit,
     then bisecting; a good guess costs two compiles. 0 if none fits."""
-    lo, hi, n, stride = 0, None, min(guess, top or guess), 1  # fits(lo) (or lo = 0), not fits(hi)
-    while hi is None:
-        if top is not None and n > top:
-            hi = top + 1
-        elif fits(n):
-            lo, n, stride = n, n + stride, 2 * stride
-        else:
-            hi = n
+    lo, n, stride = 0, min(guess, top), 1  # fits(lo), or lo = 0
+    while n <= top and fits(n):
+        lo, n, stride = n, n + stride, 2 * stride
+    hi = min(n, top + 1)  # not fits(hi), or beyond top
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
@@ -334,12 +309,10 @@ def resolve(
     if AUTO not in (train.batch_size, train.microbatches):
         return config
     if saved is not None:
-        train = dataclasses.replace(
-            train, batch_size=train.batch_size or saved.train.batch_size,
-            microbatches=train.microbatches or saved.train.microbatches,
-        )
+        train = dataclasses.replace(train, batch_size=train.batch_size or saved.train.batch_size,
+                                    microbatches=train.microbatches or saved.train.microbatches)
     else:
-        planner = Planner(config, mesh, device_memory(memory), by_compiler=by_compiler)
+        planner = Planner(config, mesh, memory or device_memory(), by_compiler=by_compiler)
         if train.batch_size == AUTO:
             if train.microbatches not in (AUTO, 1):
                 raise PlanError(f"--batch-size auto picks a batch without accumulation: drop --microbatches {train.microbatches}")

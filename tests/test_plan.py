@@ -58,11 +58,11 @@ def test_batch_size_auto_is_the_largest_that_fits(mesh):
     five = step_memory(CONFIG, mesh, batch=10, microbatches=1).peak
     planner = Planner(CONFIG, mesh, int((four + five) / 2 / (1.0 - MARGIN)))
     assert planner.batch_size() == 8
-    fit = planner.fit(remat=False)
-    assert fit.largest == 4 and fit.per_example > 0
+    fixed, per_example, largest = planner.fit(remat=False)
+    assert largest == 4 and per_example > 0
     # The reported line runs through the answer and half of it, where the slope matters.
     for m in (2, 4):
-        assert abs(fit.fixed + fit.per_example * m - planner.peak(False, m)) <= m, m
+        assert abs(fixed + per_example * m - planner.step(False, m).peak) <= m, m
     # At this size the peak does not grow from 1 to 2 examples per device (XLA's buffer reuse
     # varies more than an example's activations); the search still stays near the answer:
     # 4 and 5 per device above, 1 and 2 for the line, then 3 (the gallop from a guess of 2).
