@@ -283,19 +283,14 @@ class Config:
 
 
 def _md4_s() -> Config:
-    """The paper's OpenWebText MD4-S: 12 layers, width 768, 12 heads, seq 1024, GLU, linear."""
-    return Config(
-        model=ModelConfig(vocab_size=50257, seq_len=1024),
-        train=TrainConfig(dataset="owt", batch_size=512),
-    )
+    """The paper's OpenWebText MD4-S: 12 layers, width 768, 12 heads, seq 1024, GLU, linear,
+    batch 512 (the defaults)."""
+    return Config(model=ModelConfig(vocab_size=50257, seq_len=1024), train=TrainConfig(dataset="owt"))
 
 
 def _text8() -> Config:
-    """text8: the MD4-S network over 27 characters, sequences of 256."""
-    return Config(
-        model=ModelConfig(vocab_size=27, seq_len=256),
-        train=TrainConfig(dataset="text8", batch_size=512),
-    )
+    """text8: the MD4-S network over 27 characters, sequences of 256, batch 512."""
+    return Config(model=ModelConfig(vocab_size=27, seq_len=256), train=TrainConfig(dataset="text8"))
 
 
 def _cifar10() -> Config:
@@ -326,9 +321,7 @@ def _tiny() -> Config:
     and 0.91% of the 3.11 bits it ends at (256 sequences: 1.2% there). The samples use top-p
     0.8: a model this small still puts visible mass on rare bytes."""
     return Config(
-        model=ModelConfig(
-            vocab_size=256, seq_len=128, width=128, num_layers=2, num_heads=4,
-        ),
+        model=ModelConfig(vocab_size=256, seq_len=128, width=128, num_layers=2, num_heads=4),
         execution=ExecutionConfig(precision=Precision.FLOAT32),
         sampler=SamplerConfig(rule=Rule.TOP_P, steps=128, top_p=0.8),
         optim=OptimConfig(lr=2e-3, warmup=50, ema=0.99),

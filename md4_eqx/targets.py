@@ -79,12 +79,6 @@ CHIPS["a100-80gb"] = dataclasses.replace(CHIPS["a100-40gb"], name="NVIDIA A100-S
 HOST_CHIPS = (2, 2, 1)
 
 
-def _known() -> str:
-    names = [f"{n}:{'x'.join('AB' if c.dims == 2 else 'ABC')}" if isinstance(c, Tpu) else f"{n}[:N]"
-             for n, c in CHIPS.items()]
-    return ", ".join(names)
-
-
 @dataclasses.dataclass(frozen=True)
 class Target:
     """A named target: `chips` accelerators of one kind, laid out as `grid` (a TPU's chip grid,
@@ -107,21 +101,12 @@ class Target:
     def chips(self) -> int:
         return math.prod(self.grid)
 
-    @property
-    def extra(self) -> str:
-        """The project's pip extra that installs this target's compiler."""
-        return "tpu" if self.platform == "tpu" else "cuda"
-
-    @property
-    def installed(self) -> bool:
-        """Whether this target's compiler is installed (it is not loaded to find out)."""
-        module = "libtpu" if self.platform == "tpu" else "jax_cuda12_plugin"
-        return importlib.util.find_spec(module) is not None
-
     def devices(self) -> list[jax.Device]:
-        """The target's abstract devices, one per chip (TargetError if its compiler is missing)."""
-        if not self.installed:
-            raise TargetError(f"--target {self.name}: its compiler is not installed: pip install -e \".[{self.extra}]\"")
+        """The target's abstract devices, one per chip (TargetError if its compiler, the module of
+        the project's pip extra, is not installed: it is not loaded to find out)."""
+        module, extra = ("libtpu", "tpu") if self.platform == "tpu" else ("jax_cuda12_plugin", "cuda")
+        if importlib.util.find_spec(module) is None:
+            raise TargetError(f"--target {self.name}: its compiler is not installed: pip install -e \".[{extra}]\"")
         return _devices(self)
 
 
@@ -133,7 +118,9 @@ def parse(name: str) -> Target:
         return Target(name, chip, tuple(int(n) for n in shape.split("x")))
     if isinstance(chip, Gpu) and re.fullmatch(r"([1-9][0-9]*)?", shape):
         return Target(name, chip, (int(shape or 1),))
-    raise TargetError(f"unknown target {name!r}; known: {_known()}")
+    known = [f"{n}:{'x'.join('AB' if c.dims == 2 else 'ABC')}" if isinstance(c, Tpu) else f"{n}[:N]"
+             for n, c in CHIPS.items()]
+    raise TargetError(f"unknown target {name!r}; known: {', '.join(known)}")
 
 
 def quiet_libtpu() -> None:
@@ -151,26 +138,24 @@ def quiet_libtpu() -> None:
 
 @functools.cache  # one set of devices per target: meshes over them compare equal
 def _devices(target: Target) -> list[jax.Device]:
+    chip = target.chip
+    if isinstance(chip, Tpu):
+        quiet_libtpu()
+        options = {"chip_config_name": "megacore"} if chip.megacore else {}
+        grid3 = (*target.grid, 1, 1)[:3]
+        if any(g < h for g, h in zip(grid3, HOST_CHIPS)):  # a slice of less than one host
+            options.update(chips_per_host_bounds=tuple(map(min, grid3, HOST_CHIPS)), wrap=(False, False, False))
+        options.update(topology_name=f"{chip.generation}:{'x'.join(map(str, target.grid))}", platform="tpu")
+    else:
+        options = dict(topology_name="", platform="cuda", target_config=_gpu_config(chip),
+                       topology=f"1x1x{target.chips}")
     try:
-        if isinstance(target.chip, Tpu):
-            return _tpu_devices(target.chip, target.grid)
-        return topologies.get_topology_desc(topology_name="", platform="cuda", target_config=_gpu_config(target.chip),
-                                            topology=f"1x1x{target.chips}").devices
+        return topologies.get_topology_desc(**options).devices
     except NotImplementedError as e:  # the CUDA plugin is installed but did not register
         raise TargetError(f"--target {target.name}: the CUDA plugin did not register its platform; "
                           f"run with JAX_PLATFORMS=cpu on a machine without a GPU") from e
     except jax.errors.JaxRuntimeError as e:  # e.g. a grid the generation has no slice of
         raise TargetError(f"--target {target.name}: {str(e).splitlines()[0]}") from e
-
-
-def _tpu_devices(tpu: Tpu, grid: tuple[int, ...]) -> list[jax.Device]:
-    quiet_libtpu()
-    options = {"chip_config_name": "megacore"} if tpu.megacore else {}
-    grid3 = (*grid, 1, 1)[:3]
-    if any(g < h for g, h in zip(grid3, HOST_CHIPS)):  # a slice of less than one host
-        options.update(chips_per_host_bounds=tuple(map(min, grid3, HOST_CHIPS)), wrap=(False, False, False))
-    name = f"{tpu.generation}:{'x'.join(map(str, grid))}"
-    return topologies.get_topology_desc(topology_name=name, platform="tpu", **options).devices
 
 
 def _gpu_config(gpu: Gpu) -> str:
