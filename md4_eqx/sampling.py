@@ -2,17 +2,15 @@
 
 From t to s < t, independently per position: an unmasked token stays; a masked one becomes
 x ~ mu_theta(z_t, t) with probability (alpha_s - alpha_t) / (1 - alpha_t), else stays masked.
-The whole loop is jit-compiled, batched, and run on the (data, model) mesh like training.
 Positions given in the template (infilling, prompts) are never masked, so never change.
 
 A sampler is a per-step rule (`Rule`, in `md4_eqx.reverse_step`) run by a loop (`Loop`):
 EVERY_STEP calls the network at every step (`sample_local`); EXACT_SKIP samples the same law
 calling it only at steps where something unmasks (`sample_skip_local`), which needs the unmask
-step of a position to be independent of the network and of the token. Valid pairs
-(`md4_eqx.validate.check_sampler`): every rule with EVERY_STEP; ANCESTRAL, TOP_P and MEAN with
-EXACT_SKIP under MD4's schedule (MEAN's unmask probability is the same for every token, so
-"z0 ~ mu, then unmask" is the ancestral law). GenMD4's per-token schedule makes the unmask step
-depend on the token, and REMDM may unmask a position several times: both take EVERY_STEP only.
+step of a position to be independent of the network and of the token. So EXACT_SKIP takes
+ANCESTRAL, TOP_P and MEAN (whose unmask probability is the same for every token) under MD4's
+schedule; GenMD4's per-token schedule makes the unmask step depend on the token, and REMDM may
+unmask a position several times (`md4_eqx.validate.check_sampler`).
 
 Text longer than the training length L comes from `generate_long`, window by window.
 """
@@ -131,19 +129,16 @@ def sample_skip_local(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"]
 
     Each masked position unmasks at exactly one step k in {0..T-1}, or is still masked at the end
     (k = T, the final argmax fill), with the law of `unmask_step_probs` whatever the network says;
-    given that it unmasks at step i, its value is x ~ mu_theta(z_t_i, t_i) (or the rule's
-    `token_logits` of it). So draw every k up front (inverse CDF: k = #{i : -log P(k > i) < E},
-    E ~ Exp(1)), then let each example jump from one of its unmask steps to the next: a step
-    where nothing unmasks leaves z as it is, so skipping it is exact, time conditioning included.
-    Every call serves each example at its own next step and time (the network takes a time per
-    example), so a device makes as many calls as its busiest example has distinct unmask steps.
-    The trajectory is rebuilt from the k's afterwards.
-    """
+    given k = i, its value is x ~ mu_theta(z_t_i, t_i) (or the rule's `token_logits` of it). So
+    draw every k up front (inverse CDF: k = #{i : -log P(k > i) < E}, E ~ Exp(1)), then let each
+    example jump from one of its unmask steps to the next: a step where nothing unmasks leaves z
+    as it is, so skipping it is exact, time conditioning included. Each call serves every example
+    at its own next step and time, so a device makes as many calls as its busiest example has
+    distinct unmask steps. The trajectory is rebuilt from the k's afterwards."""
     steps, mask_id = cfg.steps, model.mask_id
     keys = example_keys(key, example_ids(template.shape[0]))
     step_keys, token_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
-    ts, _ = time_grid(steps, grid=cfg.grid)
-    ts = jnp.concatenate([ts, jnp.zeros(1)])  # step T: the final argmax fill at t = 0
+    ts = jnp.concatenate([time_grid(steps, cfg.grid)[0], jnp.zeros(1)])  # step T: the final argmax fill at t = 0
     energy = jax.vmap(lambda k: exponential(k, template.shape[1:], cfg.draws))(step_keys)  # (b, l)
     hazard = -log_survival(model.schedule, steps, cfg.grid)  # (T,), increasing
     drawn = jnp.searchsorted(hazard, energy).astype(template.dtype)  # (b, l) in [0, T]
@@ -160,9 +155,8 @@ def sample_skip_local(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"]
         unmask = (k == now[:, None]) & (now < done)[:, None]  # (b, l)
         return jnp.where(unmask, x.astype(z.dtype), z), jnp.where(unmask, done, k), calls + 1
 
-    z, _, calls = jax.lax.while_loop(
-        lambda carry: jnp.any(carry[1] < done), body, (template, first, jnp.zeros((1,), jnp.int32))
-    )
+    init = (template, first, jnp.zeros((1,), jnp.int32))
+    z, _, calls = jax.lax.while_loop(lambda carry: jnp.any(carry[1] < done), body, init)
     traj = None
     if trajectory:  # z after step i keeps the values of the positions with k <= i
         traj = jnp.where(first[None] <= jnp.arange(steps)[:, None, None], z[None], template[None])
@@ -170,7 +164,17 @@ def sample_skip_local(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"]
 
 
 @eqx.filter_jit
-def _generate(model, key, template, labels, mesh, cfg, trajectory):
+def generate(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"], mesh: Mesh, cfg: SamplerConfig,
+             labels: Int[Array, " b"] | None = None, trajectory: bool = False) -> Samples:
+    """Samples for every row of `template`: positions equal to the mask id V are generated, the
+    others are kept (all masks: unconditional; a prompt or an infilling template otherwise).
+    The batch is split over the mesh's `data` axis; the result does not depend on the mesh.
+    `md4_eqx.validate` checks the model, sampler and batch against the mesh."""
+    if cfg.guidance and labels is None:
+        raise SamplingError(f"guidance {cfg.guidance} needs labels (a class-conditional model)")
+    if template.shape[1] != model.config.seq_len:
+        raise SamplingError(f"template length {template.shape[1]} != seq_len {model.config.seq_len}")
+
     def specs(model, key, template, labels):
         return (param_specs(model), P(), P(DATA), None if labels is None else P(DATA))
 
@@ -178,24 +182,6 @@ def _generate(model, key, template, labels, mesh, cfg, trajectory):
                               cfg=cfg, trajectory=trajectory)
     out = Samples(P(DATA), P(None, DATA) if trajectory else None, P(DATA))
     return shard_map_modules(local, mesh, specs, out)(model, key, template, labels)
-
-
-def check_labels(cfg: SamplerConfig, labels: Int[Array, " b"] | None) -> None:
-    """Guidance mixes the conditional and unconditional logits: it needs the labels."""
-    if cfg.guidance and labels is None:
-        raise SamplingError(f"guidance {cfg.guidance} needs labels (a class-conditional model)")
-
-
-def generate(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"], mesh: Mesh, cfg: SamplerConfig,
-             labels: Int[Array, " b"] | None = None, trajectory: bool = False) -> Samples:
-    """Samples for every row of `template`: positions equal to the mask id V are generated, the
-    others are kept (all masks: unconditional; a prompt or an infilling template otherwise).
-    The batch is split over the mesh's `data` axis; the result does not depend on the mesh.
-    `md4_eqx.validate` checks the model, sampler and batch against the mesh."""
-    check_labels(cfg, labels)
-    if template.shape[1] != model.config.seq_len:
-        raise SamplingError(f"template length {template.shape[1]} != seq_len {model.config.seq_len}")
-    return _generate(model, key, template, labels, mesh, cfg, trajectory)
 
 
 def block_starts(seq_len: int, length: int, block: int) -> list[int]:
@@ -214,7 +200,7 @@ def _sample_window(model, key, tokens, start, labels, mesh, cfg):
     """tokens[:, start : start + L] sampled as a template, in place; one compilation serves
     every window, as `start` is traced."""
     window = jax.lax.dynamic_slice_in_dim(tokens, start, model.config.seq_len, axis=1)  # (b, L)
-    out = _generate(model, key, window, labels, mesh, cfg, trajectory=False)
+    out = generate(model, key, window, mesh, cfg, labels)
     return jax.lax.dynamic_update_slice_in_dim(tokens, out.tokens, start, axis=1), out.calls
 
 
@@ -228,7 +214,6 @@ def generate_long(model: MD4, key: PRNGKeyArray, template: Int[Array, "b n"], me
     The window at i > 0 draws with fold_in(key, i), the first with `key`, so n = L is
     `generate`. `on_block(samples)` sees the tokens after each window and that window's calls;
     the result's calls add up every window's."""
-    check_labels(cfg, labels)
     starts = block_starts(model.config.seq_len, template.shape[1], block)
     tokens, calls = template, jnp.zeros((mesh.shape[DATA],), jnp.int32)
     for i, start in enumerate(starts):
