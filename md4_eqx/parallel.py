@@ -118,12 +118,10 @@ def without_unit_axes(specs: PyTree, mesh: Mesh) -> PyTree:
     """`specs` with the mesh axes of size 1 removed: a split over one device is no split, and a
     value not typed as varying over an axis needs no collective over it (see `psum`)."""
 
-    def entry(names):
-        kept = tuple(n for n in (names if isinstance(names, tuple) else (names,))
-                     if n is not None and mesh.shape[n] > 1)
-        return kept[0] if len(kept) == 1 else kept or None
+    def drop(spec: P) -> P:  # our specs name one axis per dimension, never a tuple of axes
+        return P(*(None if name is None or mesh.shape[name] == 1 else name for name in spec))
 
-    return jax.tree.map(lambda s: P(*map(entry, s)), specs, is_leaf=lambda s: isinstance(s, P))
+    return jax.tree.map(drop, specs, is_leaf=lambda s: isinstance(s, P))
 
 
 def shard_map_modules(fn, mesh: Mesh, in_specs, out_specs):
