@@ -2,9 +2,9 @@
 
 Inside the map each device holds its slice of the parameters, the EMA and the optimizer state
 (split over `model` like the parameters, replicated over `data`) and its slice of the batch
-(split over `data`). It computes the loss on its examples, gets gradients that JAX already summed
-over `data` (see `md4_eqx.parallel`), clips by the global norm, and applies AdamW and the EMA, all
-in the same compiled step. A (1, 1) mesh is the single-device run; there is no other code path.
+(split over `data`). It accumulates its examples' gradients over the microbatches, sums them over
+`data` once, clips by the global norm, and applies AdamW and the EMA, all in the same compiled
+step. A (1, 1) mesh is the single-device run; there is no other code path.
 
 A step whose loss or gradient norm is not finite changes nothing but the step counter (its
 update, optimizer moments and EMA are all dropped) and says so in `Metrics.skipped`, so one bad
@@ -62,9 +62,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     the learning rate it used."""
 
     def decay_mask(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: getattr(path[-1], "name", None) == "weight", params
-        )
+        return jax.tree.map_with_path(lambda path, _: getattr(path[-1], "name", None) == "weight", params)
 
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
     return adamw(learning_rate(cfg, total_steps), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay,
@@ -138,9 +136,8 @@ def make_train_step(
         def chunks(a):  # (b, ...) -> (microbatches, b / microbatches, ...)
             return None if a is None else a.reshape(microbatches, a.shape[0] // microbatches, *a.shape[1:])
 
-        # Differentiating with respect to parameters marked as varying over `data` keeps each
-        # device's gradient local, so the microbatches accumulate without communication and the
-        # gradients are summed over `data` once, after the scan.
+        # Parameters marked as varying over `data` keep each device's gradient local: replicated
+        # ones would have their cotangents summed over `data` in every microbatch's backward pass.
         local_params = pvary(params, DATA)
 
         def accumulate(carry, batch):
