@@ -265,9 +265,8 @@ class TrainConfig:
         _check(self, "must be positive", lambda v: v > 0, "steps", "log_every", "eval_every", "eval_batches",
                "eval_draws", "checkpoint_every", "keep_checkpoints", "max_bad_steps")
         if self.microbatches and self.batch_size % self.microbatches:
-            raise ConfigError(
-                "batch_size", f"batch_size={self.batch_size} must be a multiple of microbatches={self.microbatches}"
-            )
+            raise ConfigError("batch_size", f"batch_size={self.batch_size} must be a multiple of "
+                                            f"microbatches={self.microbatches}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,11 +347,8 @@ def preset(name: str) -> Config:
 
 def config_to_json(config: Config) -> dict[str, dict[str, Any]]:
     """{section: {field: value}} with enums as their values."""
-    return {
-        section.name: {f.name: _plain(getattr(getattr(config, section.name), f.name))
-                       for f in dataclasses.fields(section.type)}
-        for section in dataclasses.fields(Config)
-    }
+    return {section: {k: v.value if isinstance(v, enum.Enum) else v for k, v in fields.items()}
+            for section, fields in dataclasses.asdict(config).items()}
 
 
 def config_from_json(data: dict) -> Config:
@@ -382,7 +378,3 @@ def model_differences(saved: Config, config: Config) -> list[str]:
     old, new = config_to_json(saved), config_to_json(config)
     fields = [(section, name) for section in ("model", "diffusion") for name in old[section]] + [("train", "dataset")]
     return [f"{s}.{name}: {old[s][name]} -> {new[s][name]}" for s, name in fields if old[s][name] != new[s][name]]
-
-
-def _plain(value: Any) -> Any:
-    return value.value if isinstance(value, enum.Enum) else value
