@@ -142,10 +142,9 @@ HBM_REFUSALS = ("Ran out of memory in memory space hbm", "Ran out of memory on H
 
 @functools.cache  # a Planner and its callers (tests, benchmarks) ask for the same compilations
 def step_memory(config: Config, mesh: Mesh, *, batch: int, microbatches: int) -> StepMemory:
-    """Compile (without running) the training step for a global `batch` split into
-    `microbatches` for the devices of `mesh` and return its memory analysis. On CPU XLA's
-    figures are those of its CPU compilation, a proxy for an accelerator's, which fuses and
-    schedules differently; for a target's abstract devices they are its compiler's own."""
+    """`lowered_step` compiled (not run), and its memory analysis. On CPU XLA's figures are its
+    CPU compilation's, a proxy for an accelerator's (which fuses and schedules differently); for
+    a target's abstract devices, its compiler's own."""
     lowered = lowered_step(config, mesh, batch=batch, microbatches=microbatches)
     started = time.perf_counter()
     try:
@@ -246,8 +245,8 @@ class Planner:
                         f"the budget is {show_size(self.budget)} ({show_size(self.memory)} less {MARGIN:.0%})")
 
     def report(self) -> str:
-        """What `train.py --plan` prints: state bytes, then the largest batch per device for the
-        config's remat setting, with its step's peak, flops and compile time (at that batch)."""
+        """What `train.py --plan` prints: state bytes, then the largest microbatch per device for
+        the config's remat setting, with its step's peak, flops and compile time."""
         state = state_bytes(abstract_state(self.config, self.mesh))
         m, run = self.config.model, self.config.execution
         chunk = f", the head {run.head_chunk} tokens at a time" if run.head_chunk else ""
@@ -276,8 +275,8 @@ def _plannable(config: Config, platform) -> tuple[Config, str]:
     """`config` as the plan compiles it for `platform`, and a note where that differs: on a GPU
     cuDNN builds its graph on the device and Mosaic GPU compiles inside its custom call at run
     time, so XLA's attention runs in their place (its [T, T] scores make the plan conservative)."""
-    run, model = config.execution, config.model
-    kernel = resolve_attention(run.attention, run.precision.dtype, model.head_dim, platform)
+    run = config.execution
+    kernel = resolve_attention(run.attention, run.precision.dtype, config.model.head_dim, platform)
     if platform.name != "gpu" or kernel.impl is Impl.XLA:
         return config, ""
     note = (f"attention {run.attention.value} would run {kernel.impl.value} here, which is compiled only on the "

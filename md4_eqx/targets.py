@@ -32,10 +32,9 @@ GIB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Tpu:
-    """A TPU generation: its topology-name prefix, HBM per chip and the rank of its chip grid.
-    v4 and v5p chips hold two TensorCores that JAX drives as one device ("megacore")."""
+    """A TPU generation (its name in CHIPS is its topology-name prefix): HBM per chip and the rank
+    of its chip grid. v4 and v5p chips hold two TensorCores that JAX drives as one device ("megacore")."""
 
-    generation: str
     memory: int
     dims: int
     megacore: bool = False
@@ -59,10 +58,10 @@ class Gpu:
 
 
 CHIPS = {
-    "v5e": Tpu("v5e", 16 * GIB, dims=2),
-    "v6e": Tpu("v6e", 32 * GIB, dims=2),
-    "v5p": Tpu("v5p", 95 * GIB, dims=3, megacore=True),
-    "v4": Tpu("v4", 32 * GIB, dims=3, megacore=True),
+    "v5e": Tpu(16 * GIB, dims=2),
+    "v6e": Tpu(32 * GIB, dims=2),
+    "v5p": Tpu(95 * GIB, dims=3, megacore=True),
+    "v4": Tpu(32 * GIB, dims=3, megacore=True),
     "h100": Gpu("NVIDIA H100 80GB HBM3", 84_942_979_072, (9, 0), sms=132, fp32_per_sm=128, clock_ghz=1.98,
                 memory_bandwidth=3_352_320_000_000, l2_cache=50 * 2**20, shared_memory_per_sm=228 * 2**10,
                 shared_memory_per_block=227 * 2**10),
@@ -145,7 +144,7 @@ def _devices(target: Target) -> list[jax.Device]:
         grid3 = (*target.grid, 1, 1)[:3]
         if any(g < h for g, h in zip(grid3, HOST_CHIPS)):  # a slice of less than one host
             options.update(chips_per_host_bounds=tuple(map(min, grid3, HOST_CHIPS)), wrap=(False, False, False))
-        options.update(topology_name=f"{chip.generation}:{'x'.join(map(str, target.grid))}", platform="tpu")
+        options.update(topology_name=target.name.lower(), platform="tpu")  # as parse() checked it
     else:
         options = dict(topology_name="", platform="cuda", target_config=_gpu_config(chip),
                        topology=f"1x1x{target.chips}")
