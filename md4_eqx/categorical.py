@@ -2,19 +2,18 @@
 
 `jax.random.categorical` adds float32 Gumbel noise -log(-log u), and float32's largest uniform
 below 1 caps that noise near 16.6: a token more than ~16.6 nats below the leading one is never
-drawn, and rarer tokens are drawn too seldom. Summed over a 50k vocabulary and many steps this
-lowers the samplers' effective temperature, deflating both sample entropy and generative
-perplexity (Zheng et al. 2024, arXiv 2409.02908).
+drawn, and rarer tokens are drawn too seldom. Over a 50k vocabulary and many steps this lowers
+the samplers' effective temperature, deflating both sample entropy and generative perplexity
+(Zheng et al. 2024, arXiv 2409.02908).
 
-`Draws.EXACT` needs no Gumbel noise and no float64 (JAX's x64 is off by default and emulated on
-TPU): an inverse-CDF draw down a binary tree over the vocabulary. The tree's nodes hold the
-summed weights exp(logit - max) of their leaves; the draw walks from the root, going left with
-probability left / (left + right), decided by `uniform_below`, whose uniform has float32 relative
-precision down to 2^-64 at both ends of (0, 1). A token's probability is thus its weight over the
-root's up to 2 log2(V) float32 roundings (relative error ~2e-6, the logits' own rounding), and no
-probability is cut off above float32's exp underflow (~1e-38). Cost: 2 log2(V) random words per
-draw instead of V, a pairwise sum over V instead of V logarithms, and log2(V) gathers (cheaper
-than the Gumbel draw on CPU).
+`Draws.EXACT` needs neither Gumbel noise nor float64 (off by default in JAX, emulated on TPU): an
+inverse-CDF draw down a binary tree whose nodes hold the summed weights exp(logit - max) of their
+leaves, going left with probability left / (left + right), decided by `uniform_below` (float32
+relative precision down to 2^-64 at both ends of (0, 1)). A token's probability is thus its
+weight over the root's up to 2 log2(V) float32 roundings (relative error ~2e-6, the logits' own
+rounding); none above float32's exp underflow (~1e-38) is cut off. Cost: 2 log2(V) random words
+per draw instead of V, a pairwise sum instead of V logarithms, and log2(V) gathers (cheaper than
+the Gumbel draw on CPU).
 """
 
 import jax

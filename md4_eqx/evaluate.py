@@ -1,9 +1,8 @@
 """Evaluation of the NELBO on held-out data, on the same mesh as training.
 
 `nelbo` is the training-time evaluation: one Monte Carlo draw of (t, z_t) per sequence. For a
-number users can trust, `nelbo_draws` repeats it with `draws` independent keys (draw d is exactly
-the training-time evaluation with key fold_in(key, d)) and `NelboEstimate` turns the table into
-bits per token, the perplexity bound and two standard errors (see its docstring).
+number users can trust, `nelbo_draws` repeats it with independent keys and `NelboEstimate` turns
+the table into bits per token, the perplexity bound and two standard errors.
 """
 
 import dataclasses
@@ -45,9 +44,8 @@ def nelbo(model: MD4, key: PRNGKeyArray, tokens: Int[Array, "b l"], mesh: Mesh,
 def nelbo_draws(model: MD4, key: PRNGKeyArray, batches: Iterable[tuple[Int[Array, "b l"], Int[Array, " b"] | None]],
                 mesh: Mesh, draws: int) -> Float[np.ndarray, "draws n"]:
     """The NELBO in nats of every sequence of `batches` (n in all) under `draws` independent draws
-    of the time t and the masks z_t. Draw d of batch i uses the key fold_in(fold_in(key, d), i),
-    so row d is the training-time evaluation (`nelbo` per batch with fold_in(key_d, i)) for
-    key_d = fold_in(key, d). `draws` is at least 1 (TrainConfig, evaluate.py --draws)."""
+    of (t, z_t): batch i of draw d has the key fold_in(fold_in(key, d), i), so row d is exactly
+    the training-time evaluation with key fold_in(key, d)."""
     draw_keys = [jax.random.fold_in(key, d) for d in range(draws)]
     columns = []
     for i, (tokens, labels) in enumerate(batches):

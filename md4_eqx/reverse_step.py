@@ -1,8 +1,7 @@
 """The per-step rules of the reverse process (paper section 4; MD4_MATH.md, "Reverse process").
 
-A rule says how one step t -> s changes z given mu_theta(z_t, t); the loop that applies it
-(every step, or only the steps where something unmasks) lives in `md4_eqx.sampling`. Every rule
-draws a newly unmasked token from `token_logits`, which is all the exact-skip loop needs of it.
+A rule says how one step t -> s changes z given mu_theta(z_t, t); `md4_eqx.sampling` loops over
+the steps. A newly unmasked token is drawn from `token_logits`: all the exact-skip loop needs.
 """
 
 import jax
@@ -14,8 +13,7 @@ from md4_eqx.config import Remask, Rule, SamplerConfig
 
 
 def token_logits(logits: Float[Array, "*b v"], cfg: SamplerConfig) -> Float[Array, "*b v"]:
-    """The law of a token when it unmasks: mu_theta itself, or its top-p part (renormalised by
-    the draw)."""
+    """The law of a token when it unmasks: mu_theta, or its top-p part (the draw renormalises)."""
     return top_p_filter(logits, cfg.top_p) if cfg.rule is Rule.TOP_P else logits
 
 
@@ -52,10 +50,9 @@ def reverse_step(keys: Key[Array, " b"], z: Int[Array, "b l"], generated: Bool[A
         return jnp.where(z == mask_id, x, z)  # outcome V is the mask id itself
 
     def two_stage(key, z, generated, logits):
-        # MEAN: draw z0 ~ mu first, then unmask with probability unmask[z0], taking z0's value. The
-        # same law; the paper (App. G) finds it samples worse in finite precision than one step.
-        # REMDM: the same (unmask is one number under MD4's schedule), and a decoded generated
-        # position is remasked with probability `remask` (0 for MEAN).
+        # MEAN: z0 ~ mu, then unmask with probability unmask[z0], taking z0's value: the same law,
+        # which the paper (App. G) finds samples worse in finite precision than one step. REMDM:
+        # the same, and a decoded generated position is remasked with probability `remask`.
         k_draw, k_unmask, k_remask = jax.random.split(key, 3)
         z0 = categorical(k_draw, logits, cfg.draws)  # (l,)
         unmasked = uniform_below(k_unmask, unmask[z0], cfg.draws)
