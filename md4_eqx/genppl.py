@@ -19,6 +19,7 @@ import numpy as np
 
 from md4_eqx.errors import ScoringError, first_line
 
+
 def unigram_entropy(tokens: Sequence[int]) -> float:
     """Entropy in nats of the empirical distribution of one sample's tokens."""
     counts = np.unique(np.asarray(tokens), return_counts=True)[1]
@@ -109,9 +110,8 @@ class CausalLM:
                 logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
                 target = present[:, 1:].bool()  # (b, w - 1): predicted tokens that exist
                 per_window = -(logp * target).sum(dim=1)
-                for owner, value, count in zip(owners, per_window.tolist(), target.sum(dim=1).tolist()):
-                    nll[owner] += value
-                    scored[owner] += count
+                np.add.at(nll, list(owners), per_window.tolist())  # a sample may own several windows
+                np.add.at(scored, list(owners), target.sum(dim=1).tolist())
         if scored.sum() == 0:
             raise ScoringError("no token to score: the samples are empty")
         return Perplexity(tuple(nll.tolist()), tuple(scored.tolist()))
