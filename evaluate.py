@@ -77,25 +77,22 @@ def _se(value: float) -> str:
 
 def run_nelbo(args) -> dict:
     check_positive(args, "draws", "batches", "batch_size", "model_parallel")
-    checkpoints = checkpoint.Checkpoints(args.workdir)  # a reader: left open on an error, it holds nothing
-    step, config, _ = checkpoints.read_meta(args.step)
-    mesh = make_mesh(model=args.model_parallel)
-    parts = mesh.shape[DATA]
-    batch = args.batch_size or max(parts, config.train.batch_size // config.train.microbatches // parts * parts)
-    validate(config, mesh, batch)
-
-    dataset = args.dataset or config.train.dataset
-    ds = load(dataset, seq_len=config.model.seq_len, cache_dir=args.cache_dir, tokenizer=args.tokenizer,
-              data_path=args.data_path, progress=not args.no_progress)
-    if ds.vocab_size > config.model.vocab_size:
-        raise UsageError(f"{ds.name}'s vocabulary ({ds.vocab_size}) is larger than the model's ({config.model.vocab_size})")
-    split = ds.split(args.split)
-    n = split.num_examples if args.batches is None else min(split.num_examples, args.batches * batch)
-    count = -(-n // batch)
-    _, model = checkpoints.load_for_inference(step, mesh)
-    checkpoints.close()
+    with checkpoint.Checkpoints(args.workdir) as checkpoints:
+        step, config, _ = checkpoints.read_meta(args.step)
+        mesh = make_mesh(model=args.model_parallel)
+        parts = mesh.shape[DATA]
+        batch = args.batch_size or max(parts, config.train.batch_size // config.train.microbatches // parts * parts)
+        validate(config, mesh, batch)
+        ds = load(args.dataset or config.train.dataset, seq_len=config.model.seq_len, cache_dir=args.cache_dir,
+                  tokenizer=args.tokenizer, data_path=args.data_path, progress=not args.no_progress)
+        if ds.vocab_size > config.model.vocab_size:
+            raise UsageError(f"{ds.name}'s vocabulary ({ds.vocab_size}) is larger than the model's "
+                             f"({config.model.vocab_size})")
+        split = ds.split(args.split)
+        n = split.num_examples if args.batches is None else min(split.num_examples, args.batches * batch)
+        count = -(-n // batch)
+        _, model = checkpoints.load_for_inference(step, mesh)
     labelled = config.model.num_classes > 0
-
 
     def batches():
         for i in tqdm(range(count), desc="nelbo", unit="batch", disable=args.no_progress, file=sys.stderr):
@@ -105,11 +102,8 @@ def run_nelbo(args) -> dict:
 
     nats = nelbo_draws(model, jax.random.key(args.seed), batches(), mesh, args.draws)[:, :n]
     est = NelboEstimate.from_nats(nats, config.model.seq_len)
-    return {
-        "workdir": str(args.workdir), "step": step, "dataset": ds.name, "split": args.split,
-        "batch_size": batch, "batches": count,
-        **est.to_json(),
-    }
+    return {"workdir": str(args.workdir), "step": step, "dataset": ds.name, "split": args.split,
+            "batch_size": batch, "batches": count, **est.to_json()}
 
 
 def print_nelbo(r: dict) -> None:
@@ -122,13 +116,13 @@ def print_nelbo(r: dict) -> None:
           f"± {_se(r['perplexity_mc_stderr'])} Monte Carlo  ± {_se(r['perplexity_stderr'])} over sequences")
 
 
-def read_samples(path: str) -> tuple[list[str], list[list[int]]]:
-    """The "text" and "tokens" of every line of a samples .jsonl."""
+def read_samples(path: str) -> list[tuple[str, list[int]]]:
+    """The ("text", "tokens") of every line of a samples .jsonl."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    texts, tokens = [], []
+    samples = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -139,16 +133,15 @@ def read_samples(path: str) -> tuple[list[str], list[list[int]]]:
             raise UsageError(f"{path}:{number}: expected a JSON object with \"text\" and \"tokens\"") from None
         if not isinstance(text, str) or not isinstance(ids, list) or not all(type(t) is int for t in ids):
             raise UsageError(f"{path}:{number}: \"text\" must be a string and \"tokens\" a list of integers")
-        texts.append(text)
-        tokens.append(ids)
-    if not texts:
+        samples.append((text, ids))
+    if not samples:
         raise UsageError(f"{path} has no samples")
-    return texts, tokens
+    return samples
 
 
 def run_samples(args) -> dict:
     check_positive(args, "batch_size")
-    texts, tokens = read_samples(args.file)
+    texts, tokens = zip(*read_samples(args.file))
     entropy = np.array([unigram_entropy(ids) for ids in tokens if ids])
     lm = CausalLM(args.model, args.device)
     scored = tokens if args.tokens else lm.encode(texts)

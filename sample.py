@@ -81,9 +81,8 @@ def template_row(args, ds, length: int, mask_id: int) -> np.ndarray:
                              for i, part in enumerate(parts)]).astype(np.int32)
     if tokens.size > length:
         raise UsageError(f"the template is {tokens.size} tokens; the samples are {length}")
-    outside = (tokens >= mask_id) | (tokens < -1)
-    if outside.any():
-        raise UsageError(f"token id {tokens[outside][0]} lies outside the model's vocabulary [0, {mask_id})")
+    if (tokens >= mask_id).any():
+        raise UsageError(f"token id {tokens.max()} lies outside the model's vocabulary [0, {mask_id})")
     row = np.full(length, mask_id, np.int32)
     row[: tokens.size] = np.where(tokens < 0, mask_id, tokens)
     return row
@@ -117,15 +116,14 @@ def with_flags(config: Config, args) -> Config:
 
 
 def sample(args) -> int:
-    checkpoints = checkpoint.Checkpoints(args.workdir)  # a reader: left open on an error, it holds nothing
-    step, config, _ = checkpoints.read_meta(args.step)
-    length, block = check(args, config)
-    config = with_flags(config, args)
-    devices = jax.devices()[: math.gcd(args.num_samples, jax.device_count())]
-    mesh = make_mesh(len(devices), 1, devices)
-    validate(config, mesh, batch=args.num_samples)
-    _, model = checkpoints.load_for_inference(step, mesh)
-    checkpoints.close()
+    with checkpoint.Checkpoints(args.workdir) as checkpoints:
+        step, config, _ = checkpoints.read_meta(args.step)
+        length, block = check(args, config)
+        config = with_flags(config, args)
+        devices = jax.devices()[: math.gcd(args.num_samples, jax.device_count())]
+        mesh = make_mesh(len(devices), 1, devices)
+        validate(config, mesh, batch=args.num_samples)
+        _, model = checkpoints.load_for_inference(step, mesh)
     ds = load(config.train.dataset, seq_len=config.model.seq_len, cache_dir=args.cache_dir, progress=False)
     images = ds.image_shape is not None
     if images and (args.prompt is not None or args.infill is not None or args.length is not None):
