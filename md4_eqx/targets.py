@@ -100,13 +100,31 @@ class Target:
     def chips(self) -> int:
         return math.prod(self.grid)
 
+    @functools.cache  # one set of devices per target: meshes over them compare equal
     def devices(self) -> list[jax.Device]:
         """The target's abstract devices, one per chip (TargetError if its compiler, the module of
         the project's pip extra, is not installed: it is not loaded to find out)."""
         module, extra = ("libtpu", "tpu") if self.platform == "tpu" else ("jax_cuda12_plugin", "cuda")
         if importlib.util.find_spec(module) is None:
             raise TargetError(f"--target {self.name}: its compiler is not installed: pip install -e \".[{extra}]\"")
-        return _devices(self)
+        if isinstance(self.chip, Tpu):
+            quiet_libtpu()
+            options = {"chip_config_name": "megacore"} if self.chip.megacore else {}
+            grid3 = (*self.grid, 1, 1)[:3]
+            if any(g < h for g, h in zip(grid3, HOST_CHIPS)):  # a slice of less than one host
+                options.update(chips_per_host_bounds=tuple(map(min, grid3, HOST_CHIPS)),
+                               wrap=(False, False, False))
+            options.update(topology_name=self.name.lower(), platform="tpu")  # as parse() checked it
+        else:
+            options = dict(topology_name="", platform="cuda", target_config=_gpu_config(self.chip),
+                           topology=f"1x1x{self.chips}")
+        try:
+            return topologies.get_topology_desc(**options).devices
+        except NotImplementedError as e:  # the CUDA plugin is installed but did not register
+            raise TargetError(f"--target {self.name}: the CUDA plugin did not register its platform; "
+                              f"run with JAX_PLATFORMS=cpu on a machine without a GPU") from e
+        except jax.errors.JaxRuntimeError as e:  # e.g. a grid the generation has no slice of
+            raise TargetError(f"--target {self.name}: {str(e).splitlines()[0]}") from e
 
 
 def parse(name: str) -> Target:
@@ -133,28 +151,6 @@ def quiet_libtpu() -> None:
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-
-@functools.cache  # one set of devices per target: meshes over them compare equal
-def _devices(target: Target) -> list[jax.Device]:
-    chip = target.chip
-    if isinstance(chip, Tpu):
-        quiet_libtpu()
-        options = {"chip_config_name": "megacore"} if chip.megacore else {}
-        grid3 = (*target.grid, 1, 1)[:3]
-        if any(g < h for g, h in zip(grid3, HOST_CHIPS)):  # a slice of less than one host
-            options.update(chips_per_host_bounds=tuple(map(min, grid3, HOST_CHIPS)), wrap=(False, False, False))
-        options.update(topology_name=target.name.lower(), platform="tpu")  # as parse() checked it
-    else:
-        options = dict(topology_name="", platform="cuda", target_config=_gpu_config(chip),
-                       topology=f"1x1x{target.chips}")
-    try:
-        return topologies.get_topology_desc(**options).devices
-    except NotImplementedError as e:  # the CUDA plugin is installed but did not register
-        raise TargetError(f"--target {target.name}: the CUDA plugin did not register its platform; "
-                          f"run with JAX_PLATFORMS=cpu on a machine without a GPU") from e
-    except jax.errors.JaxRuntimeError as e:  # e.g. a grid the generation has no slice of
-        raise TargetError(f"--target {target.name}: {str(e).splitlines()[0]}") from e
 
 
 def _gpu_config(gpu: Gpu) -> str:
