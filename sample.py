@@ -10,14 +10,11 @@
 
 Text: the samples go to stdout and, with --out FILE.jsonl, one JSON object per sample with its
 `text`, `tokens` and what reproduces it (sampler settings, seed, checkpoint step, length, block,
-index). --prompt keeps the given text at the start; --infill takes a template in which
-`[MASK:n]` stands for n generated tokens, and positions past it are generated too (use bash's
-$'...' for newlines). --length N past the model's seq_len L samples window by window: each keeps
-the L - B tokens it shares with the last and samples B = --block new ones (so a prompt may be
-longer than L). A progress bar on stderr counts windows and network calls.
-Images: a PNG grid (--out, default WORKDIR/samples_step<N>.png); --label picks the class and
---guidance W samples with classifier-free guidance (a model trained with --num-classes).
---trajectory shows how the samples unmasked: a PNG strip and a GIF for images, text snapshots.
+index). Positions past an --infill template are generated too (use bash's $'...' for newlines).
+--length N past the model's seq_len L samples window by window: each keeps the L - B tokens it
+shares with the last and samples B = --block new ones (so a prompt may be longer than L); a bar
+on stderr counts windows and network calls. Images: a PNG grid (--out, default
+WORKDIR/samples_step<N>.png). --trajectory: a PNG strip and a GIF for images, text snapshots.
 
 Bad input prints one line on stderr and exits with status 2.
 """
