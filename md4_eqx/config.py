@@ -376,5 +376,6 @@ def model_differences(saved: Config, config: Config) -> list[str]:
     """`section.field: saved -> new` for every field that changes the model: the network
     (`model`, whole), the diffusion process, and the dataset."""
     old, new = config_to_json(saved), config_to_json(config)
-    fields = [(section, name) for section in ("model", "diffusion") for name in old[section]] + [("train", "dataset")]
-    return [f"{s}.{name}: {old[s][name]} -> {new[s][name]}" for s, name in fields if old[s][name] != new[s][name]]
+    fields = [(section, name) for section in ("model", "diffusion") for name in old[section]]
+    return [f"{s}.{name}: {old[s][name]} -> {new[s][name]}" for s, name in [*fields, ("train", "dataset")]
+            if old[s][name] != new[s][name]]

@@ -115,8 +115,7 @@ def param_specs(tree: PyTree) -> PyTree:
 
 
 def without_unit_axes(specs: PyTree, mesh: Mesh) -> PyTree:
-    """`specs` with the mesh axes of size 1 removed: a split over one device is no split, and a
-    value not typed as varying over an axis needs no collective over it (see `psum`)."""
+    """`specs` without the mesh axes of size 1 (why: the comment above `psum`)."""
 
     def drop(spec: P) -> P:  # our specs name one axis per dimension, never a tuple of axes
         return P(*(None if name is None or mesh.shape[name] == 1 else name for name in spec))
@@ -126,8 +125,7 @@ def without_unit_axes(specs: PyTree, mesh: Mesh) -> PyTree:
 
 def shard_map_modules(fn, mesh: Mesh, in_specs, out_specs):
     """`jax.shard_map` for functions of Equinox modules: the arrays of every argument are mapped
-    (`in_specs(*array_args)` gives their specs), static fields are closed over. Mesh axes of size
-    1 are dropped from the specs (`without_unit_axes`)."""
+    (`in_specs(*array_args)` gives their specs, `without_unit_axes`), static fields closed over."""
 
     def wrapped(*args):
         arrays, static = eqx.partition(args, eqx.is_array)

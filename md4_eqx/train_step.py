@@ -94,10 +94,8 @@ def state_specs(state: TrainState, optimizer: optax.GradientTransformation) -> P
     arrays = eqx.filter(state, lambda x: eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct))
     params = param_specs(arrays.model)
     with jax.numpy_dtype_promotion("standard"):  # it calls optimizer.init: see init_state
-        opt = optax.tree_map_params(
-            optimizer, lambda _, spec: spec, arrays.opt_state, params,
-            transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P),
-        )
+        opt = optax.tree_map_params(optimizer, lambda _, spec: spec, arrays.opt_state, params,
+                                    transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
     # Built by tree maps, not TrainState(...): its fields are typed as arrays, these are specs.
     specs = jax.tree.map(lambda _: P(), arrays)
     return eqx.tree_at(lambda s: (s.model, s.ema, s.opt_state), specs, (params, params, opt))
@@ -170,9 +168,8 @@ def make_train_step(
         lr = jnp.asarray(opt_state.hyperparams["learning_rate"], jnp.float32)
         return new_state, Metrics(nelbo / math.log(2.0), grad_norm, lr, skipped)
 
-    def in_specs(batch, state):
-        tokens, labels = batch
-        return (P(DATA), None if labels is None else P(DATA)), specs
+    def in_specs(batch, state):  # labels may be None
+        return (P(DATA), None if batch[1] is None else P(DATA)), specs
 
     @functools.partial(eqx.filter_jit, donate="all-except-first")  # the state, not the batch
     def step(batch, state):
