@@ -239,7 +239,7 @@ class OptimConfig:
 
 
 AUTO = 0  # train.batch_size or train.microbatches chosen for the devices' memory by md4_eqx.plan
-AUTO_FIELDS = frozenset({"batch_size", "microbatches"})  # the TrainConfig fields that take AUTO
+AUTO_FIELDS = ("batch_size", "microbatches")  # the TrainConfig fields that take AUTO
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,7 +261,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite steps (each one skipped) before the run stops
 
     def __post_init__(self):
-        _check(self, "must be positive (or auto)", lambda v: v >= 0, "batch_size", "microbatches")
+        _check(self, "must be positive (or auto)", lambda v: v >= 0, *AUTO_FIELDS)
         _check(self, "must be positive", lambda v: v > 0, "steps", "log_every", "eval_every", "eval_batches",
                "eval_draws", "checkpoint_every", "keep_checkpoints", "max_bad_steps")
         if self.microbatches and self.batch_size % self.microbatches:

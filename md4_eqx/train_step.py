@@ -143,8 +143,7 @@ def make_train_step(
             (_, nll), g = jax.value_and_grad(loss_fn, has_aux=True)(local_params, *batch)
             return (jax.tree.map(jnp.add, grads, g), nelbo + nll), None
 
-        zero_loss = pvary(jnp.zeros(()), DATA)  # a per-device partial sum
-        zero = (jax.tree.map(jnp.zeros_like, local_params), zero_loss)
+        zero = (jax.tree.map(jnp.zeros_like, local_params), pvary(jnp.zeros(()), DATA))  # per-device sums
         (grads, nelbo), _ = lax.scan(accumulate, zero, (chunks(tokens), chunks(labels), chunks(ids)))
         grads, nelbo = psum((grads, nelbo), DATA)
 
