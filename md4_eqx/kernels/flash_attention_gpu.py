@@ -19,26 +19,20 @@ reads a (rows, head_dim) tile directly, so the wrapper transposes nothing. Seque
 zero-padded to whole blocks; each kernel masks the padded tail of the axis it reduces over
 (-inf logits), and padded rows of the other axis are sliced away by the wrapper.
 
-Status: NOT YET RUN ON A GPU. On CPU, the kernels' numbers are tested through the Mosaic GPU
-interpreter (`interpret=True`), and their compiled form is lowered for CUDA
-(`lowering_platforms=("cuda",)`: Mosaic GPU's own lowering down to NVVM and wgmma PTX, which
-rejects mismatched register layouts and operand shapes), alone and inside the training step;
-ptxas and a run wait for a Hopper GPU. The interpreter (JAX 0.10.2) lacks four things the
-compiled kernel uses; `_Ops` holds the only code that differs between the two, each a few lines:
-  1. `plgpu.layout_cast` / `plgpu.load(..., layout=)` (WGMMA register layouts, Lane
-     semantics): the interpreter has no layouts, so it uses the plain arrays;
-  2. `plgpu.transpose_ref` as a wgmma operand (for A @ B^T): the interpreter copies B^T
-     into a staging SMEM buffer first;
-  3. `wgmma` with its left operand in registers (P @ V, dS @ K, ...): the interpreter stores
-     the operand to a staging SMEM buffer first;
-  4. `pl.run_state(plgpu.ACC.init(acc))` (accumulate in place): the interpreter computes
-     the product in a fresh `plgpu.ACC` and adds it.
-The staging buffers exist only in interpret mode. Barriers, TMA copies, the slot ring, the
-masking, the softmax and every index are the same code in both modes.
+Status: NOT YET RUN ON A GPU. On CPU the kernels' numbers are tested through the Mosaic GPU
+interpreter (`interpret=True`), and their compiled form is lowered for CUDA (Mosaic GPU's own
+lowering down to NVVM and wgmma PTX, which rejects mismatched register layouts and operand
+shapes), alone and inside the training step; ptxas and a run wait for a Hopper GPU.
+The interpreter (JAX 0.10.2) lacks four things the compiled kernel uses, so `_Ops` does them
+differently, in a few lines each: register layouts (`layout_cast`, `load(layout=)`: it uses
+plain arrays); `transpose_ref` as a wgmma operand and a left operand in registers (it copies
+them to staging SMEM buffers first, which exist only in interpret mode); accumulation in
+place (`run_state(ACC.init(acc))`: it adds a fresh product). Barriers, TMA copies, the slot
+ring, masking, the softmax and every index are the same code in both modes.
 
-JAX 0.10 vs 0.11: `out_type`/`scratch_types` (not the deprecated `out_shape`), the Lane
-lowering semantics (0.11 defaults to Warpgroup) and `lax.axis_index` (not `pl.program_id`)
-are spelled out so one source serves both.
+`out_type`/`scratch_types` (not the deprecated `out_shape`), the Lane lowering semantics
+(JAX 0.11 defaults to Warpgroup) and `lax.axis_index` (not `pl.program_id`) are spelled out
+so that one source serves JAX 0.10 and 0.11.
 """
 
 import dataclasses
@@ -53,7 +47,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float
 
-from md4_eqx.kernels.flash_vjp import flash_vjp
+from md4_eqx.kernels.flash_vjp import flash_vjp, out_type, varying
 
 # Two compute warpgroups per block (FlashAttention-3); a third one issues the TMA copies.
 COMPUTE_WGS = 2
@@ -102,9 +96,19 @@ class BlockSizes:
         return math.lcm(self.block_kv, self.block_kv_dq, COMPUTE_WGS * self.block_kv_dkv)
 
 
+def _product(a, b_ref, shape: tuple[int, int]) -> jax.Array:
+    """a @ b in a fresh float32 wgmma accumulator of `shape`."""
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, b_ref)
+        return acc_ref[...]
+
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Ops:
-    """The operations whose compiled and interpreted forms differ (module docstring, 1-4).
+    """The operations whose compiled and interpreted forms differ (module docstring).
 
     `t_stage` and `lhs_stage` are this warpgroup's staging SMEM buffers (interpret only).
     """
@@ -131,23 +135,13 @@ class _Ops:
             b_t = self.t_stage
         else:
             b_t = plgpu.transpose_ref(b_ref, (1, 0))
-
-        def body(acc_ref):
-            plgpu.wgmma(acc_ref, a_ref, b_t)
-            return acc_ref[...]
-
-        return pl.run_scoped(body, plgpu.ACC((a_ref.shape[0], b_ref.shape[0]), jnp.float32))
+        return _product(a_ref, b_t, (a_ref.shape[0], b_ref.shape[0]))
 
     def matmul_add(self, acc: jax.Array, a: jax.Array, b_ref) -> jax.Array:
         """acc + a @ b for a float32 accumulator, a (m, k) in registers, b (k, n) in SMEM."""
         if self.interpret:
             self.lhs_stage[...] = a
-
-            def body(acc_ref):
-                plgpu.wgmma(acc_ref, self.lhs_stage, b_ref)
-                return acc_ref[...]
-
-            return acc + pl.run_scoped(body, plgpu.ACC(acc.shape, jnp.float32))
+            return acc + _product(self.lhs_stage, b_ref, acc.shape)
 
         def accumulate(acc_ref):
             plgpu.wgmma(acc_ref, a, b_ref)
@@ -238,10 +232,6 @@ def _seq_tiles(refs, batch, head, block: int) -> list:
     return [lambda i, x=x: x.at[batch, pl.ds(i * block, block), head] for x in refs]
 
 
-def _ops_for(wg: jax.Array, stage, interpret: bool) -> _Ops:
-    return _Ops(interpret, *(buffer.at[wg] for buffer in stage))
-
-
 def _forward_kernel(
     q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem2, lse_smem2, k_smem, v_smem, q_bars, k_bars,
     v_bars, consumed, stage, *, bq, bk, kv_len, stages, interpret,
@@ -253,7 +243,7 @@ def _forward_kernel(
     logit_scale = head_dim**-0.5 * LOG2E  # base-2 logits: exp2 is the native instruction
 
     def compute(wg):
-        ops = _ops_for(wg, stage, interpret)
+        ops = _Ops(interpret, *(buffer.at[wg] for buffer in stage))
         q_smem, lse_smem = q_smem2.at[wg], lse_smem2.at[wg]
         q_start = lax.axis_index("q_blocks") * (COMPUTE_WGS * bq) + wg * bq
         rows = (batch, pl.ds(q_start, bq), head)
@@ -303,7 +293,7 @@ def _dq_kernel(
     scale = head_dim**-0.5
 
     def compute(wg):
-        ops = _ops_for(wg, stage, interpret)
+        ops = _Ops(interpret, *(buffer.at[wg] for buffer in stage))
         q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
         lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
         q_start = lax.axis_index("q_blocks") * (COMPUTE_WGS * bq) + wg * bq
@@ -354,7 +344,7 @@ def _dkv_kernel(
     streamed = (q_bars, do_bars, lse_bars, delta_bars)
 
     def compute(wg):
-        ops = _ops_for(wg, stage, interpret)
+        ops = _Ops(interpret, *(buffer.at[wg] for buffer in stage))
         k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
         kv_start = lax.axis_index("kv_blocks") * (COMPUTE_WGS * bk) + wg * bk
         rows = (batch, pl.ds(kv_start, bk), head)
@@ -392,19 +382,6 @@ def _dkv_kernel(
     _warp_specialize(compute, memory)
 
 
-def _varying(*arrays: jax.Array) -> frozenset:
-    """The mesh axes any of `arrays` varies over (empty outside a `jax.shard_map`)."""
-    return frozenset().union(*(jax.typeof(x).mat.varying for x in arrays))
-
-
-def _out_type(shape: tuple[int, ...], dtype, *like: jax.Array) -> jax.ShapeDtypeStruct:
-    """An output type varying over the mesh axes its inputs vary over; with check_vma=True
-    a kernel inside shard_map must declare it."""
-    return jax.ShapeDtypeStruct(
-        shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=_varying(*like))
-    )
-
-
 def _tile(rows: int, head_dim: int, dtype, *lead: int):
     """A (*lead, rows, head_dim) SMEM buffer in the swizzled layout wgmma reads."""
     return plgpu.SMEM((*lead, rows, head_dim), dtype, transforms=TRANSFORMS)
@@ -420,23 +397,31 @@ def _stage(head_dim: int, lhs_rows: int, cols: int, dtype, interpret: bool) -> t
     )
 
 
-def _barriers(count: int, num_barriers: int, **kwargs) -> tuple:
-    return tuple(plgpu.Barrier(num_barriers=num_barriers, **kwargs) for _ in range(count))
+def _barriers(count: int, num_barriers: int) -> tuple:
+    return tuple(plgpu.Barrier(num_barriers=num_barriers) for _ in range(count))
 
 
-def _call(body, out_type, scratch, *, grid, grid_names, interpret, name):
-    """plgpu.kernel with COMPUTE_WGS + 1 warpgroups named "wg", compiled or interpreted."""
+def _consumed(stages: int):
+    """One "slot consumed" barrier per ring slot, released by every compute warpgroup."""
+    return plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
+
+
+def _call(kernel, operands, outs, scratch, *, grid: dict, interpret: bool, name: str, **params):
+    """kernel(*operands, *outputs, *scratch, interpret=, **params) as a plgpu.kernel over
+    `grid` (axis name: size) with COMPUTE_WGS + 1 warpgroups named "wg", compiled or
+    interpreted; `outs` are the outputs' (shape, dtype)."""
+    body = functools.partial(kernel, interpret=interpret, **params)
     if interpret:
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
         # NaN-filled fresh buffers, so an output tile the kernel never writes shows.
         interpret = InterpretGPUParams(uninitialized_memory="nan")
-    kernel = plgpu.kernel(
+    outputs = plgpu.kernel(
         body,
-        out_type=out_type,
+        out_type=[out_type(shape, dtype, *operands) for shape, dtype in outs],
         scratch_types=scratch,
-        grid=grid,
-        grid_names=grid_names,
+        grid=tuple(grid.values()),
+        grid_names=tuple(grid),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(
@@ -444,17 +429,11 @@ def _call(body, out_type, scratch, *, grid, grid_names, interpret, name):
         ),
         interpret=interpret or None,
         kernel_name=name,
-    )
-
-    def run(*operands):
-        # JAX 0.10's plgpu.kernel runs with the vma check off and drops the varying axes
-        # that out_type declares; add back those the inputs vary over.
-        varying = _varying(*operands)
-        return jax.tree.map(
-            lambda x: lax.pcast(x, tuple(varying - _varying(x)), to="varying"), kernel(*operands)
-        )
-
-    return run
+    )(*operands)
+    # JAX 0.10's plgpu.kernel runs with the vma check off and drops the varying axes that
+    # out_type declares; add back those the inputs vary over.
+    inputs = varying(*operands)
+    return [lax.pcast(x, tuple(inputs - varying(x)), to="varying") for x in outputs]
 
 
 def _forward(q, k, v, *, kv_len, blocks, interpret):
@@ -469,30 +448,21 @@ def _forward(q, k, v, *, kv_len, blocks, interpret):
         _tile(bk, d, q.dtype, stages),  # v ring
         plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q loaded
         *_barriers(2, stages),  # k, v loaded
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # slot consumed
+        _consumed(stages),
         _stage(d, bq, bk, q.dtype, interpret),
     ]
-    kernel = functools.partial(
-        _forward_kernel, bq=bq, bk=bk, kv_len=kv_len, stages=stages, interpret=interpret
-    )
     return _call(
-        kernel,
-        [_out_type(q.shape, q.dtype, q, k, v), _out_type((b, h, tq), jnp.float32, q, k, v)],
-        scratch,
-        grid=(h, tq // (COMPUTE_WGS * bq), b),
-        grid_names=("heads", "q_blocks", "batch"),
-        interpret=interpret,
-        name="flash_attention_gpu_forward",
-    )(q, k, v)
+        _forward_kernel, (q, k, v), [(q.shape, q.dtype), ((b, h, tq), jnp.float32)], scratch,
+        grid={"heads": h, "q_blocks": tq // (COMPUTE_WGS * bq), "batch": b}, interpret=interpret,
+        name="flash_attention_gpu_forward", bq=bq, bk=bk, kv_len=kv_len, stages=stages,
+    )  # fmt: skip
 
 
 def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
     """dq, dk, dv of padded [b, seq, h, d] inputs; lse2 and delta are [b, h, seq]."""
     b, tq, h, d = q.shape
     tk = k.shape[1]
-    delta = jnp.einsum(
-        "bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32)
-    )  # (b, h, tq)
+    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))  # (b, h, tq)
     operands = (q, k, v, do, lse, delta)
 
     bq, bk = blocks.block_q_dq, blocks.block_kv_dq
@@ -506,20 +476,14 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
         _tile(bk, d, q.dtype, stages),  # v ring
         _barriers(4, COMPUTE_WGS),  # q, do, lse2, delta loaded
         *_barriers(2, stages),  # k, v loaded
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # slot consumed
+        _consumed(stages),
         _stage(d, bq, bk, q.dtype, interpret),
     ]
-    dq = _call(
-        functools.partial(
-            _dq_kernel, bq=bq, bk=bk, kv_len=kv_len, stages=stages, interpret=interpret
-        ),
-        _out_type(q.shape, q.dtype, *operands),
-        dq_scratch,
-        grid=(h, tq // (COMPUTE_WGS * bq), b),
-        grid_names=("heads", "q_blocks", "batch"),
-        interpret=interpret,
-        name="flash_attention_gpu_dq",
-    )(*operands)
+    (dq,) = _call(
+        _dq_kernel, operands, [(q.shape, q.dtype)], dq_scratch,
+        grid={"heads": h, "q_blocks": tq // (COMPUTE_WGS * bq), "batch": b}, interpret=interpret,
+        name="flash_attention_gpu_dq", bq=bq, bk=bk, kv_len=kv_len, stages=stages,
+    )  # fmt: skip
 
     bq, bk = blocks.block_q_dkv, blocks.block_kv_dkv
     stages = min(blocks.stages, tq // bq)
@@ -532,20 +496,14 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
         plgpu.SMEM((stages, bq), jnp.float32),  # lse2 ring
         plgpu.SMEM((stages, bq), jnp.float32),  # delta ring
         *_barriers(4, stages),  # q, do, lse2, delta loaded
-        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # slot consumed
+        _consumed(stages),
         _stage(d, bk, bq, q.dtype, interpret),
     ]
     dk, dv = _call(
-        functools.partial(
-            _dkv_kernel, bq=bq, bk=bk, q_len=q_len, stages=stages, interpret=interpret
-        ),
-        [_out_type(k.shape, k.dtype, *operands), _out_type(v.shape, v.dtype, *operands)],
-        dkv_scratch,
-        grid=(h, tk // (COMPUTE_WGS * bk), b),
-        grid_names=("heads", "kv_blocks", "batch"),
-        interpret=interpret,
-        name="flash_attention_gpu_dkv",
-    )(*operands)
+        _dkv_kernel, operands, [(k.shape, k.dtype), (v.shape, v.dtype)], dkv_scratch,
+        grid={"heads": h, "kv_blocks": tk // (COMPUTE_WGS * bk), "batch": b}, interpret=interpret,
+        name="flash_attention_gpu_dkv", bq=bq, bk=bk, q_len=q_len, stages=stages,
+    )  # fmt: skip
     return dq, dk, dv
 
 
@@ -580,13 +538,7 @@ def flash_attention_gpu(
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"{head_dim=} must be one of {HEAD_DIMS}")
     q_len, kv_len = q.shape[1], k.shape[1]
-    o = _flash(
-        _pad_seq(q, block_sizes.q_multiple),
-        _pad_seq(k, block_sizes.kv_multiple),
-        _pad_seq(v, block_sizes.kv_multiple),
-        q_len,
-        kv_len,
-        block_sizes,
-        interpret,
-    )  # (b, q_padded, h, d)
+    q = _pad_seq(q, block_sizes.q_multiple)
+    k, v = _pad_seq(k, block_sizes.kv_multiple), _pad_seq(v, block_sizes.kv_multiple)
+    o = _flash(q, k, v, q_len, kv_len, block_sizes, interpret)  # (b, q_padded, h, d)
     return o[:, :q_len]

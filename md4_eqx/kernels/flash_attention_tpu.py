@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jaxtyping import Array, Float
 
-from md4_eqx.kernels.flash_vjp import flash_vjp
+from md4_eqx.kernels.flash_vjp import flash_vjp, out_type
 
 # m and l are kept broadcast over one vreg's 128 lanes, the layout Mosaic handles natively.
 LANES = 128
@@ -69,16 +69,6 @@ class BlockSizes:
 
 def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
-
-
-def _out_struct(shape: tuple[int, ...], dtype, *like: jax.Array) -> jax.ShapeDtypeStruct:
-    """An output type varying over the mesh axes its inputs vary over.
-
-    Inside `jax.shard_map(..., check_vma=True)` a pallas_call must declare this; outside it
-    the set is empty.
-    """
-    varying = frozenset().union(*(jax.typeof(x).mat.varying for x in like))
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
 
 
 def _nt(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -226,7 +216,7 @@ def _forward(q, k, v, *, kv_len, blocks, interpret):
     b, h, tq, d = q.shape
     tk = k.shape[2]
     bq, bk = blocks.block_q, blocks.block_k
-    out_shape = [_out_struct(q.shape, q.dtype, q, k, v), _out_struct((b, h, tq, LANES), jnp.float32, q, k, v)]
+    out_shape = [out_type(q.shape, q.dtype, q, k, v), out_type((b, h, tq, LANES), jnp.float32, q, k, v)]
     o, lse = pl.pallas_call(
         functools.partial(_forward_kernel, scale=d**-0.5, kv_len=kv_len),
         grid=(b, h, tq // bq, tk // bk),
@@ -265,7 +255,7 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
         grid=(b, h, tq // bq, tk // bk),
         in_specs=_backward_specs(bq, bk, d, q_axis=2, kv_axis=3),
         out_specs=_rows(bq, d, seq_axis=2),
-        out_shape=_out_struct(q.shape, q.dtype, *operands),
+        out_shape=out_type(q.shape, q.dtype, *operands),
         scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
         compiler_params=_compiler_params(),
         # s = q k^T, dp = do v^T, dq = ds k; the output is q's size
@@ -279,7 +269,7 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
         grid=(b, h, tk // bk, tq // bq),
         in_specs=_backward_specs(bq, bk, d, q_axis=3, kv_axis=2),
         out_specs=[_rows(bk, d, seq_axis=2), _rows(bk, d, seq_axis=2)],
-        out_shape=[_out_struct(k.shape, k.dtype, *operands), _out_struct(v.shape, v.dtype, *operands)],
+        out_shape=[out_type(k.shape, k.dtype, *operands), out_type(v.shape, v.dtype, *operands)],
         scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
         compiler_params=_compiler_params(),
         # s^T = k q^T, dv = p^T do, dp^T = v do^T, dk = ds^T q; the outputs are k's and v's sizes

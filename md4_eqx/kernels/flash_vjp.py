@@ -1,5 +1,5 @@
-"""The custom_vjp that turns a flash-attention forward and backward into one differentiable
-function; every kernel file (TPU, Hopper) builds its own with `flash_vjp`.
+"""What both flash-attention kernels (TPU, Hopper) share: the custom_vjp that turns a forward
+and a backward into one differentiable function, and their output types under shard_map.
 
 The forward returns o and the log-sum-exp of every query row; the backward recomputes P from
 them (FlashAttention, Algorithm 2), so the residuals are (q, k, v, o, lse), never P itself.
@@ -29,3 +29,14 @@ def flash_vjp(forward: Callable, backward: Callable) -> Callable:
 
     flash.defvjp(flash_fwd, flash_bwd)
     return flash
+
+
+def varying(*arrays: jax.Array) -> frozenset:
+    """The mesh axes any of `arrays` varies over (empty outside a `jax.shard_map`)."""
+    return frozenset().union(*(jax.typeof(x).mat.varying for x in arrays))
+
+
+def out_type(shape: tuple[int, ...], dtype, *like: jax.Array) -> jax.ShapeDtypeStruct:
+    """A kernel output's type, varying over the mesh axes its inputs `like` vary over: inside
+    `jax.shard_map(..., check_vma=True)` a kernel must declare them."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying(*like)))
