@@ -19,20 +19,14 @@ reads a (rows, head_dim) tile directly, so the wrapper transposes nothing. Seque
 zero-padded to whole blocks; each kernel masks the padded tail of the axis it reduces over
 (-inf logits), and padded rows of the other axis are sliced away by the wrapper.
 
-Status: NOT YET RUN ON A GPU. On CPU the kernels' numbers are tested through the Mosaic GPU
-interpreter (`interpret=True`), and their compiled form is lowered for CUDA (Mosaic GPU's own
-lowering down to NVVM and wgmma PTX, which rejects mismatched register layouts and operand
-shapes), alone and inside the training step; ptxas and a run wait for a Hopper GPU.
-The interpreter (JAX 0.10.2) lacks four things the compiled kernel uses, so `_Ops` does them
-differently, in a few lines each: register layouts (`layout_cast`, `load(layout=)`: it uses
-plain arrays); `transpose_ref` as a wgmma operand and a left operand in registers (it copies
-them to staging SMEM buffers first, which exist only in interpret mode); accumulation in
-place (`run_state(ACC.init(acc))`: it adds a fresh product). Barriers, TMA copies, the slot
-ring, masking, the softmax and every index are the same code in both modes.
-
-`out_type`/`scratch_types` (not the deprecated `out_shape`), the Lane lowering semantics
-(JAX 0.11 defaults to Warpgroup) and `lax.axis_index` (not `pl.program_id`) are spelled out
-so that one source serves JAX 0.10 and 0.11.
+Status: NOT YET RUN ON A GPU. On CPU the Mosaic GPU interpreter (`interpret=True`) tests the
+numbers and a lowering for CUDA (to NVVM and wgmma PTX) checks the compiled form, alone and in
+the training step; ptxas and a run wait for a Hopper GPU. `_Ops` holds all the code that
+differs, because the interpreter (JAX 0.10.2) lacks four things: register layouts (it uses
+plain arrays); `transpose_ref` and a register left operand as wgmma operands (it copies them
+to staging SMEM buffers first); accumulation in place, `run_state(ACC.init(acc))` (it adds a
+fresh product). One source serves JAX 0.10 and 0.11: `out_type`/`scratch_types`, the Lane
+lowering semantics (0.11 defaults to Warpgroup) and `lax.axis_index` are spelled out.
 """
 
 import dataclasses
@@ -265,14 +259,11 @@ def _forward_kernel(
             acc = ops.matmul_add(acc, p.astype(dtype), v_smem.at[slot])  # (bq, head_dim)
             return acc, m_next, l
 
-        acc, m, l = _consume(
-            step, (acc, m, l), (k_bars, v_bars), consumed, steps=steps, stages=stages
-        )
+        acc, m, l = _consume(step, (acc, m, l), (k_bars, v_bars), consumed, steps=steps, stages=stages)
         q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
         lse_smem[...] = m + jnp.log2(l)
-        _store_tiles(
-            [(q_smem, o_ref.at[rows]), (lse_smem, lse_ref.at[batch, head, pl.ds(q_start, bq)])]
-        )
+        lse_rows = lse_ref.at[batch, head, pl.ds(q_start, bq)]
+        _store_tiles([(q_smem, o_ref.at[rows]), (lse_smem, lse_rows)])
 
     def memory():
         tiles = _seq_tiles((k_ref, v_ref), batch, head, bk)
@@ -298,15 +289,9 @@ def _dq_kernel(
         lse_smem, delta_smem = lse_smem2.at[wg], delta_smem2.at[wg]
         q_start = lax.axis_index("q_blocks") * (COMPUTE_WGS * bq) + wg * bq
         rows, stats = (batch, pl.ds(q_start, bq), head), (batch, head, pl.ds(q_start, bq))
-        _load_tiles(
-            [
-                (q_ref.at[rows], q_smem),
-                (do_ref.at[rows], do_smem),
-                (lse_ref.at[stats], lse_smem),
-                (delta_ref.at[stats], delta_smem),
-            ],
-            [bars.at[wg] for bars in own_bars],
-        )
+        pairs = [(q_ref.at[rows], q_smem), (do_ref.at[rows], do_smem)]
+        pairs += [(lse_ref.at[stats], lse_smem), (delta_ref.at[stats], delta_smem)]
+        _load_tiles(pairs, [bars.at[wg] for bars in own_bars])
         lse = lax.broadcast_in_dim(ops.load(lse_smem, ROW), (bq, bk), [0])
         delta = lax.broadcast_in_dim(ops.load(delta_smem, ROW), (bq, bk), [0])
         dq = ops.layout(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
@@ -348,10 +333,7 @@ def _dkv_kernel(
         k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
         kv_start = lax.axis_index("kv_blocks") * (COMPUTE_WGS * bk) + wg * bk
         rows = (batch, pl.ds(kv_start, bk), head)
-        _load_tiles(
-            [(k_ref.at[rows], k_smem), (v_ref.at[rows], v_smem)],
-            [bars.at[wg] for bars in own_bars],
-        )
+        _load_tiles([(k_ref.at[rows], k_smem), (v_ref.at[rows], v_smem)], [bars.at[wg] for bars in own_bars])
         zeros = jnp.zeros((bk, head_dim), jnp.float32)
         dk, dv = (ops.layout(zeros, plgpu.Layout.WGMMA) for _ in range(2))
 
@@ -382,19 +364,16 @@ def _dkv_kernel(
     _warp_specialize(compute, memory)
 
 
-def _tile(rows: int, head_dim: int, dtype, *lead: int):
-    """A (*lead, rows, head_dim) SMEM buffer in the swizzled layout wgmma reads."""
-    return plgpu.SMEM((*lead, rows, head_dim), dtype, transforms=TRANSFORMS)
+def _tiles(count: int, lead: int, rows: int, head_dim: int, dtype) -> tuple:
+    """`count` (lead, rows, head_dim) SMEM buffers in the swizzled layout wgmma reads."""
+    return tuple(plgpu.SMEM((lead, rows, head_dim), dtype, transforms=TRANSFORMS) for _ in range(count))
 
 
 def _stage(head_dim: int, lhs_rows: int, cols: int, dtype, interpret: bool) -> tuple:
     """Per-warpgroup staging buffers of the interpreted form (B^T tiles, left operands)."""
     if not interpret:
         return ()
-    return (
-        plgpu.SMEM((COMPUTE_WGS, head_dim, cols), dtype),
-        plgpu.SMEM((COMPUTE_WGS, lhs_rows, cols), dtype),
-    )
+    return plgpu.SMEM((COMPUTE_WGS, head_dim, cols), dtype), plgpu.SMEM((COMPUTE_WGS, lhs_rows, cols), dtype)
 
 
 def _barriers(count: int, num_barriers: int) -> tuple:
@@ -442,10 +421,9 @@ def _forward(q, k, v, *, kv_len, blocks, interpret):
     bq, bk = blocks.block_q, blocks.block_kv
     stages = min(blocks.stages, k.shape[1] // bk)
     scratch = [
-        _tile(bq, d, q.dtype, COMPUTE_WGS),  # q, then o
+        *_tiles(1, COMPUTE_WGS, bq, d, q.dtype),  # q, then o
         plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # lse2
-        _tile(bk, d, q.dtype, stages),  # k ring
-        _tile(bk, d, q.dtype, stages),  # v ring
+        *_tiles(2, stages, bk, d, q.dtype),  # k, v rings
         plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q loaded
         *_barriers(2, stages),  # k, v loaded
         _consumed(stages),
@@ -468,12 +446,10 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
     bq, bk = blocks.block_q_dq, blocks.block_kv_dq
     stages = min(blocks.stages, tk // bk)
     dq_scratch = [
-        _tile(bq, d, q.dtype, COMPUTE_WGS),  # q, then dq
-        _tile(bq, d, q.dtype, COMPUTE_WGS),  # do
+        *_tiles(2, COMPUTE_WGS, bq, d, q.dtype),  # q (then dq), do
         plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # lse2
         plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # delta
-        _tile(bk, d, q.dtype, stages),  # k ring
-        _tile(bk, d, q.dtype, stages),  # v ring
+        *_tiles(2, stages, bk, d, q.dtype),  # k, v rings
         _barriers(4, COMPUTE_WGS),  # q, do, lse2, delta loaded
         *_barriers(2, stages),  # k, v loaded
         _consumed(stages),
@@ -488,11 +464,9 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
     bq, bk = blocks.block_q_dkv, blocks.block_kv_dkv
     stages = min(blocks.stages, tq // bq)
     dkv_scratch = [
-        _tile(bk, d, q.dtype, COMPUTE_WGS),  # k, then dk
-        _tile(bk, d, q.dtype, COMPUTE_WGS),  # v, then dv
+        *_tiles(2, COMPUTE_WGS, bk, d, q.dtype),  # k, v (then dk, dv)
         _barriers(2, COMPUTE_WGS),  # k, v loaded
-        _tile(bq, d, q.dtype, stages),  # q ring
-        _tile(bq, d, q.dtype, stages),  # do ring
+        *_tiles(2, stages, bq, d, q.dtype),  # q, do rings
         plgpu.SMEM((stages, bq), jnp.float32),  # lse2 ring
         plgpu.SMEM((stages, bq), jnp.float32),  # delta ring
         *_barriers(4, stages),  # q, do, lse2, delta loaded

@@ -33,6 +33,8 @@ from md4_eqx.kernels.flash_vjp import flash_vjp, out_type
 LANES = 128
 # Interpret mode fills every output buffer with NaN first, so an unwritten element shows.
 INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan")
+# The last grid axis carries the accumulators, so it runs in order on one core.
+COMPILER_PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +84,9 @@ def _nn(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _scores(rows: jax.Array, cols: jax.Array, *, scale: float, start: jax.Array, length: int) -> jax.Array:
-    """rows @ cols^T * scale in float32, -inf in the columns of padding.
-
-    Column j is sequence position start + j; positions >= length are padding. The mask is
-    traced only when the sequence does not fill its last block.
-    """
+    """rows @ cols^T * scale in float32, -inf in the columns of padding: column j is position
+    start + j, and positions >= length are padding. Traced only when the sequence does not fill
+    its blocks."""
     s = _nt(rows, cols) * scale  # (rows, cols)
     if length % cols.shape[0] == 0:
         return s
@@ -172,10 +172,10 @@ def _dkv_kernel(
         dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
 
 
-def _rows(block: int, head_dim: int, *, seq_axis: int) -> pl.BlockSpec:
-    """Spec for a (block, head_dim) tile of a [b, h, seq, d] array; the grid's
+def _rows(block: int, width: int, *, seq_axis: int) -> pl.BlockSpec:
+    """Spec for a (block, width) tile of a [b, h, seq, width] array; the grid's
     `seq_axis`-th index (2 or 3) picks the block along seq."""
-    return pl.BlockSpec((None, None, block, head_dim), lambda b, h, i, j: (b, h, (i, j)[seq_axis - 2], 0))
+    return pl.BlockSpec((None, None, block, width), lambda b, h, i, j: (b, h, (i, j)[seq_axis - 2], 0))
 
 
 def _row_vector(block: int, *, seq_axis: int) -> pl.BlockSpec:
@@ -206,11 +206,6 @@ def _cost(matmuls: int, q, k, *, once: tuple, streamed: tuple, passes: int) -> p
                            bytes_accessed=_nbytes(*once) + passes * _nbytes(*streamed))
 
 
-def _compiler_params() -> pltpu.CompilerParams:
-    # The last grid axis carries the accumulators, so it runs in order on one core.
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
-
-
 def _forward(q, k, v, *, kv_len, blocks, interpret):
     """o and lse (float32, [b, h, tq]) of padded [b, h, seq, d] inputs."""
     b, h, tq, d = q.shape
@@ -221,18 +216,16 @@ def _forward(q, k, v, *, kv_len, blocks, interpret):
         functools.partial(_forward_kernel, scale=d**-0.5, kv_len=kv_len),
         grid=(b, h, tq // bq, tk // bk),
         in_specs=[_rows(bq, d, seq_axis=2), _rows(bk, d, seq_axis=3), _rows(bk, d, seq_axis=3)],
-        out_specs=[
-            _rows(bq, d, seq_axis=2),
-            pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j: (b, h, i, 0)),
-        ],
+        out_specs=[_rows(bq, d, seq_axis=2), _rows(bq, LANES, seq_axis=2)],
         out_shape=out_shape,
         scratch_shapes=[
             pltpu.VMEM((bq, LANES), jnp.float32),  # m: running row max
             pltpu.VMEM((bq, LANES), jnp.float32),  # l: running row sum of exp(s - m)
             pltpu.VMEM((bq, d), jnp.float32),  # acc: unnormalised output
         ],
-        compiler_params=_compiler_params(),
-        cost_estimate=_cost(2, q, k, once=(q, *out_shape), streamed=(k, v), passes=tq // bq),  # s = q k^T, p v
+        compiler_params=COMPILER_PARAMS,
+        # s = q k^T, o = p v; the outputs are written once
+        cost_estimate=_cost(2, q, k, once=(q, *out_shape), streamed=(k, v), passes=tq // bq),
         interpret=INTERPRET if interpret else False,
         name="flash_attention_forward",
     )(q, k, v)
@@ -257,7 +250,7 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
         out_specs=_rows(bq, d, seq_axis=2),
         out_shape=out_type(q.shape, q.dtype, *operands),
         scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
-        compiler_params=_compiler_params(),
+        compiler_params=COMPILER_PARAMS,
         # s = q k^T, dp = do v^T, dq = ds k; the output is q's size
         cost_estimate=_cost(3, q, k, once=(q, q, do, lse, delta), streamed=(k, v), passes=tq // bq),
         interpret=interpret_params,
@@ -271,7 +264,7 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
         out_specs=[_rows(bk, d, seq_axis=2), _rows(bk, d, seq_axis=2)],
         out_shape=[out_type(k.shape, k.dtype, *operands), out_type(v.shape, v.dtype, *operands)],
         scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
-        compiler_params=_compiler_params(),
+        compiler_params=COMPILER_PARAMS,
         # s^T = k q^T, dv = p^T do, dp^T = v do^T, dk = ds^T q; the outputs are k's and v's sizes
         cost_estimate=_cost(4, q, k, once=(k, v, k, v), streamed=(q, do, lse, delta), passes=tk // bk),
         interpret=interpret_params,
@@ -281,17 +274,6 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
 
 
 _flash = flash_vjp(_forward, _backward)
-
-
-def _fit(blocks: BlockSizes, q_len: int, kv_len: int, align: int) -> BlockSizes:
-    """Clamps each block to its sequence length rounded up to `align`."""
-    q_cap, kv_cap = _round_up(q_len, align), _round_up(kv_len, align)
-    return BlockSizes(
-        block_q=min(blocks.block_q, q_cap),
-        block_k=min(blocks.block_k, kv_cap),
-        block_q_bwd=min(blocks.block_q_bwd, q_cap),
-        block_k_bwd=min(blocks.block_k_bwd, kv_cap),
-    )
 
 
 def flash_attention(
@@ -317,7 +299,10 @@ def flash_attention(
         for name, value in dataclasses.asdict(block_sizes).items():
             if value % LANES:
                 raise ValueError(f"{name}={value} must be a multiple of {LANES} on TPU")
-    blocks = _fit(block_sizes, q_len, kv_len, align)
+    # Each block clamped to its sequence length rounded up to `align`.
+    q_cap, kv_cap = _round_up(q_len, align), _round_up(kv_len, align)
+    blocks = BlockSizes(min(block_sizes.block_q, q_cap), min(block_sizes.block_k, kv_cap),
+                        min(block_sizes.block_q_bwd, q_cap), min(block_sizes.block_k_bwd, kv_cap))
     q_padded = _round_up(q_len, math.lcm(blocks.block_q, blocks.block_q_bwd))
     kv_padded = _round_up(kv_len, math.lcm(blocks.block_k, blocks.block_k_bwd))
 

@@ -39,4 +39,5 @@ def varying(*arrays: jax.Array) -> frozenset:
 def out_type(shape: tuple[int, ...], dtype, *like: jax.Array) -> jax.ShapeDtypeStruct:
     """A kernel output's type, varying over the mesh axes its inputs `like` vary over: inside
     `jax.shard_map(..., check_vma=True)` a kernel must declare them."""
-    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying(*like)))
+    axes = jax.sharding.ManualAxisType(varying=varying(*like))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=axes)
