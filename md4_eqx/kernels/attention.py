@@ -1,9 +1,8 @@
 """Bidirectional multi-head attention: the one entry point the model calls, and the table of
-implementations it chooses from (`Impl`, the choice a config names, is in `md4_eqx.config`).
-
-Layout everywhere is [batch, seq, heads, head_dim] and the softmax scale is 1/sqrt(head_dim)
-for every implementation. `Impl` is what a config names; `KERNELS` says, for each concrete
-kernel, what it runs and where it can run. Adding a kernel is one file plus one row here.
+implementations it chooses from. Layout everywhere is [batch, seq, heads, head_dim] and the
+softmax scale 1/sqrt(head_dim). `Impl` (in `md4_eqx.config`) is what a config names; `KERNELS`
+says, for each concrete kernel, what it runs and where it can run. Adding a kernel is one file
+plus one row here.
 """
 
 import dataclasses
@@ -129,17 +128,13 @@ def available_impls(platform: Platform | None = None) -> tuple[Impl, ...]:
 
 
 def resolve(impl: Impl, dtype: jnp.dtype, head_dim: int, platform: Platform | None = None) -> Kernel:
-    """The kernel `attention` runs for `impl` on `platform` (default: `platform_of()`), or a
-    ConfigError saying why it cannot run there."""
+    """The first row of `impl` (for `Impl.AUTO`: of any compiled kernel) that runs on `platform`
+    (default: `platform_of()`), or a ConfigError saying why none can run there."""
     platform = platform or platform_of()
-    dtype = jnp.dtype(dtype)
-    if impl is Impl.AUTO:
-        return next(k for k in COMPILED if k.refuses(platform, dtype, head_dim) is None)
-    reasons = []
-    for kernel in (k for k in KERNELS if k.impl is impl):
-        if (why := kernel.refuses(platform, dtype, head_dim)) is None:
-            return kernel
-        reasons.append(why)
+    rows = COMPILED if impl is Impl.AUTO else [k for k in KERNELS if k.impl is impl]
+    reasons = [k.refuses(platform, jnp.dtype(dtype), head_dim) for k in rows]
+    if None in reasons:
+        return rows[reasons.index(None)]
     raise ConfigError("attention", f"'{impl.value}' {'; '.join(reasons)}")
 
 

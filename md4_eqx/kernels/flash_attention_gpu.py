@@ -52,16 +52,15 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma accumulator
 COLUMN = plgpu.Layout.WGMMA.reduce(0)  # one value per column
+COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Rows per warpgroup tile: forward (block_q, block_kv), dq kernel (*_dq), dk/dv kernel
-    (*_dkv); `stages` slots in the shared-memory ring of streamed tiles.
-
-    Each compute warpgroup owns block_q (forward, dq) or block_kv_dkv (dk/dv) rows, so a
-    thread block covers COMPUTE_WGS times that. wgmma needs tiles of 64 rows; 128 columns in
-    the forward halve the number of softmax rescales. Untuned: no GPU was available.
+    """Rows per tile: forward (block_q, block_kv), dq kernel (*_dq), dk/dv kernel (*_dkv), of
+    which a compute warpgroup owns block_q, block_q_dq or block_kv_dkv rows (a thread block
+    COMPUTE_WGS times that); `stages` slots in the ring of streamed tiles. wgmma needs tiles of
+    64 rows; 128 columns in the forward halve the softmax rescales. Untuned: no GPU was at hand.
     """
 
     block_q: int = 64
@@ -117,10 +116,16 @@ class _Ops:
     def load(self, ref, layout) -> jax.Array:
         return ref[...] if self.interpret else plgpu.load(ref, (), layout=layout)
 
-    def iota(self, shape: tuple[int, int], dim: int) -> jax.Array:
+    def mask_columns(self, s: jax.Array, start: jax.Array, length: int) -> jax.Array:
+        """s with -inf in the columns of padding: column j is position start + j, and
+        positions >= length are padding. Traced only when the sequence does not fill its blocks."""
+        if length % s.shape[1] == 0:
+            return s
         if self.interpret:
-            return lax.broadcasted_iota(jnp.int32, shape, dim)
-        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+            column = lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        else:
+            column = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+        return jnp.where(column < length - start, s, -jnp.inf)
 
     def matmul_t(self, a_ref, b_ref) -> jax.Array:
         """a @ b^T in float32 for SMEM tiles a (m, d) and b (n, d)."""
@@ -141,14 +146,6 @@ class _Ops:
             plgpu.wgmma(acc_ref, a, b_ref)
 
         return pl.run_state(accumulate)(plgpu.ACC.init(acc))
-
-
-def _mask_columns(ops: _Ops, s: jax.Array, start: jax.Array, length: int) -> jax.Array:
-    """s with -inf in the columns of padding: column j is position start + j, and
-    positions >= length are padding. Traced only when the sequence does not fill its blocks."""
-    if length % s.shape[1] == 0:
-        return s
-    return jnp.where(ops.iota(s.shape, 1) < length - start, s, -jnp.inf)
 
 
 def _stream(tiles, slots, loaded, consumed, *, steps: int, stages: int):
@@ -205,8 +202,8 @@ def _store_tiles(pairs):
     plgpu.wait_smem_to_gmem(0)
 
 
-def _warp_specialize(compute, memory):
-    """Runs compute(wg) on warpgroups 0..COMPUTE_WGS-1 and memory() on the last one, which
+def _warp_specialize(compute, tiles, slots, loaded, consumed, *, steps: int, stages: int):
+    """Runs compute(wg) on warpgroups 0..COMPUTE_WGS-1 and `_stream` on the last one, which
     hands its registers to the others (it only issues TMA copies)."""
     wg = lax.axis_index("wg")
 
@@ -218,7 +215,7 @@ def _warp_specialize(compute, memory):
     @pl.when(wg == COMPUTE_WGS)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
-        memory()
+        _stream(tiles, slots, loaded, consumed, steps=steps, stages=stages)
 
 
 def _seq_tiles(refs, batch, head, block: int) -> list:
@@ -227,8 +224,8 @@ def _seq_tiles(refs, batch, head, block: int) -> list:
 
 
 def _forward_kernel(
-    q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem2, lse_smem2, k_smem, v_smem, q_bars, k_bars,
-    v_bars, consumed, stage, *, bq, bk, kv_len, stages, interpret,
+    q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem2, lse_smem2, k_smem, v_smem, q_bars, loaded,
+    consumed, stage, *, bq, bk, kv_len, stages, interpret,
 ):  # fmt: skip
     """Online softmax (FlashAttention Algorithm 1) for bq rows per compute warpgroup."""
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
@@ -249,7 +246,7 @@ def _forward_kernel(
         def step(slot, kv_step, carry):
             acc, m, l = carry
             s = ops.matmul_t(q_smem, k_smem.at[slot]) * logit_scale  # (bq, bk)
-            s = _mask_columns(ops, s, kv_step * bk, kv_len)
+            s = ops.mask_columns(s, kv_step * bk, kv_len)
             # The first kv tile holds a real key, so m_next is finite from then on.
             m_next = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_next)  # rescales what was accumulated under the old max
@@ -259,23 +256,20 @@ def _forward_kernel(
             acc = ops.matmul_add(acc, p.astype(dtype), v_smem.at[slot])  # (bq, head_dim)
             return acc, m_next, l
 
-        acc, m, l = _consume(step, (acc, m, l), (k_bars, v_bars), consumed, steps=steps, stages=stages)
+        acc, m, l = _consume(step, (acc, m, l), loaded, consumed, steps=steps, stages=stages)
         q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
         lse_smem[...] = m + jnp.log2(l)
         lse_rows = lse_ref.at[batch, head, pl.ds(q_start, bq)]
         _store_tiles([(q_smem, o_ref.at[rows]), (lse_smem, lse_rows)])
 
-    def memory():
-        tiles = _seq_tiles((k_ref, v_ref), batch, head, bk)
-        _stream(tiles, (k_smem, v_smem), (k_bars, v_bars), consumed, steps=steps, stages=stages)
-
-    _warp_specialize(compute, memory)
+    tiles = _seq_tiles((k_ref, v_ref), batch, head, bk)
+    _warp_specialize(compute, tiles, (k_smem, v_smem), loaded, consumed, steps=steps, stages=stages)
 
 
 def _dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, q_smem2, do_smem2, lse_smem2,
-    delta_smem2, k_smem, v_smem, own_bars, k_bars, v_bars, consumed, stage, *, bq, bk,
-    kv_len, stages, interpret,
+    delta_smem2, k_smem, v_smem, own_bars, loaded, consumed, stage, *, bq, bk, kv_len, stages,
+    interpret,
 ):  # fmt: skip
     """dq for bq rows per compute warpgroup, over streamed K, V (FlashAttention Alg. 2)."""
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
@@ -298,27 +292,24 @@ def _dq_kernel(
 
         def step(slot, kv_step, dq):
             s = ops.matmul_t(q_smem, k_smem.at[slot]) * (scale * LOG2E)  # (bq, bk)
-            s = _mask_columns(ops, s, kv_step * bk, kv_len)
+            s = ops.mask_columns(s, kv_step * bk, kv_len)
             p = jnp.exp2(s - lse)
             dp = ops.matmul_t(do_smem, v_smem.at[slot])  # (bq, bk)
             ds = p * (dp - delta)
             return ops.matmul_add(dq, ds.astype(dtype), k_smem.at[slot])  # (bq, head_dim)
 
-        dq = _consume(step, dq, (k_bars, v_bars), consumed, steps=steps, stages=stages)
+        dq = _consume(step, dq, loaded, consumed, steps=steps, stages=stages)
         q_smem[...] = (dq * scale).astype(dtype)
         _store_tiles([(q_smem, dq_ref.at[rows])])
 
-    def memory():
-        tiles = _seq_tiles((k_ref, v_ref), batch, head, bk)
-        _stream(tiles, (k_smem, v_smem), (k_bars, v_bars), consumed, steps=steps, stages=stages)
-
-    _warp_specialize(compute, memory)
+    tiles = _seq_tiles((k_ref, v_ref), batch, head, bk)
+    _warp_specialize(compute, tiles, (k_smem, v_smem), loaded, consumed, steps=steps, stages=stages)
 
 
 def _dkv_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, k_smem2, v_smem2,
-    own_bars, q_smem, do_smem, lse_smem, delta_smem, q_bars, do_bars, lse_bars, delta_bars,
-    consumed, stage, *, bq, bk, q_len, stages, interpret,
+    own_bars, q_smem, do_smem, lse_smem, delta_smem, loaded, consumed, stage, *, bq, bk, q_len,
+    stages, interpret,
 ):  # fmt: skip
     """dk, dv for bk rows per compute warpgroup over streamed Q, dO, lse2, delta, computed
     transposed so that lse2 and delta broadcast along columns (FlashAttention Alg. 2)."""
@@ -326,7 +317,6 @@ def _dkv_kernel(
     steps = q_ref.shape[1] // bq
     dtype, head_dim = k_ref.dtype, k_ref.shape[-1]
     scale = head_dim**-0.5
-    streamed = (q_bars, do_bars, lse_bars, delta_bars)
 
     def compute(wg):
         ops = _Ops(interpret, *(buffer.at[wg] for buffer in stage))
@@ -340,7 +330,7 @@ def _dkv_kernel(
         def step(slot, q_step, carry):
             dk, dv = carry
             s_t = ops.matmul_t(k_smem, q_smem.at[slot]) * (scale * LOG2E)  # (bk, bq)
-            s_t = _mask_columns(ops, s_t, q_step * bq, q_len)
+            s_t = ops.mask_columns(s_t, q_step * bq, q_len)
             lse = lax.broadcast_in_dim(ops.load(lse_smem.at[slot], COLUMN), s_t.shape, [1])
             p_t = jnp.exp2(s_t - lse)
             dv = ops.matmul_add(dv, p_t.astype(dtype), do_smem.at[slot])  # (bk, head_dim)
@@ -350,18 +340,15 @@ def _dkv_kernel(
             dk = ops.matmul_add(dk, ds_t.astype(dtype), q_smem.at[slot])  # (bk, head_dim)
             return dk, dv
 
-        dk, dv = _consume(step, (dk, dv), streamed, consumed, steps=steps, stages=stages)
+        dk, dv = _consume(step, (dk, dv), loaded, consumed, steps=steps, stages=stages)
         k_smem[...] = (dk * scale).astype(dtype)
         v_smem[...] = dv.astype(dtype)
         _store_tiles([(k_smem, dk_ref.at[rows]), (v_smem, dv_ref.at[rows])])
 
-    def memory():
-        tiles = _seq_tiles((q_ref, do_ref), batch, head, bq)
-        tiles += [lambda i, x=x: x.at[batch, head, pl.ds(i * bq, bq)] for x in (lse_ref, delta_ref)]
-        slots = (q_smem, do_smem, lse_smem, delta_smem)
-        _stream(tiles, slots, streamed, consumed, steps=steps, stages=stages)
-
-    _warp_specialize(compute, memory)
+    tiles = _seq_tiles((q_ref, do_ref), batch, head, bq)
+    tiles += [lambda i, x=x: x.at[batch, head, pl.ds(i * bq, bq)] for x in (lse_ref, delta_ref)]
+    slots = (q_smem, do_smem, lse_smem, delta_smem)
+    _warp_specialize(compute, tiles, slots, loaded, consumed, steps=steps, stages=stages)
 
 
 def _tiles(count: int, lead: int, rows: int, head_dim: int, dtype) -> tuple:
@@ -403,9 +390,7 @@ def _call(kernel, operands, outs, scratch, *, grid: dict, interpret: bool, name:
         grid_names=tuple(grid),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane
-        ),
+        compiler_params=COMPILER_PARAMS,
         interpret=interpret or None,
         kernel_name=name,
     )(*operands)
@@ -425,7 +410,7 @@ def _forward(q, k, v, *, kv_len, blocks, interpret):
         plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # lse2
         *_tiles(2, stages, bk, d, q.dtype),  # k, v rings
         plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q loaded
-        *_barriers(2, stages),  # k, v loaded
+        _barriers(2, stages),  # k, v loaded
         _consumed(stages),
         _stage(d, bq, bk, q.dtype, interpret),
     ]
@@ -451,7 +436,7 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
         plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),  # delta
         *_tiles(2, stages, bk, d, q.dtype),  # k, v rings
         _barriers(4, COMPUTE_WGS),  # q, do, lse2, delta loaded
-        *_barriers(2, stages),  # k, v loaded
+        _barriers(2, stages),  # k, v loaded
         _consumed(stages),
         _stage(d, bq, bk, q.dtype, interpret),
     ]
@@ -469,7 +454,7 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
         *_tiles(2, stages, bq, d, q.dtype),  # q, do rings
         plgpu.SMEM((stages, bq), jnp.float32),  # lse2 ring
         plgpu.SMEM((stages, bq), jnp.float32),  # delta ring
-        *_barriers(4, stages),  # q, do, lse2, delta loaded
+        _barriers(4, stages),  # q, do, lse2, delta loaded
         _consumed(stages),
         _stage(d, bk, bq, q.dtype, interpret),
     ]
@@ -501,8 +486,7 @@ def flash_attention_gpu(
     """softmax(q k^T / sqrt(d)) v with the Mosaic GPU kernels; differentiable.
 
     Compiles for Hopper GPUs (sm_90+), or runs on CPU through the Mosaic GPU interpreter
-    with `interpret=True`. q, k, v share one dtype, bfloat16 or float16; head_dim is 64 or
-    128; any sequence lengths. Accumulation is float32.
+    with `interpret=True`. Any sequence lengths; accumulation is float32.
     """
     if not q.dtype == k.dtype == v.dtype:
         raise ValueError(f"q, k, v must share a dtype: {q.dtype=}, {k.dtype=}, {v.dtype=}")
