@@ -45,20 +45,17 @@ class Platform:
     name: str
     device_kind: str
 
-    @classmethod
-    def of(cls, device) -> "Platform":
-        """A jax.Device's or an AbstractDevice's; CUDA and ROCm devices are both "gpu"."""
-        name = "gpu" if device.platform in ("cuda", "rocm") else device.platform
-        return cls(name, device.device_kind)
-
 
 def platform_of(mesh: Mesh | None = None) -> Platform:
     """The platform `mesh` runs on; with no mesh, that of the mesh being traced for (inside
     `jax.shard_map`, where the model calls `attention`), else this process's first device."""
     if mesh is not None:
-        return Platform.of(mesh.devices.flat[0])
-    abstract = jax.sharding.get_abstract_mesh().abstract_device
-    return Platform.of(abstract if abstract is not None else jax.devices()[0])
+        device = mesh.devices.flat[0]
+    else:
+        abstract = jax.sharding.get_abstract_mesh().abstract_device
+        device = abstract if abstract is not None else jax.devices()[0]
+    # A jax.Device or an AbstractDevice; CUDA and ROCm devices are both "gpu".
+    return Platform("gpu" if device.platform in ("cuda", "rocm") else device.platform, device.device_kind)
 
 
 def _cudnn_refuses(platform: Platform, dtype: jnp.dtype, head_dim: int) -> str | None:

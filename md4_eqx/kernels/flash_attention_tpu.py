@@ -83,14 +83,14 @@ def _nn(a: jax.Array, b: jax.Array) -> jax.Array:
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _scores(rows: jax.Array, cols: jax.Array, *, scale: float, start: jax.Array, length: int) -> jax.Array:
-    """rows @ cols^T * scale in float32, -inf in the columns of padding: column j is position
-    start + j, and positions >= length are padding. Traced only when the sequence does not fill
-    its blocks."""
+def _scores(rows: jax.Array, cols: jax.Array, *, scale: float, block: jax.Array, length: int) -> jax.Array:
+    """rows @ cols^T * scale in float32, -inf in the columns of padding: `cols` is block number
+    `block` of its sequence, and positions >= length are padding. Traced only when the sequence
+    does not fill its blocks."""
     s = _nt(rows, cols) * scale  # (rows, cols)
     if length % cols.shape[0] == 0:
         return s
-    position = start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    position = block * cols.shape[0] + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
     return jnp.where(position < length, s, -jnp.inf)
 
 
@@ -104,8 +104,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, a
         l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
         acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
-    start = kv_index * k_ref.shape[0]
-    s = _scores(q_ref[...], k_ref[...], scale=scale, start=start, length=kv_len)  # (bq, bk)
+    s = _scores(q_ref[...], k_ref[...], scale=scale, block=kv_index, length=kv_len)  # (bq, bk)
     m_prev, l_prev = m_scratch[...], l_scratch[...]  # (block_q, LANES)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # (block_q, LANES)
     # The first kv block holds a real key, so m_next is finite from then on: no inf - inf.
@@ -131,8 +130,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scrat
         dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
 
     k = k_ref[...]
-    start = kv_index * k.shape[0]
-    s = _scores(q_ref[...], k, scale=scale, start=start, length=kv_len)  # (bq, bk)
+    s = _scores(q_ref[...], k, scale=scale, block=kv_index, length=kv_len)  # (bq, bk)
     lse = jnp.expand_dims(lse_ref[0], -1)  # (block_q, 1)
     delta = jnp.expand_dims(delta_ref[0], -1)  # (block_q, 1)
     p = jnp.exp(s - lse)
@@ -158,8 +156,7 @@ def _dkv_kernel(
         dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
 
     q, do = q_ref[...], do_ref[...]
-    start = q_index * q.shape[0]
-    s_t = _scores(k_ref[...], q, scale=scale, start=start, length=q_len)  # (block_k, block_q)
+    s_t = _scores(k_ref[...], q, scale=scale, block=q_index, length=q_len)  # (block_k, block_q)
     p_t = jnp.exp(s_t - lse_ref[...])  # lse row (1, block_q)
     dv_scratch[...] += _nn(p_t.astype(do.dtype), do)  # (block_k, head_dim)
     dp_t = _nt(v_ref[...], do)  # (block_k, block_q)
