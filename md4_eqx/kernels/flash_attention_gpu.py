@@ -367,11 +367,6 @@ def _barriers(count: int, num_barriers: int) -> tuple:
     return tuple(plgpu.Barrier(num_barriers=num_barriers) for _ in range(count))
 
 
-def _consumed(stages: int):
-    """One "slot consumed" barrier per ring slot, released by every compute warpgroup."""
-    return plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages)
-
-
 def _call(kernel, operands, outs, scratch, *, grid: dict, interpret: bool, name: str, **params):
     """kernel(*operands, *outputs, *scratch, interpret=, **params) as a plgpu.kernel over
     `grid` (axis name: size) with COMPUTE_WGS + 1 warpgroups named "wg", compiled or
@@ -411,7 +406,7 @@ def _forward(q, k, v, *, kv_len, blocks, interpret):
         *_tiles(2, stages, bk, d, q.dtype),  # k, v rings
         plgpu.Barrier(num_barriers=COMPUTE_WGS),  # q loaded
         _barriers(2, stages),  # k, v loaded
-        _consumed(stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # slot consumed, by every wg
         _stage(d, bq, bk, q.dtype, interpret),
     ]
     return _call(
@@ -437,7 +432,7 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
         *_tiles(2, stages, bk, d, q.dtype),  # k, v rings
         _barriers(4, COMPUTE_WGS),  # q, do, lse2, delta loaded
         _barriers(2, stages),  # k, v loaded
-        _consumed(stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # slot consumed, by every wg
         _stage(d, bq, bk, q.dtype, interpret),
     ]
     (dq,) = _call(
@@ -455,7 +450,7 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
         plgpu.SMEM((stages, bq), jnp.float32),  # lse2 ring
         plgpu.SMEM((stages, bq), jnp.float32),  # delta ring
         _barriers(4, stages),  # q, do, lse2, delta loaded
-        _consumed(stages),
+        plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),  # slot consumed, by every wg
         _stage(d, bk, bq, q.dtype, interpret),
     ]
     dk, dv = _call(
