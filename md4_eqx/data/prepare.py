@@ -1,16 +1,15 @@
 """Tokenise a source once into a cache entry, in worker processes, with a tokens/s bar.
 
 Each task writes its own part files (`parts/<stream>-<shard>.bin`), so workers never share a
-file and the result does not depend on which worker finished first; the parts are then joined
-in task order into one `<stream>.bin` per stream. Nothing holds a whole stream in memory.
+file and the result does not depend on which worker finished first; the parts are then appended
+in task order to one `<stream>.bin` per stream. Nothing holds a whole stream in memory.
 """
 
 import multiprocessing
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -18,21 +17,11 @@ from tqdm import tqdm
 from md4_eqx.data.cache import FORMAT, EntryWriter, token_dtype
 from md4_eqx.errors import DataError
 from md4_eqx.data.sources import Source, Task
-from md4_eqx.data.tokenizers import HFTokenizer, Tokenizer, get_tokenizer
+from md4_eqx.data.tokenizers import HFTokenizer, get_tokenizer
 
-
-@dataclass(frozen=True)
-class _Worker:
-    """What every task needs; set once per worker process (or in-process for one worker)."""
-
-    source: Source
-    tokenizer: Tokenizer
-    parts: Path
-    dtype: np.dtype
-    report: Callable[[int], None]  # counts tokens for the progress bar
-
-
-_worker: _Worker | None = None
+# (source, tokenizer, parts directory, token dtype, report(num_tokens)): what every task needs,
+# set once per worker process.
+_worker: tuple | None = None
 
 
 def prepare(source: Source, entry: Path, fingerprint: dict, *, num_proc: int, progress: bool) -> dict:
@@ -49,10 +38,11 @@ def prepare(source: Source, entry: Path, fingerprint: dict, *, num_proc: int, pr
         with tqdm(desc=f"tokenising {source.name}", unit="tok", unit_scale=True, delay=1,
                   disable=not progress) as bar:
             if procs > 1:
-                counts = _run_pool(procs, tasks, source, tokenizer, parts, dtype, bar)
+                _run_pool(procs, tasks, (source, tokenizer, parts, dtype), bar)
             else:
-                counts = _run_here(tasks, _Worker(source, tokenizer, parts, dtype, bar.update))
-        streams = _join_parts(tasks, counts, parts, writer.tmp)
+                for task in tasks:
+                    _run_task(task, (source, tokenizer, parts, dtype, bar.update))
+        streams = _join_parts(tasks, parts, writer.tmp, dtype)
         for layout in source.layouts.values():
             if streams.get(layout.stream, {"tokens": 0})["tokens"] == 0:
                 raise DataError(f"{source.name}: its {layout.stream!r} split came out empty")
@@ -76,32 +66,20 @@ def prepare(source: Source, entry: Path, fingerprint: dict, *, num_proc: int, pr
     return meta
 
 
-def _run_here(tasks: list[Task], worker: _Worker) -> list[tuple[int, int]]:
-    global _worker
-    _worker = worker
-    try:
-        return [_run_task(task) for task in tasks]
-    finally:
-        _worker = None
-
-
-def _run_pool(procs, tasks, source, tokenizer, parts, dtype, bar) -> list[tuple[int, int]]:
+def _run_pool(procs: int, tasks: list[Task], worker: tuple, bar: tqdm) -> None:
     # spawn, not fork: the parent may run JAX's threads, and fork copies them mid-flight.
     ctx = multiprocessing.get_context("spawn")
     counter = ctx.Value("q", 0)
-    initargs = (source, tokenizer, parts, dtype, counter)
-    with ctx.Pool(procs, initializer=_init_worker, initargs=initargs) as pool:
+    with ctx.Pool(procs, initializer=_init_worker, initargs=(*worker, counter)) as pool:
         result = pool.map_async(_run_task, tasks, chunksize=1)
         while not result.ready():
             result.wait(0.25)
-            if counter.value > bar.n:
-                bar.update(counter.value - bar.n)
-        counts = result.get()  # re-raises a worker's error here
+            bar.update(counter.value - bar.n)
+        result.get()  # re-raises a worker's error here
         # Let workers exit on their own (not terminate()d), so they release what they hold
         # (tqdm's and datasets' semaphores) instead of leaving it to the resource tracker.
         pool.close()
         pool.join()
-    return counts
 
 
 def _init_worker(source, tokenizer, parts, dtype, counter) -> None:
@@ -112,42 +90,35 @@ def _init_worker(source, tokenizer, parts, dtype, counter) -> None:
         with counter.get_lock():
             counter.value += n
 
-    _worker = _Worker(source, tokenizer, parts, dtype, report)
+    _worker = (source, tokenizer, parts, dtype, report)
 
 
-def _run_task(task: Task) -> tuple[int, int]:
-    """Tokenises one task into its part files; returns (tokens, labels) written."""
-    w = _worker
-    num_tokens = num_labels = 0
-    stem = w.parts / f"{task.stream}-{task.shard:06d}"
+def _run_task(task: Task, worker: tuple | None = None) -> None:
+    """Tokenises one task into its part files, with `worker` (default: this process's)."""
+    source, tokenizer, parts, dtype, report = worker or _worker
+    stem = parts / f"{task.stream}-{task.shard:06d}"
     with open(f"{stem}.bin", "wb") as tokens, open(f"{stem}.labels", "wb") as labels:
-        for block in w.source.run(task, w.tokenizer):
-            tokens.write(block.tokens.astype(w.dtype).tobytes())
-            num_tokens += block.tokens.size
-            w.report(block.tokens.size)
+        for block in source.run(task, tokenizer):
+            tokens.write(block.tokens.astype(dtype).tobytes())
+            report(block.tokens.size)
             if block.labels is not None:
                 labels.write(block.labels.astype(np.int32).tobytes())
-                num_labels += block.labels.size
-    return num_tokens, num_labels
 
 
-def _join_parts(tasks: list[Task], counts: list[tuple[int, int]], parts: Path, out: Path) -> dict:
-    """Concatenates the part files of each stream in task order; returns the streams' sizes."""
-    streams = {}
-    for task, (num_tokens, num_labels) in zip(tasks, counts):
-        stream = streams.setdefault(task.stream, {"tokens": 0, "labels": 0})
-        stream["tokens"] += num_tokens
-        stream["labels"] += num_labels
+def _join_parts(tasks: list[Task], parts: Path, out: Path, dtype: np.dtype) -> dict:
+    """Appends the part files to their stream's, in task order; returns the streams' sizes."""
+    for task in tasks:
         for suffix in ("bin", "labels"):
-            part, whole = parts / f"{task.stream}-{task.shard:06d}.{suffix}", out / f"{task.stream}.{suffix}"
-            if whole.exists():
-                with open(part, "rb") as src, open(whole, "ab") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 24)
-                part.unlink()
-            else:
-                part.rename(whole)
+            part = parts / f"{task.stream}-{task.shard:06d}.{suffix}"
+            with open(part, "rb") as src, open(out / f"{task.stream}.{suffix}", "ab") as dst:
+                shutil.copyfileobj(src, dst, 1 << 24)
+            part.unlink()  # at once: the disk holds one part twice, not the whole dataset
     parts.rmdir()
-    for name, stream in streams.items():
-        if stream["labels"] == 0:
-            (out / f"{name}.labels").unlink()
+    streams = {}
+    for name in dict.fromkeys(task.stream for task in tasks):
+        labels = out / f"{name}.labels"
+        streams[name] = {"tokens": (out / f"{name}.bin").stat().st_size // dtype.itemsize,
+                         "labels": labels.stat().st_size // 4}  # int32
+        if streams[name]["labels"] == 0:
+            labels.unlink()
     return streams

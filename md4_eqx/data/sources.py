@@ -8,7 +8,6 @@ tasks, in worker processes where the source is `parallel` (tokenising or decodin
 Adding a dataset: one `Source` subclass (its docstring says what it reads), one `SOURCES` row.
 """
 
-import abc
 import os
 import sys
 import sysconfig
@@ -56,7 +55,7 @@ class Task:
 
     stream: str
     shard: int
-    payload: tuple
+    payload: tuple = ()
 
 
 class Block(NamedTuple):
@@ -64,10 +63,13 @@ class Block(NamedTuple):
     labels: np.ndarray | None  # int32 [n // example_len], image datasets only
 
 
-class Source(abc.ABC):
-    """What `prepare` asks of a dataset: `fetch` what it reads, a `fingerprint` (the cache key:
-    it changes whenever the tokens would), `tasks` (the work in picklable pieces) and `run`
-    (one task's tokens). The sources below are frozen dataclasses; these are their defaults."""
+class Source:
+    """What `prepare` asks of a dataset. The sources below are frozen dataclasses; these are their
+    defaults. Each one defines
+      fingerprint() -> dict: JSON-able parts that identify the tokens (the cache key, so it
+        changes whenever the tokens would): the source's inputs and its tokenizer;
+      tasks() -> list[Task]: the work; a stream is the concatenation of its tasks' blocks;
+      run(task, tokenizer) -> Iterator[Block]: the blocks of one task, in order."""
 
     name: str  # the cache entry's name
     tokenizer: str  # "bytes", "text8", or a Hugging Face tokenizer's name / directory
@@ -83,18 +85,6 @@ class Source(abc.ABC):
 
     def fetch(self, progress: bool) -> None:
         """Downloads what `tasks` needs (only text8 downloads by itself)."""
-
-    @abc.abstractmethod
-    def fingerprint(self) -> dict:
-        """JSON-able parts that identify the tokens: the source's inputs and its tokenizer."""
-
-    @abc.abstractmethod
-    def tasks(self) -> list[Task]:
-        """The work; a stream is the concatenation of its tasks' blocks, in task order."""
-
-    @abc.abstractmethod
-    def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
-        """The blocks of one task, in order."""
 
 
 @dataclass(frozen=True)
@@ -229,14 +219,14 @@ class HubText(Source):
 
     def tasks(self) -> list[Task]:
         ds = _open_stream(self.path, self.config, "train")
-        column = _text_column(ds, self.path)
-        return [Task("all", i, (column, ds.num_shards)) for i in range(ds.num_shards)]
+        _text_column(ds, self.path)  # a dataset without one fails here, before any work
+        return [Task("all", i) for i in range(ds.num_shards)]
 
     def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
-        column, num_shards = task.payload
         ds = _open_stream(self.path, self.config, "train")
+        column = _text_column(ds, self.path)
         eos = [] if tokenizer.eos_id is None else [np.array([tokenizer.eos_id], np.int32)]
-        for batch in ds.shard(num_shards=num_shards, index=task.shard).iter(HUB_BATCH):
+        for batch in ds.shard(num_shards=ds.num_shards, index=task.shard).iter(HUB_BATCH):
             docs = tokenizer.encode_batch([text for text in batch[column] if text])
             if docs:
                 yield Block(np.concatenate([part for doc in docs for part in [doc, *eos]]), None)
@@ -267,14 +257,13 @@ class Cifar10(Source):
             missing = {"img", "label"} - set(ds.features or {})
             if missing:
                 raise DataError(f"dataset {self.path!r} lacks column(s) {sorted(missing)}")
-            tasks += [Task(split, i, (hub_split, ds.num_shards)) for i in range(ds.num_shards)]
+            tasks += [Task(split, i) for i in range(ds.num_shards)]
         return tasks
 
     def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
         del tokenizer  # sub-pixel values are the tokens
-        hub_split, num_shards = task.payload
-        ds = _open_stream(self.path, None, hub_split).shard(num_shards=num_shards, index=task.shard)
-        for batch in ds.iter(HUB_BATCH):
+        ds = _open_stream(self.path, None, self.hub_splits[task.stream])
+        for batch in ds.shard(num_shards=ds.num_shards, index=task.shard).iter(HUB_BATCH):
             images = np.stack([np.asarray(img.convert("RGB")) for img in batch["img"]])
             labels = np.asarray(batch["label"], np.int32)
             if images.shape[1:] != self.image_shape or labels.min() < 0 or labels.max() >= self.num_classes:
@@ -353,18 +342,16 @@ def parse(spec: str, *, tokenizer: str | None, data_path: str | None, cache_dir:
 
 
 def _readable_file(path: Path) -> Path:
-    if not path.exists():
-        raise DataError(f"no such file: {path}")
-    if not path.is_file():
+    """`path`, once it reads as a regular file of at least one byte."""
+    if path.exists() and not path.is_file():
         raise DataError(f"not a regular file: {path}")
     try:
         with open(path, "rb") as f:
-            empty = not f.read(1)
+            if f.read(1):
+                return path
     except OSError as e:
         raise DataError(f"cannot read {path}: {e.strerror}") from None
-    if empty:
-        raise DataError(f"empty file: {path}")
-    return path
+    raise DataError(f"empty file: {path}")
 
 
 def _tok_id(tokenizer: str) -> str:
