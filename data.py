@@ -12,7 +12,7 @@ Bad input prints one line on stderr and exits with status 2.
 
 import sys
 
-from md4_eqx.cli import check_positive, field_flag, run_command, script_parser
+from md4_eqx.cli import field_flag, run_command, script_parser
 from md4_eqx.data import dataset_help, load
 
 
@@ -29,7 +29,6 @@ def build_parser():
 
 
 def prepare(args) -> int:
-    check_positive(args, "seq_len", "num_proc")
     ds = load(args.dataset, seq_len=args.seq_len, cache_dir=args.cache_dir, tokenizer=args.tokenizer,
               num_proc=args.num_proc, progress=not args.no_progress, data_path=args.data_path)
     splits = {name: ds.split(name) for name in ds.splits}

@@ -8,9 +8,8 @@
 The directory is built under a temporary name and renamed into place once complete, so a
 reader sees either a whole entry or none, even if preparation is killed halfway. Preparation
 holds `<name>-<key>.lock` (`preparing`): two runs (or two hosts on a shared cache, where the file
-system honours flock) prepare an entry once, the second finding it done; a killed preparation's
-temporary directory is removed by the next. Where flock is not honoured both prepare, and the
-rename keeps one whole entry.
+system honours flock) prepare an entry once, the second finding it done. Where flock is not
+honoured both prepare, and the rename keeps one whole entry.
 """
 
 import contextlib
@@ -67,8 +66,8 @@ def read_meta(entry: Path) -> dict | None:
 
 @contextlib.contextmanager
 def preparing(entry: Path) -> Iterator[None]:
-    """Holds the entry's preparation lock (waiting for another preparer to finish) and removes
-    what killed preparations left (their temporary directories: nobody else is writing them)."""
+    """Holds the entry's lock (waiting for another preparer to finish), then removes the temporary
+    directories killed preparations left (nobody else is writing them)."""
     with open(entry.with_name(f"{entry.name}.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for stale in entry.parent.glob(f"{entry.name}.tmp-*"):
@@ -78,10 +77,7 @@ def preparing(entry: Path) -> Iterator[None]:
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """The narrowest unsigned dtype holding ids < vocab_size (GPT-2's 50257 fits uint16)."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if vocab_size <= np.iinfo(dtype).max + 1:
-            return np.dtype(dtype)
-    raise ValueError(f"{vocab_size=} does not fit uint32")
+    return np.min_scalar_type(vocab_size - 1)
 
 
 class EntryWriter:

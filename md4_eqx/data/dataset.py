@@ -104,26 +104,14 @@ class Dataset:
         return self.tokenizer.decode(np.asarray(tokens))
 
 
-def load(
-    spec: str,
-    *,
-    seq_len: int | None = None,
-    cache_dir: str | Path | None = None,
-    tokenizer: str | None = None,
-    num_proc: int | None = None,
-    progress: bool = True,
-    data_path: str | None = None,
-) -> Dataset:
-    """Prepares the dataset named by `spec` (or reuses its cache) and opens it.
-
-    spec: a row of `sources.SOURCES` ("owt", "file:PATH", ...; see `dataset_help()`).
-    seq_len: window length; None takes the dataset's default (owt 1024, text8 256, ...).
-      For images it must be None or the flattened image size, 3072.
-    cache_dir: default $MD4_CACHE or ~/.cache/md4_eqx.
-    tokenizer: "bytes" or a Hugging Face tokenizer name / directory, for text sources.
-    num_proc: worker processes for tokenising (default: all cores).
-    data_path: text8's zip, or the hub name / local directory owt and cifar10 read.
-    """
+def load(spec: str, *, seq_len: int | None = None, cache_dir: str | Path | None = None,
+         tokenizer: str | None = None, num_proc: int | None = None, progress: bool = True,
+         data_path: str | None = None) -> Dataset:
+    """Prepares the dataset named by `spec` (a row of `sources.SOURCES`: "owt", "file:PATH", ...)
+    or reuses its cache, and opens it at `seq_len` (None: the dataset's default, owt 1024, text8
+    256, ...; images take only their flattened size, 3072). `tokenizer` ("bytes" or a Hugging Face
+    name / directory) and `data_path` (text8's zip, the hub name or directory owt and cifar10 read)
+    replace the source's own; `num_proc` tokeniser processes (default: all cores)."""
     for flag, value in (("seq_len", seq_len), ("num_proc", num_proc)):
         if value is not None and (isinstance(value, bool) or value < 1):
             raise DataError(f"{flag} must be a positive integer, got {value}")

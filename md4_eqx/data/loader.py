@@ -7,11 +7,10 @@ examples consumed) is the same on every process, small, and JSON-able: save it w
 checkpoint and pass it back as `state` to continue the identical stream.
 """
 
-import contextlib
-import queue
-import threading
-import weakref
+import collections
+import functools
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -23,18 +22,8 @@ class BatchLoader:
     """Iterator of {"tokens": int32 [batch_size // process_count, seq_len], "labels": int32 [...]}
     ("labels" for labelled datasets only)."""
 
-    def __init__(
-        self,
-        split: Subset,
-        *,
-        batch_size: int,
-        seed: int = 0,
-        process_index: int = 0,
-        process_count: int = 1,
-        state: dict | None = None,
-        prefetch: int = 2,
-        shuffle: bool = True,
-    ):
+    def __init__(self, split: Subset, *, batch_size: int, seed: int = 0, process_index: int = 0,
+                 process_count: int = 1, state: dict | None = None, prefetch: int = 2, shuffle: bool = True):
         if not 0 < batch_size <= split.num_examples:
             raise DataError(f"{batch_size=} must lie in [1, {split.num_examples}] (examples in {split.name!r})")
         if process_count < 1 or batch_size % process_count:
@@ -43,8 +32,6 @@ class BatchLoader:
             raise DataError(f"{process_index=} must lie in [0, {process_count})")
         if prefetch < 0:
             raise DataError(f"{prefetch=} must be >= 0")
-        self.split = split
-        self.seed = seed
         state = {"seed": seed, "epoch": 0, "position": 0} if state is None else state
         if not (isinstance(state, dict) and {"seed", "epoch", "position"} <= state.keys()):
             raise DataError(f"loader state must have seed, epoch and position; got {state!r}")
@@ -54,11 +41,11 @@ class BatchLoader:
         if not (isinstance(epoch, int) and isinstance(position, int) and epoch >= 0
                 and 0 <= position <= split.num_examples):
             raise DataError(f"loader state has a bad epoch or position: {state!r}")
-        self._state = {"epoch": epoch, "position": position}
+        self._state = {"seed": seed, "epoch": epoch, "position": position}
         rows = batch_size // process_count  # this process's share of every global batch
         part = slice(process_index * rows, (process_index + 1) * rows)
-        batches = _batches(split, batch_size, part, seed, shuffle, **self._state)
-        self._source = _Prefetcher(batches, prefetch) if prefetch else batches
+        batches = _batches(split, batch_size, part, shuffle, **self._state)
+        self._source = _Prefetcher(batches, prefetch)
 
     def __iter__(self) -> "BatchLoader":
         return self
@@ -69,64 +56,44 @@ class BatchLoader:
 
     def state(self) -> dict:
         """The position after the last batch returned: {"seed", "epoch", "position"}."""
-        return {"seed": self.seed, **self._state}
+        return dict(self._state)
 
     def close(self) -> None:
         """Stops the prefetch thread (also done when the loader is garbage-collected)."""
-        if isinstance(self._source, _Prefetcher):
-            self._source.close()
+        self._source.close()
 
 
-def _batches(
-    split: Subset, batch_size: int, part: slice, seed: int, shuffle: bool, *, epoch: int, position: int,
-) -> Iterator[tuple[dict, dict]]:
+def _batches(split: Subset, batch_size: int, part: slice, shuffle: bool, *, seed: int, epoch: int,
+             position: int) -> Iterator[tuple[dict, dict]]:
     """(this process's part of the next global batch, the state after it), forever.
 
     A plain function, not a method: the prefetch thread runs it and must not keep the
     loader alive."""
 
-    def order(epoch: int) -> np.ndarray:
-        n = split.num_examples
-        return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-
-    examples = order(epoch)
+    n = split.num_examples
     while True:
-        if position + batch_size > examples.size:  # drop the incomplete last batch
-            epoch, position = epoch + 1, 0
-            examples = order(epoch)
-        global_batch = examples[position : position + batch_size]
-        position += batch_size
-        tokens, labels = split.get(global_batch[part])
-        batch = {"tokens": tokens} if labels is None else {"tokens": tokens, "labels": labels}
-        yield batch, {"epoch": epoch, "position": position}
+        examples = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+        while position + batch_size <= n:  # the incomplete last batch is dropped
+            global_batch = examples[position : position + batch_size]
+            position += batch_size
+            tokens, labels = split.get(global_batch[part])
+            batch = {"tokens": tokens} if labels is None else {"tokens": tokens, "labels": labels}
+            yield batch, {"seed": seed, "epoch": epoch, "position": position}
+        epoch, position = epoch + 1, 0
 
 
 class _Prefetcher:
-    """Runs an iterator in a daemon thread, `size` items ahead of the consumer."""
+    """Computes the next `size` items of an iterator in a background thread."""
 
     def __init__(self, items: Iterator, size: int):
-        self._queue = queue.Queue(maxsize=size)
-        stop = threading.Event()
-        threading.Thread(target=_fill, args=(items, self._queue, stop), daemon=True).start()
         # The thread holds neither self nor the loader, so dropping the loader stops it.
-        self.close = weakref.finalize(self, stop.set)
+        self._pool = ThreadPoolExecutor(1)
+        self._submit = functools.partial(self._pool.submit, next, items)
+        self._ahead = collections.deque(self._submit() for _ in range(size))
 
     def __next__(self):
-        item, error = self._queue.get()
-        if error is not None:
-            raise error
-        return item
+        self._ahead.append(self._submit())
+        return self._ahead.popleft().result()  # raises the iterator's error, if it raised one
 
-
-def _fill(items: Iterator, out: queue.Queue, stop: threading.Event) -> None:
-    """Puts (item, None) on `out` until `stop` is set, looking at it every 0.1 s while `out` is full."""
-    try:
-        for item in items:
-            while not stop.is_set():
-                with contextlib.suppress(queue.Full):
-                    out.put((item, None), timeout=0.1)
-                    break
-            if stop.is_set():
-                return
-    except Exception as e:  # handed to the consumer, raised by its next()
-        out.put((None, e))
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

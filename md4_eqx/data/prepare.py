@@ -49,17 +49,10 @@ def prepare(source: Source, entry: Path, fingerprint: dict, *, num_proc: int, pr
         if isinstance(tokenizer, HFTokenizer):
             tokenizer.save(writer.tmp / "tokenizer")
         meta = {
-            "format": FORMAT,
-            "name": source.name,
-            "fingerprint": fingerprint,
-            "tokenizer": tokenizer.describe(),
-            "vocab_size": tokenizer.vocab_size,
-            "eos_id": tokenizer.eos_id,
-            "dtype": dtype.name,
-            "image_shape": source.image_shape,
-            "num_classes": source.num_classes,
-            "default_seq_len": source.default_seq_len,
-            "streams": streams,
+            "format": FORMAT, "name": source.name, "fingerprint": fingerprint,
+            "tokenizer": tokenizer.describe(), "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+            "dtype": dtype.name, "image_shape": source.image_shape, "num_classes": source.num_classes,
+            "default_seq_len": source.default_seq_len, "streams": streams,
             "splits": {name: asdict(layout) for name, layout in source.layouts.items()},
         }
         writer.commit(meta)
