@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from md4_eqx.config import DiffusionConfig, Schedule
+from md4_eqx.config import Schedule
 
 
 class MaskingSchedule(eqx.Module):
@@ -25,9 +25,6 @@ class MaskingSchedule(eqx.Module):
     exponent: float = eqx.field(static=True, default=1.0)
     eps: float = eqx.field(static=True, default=1e-4)
     per_token: ClassVar[bool] = False
-
-    def _a(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
-        return 1.0 - self._one_minus_a(t)
 
     def _one_minus_a(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
         """1 - a(t), written out so that 1 - alpha(t) keeps its precision near t = 0."""
@@ -39,22 +36,20 @@ class MaskingSchedule(eqx.Module):
             case Schedule.POLY:
                 return t**self.exponent
 
-    def _da(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
-        match self.kind:
-            case Schedule.LINEAR:
-                return -jnp.ones_like(t)
-            case Schedule.COSINE:
-                return -jnp.pi / 2 * jnp.sin(jnp.pi / 2 * (1.0 - t))
-            case Schedule.POLY:
-                return -self.exponent * t ** (self.exponent - 1.0)
-
     def alpha(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
         """alpha(t) = (1 - 2 eps) a(t) + eps."""
-        return (1.0 - 2 * self.eps) * self._a(t) + self.eps
+        return (1.0 - 2 * self.eps) * (1.0 - self._one_minus_a(t)) + self.eps
 
     def dalpha(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
         """alpha'(t) = (1 - 2 eps) a'(t)."""
-        return (1.0 - 2 * self.eps) * self._da(t)
+        match self.kind:
+            case Schedule.LINEAR:
+                da = -jnp.ones_like(t)
+            case Schedule.COSINE:
+                da = -jnp.pi / 2 * jnp.sin(jnp.pi / 2 * (1.0 - t))
+            case Schedule.POLY:
+                da = -self.exponent * t ** (self.exponent - 1.0)
+        return (1.0 - 2 * self.eps) * da
 
     def mask_prob(self, t: Float[Array, "*b"]) -> Float[Array, "*b"]:
         """1 - alpha(t) = (1 - 2 eps)(1 - a(t)) + eps, the probability a token is masked at t."""
@@ -100,9 +95,3 @@ class LearnableSchedule(eqx.Module):
         ratio = jnp.maximum(s, 0.0) / t  # the cosine grid's last s is -4e-8 in float32
         return -jnp.expm1(self.w * jnp.log(ratio))
 
-
-def make_schedule(cfg: DiffusionConfig, vocab_size: int) -> MaskingSchedule | LearnableSchedule:
-    """GenMD4's learnable schedule when `cfg.learnable`, else MD4's fixed one."""
-    if cfg.learnable:
-        return LearnableSchedule(vocab_size, cfg.eps)
-    return MaskingSchedule(cfg.schedule, cfg.exponent, cfg.eps)
