@@ -18,7 +18,7 @@ from md4_eqx.model import MD4
 from md4_eqx.parallel import MODEL, psum, vocab_gather, vocab_log_normaliser, vocab_offset
 
 
-LABEL_STREAM = 1  # fold_in(key, LABEL_STREAM): the label dropout's key, apart from draw_noise's split
+LABEL_STREAM = 1  # fold_in(key, LABEL_STREAM): the label dropout's key, apart from the split in `losses`
 
 
 class Losses(NamedTuple):
@@ -43,16 +43,6 @@ def example_keys(key: PRNGKeyArray, ids: Int[Array, " b"]) -> Key[Array, " b"]:
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
 
 
-def sample_times(
-    key: PRNGKeyArray, ids: Int[Array, " b"], global_batch: int, antithetic: bool
-) -> Float[Array, " b"]:
-    """t ~ U[0, 1), antithetic across the global batch: t_b = (u + b / B) mod 1 with one u."""
-    if antithetic:
-        u = jax.random.uniform(key, ())
-        return jnp.mod(u + ids.astype(jnp.float32) / global_batch, 1.0)
-    return jax.vmap(lambda k: jax.random.uniform(k, ()))(example_keys(key, ids))
-
-
 def forward_mask(
     keys: Key[Array, " b"], x: Int[Array, "b l"], alpha: Float[Array, "b #l"], mask_id: int
 ) -> Int[Array, "b l"]:
@@ -68,18 +58,6 @@ def log_probs_at(
     return vocab_gather(logits, x) - vocab_log_normaliser(logits, vocab_size)
 
 
-def draw_noise(
-    key: PRNGKeyArray, ids: Int[Array, " b"], *, global_batch: int, antithetic: bool, train: bool
-) -> tuple[Key[Array, " b"], Float[Array, " b"], Key[Array, " b"] | None]:
-    """The randomness of a batch, keyed by global example index: per-example keys (for the
-    masks), times t in [0, 1) and, when training, per-example dropout keys."""
-    time_key, example_key = jax.random.split(key)
-    keys = example_keys(example_key, ids)
-    t = sample_times(time_key, ids, global_batch, antithetic)  # (b,)
-    dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys) if train else None
-    return keys, t, dropout_keys
-
-
 def drop_labels(
     key: PRNGKeyArray, ids: Int[Array, " b"], labels: Int[Array, " b"], null: int, rate: float
 ) -> Int[Array, " b"]:
@@ -91,23 +69,17 @@ def drop_labels(
 
 
 def md4_losses(
-    model: MD4,
-    x: Int[Array, "b l"],
-    labels: Int[Array, " b"] | None,
-    ids: Int[Array, " b"],
-    key: PRNGKeyArray,
-    *,
-    global_batch: int,
-    train: bool,
+    model: MD4, x: Int[Array, "b l"], labels: Int[Array, " b"] | None, keys: Key[Array, " b"],
+    t: Float[Array, " b"], dropout_keys: Key[Array, " b"] | None,
 ) -> Losses:
-    """MD4's NELBO. Continuous time (timesteps = 0), MD4_MATH.md "Continuous-time NELBO":
+    """MD4's NELBO, given the batch's randomness (drawn in `losses`). Continuous time (timesteps
+    = 0), MD4_MATH.md "Continuous-time NELBO":
         L_inf = E_t [ alpha'(t) / (1 - alpha(t)) * sum_{i: z_t^i = m} log mu_theta(z_t, t)[x^i] ];
     discrete time (T = timesteps), "Discrete-time NELBO":
         L_T = T E_t [ (alpha_s - alpha_t) / (1 - alpha_t) * sum_{i masked} -log mu_theta(z_t, t)[x^i] ].
     Plus the reconstruction term L (1 - alpha(0)) log V.
     """
     cfg, schedule = model.diffusion, model.schedule
-    keys, t, dropout_keys = draw_noise(key, ids, global_batch=global_batch, antithetic=cfg.antithetic, train=train)
     if cfg.timesteps:
         big_t = cfg.timesteps
         t = (jnp.floor(t * big_t) + 1.0) / big_t  # round up to the grid: t in {1/T, ..., 1}
@@ -140,11 +112,8 @@ def genmd4_token_terms(
 
 
 def genmd4_integrand(
-    logp: Float[Array, "b l"],
-    expected_w: Float[Array, "b l"],
-    w_x: Float[Array, "b l"],
-    t: Float[Array, " b"],
-    masked: Bool[Array, "b l"],
+    logp: Float[Array, "b l"], expected_w: Float[Array, "b l"], w_x: Float[Array, "b l"],
+    t: Float[Array, " b"], masked: Bool[Array, "b l"],
 ) -> Float[Array, " b"]:
     """GenMD4's diffusion term for one draw of z_t (MD4_MATH.md, "GenMD4"):
         L_diff = sum_{i masked} sum_v (-w_v / t) [(log p[x^i] + 1) 1{v = x^i} - p[v]]
@@ -156,19 +125,12 @@ def genmd4_integrand(
 
 
 def genmd4_losses(
-    model: MD4,
-    x: Int[Array, "b l"],
-    labels: Int[Array, " b"] | None,
-    ids: Int[Array, " b"],
-    key: PRNGKeyArray,
-    *,
-    global_batch: int,
-    train: bool,
+    model: MD4, x: Int[Array, "b l"], labels: Int[Array, " b"] | None, keys: Key[Array, " b"],
+    t: Float[Array, " b"], dropout_keys: Key[Array, " b"] | None,
 ) -> Losses:
     """GenMD4's NELBO with the RLOO REINFORCE estimator for the schedule's gradient: two draws
     z1, z2 of z_t, surrogate = (L1 + L2) / 2 + sg(L1 - L2) / 2 * (log q(z1|x) - log q(z2|x))."""
     cfg, learned = model.diffusion, model.schedule
-    keys, t, dropout_keys = draw_noise(key, ids, global_batch=global_batch, antithetic=cfg.antithetic, train=train)
     t = (1.0 - cfg.t1) * t + cfg.t1  # t in [t1, 1]
     w = learned.w  # (V,)
     w_pad = jnp.zeros((model.config.padded_vocab,)).at[: model.vocab_size].set(w)
@@ -199,19 +161,22 @@ def genmd4_losses(
 
 
 def losses(
-    model: MD4,
-    x: Int[Array, "b l"],
-    labels: Int[Array, " b"] | None,
-    ids: Int[Array, " b"],
-    key: PRNGKeyArray,
-    *,
-    global_batch: int,
-    train: bool,
+    model: MD4, x: Int[Array, "b l"], labels: Int[Array, " b"] | None, ids: Int[Array, " b"],
+    key: PRNGKeyArray, *, global_batch: int, train: bool,
 ) -> Losses:
     """The model's NELBO terms for a batch: GenMD4's if its schedule is per token, else MD4's.
-    Training a class-conditional model drops labels to the null class at `label_dropout`."""
+    The randomness is keyed by global example index: per-example keys for the masks, times
+    t ~ U[0, 1) (antithetic across the global batch: t_b = (u + b / B) mod 1 with one u) and, when
+    training, per-example dropout keys and the labels dropped to the null class at `label_dropout`."""
     cfg = model.config
+    time_key, example_key = jax.random.split(key)
+    keys = example_keys(example_key, ids)
+    if model.diffusion.antithetic:
+        t = jnp.mod(jax.random.uniform(time_key, ()) + ids.astype(jnp.float32) / global_batch, 1.0)  # (b,)
+    else:
+        t = jax.vmap(lambda k: jax.random.uniform(k, ()))(example_keys(time_key, ids))
+    dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys) if train else None
     if train and labels is not None and cfg.label_dropout:
         labels = drop_labels(jax.random.fold_in(key, LABEL_STREAM), ids, labels, cfg.num_classes, cfg.label_dropout)
     fn = genmd4_losses if model.schedule.per_token else md4_losses
-    return fn(model, x, labels, ids, key, global_batch=global_batch, train=train)
+    return fn(model, x, labels, keys, t, dropout_keys)
