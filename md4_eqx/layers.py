@@ -147,6 +147,11 @@ def dropout(
     return jnp.where(keep, x / (1.0 - rate), 0.0)
 
 
+def layer_keys(keys: Key[Array, " b"] | None, i: Int[Array, ""] | int) -> Key[Array, " b"] | None:
+    """Per-example dropout keys of layer `i` (None stays None: inference)."""
+    return None if keys is None else jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+
+
 class Attention(eqx.Module):
     """Bidirectional multi-head self-attention with RoPE and no biases; heads split over `model`."""
 

@@ -9,8 +9,9 @@ Blocks are stacked along a leading layer axis and run with `lax.scan`. By defaul
 unrolled (`unroll_layers`): XLA then sees straight-line code, without the loop's stacked residual
 buffers, their zero-fill and the dynamic slices into them (measured on CPU: 8-10% faster steps,
 bench/RESULTS.md); `unroll_layers=False` keeps the loop rolled, so compile time stays flat in depth
-(MD4-S on CPU: 19 s rolled against 34 s unrolled). With `remat` the loop is always rolled: only
-there does each block's recomputation wait for its backward step.
+(MD4-S on CPU: 19 s rolled against 34 s unrolled). With `remat` the loop is always rolled: unrolled,
+XLA schedules every block's recomputation ahead of the backward pass and remat saves nothing (MD4-S
+on CPU: 3058 MiB per example unrolled against 394 rolled).
 """
 
 import equinox as eqx
@@ -21,15 +22,7 @@ from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
 from md4_eqx.config import ExecutionConfig, ModelConfig
 from md4_eqx.layers import (
-    MLP,
-    Attention,
-    Conditioning,
-    Embedding,
-    Linear,
-    activation,
-    ada_norm,
-    add_ada_norm,
-    dropout,
+    MLP, Attention, Conditioning, Embedding, Linear, activation, ada_norm, add_ada_norm, dropout, layer_keys
 )
 from md4_eqx.parallel import Split
 
@@ -101,23 +94,15 @@ class Transformer(eqx.Module):
         self.cfg, self.run = cfg, run
 
     def __call__(
-        self,
-        z: Int[Array, "b l"],
-        t: Float[Array, " b"],
-        labels: Int[Array, " b"] | None = None,
-        *,
-        keys: Key[Array, " b"] | None = None,
+        self, z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"] | None = None,
+        *, keys: Key[Array, " b"] | None = None,
     ) -> Float[Array, "b l v_local"]:
         """Logits (float32) for this device's vocabulary slice; `keys` (one per example) enable dropout."""
         return self.head(self.features(z, t, labels, keys=keys))  # (b, l, padded_vocab / M)
 
     def features(
-        self,
-        z: Int[Array, "b l"],
-        t: Float[Array, " b"],
-        labels: Int[Array, " b"] | None = None,
-        *,
-        keys: Key[Array, " b"] | None = None,
+        self, z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"] | None = None,
+        *, keys: Key[Array, " b"] | None = None,
     ) -> Float[Array, "b l d"]:
         """What the head reads: the last block's output after the final adaLN, in compute dtype."""
         c = self.cond(t, labels)  # (b, cond)
@@ -126,15 +111,10 @@ class Transformer(eqx.Module):
 
         def layer(x, inputs):
             block_params, i = inputs
-            block = eqx.combine(block_params, static)
-            layer_keys = None if keys is None else jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-            return block(x, c, layer_keys), None
+            return eqx.combine(block_params, static)(x, c, layer_keys(keys, i)), None
 
         if self.run.remat:
             layer = jax.checkpoint(layer)
-        # Unrolled, XLA schedules every block's recomputation ahead of the backward pass, and remat
-        # saves nothing (MD4-S on CPU: 3058 against 394 MiB per example rolled); in a rolled loop
-        # each block is recomputed only when its backward step runs.
         unroll = self.run.unroll_layers and not self.run.remat
         x, _ = lax.scan(layer, x, (params, jnp.arange(self.cfg.num_layers)), unroll=unroll)
         shift, scale = jnp.split(self.final_ada(activation(self.cfg.mlp)(c))[:, None, :], 2, axis=-1)

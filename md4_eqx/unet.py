@@ -17,7 +17,6 @@ each layer is vmapped over the batch. The residual stream is float32; convolutio
 inputs are cast to the configured compute dtype. Every parameter is a plain replicated array:
 inside the `shard_map` step each `model` device runs the whole U-Net on its batch slice and keeps
 its slice of the padded vocabulary, so the logits contract is the transformer's.
-Blocks are stacked along a leading layer axis (one pytree per path) and run in a Python loop.
 """
 
 import math
@@ -32,7 +31,7 @@ from md4_eqx.config import UNET_CHANNELS as CHANNELS
 from md4_eqx.config import UNET_GROUPS as GROUPS
 from md4_eqx.config import ExecutionConfig, ModelConfig
 from md4_eqx.kernels import attention
-from md4_eqx.layers import Conditioning, Linear, dropout, embedding_table, truncated_normal
+from md4_eqx.layers import Conditioning, Linear, dropout, embedding_table, layer_keys, truncated_normal
 from md4_eqx.parallel import MODEL, vocab_offset
 
 NORM_EPS = 1e-6  # Flax GroupNorm's epsilon
@@ -118,30 +117,19 @@ class SelfAttention(eqx.Module):
     def __call__(self, x: Float[Array, "b d h w"]) -> Float[Array, "b d h w"]:
         b, d, height, width = x.shape
         dtype = self.run.precision.dtype
-        n = jax.vmap(self.norm)(x).reshape(b, d, height * width).transpose(0, 2, 1)  # (b, hw, d)
-        n = n.astype(dtype)
+        n = jax.vmap(self.norm)(x).reshape(b, d, -1).transpose(0, 2, 1).astype(dtype)  # (b, hw, d)
 
         def heads(proj: Linear) -> Float[Array, "b hw heads hd"]:
-            return proj(n).astype(dtype).reshape(b, height * width, self.cfg.num_heads, -1)
+            return proj(n, dtype).reshape(b, height * width, self.cfg.num_heads, -1)
 
-        out = attention(
-            heads(self.wq), heads(self.wk), heads(self.wv),
-            impl=self.run.attention,
-        )  # (b, hw, heads, hd)
+        q, k, v = heads(self.wq), heads(self.wk), heads(self.wv)
+        out = attention(q, k, v, impl=self.run.attention)  # (b, hw, heads, hd)
         out = self.wo(out.reshape(b, height * width, d))  # (b, hw, d), float32
         return x + out.transpose(0, 2, 1).reshape(b, d, height, width)
 
 
-def layer_keys(keys: Key[Array, " b"] | None, i: Int[Array, ""] | int) -> Key[Array, " b"] | None:
-    """Per-example dropout keys of layer `i` (None stays None: inference)."""
-    return None if keys is None else jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-
-
 class UNet(eqx.Module):
-    """mu_theta: (z_t, t, label) -> logits over this device's slice of the padded vocabulary.
-
-    With `num_classes` > 0 the conditioning embeds a label in [0, num_classes]; the last id,
-    `num_classes`, is the null class (unconditional), as classifier-free guidance needs."""
+    """mu_theta: (z_t, t, label) -> logits over this device's slice of the padded vocabulary."""
 
     embed: Float[Array, "ids width"]  # V + 1 rows: the sub-pixel values and the mask
     cond: Conditioning
@@ -155,10 +143,8 @@ class UNet(eqx.Module):
     conv_out: eqx.nn.Conv2d  # zero-initialised: a fresh U-Net predicts uniform logits
     cfg: ModelConfig = eqx.field(static=True)
     run: ExecutionConfig = eqx.field(static=True)
-    side: int = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, run: ExecutionConfig, *, key: PRNGKeyArray):
-        self.side = math.isqrt(cfg.seq_len // CHANNELS)  # ModelConfig checks seq_len = 3 side^2
         ke, kc, ki, kd, k1, ka, k2, ku, ko = jax.random.split(key, 9)
         width = cfg.width
         self.embed = embedding_table(ke, cfg.vocab_size + 1, width)
@@ -211,15 +197,12 @@ class UNet(eqx.Module):
         return outs
 
     def __call__(
-        self,
-        z: Int[Array, "b l"],
-        t: Float[Array, " b"],
-        labels: Int[Array, " b"] | None = None,
-        *,
-        keys: Key[Array, " b"] | None = None,
+        self, z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"] | None = None,
+        *, keys: Key[Array, " b"] | None = None,
     ) -> Float[Array, "b l v_local"]:
         """Logits (float32) for this device's vocabulary slice; `keys` (one per example) enable dropout."""
-        cfg, side, dtype = self.cfg, self.side, self.run.precision.dtype
+        cfg, dtype = self.cfg, self.run.precision.dtype
+        side = math.isqrt(cfg.seq_len // CHANNELS)  # ModelConfig checks seq_len = 3 side^2
         b, num = z.shape[0], cfg.num_layers
         c = self.cond(t, labels)  # (b, cond)
         x = self.embed[z].reshape(b, side, side, CHANNELS * cfg.width)  # (b, h, w, 3 d), (h, w, c) order
