@@ -101,7 +101,11 @@ class Dataset:
         return self.tokenizer.encode(text)
 
     def decode(self, tokens: Integer[np.ndarray, " n"]) -> str:
-        return self.tokenizer.decode(np.asarray(tokens))
+        tokens = np.asarray(tokens)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise DataError(f"token ids must lie in [0, {self.vocab_size}); "
+                            f"got {tokens.min()}..{tokens.max()}")
+        return self.tokenizer.decode(tokens)
 
 
 def load(spec: str, *, seq_len: int | None = None, cache_dir: str | Path | None = None,

@@ -19,8 +19,7 @@ from md4_eqx.errors import DataError
 from md4_eqx.data.sources import Source, Task
 from md4_eqx.data.tokenizers import HFTokenizer, get_tokenizer
 
-# (source, tokenizer, parts directory, token dtype, report(num_tokens)): what every task needs,
-# set once per worker process.
+# What every task needs, set once per worker process: (source, tokenizer, parts, dtype, report).
 _worker: tuple | None = None
 
 

@@ -2,9 +2,10 @@
 table (the --dataset specs) that `parse`, `dataset_help` and their error messages read.
 
 A source names its streams (flat token sequences stored in the cache) and the splits read
-from them (`Layout`), cuts its work into picklable `Task`s (a list of files, a byte range, a
-shard of a hub dataset), and turns one task into `Block`s of token ids. `prepare.py` runs the
-tasks, in worker processes where the source is `parallel` (tokenising or decoding images).
+from them (`layouts`); `tasks()` cuts its work into picklable `Task`s (a list of files, a byte
+range, a hub shard; a stream is its tasks' output in order), `run(task, tokenizer)` turns one
+into `Block`s of token ids, and `fingerprint()`, the JSON-able cache key, changes whenever the
+tokens would. `prepare.py` runs the tasks, in worker processes where the source is `parallel`.
 Adding a dataset: one `Source` subclass (its docstring says what it reads), one `SOURCES` row.
 """
 
@@ -64,12 +65,8 @@ class Block(NamedTuple):
 
 
 class Source:
-    """What `prepare` asks of a dataset. The sources below are frozen dataclasses; these are their
-    defaults. Each one defines
-      fingerprint() -> dict: JSON-able parts that identify the tokens (the cache key, so it
-        changes whenever the tokens would): the source's inputs and its tokenizer;
-      tasks() -> list[Task]: the work; a stream is the concatenation of its tasks' blocks;
-      run(task, tokenizer) -> Iterator[Block]: the blocks of one task, in order."""
+    """A dataset as `prepare` reads it (see above). The sources below are frozen dataclasses;
+    these are their defaults."""
 
     name: str  # the cache entry's name
     tokenizer: str  # "bytes", "text8", or a Hugging Face tokenizer's name / directory
