@@ -133,7 +133,6 @@ def load(spec: str, *, seq_len: int | None = None, cache_dir: str | Path | None 
         except OSError as e:
             raise DataError(f"cannot create cache directory {cache_dir}: {e.strerror}") from None
         with preparing(entry):  # one preparer at a time: the first prepares, the others find it
-            meta = read_meta(entry) or prepare(
-                source, entry, parts, num_proc=num_proc or os.cpu_count() or 1, progress=progress
-            )
+            meta = read_meta(entry) or prepare(source, entry, parts, num_proc=num_proc or os.cpu_count() or 1,
+                                               progress=progress)
     return Dataset(entry, meta, seq_len or source.default_seq_len)

@@ -45,13 +45,18 @@ class BatchLoader:
         rows = batch_size // process_count  # this process's share of every global batch
         part = slice(process_index * rows, (process_index + 1) * rows)
         batches = _batches(split, batch_size, part, shuffle, **self._state)
-        self._source = _Prefetcher(batches, prefetch)
+        # One thread computes the next `prefetch` batches. It holds `batches`, not the loader, so
+        # dropping the loader stops it (the executor's own finaliser).
+        self._pool = ThreadPoolExecutor(1)
+        self._submit = functools.partial(self._pool.submit, next, batches)
+        self._ahead = collections.deque(self._submit() for _ in range(prefetch))
 
     def __iter__(self) -> "BatchLoader":
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        batch, self._state = next(self._source)
+        self._ahead.append(self._submit())
+        batch, self._state = self._ahead.popleft().result()  # raises what computing it raised
         return batch
 
     def state(self) -> dict:
@@ -60,7 +65,7 @@ class BatchLoader:
 
     def close(self) -> None:
         """Stops the prefetch thread (also done when the loader is garbage-collected)."""
-        self._source.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _batches(split: Subset, batch_size: int, part: slice, shuffle: bool, *, seed: int, epoch: int,
@@ -80,20 +85,3 @@ def _batches(split: Subset, batch_size: int, part: slice, shuffle: bool, *, seed
             batch = {"tokens": tokens} if labels is None else {"tokens": tokens, "labels": labels}
             yield batch, {"seed": seed, "epoch": epoch, "position": position}
         epoch, position = epoch + 1, 0
-
-
-class _Prefetcher:
-    """Computes the next `size` items of an iterator in a background thread."""
-
-    def __init__(self, items: Iterator, size: int):
-        # The thread holds neither self nor the loader, so dropping the loader stops it.
-        self._pool = ThreadPoolExecutor(1)
-        self._submit = functools.partial(self._pool.submit, next, items)
-        self._ahead = collections.deque(self._submit() for _ in range(size))
-
-    def __next__(self):
-        self._ahead.append(self._submit())
-        return self._ahead.popleft().result()  # raises the iterator's error, if it raised one
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)

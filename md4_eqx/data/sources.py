@@ -146,9 +146,8 @@ class Text8(Source):
     def tasks(self) -> list[Task]:
         with self._open() as archive:
             n = archive.getinfo("text8").file_size
-        spans = {"train": (0, n * 90 // 100), "valid": (n * 90 // 100, n * 95 // 100),
-                 "test": (n * 95 // 100, n)}
-        return [Task(split, 0, span) for split, span in spans.items()]
+        cuts = [0, n * 90 // 100, n * 95 // 100, n]
+        return [Task(split, 0, span) for split, span in zip(("train", "valid", "test"), zip(cuts, cuts[1:]))]
 
     def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
         start, stop = task.payload
@@ -353,8 +352,7 @@ def _readable_file(path: Path) -> Path:
 
 def _tok_id(tokenizer: str) -> str:
     """A tokenizer's name, plus its files' fingerprint when it is a local directory."""
-    local = Path(tokenizer)
-    return f"{tokenizer}@{path_fingerprint(local)}" if local.exists() else tokenizer
+    return f"{tokenizer}@{path_fingerprint(Path(tokenizer))}" if Path(tokenizer).exists() else tokenizer
 
 
 def _char_start(f, pos: int) -> int:
