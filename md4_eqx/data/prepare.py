@@ -89,12 +89,12 @@ def _run_task(task: Task, worker: tuple | None = None) -> None:
     """Tokenises one task into its part files, with `worker` (default: this process's)."""
     source, tokenizer, parts, dtype, report = worker or _worker
     stem = parts / f"{task.stream}-{task.shard:06d}"
-    with open(f"{stem}.bin", "wb") as tokens, open(f"{stem}.labels", "wb") as labels:
-        for block in source.run(task, tokenizer):
-            tokens.write(block.tokens.astype(dtype).tobytes())
-            report(block.tokens.size)
-            if block.labels is not None:
-                labels.write(block.labels.astype(np.int32).tobytes())
+    with open(f"{stem}.bin", "wb") as token_file, open(f"{stem}.labels", "wb") as label_file:
+        for tokens, labels in source.run(task, tokenizer):
+            token_file.write(tokens.astype(dtype).tobytes())
+            report(tokens.size)
+            if labels is not None:
+                label_file.write(labels.astype(np.int32).tobytes())
 
 
 def _join_parts(tasks: list[Task], parts: Path, out: Path, dtype: np.dtype) -> dict:

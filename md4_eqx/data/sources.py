@@ -4,8 +4,8 @@ table (the --dataset specs) that `parse`, `dataset_help` and their error message
 A source names its streams (flat token sequences stored in the cache) and the splits read
 from them (`layouts`); `tasks()` cuts its work into picklable `Task`s (a list of files, a byte
 range, a hub shard; a stream is its tasks' output in order), `run(task, tokenizer)` turns one
-into `Block`s of token ids, and `fingerprint()`, the JSON-able cache key, changes whenever the
-tokens would. `prepare.py` runs the tasks, in worker processes where the source is `parallel`.
+into `Block`s, and `fingerprint()`, the JSON-able cache key, changes whenever the tokens would.
+`prepare.py` runs the tasks, in worker processes where the source is `parallel`.
 Adding a dataset: one `Source` subclass (its docstring says what it reads), one `SOURCES` row.
 """
 
@@ -19,7 +19,6 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -59,9 +58,7 @@ class Task:
     payload: tuple = ()
 
 
-class Block(NamedTuple):
-    tokens: np.ndarray  # int32 [n]
-    labels: np.ndarray | None  # int32 [n // example_len], image datasets only
+Block = tuple[np.ndarray, np.ndarray | None]  # int32 tokens [n], and labels [n // example_len] or None
 
 
 class Source:
@@ -121,7 +118,7 @@ class PyStdlib(Source):
 
     def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
         for rel in task.payload:
-            yield Block(tokenizer.encode_raw((self.root / rel).read_bytes(), rel), None)
+            yield tokenizer.encode_raw((self.root / rel).read_bytes(), rel), None
 
 
 @dataclass(frozen=True)
@@ -153,7 +150,7 @@ class Text8(Source):
         start, stop = task.payload
         with self._open() as archive:
             raw = archive.read("text8")[start:stop]
-        yield Block(tokenizer.encode_raw(raw, f"{self.zip_path}:text8"), None)
+        yield tokenizer.encode_raw(raw, f"{self.zip_path}:text8"), None
 
     def _open(self) -> zipfile.ZipFile:
         try:
@@ -192,7 +189,7 @@ class TextFile(Source):
         start, stop = task.payload
         with open(self.path, "rb") as f:
             f.seek(start)
-            yield Block(tokenizer.encode_raw(f.read(stop - start), str(self.path)), None)
+            yield tokenizer.encode_raw(f.read(stop - start), str(self.path)), None
 
 
 @dataclass(frozen=True)
@@ -225,7 +222,7 @@ class HubText(Source):
         for batch in ds.shard(num_shards=ds.num_shards, index=task.shard).iter(HUB_BATCH):
             docs = tokenizer.encode_batch([text for text in batch[column] if text])
             if docs:
-                yield Block(np.concatenate([part for doc in docs for part in [doc, *eos]]), None)
+                yield np.concatenate([part for doc in docs for part in [doc, *eos]]), None
 
 
 @dataclass(frozen=True)
@@ -257,7 +254,6 @@ class Cifar10(Source):
         return tasks
 
     def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
-        del tokenizer  # sub-pixel values are the tokens
         ds = _open_stream(self.path, None, self.hub_splits[task.stream])
         for batch in ds.shard(num_shards=ds.num_shards, index=task.shard).iter(HUB_BATCH):
             images = np.stack([np.asarray(img.convert("RGB")) for img in batch["img"]])
@@ -265,7 +261,7 @@ class Cifar10(Source):
             if images.shape[1:] != self.image_shape or labels.min() < 0 or labels.max() >= self.num_classes:
                 raise DataError(f"dataset {self.path!r} is not CIFAR-10: images {images.shape[1:]}, "
                                 f"labels {labels.min()}..{labels.max()}")
-            yield Block(images.reshape(-1).astype(np.int32), labels)  # [n * 3072], [n]
+            yield images.reshape(-1).astype(np.int32), labels  # [n * 3072], [n]
 
 
 @dataclass(frozen=True)
