@@ -29,7 +29,6 @@ FORMAT = 1  # bump when the layout changes: old entries then get new keys
 
 
 def default_cache_dir() -> Path:
-    """$MD4_CACHE, else ~/.cache/md4_eqx."""
     return Path(os.environ.get("MD4_CACHE") or Path.home() / ".cache" / "md4_eqx")
 
 

@@ -94,7 +94,6 @@ class PyStdlib(Source):
         return Path(sysconfig.get_paths()["stdlib"])
 
     def files(self) -> list[str]:
-        """Relative POSIX paths, sorted."""
         skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
         found = []
         for dirpath, dirnames, filenames in os.walk(self.root):
