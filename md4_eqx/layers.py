@@ -6,8 +6,7 @@ produces a slice of the features, a ROW layer sums partial products over `model`
 mesh the slices are whole and the sums are over one device. Matmuls take their inputs in the
 configured compute dtype and accumulate in float32; the blocks' projections return the compute
 dtype, so what the backward pass keeps of them is that size, while the residual stream stays
-float32. The cheap elementwise steps between matmuls (adaLN, the GLU gate) are recomputed in the
-backward pass (`jax.checkpoint`) rather than stored: bench/fit_tpu.py measures what each saves.
+float32. The cheap steps between matmuls (adaLN, the GLU gate) are recomputed in the backward pass.
 """
 
 import functools
@@ -46,15 +45,8 @@ class Linear(Sharded):
     split: Split = eqx.field(static=True)
 
     def __init__(
-        self,
-        fan_in: int,
-        fan_out: int,
-        *,
-        key: PRNGKeyArray,
-        split: Split = Split.REPLICATED,
-        scale: float = 1.0,
-        zero: bool = False,
-        bias: bool = False,
+        self, fan_in: int, fan_out: int, *, key: PRNGKeyArray, split: Split = Split.REPLICATED,
+        scale: float = 1.0, zero: bool = False, bias: bool = False,
     ):
         if bias and split is not Split.REPLICATED:
             raise ValueError(f"a bias is only supported on replicated layers, not {split=}")
@@ -64,12 +56,8 @@ class Linear(Sharded):
         self.split = split
 
     def __call__(self, x: Float[Array, "*b fan_in"], dtype: jnp.dtype = jnp.float32) -> Float[Array, "*b fan_out"]:
-        """x W (+ b), accumulated in float32 inside the matmul (and the sum over `model`), returned
-        in `dtype`. The blocks ask for their compute dtype: what the backward pass keeps of a
-        projection is then that size, and the cast fuses into the matmul."""
-        y = jnp.einsum(
-            "...i,io->...o", x, self.weight.astype(x.dtype), preferred_element_type=jnp.float32
-        )
+        """x W (+ b), accumulated in float32 (and summed over `model`), returned in `dtype`."""
+        y = jnp.einsum("...i,io->...o", x, self.weight.astype(x.dtype), preferred_element_type=jnp.float32)
         if self.split is Split.ROW:
             y = psum(y, MODEL)  # partial sums over the split input features
         y = y if self.bias is None else y + self.bias[(None,) * (y.ndim - 1)]
@@ -80,11 +68,10 @@ class Embedding(Sharded):
     """A vocabulary-parallel embedding table [padded_vocab, width]: rows split over `model`."""
 
     weight: Float[Array, "vocab width"]
-    split: Split = eqx.field(static=True)
+    split: Split = eqx.field(static=True, default=Split.VOCAB)
 
     def __init__(self, num: int, width: int, *, key: PRNGKeyArray):
         self.weight = embedding_table(key, num, width)
-        self.split = Split.VOCAB
 
     def __call__(self, ids: Int[Array, "*b"]) -> Float[Array, "*b width"]:
         rows = self.weight.shape[0]
@@ -164,9 +151,7 @@ class Attention(eqx.Module):
 
     def __init__(self, width: int, num_heads: int, *, key: PRNGKeyArray, rope_theta: float):
         kq, kk, kv, ko = jax.random.split(key, 4)
-        self.wq, self.wk, self.wv = (
-            Linear(width, width, key=k, split=Split.COLUMN) for k in (kq, kk, kv)
-        )
+        self.wq, self.wk, self.wv = (Linear(width, width, key=k, split=Split.COLUMN) for k in (kq, kk, kv))
         self.wo = Linear(width, width, key=ko, split=Split.ROW)
         self.head_dim = width // num_heads
         self.rope_theta = rope_theta
@@ -197,16 +182,11 @@ class MLP(eqx.Module):
         self.w2 = Linear(hidden, width, key=k2, split=Split.ROW, scale=scale)
         self.kind = kind
 
+    @jax.checkpoint
     def __call__(self, x: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
         """In x's (compute) dtype. Recomputed from x in the backward pass: W1 x, W3 x and the
         gate, [b, l, hidden] each, are never stored, for two more matmuls."""
-        act = activation(self.kind)
-
-        @jax.checkpoint
-        def mlp(x: Float[Array, "b l d"], w1: Linear, w3: Linear, w2: Linear) -> Float[Array, "b l d"]:
-            return w2(act(w1(x, x.dtype)) * w3(x, x.dtype), x.dtype)
-
-        return mlp(x, self.w1, self.w3, self.w2)
+        return self.w2(activation(self.kind)(self.w1(x, x.dtype)) * self.w3(x, x.dtype), x.dtype)
 
 
 def time_embedding(t: Float[Array, " b"], dim: int) -> Float[Array, "b dim"]:
