@@ -2,8 +2,7 @@
 
 All functions run per device inside the training `shard_map` (see `md4_eqx.parallel`): they see
 this device's examples and this device's slice of the vocabulary. The randomness of example b is
-keyed by its *global* index, so any mesh draws the same times and masks. Losses are returned per
-example, summed over positions, in nats; `bits_per_token` turns them into the reported number.
+keyed by its *global* index, so any mesh draws the same times and masks.
 """
 
 import functools
@@ -22,7 +21,7 @@ LABEL_STREAM = 1  # fold_in(key, LABEL_STREAM): the label dropout's key, apart f
 
 
 class Losses(NamedTuple):
-    """Per-example terms, in nats summed over positions."""
+    """Per-example terms, in nats summed over positions (`bits_per_token` gives the reported number)."""
 
     diffusion: Float[Array, " b"]  # the diffusion term of the NELBO
     recon: Float[Array, " b"]  # the reconstruction term
@@ -152,11 +151,9 @@ def genmd4_losses(
     (l1, q1), (l2, q2) = one_draw(1), one_draw(2)
     diffusion = 0.5 * (l1 + l2)
     surrogate = diffusion + 0.5 * jax.lax.stop_gradient(l1 - l2) * (q1 - q2)
-    log_t1 = math.log(cfg.t1)
-    recon = jnp.sum(  # sum_i -(1 - eps) t1^{w_x} (w_x log t1 - logsumexp_v(w_v log t1))
-        -(1.0 - learned.eps) * jnp.exp(w_x * log_t1) * (w_x * log_t1 - jax.nn.logsumexp(w * log_t1)),
-        axis=-1,
-    )
+    log_t1 = math.log(cfg.t1)  # recon = sum_i -(1 - eps) t1^{w_x} (w_x log t1 - logsumexp_v(w_v log t1))
+    per_token = -(1.0 - learned.eps) * jnp.exp(w_x * log_t1) * (w_x * log_t1 - jax.nn.logsumexp(w * log_t1))
+    recon = jnp.sum(per_token, axis=-1)
     return Losses(diffusion, recon, surrogate + recon)
 
 
@@ -164,10 +161,9 @@ def losses(
     model: MD4, x: Int[Array, "b l"], labels: Int[Array, " b"] | None, ids: Int[Array, " b"],
     key: PRNGKeyArray, *, global_batch: int, train: bool,
 ) -> Losses:
-    """The model's NELBO terms for a batch: GenMD4's if its schedule is per token, else MD4's.
-    The randomness is keyed by global example index: per-example keys for the masks, times
-    t ~ U[0, 1) (antithetic across the global batch: t_b = (u + b / B) mod 1 with one u) and, when
-    training, per-example dropout keys and the labels dropped to the null class at `label_dropout`."""
+    """The model's NELBO terms for a batch: GenMD4's if its schedule is per token, else MD4's. Draws
+    the batch's randomness: mask keys, times t ~ U[0, 1) (antithetic: t_b = (u + b / B) mod 1 with one
+    u) and, when training, dropout keys and labels dropped to the null class at `label_dropout`."""
     cfg = model.config
     time_key, example_key = jax.random.split(key)
     keys = example_keys(example_key, ids)

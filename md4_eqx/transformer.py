@@ -5,13 +5,12 @@ class label) -> final adaLN LayerNorm -> a zero-initialised head to the padded v
 head being zero makes a fresh model predict the uniform distribution over V: log2(V) bits/token.
 Images use the same network over their flattened sub-pixel sequence.
 
-Blocks are stacked along a leading layer axis and run with `lax.scan`. By default the scan is
-unrolled (`unroll_layers`): XLA then sees straight-line code, without the loop's stacked residual
-buffers, their zero-fill and the dynamic slices into them (measured on CPU: 8-10% faster steps,
-bench/RESULTS.md); `unroll_layers=False` keeps the loop rolled, so compile time stays flat in depth
-(MD4-S on CPU: 19 s rolled against 34 s unrolled). With `remat` the loop is always rolled: unrolled,
-XLA schedules every block's recomputation ahead of the backward pass and remat saves nothing (MD4-S
-on CPU: 3058 MiB per example unrolled against 394 rolled).
+Blocks are stacked along a leading layer axis and run with `lax.scan`, unrolled by default
+(`unroll_layers`): XLA then sees straight-line code, without the loop's stacked residual buffers,
+their zero-fill and the dynamic slices into them (CPU: 8-10% faster steps, bench/RESULTS.md); rolled,
+compile time stays flat in depth (MD4-S on CPU: 19 s rolled against 34 s unrolled). With `remat` the
+loop is always rolled: unrolled, XLA schedules every block's recomputation ahead of the backward pass
+and remat saves nothing (MD4-S on CPU: 3058 MiB per example unrolled against 394 rolled).
 """
 
 import equinox as eqx
@@ -62,8 +61,7 @@ class Block(eqx.Module):
         a = self.attn(ada_norm(x, shift_a, scale_a, dtype), self.run.attention)  # (b, l, d), dtype
 
         @jax.checkpoint
-        def mlp_half(x, gate_a, a, shift_m, scale_m, mlp):
-            # h and the MLP's input recomputed from x and a in the backward pass: neither is stored
+        def mlp_half(x, gate_a, a, shift_m, scale_m, mlp):  # h and the MLP's input are recomputed
             h, n = add_ada_norm(x, gate_a, a, shift_m, scale_m, dtype)
             return h, mlp(n)  # (b, l, d) float32, (b, l, d) dtype
 
@@ -72,7 +70,8 @@ class Block(eqx.Module):
 
 
 class Transformer(eqx.Module):
-    """mu_theta: (z_t, t, label) -> logits over this device's slice of the padded vocabulary."""
+    """mu_theta: (z_t, t, label) -> float32 logits over this device's slice of the padded vocabulary;
+    `keys` (one per example) enable dropout."""
 
     embed: Embedding
     cond: Conditioning
@@ -86,9 +85,7 @@ class Transformer(eqx.Module):
         ke, kc, kb, kf, kh = jax.random.split(key, 5)
         self.embed = Embedding(cfg.padded_vocab, cfg.width, key=ke)
         self.cond = Conditioning(cfg.cond_dim, cfg.num_classes, key=kc)
-        self.blocks = eqx.filter_vmap(lambda k: Block(cfg, run, key=k))(
-            jax.random.split(kb, cfg.num_layers)
-        )
+        self.blocks = eqx.filter_vmap(lambda k: Block(cfg, run, key=k))(jax.random.split(kb, cfg.num_layers))
         self.final_ada = Linear(cfg.cond_dim, 2 * cfg.width, key=kf, zero=True, bias=True)
         self.head = Linear(cfg.width, cfg.padded_vocab, key=kh, split=Split.COLUMN, zero=True)
         self.cfg, self.run = cfg, run
@@ -97,7 +94,6 @@ class Transformer(eqx.Module):
         self, z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"] | None = None,
         *, keys: Key[Array, " b"] | None = None,
     ) -> Float[Array, "b l v_local"]:
-        """Logits (float32) for this device's vocabulary slice; `keys` (one per example) enable dropout."""
         return self.head(self.features(z, t, labels, keys=keys))  # (b, l, padded_vocab / M)
 
     def features(
@@ -115,7 +111,7 @@ class Transformer(eqx.Module):
 
         if self.run.remat:
             layer = jax.checkpoint(layer)
-        unroll = self.run.unroll_layers and not self.run.remat
+        unroll = self.run.unroll_layers and not self.run.remat  # see the module docstring
         x, _ = lax.scan(layer, x, (params, jnp.arange(self.cfg.num_layers)), unroll=unroll)
         shift, scale = jnp.split(self.final_ada(activation(self.cfg.mlp)(c))[:, None, :], 2, axis=-1)
         return ada_norm(x, shift, scale, self.run.precision.dtype)

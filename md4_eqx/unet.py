@@ -13,10 +13,9 @@ The reference uses one `feature_dim` (128) for the sub-pixel embedding, the chan
 conditioning; here they are `width` (channels and embedding) and `cond_dim`.
 
 Layout: Equinox convolutions are channels-first per example, so activations are [b, c, h, w] and
-each layer is vmapped over the batch. The residual stream is float32; convolution and attention
-inputs are cast to the configured compute dtype. Every parameter is a plain replicated array:
-inside the `shard_map` step each `model` device runs the whole U-Net on its batch slice and keeps
-its slice of the padded vocabulary, so the logits contract is the transformer's.
+each layer is vmapped over the batch; the residual stream is float32. Every parameter is a plain
+replicated array: inside the `shard_map` step each `model` device runs the whole U-Net on its batch
+slice and keeps its slice of the padded vocabulary, so the logits contract is the transformer's.
 """
 
 import math
@@ -27,14 +26,10 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
-from md4_eqx.config import UNET_CHANNELS as CHANNELS
-from md4_eqx.config import UNET_GROUPS as GROUPS
-from md4_eqx.config import ExecutionConfig, ModelConfig
+from md4_eqx.config import UNET_CHANNELS as CHANNELS, UNET_GROUPS as GROUPS, ExecutionConfig, ModelConfig
 from md4_eqx.kernels import attention
 from md4_eqx.layers import Conditioning, Linear, dropout, embedding_table, layer_keys, truncated_normal
 from md4_eqx.parallel import MODEL, vocab_offset
-
-NORM_EPS = 1e-6  # Flax GroupNorm's epsilon
 
 
 def conv2d(
@@ -50,14 +45,13 @@ def conv2d(
 
 
 def apply(layer: eqx.Module, x: Float[Array, "b ..."], dtype: jnp.dtype) -> Float[Array, "b ..."]:
-    """A per-example Equinox layer over the batch, computed in `dtype` (its float32 parameters
-    cast for the call), returning float32."""
+    """A per-example layer over the batch in `dtype` (float32 parameters cast for the call), to float32."""
     layer = jax.tree.map(lambda p: p.astype(dtype), layer)
     return jax.vmap(layer)(x.astype(dtype)).astype(jnp.float32)
 
 
 def group_norm(channels: int) -> eqx.nn.GroupNorm:
-    return eqx.nn.GroupNorm(GROUPS, channels, eps=NORM_EPS)
+    return eqx.nn.GroupNorm(GROUPS, channels, eps=1e-6)  # Flax GroupNorm's epsilon
 
 
 class ResBlock(eqx.Module):
@@ -107,11 +101,9 @@ class SelfAttention(eqx.Module):
     run: ExecutionConfig = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, run: ExecutionConfig, *, key: PRNGKeyArray):
-        kq, kk, kv, ko = jax.random.split(key, 4)
         self.norm = group_norm(cfg.width)
-        self.wq, self.wk, self.wv, self.wo = (
-            Linear(cfg.width, cfg.width, key=k, bias=True) for k in (kq, kk, kv, ko)
-        )
+        keys = jax.random.split(key, 4)
+        self.wq, self.wk, self.wv, self.wo = (Linear(cfg.width, cfg.width, key=k, bias=True) for k in keys)
         self.cfg, self.run = cfg, run
 
     def __call__(self, x: Float[Array, "b d h w"]) -> Float[Array, "b d h w"]:
@@ -129,7 +121,8 @@ class SelfAttention(eqx.Module):
 
 
 class UNet(eqx.Module):
-    """mu_theta: (z_t, t, label) -> logits over this device's slice of the padded vocabulary."""
+    """mu_theta: (z_t, t, label) -> float32 logits over this device's slice of the padded vocabulary;
+    `keys` (one per example) enable dropout."""
 
     embed: Float[Array, "ids width"]  # V + 1 rows: the sub-pixel values and the mask
     cond: Conditioning
@@ -150,15 +143,16 @@ class UNet(eqx.Module):
         self.embed = embedding_table(ke, cfg.vocab_size + 1, width)
         self.cond = Conditioning(cfg.cond_dim, cfg.num_classes, key=kc)
         self.conv_in = conv2d(CHANNELS * width, width, 3, key=ki)
-        self.down = eqx.filter_vmap(lambda k: ResBlock(cfg, run, width, key=k))(
-            jax.random.split(kd, cfg.num_layers)
-        )
+
+        def stack(in_channels: int, key: PRNGKeyArray, count: int) -> ResBlock:  # on a leading [count] axis
+            keys = jax.random.split(key, count)
+            return eqx.filter_vmap(lambda k: ResBlock(cfg, run, in_channels, key=k))(keys)
+
+        self.down = stack(width, kd, cfg.num_layers)
         self.mid1 = ResBlock(cfg, run, width, key=k1)
         self.attn = SelfAttention(cfg, run, key=ka)
         self.mid2 = ResBlock(cfg, run, width, key=k2)
-        self.up = eqx.filter_vmap(lambda k: ResBlock(cfg, run, 2 * width, key=k))(
-            jax.random.split(ku, cfg.num_layers + 1)
-        )
+        self.up = stack(2 * width, ku, cfg.num_layers + 1)
         self.norm_out = group_norm(width)
         self.conv_out = conv2d(width, CHANNELS * cfg.vocab_size, 3, key=ko, zero=True)
         self.cfg, self.run = cfg, run
@@ -200,7 +194,6 @@ class UNet(eqx.Module):
         self, z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"] | None = None,
         *, keys: Key[Array, " b"] | None = None,
     ) -> Float[Array, "b l v_local"]:
-        """Logits (float32) for this device's vocabulary slice; `keys` (one per example) enable dropout."""
         cfg, dtype = self.cfg, self.run.precision.dtype
         side = math.isqrt(cfg.seq_len // CHANNELS)  # ModelConfig checks seq_len = 3 side^2
         b, num = z.shape[0], cfg.num_layers
@@ -208,8 +201,7 @@ class UNet(eqx.Module):
         x = self.embed[z].reshape(b, side, side, CHANNELS * cfg.width)  # (b, h, w, 3 d), (h, w, c) order
         h0 = apply(self.conv_in, x.transpose(0, 3, 1, 2), dtype)  # (b, d, h, w)
         skips = [h0, *self._blocks(self.down, h0, None, c, keys, first=0)]  # num + 1 of (b, d, h, w)
-        h = self.mid1(skips[-1], c, layer_keys(keys, num))
-        h = self.attn(h)
+        h = self.attn(self.mid1(skips[-1], c, layer_keys(keys, num)))  # the middle: block, attention, block
         h = self.mid2(h, c, layer_keys(keys, num + 1))
         # The up path takes the skips last-in first-out, ending with the input conv's output.
         h = self._blocks(self.up, h, skips[::-1], c, keys, first=num + 2)[-1]
