@@ -189,28 +189,29 @@ def train(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.preset, cfg.train.dataset)
     ds = load_dataset(cfg, args)
     cfg = fit_to_data(cfg, ds, given)
-    # An `auto` batch size or number of microbatches: planned now, the checkpoint's on resume.
-    resume = checkpoint.latest_step(workdir)
-    planned = plan.resolve(cfg, mesh, memory, None if resume is None else checkpoint.read_meta(workdir)[1])
-    if planned != cfg and jax.process_index() == 0:
-        print(f"planned: --batch-size {planned.train.batch_size} --microbatches {planned.train.microbatches}")
-    validate(planned, mesh)  # again, for what the data and the plan set: the vocabulary, the batch
-    with claim(workdir), checkpoint.Checkpoints(workdir, planned.train.keep_checkpoints) as checkpoints:
-        return run(args, planned, ds, mesh, workdir, checkpoints, began)  # WorkdirError if unwritable or taken
+    # WorkdirError if the workdir is unwritable or another run's.
+    with claim(workdir), checkpoint.Checkpoints(workdir, cfg.train.keep_checkpoints) as checkpoints:
+        return run(args, cfg, ds, mesh, memory, workdir, checkpoints, began)
 
 
-def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, workdir: Path,
+def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, memory: int | None, workdir: Path,
         checkpoints: checkpoint.Checkpoints, began: float) -> int:
     """The training run: state (fresh, or the newest checkpoint's), data, and the loop."""
-    tc = cfg.train
     main_process = jax.process_index() == 0
 
     def say(*words) -> None:  # process 0 prints, between progress bar updates
         if main_process:
             tqdm.write(" ".join(map(str, words)), file=sys.stdout)
 
-    optimizer = make_optimizer(cfg.optim, tc.steps)
+    # An `auto` batch size or number of microbatches: planned now, the checkpoint's on resume.
     resume = checkpoints.latest_step()
+    planned = plan.resolve(cfg, mesh, memory, None if resume is None else checkpoints.read_meta()[1])
+    if planned != cfg:
+        say(f"planned: --batch-size {planned.train.batch_size} --microbatches {planned.train.microbatches}")
+    cfg = planned
+    validate(cfg, mesh)  # again, for what the data and the plan set: the vocabulary, the batch
+    tc = cfg.train
+    optimizer = make_optimizer(cfg.optim, tc.steps)
     if resume is None:
         state, data_state = init_state(cfg, optimizer, mesh), None
     else:
@@ -275,7 +276,8 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, workdir:
         unread = (step, metrics)
         logs, evaluates, saves = (step % every == 0 or step == tc.steps
                                   for every in (tc.log_every, tc.eval_every, tc.checkpoint_every))
-        if logs or evaluates or saves:
+        stop = preemption.requested()  # every process stops at the same step
+        if logs or evaluates or saves or stop:
             observe(*unread)  # before anything reads or saves this step's state
             unread = None
         if logs:
@@ -289,16 +291,12 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, workdir:
                 bar.set_postfix(bpt=f"{bpt:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             pending, busy, tick = [], 0.0, time.perf_counter()
         started = time.perf_counter()
-        if saves and not bad_steps.streak:  # first: a failed evaluation must not cost the steps
+        if (saves and not bad_steps.streak) or stop:  # first: a failed evaluation must not cost the steps
             checkpoints.save(state, loader.state(), cfg)
         if evaluates:
             texts = eval_and_sample(state, step)
         busy += time.perf_counter() - started
-        if preemption.requested():  # every process stops here, at the same step
-            if unread is not None:
-                observe(*unread)
-            if checkpoints.latest_step() != step:
-                checkpoints.save(state, loader.state(), cfg)
+        if stop:
             say(f"step {step}: stopped by a signal; checkpoint saved, rerun the same command to resume")
             break
     bar.close()

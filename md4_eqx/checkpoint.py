@@ -5,8 +5,8 @@
                               /meta    JSON: the full Config, the data position, the step
 
 A program opens the workdir's checkpoints once, `with Checkpoints(workdir, keep) as checkpoints:`,
-and saves and restores through that one orbax `CheckpointManager` (the functions at the end are
-one-call conveniences for a single read or write). Orbax writes each step into a temporary
+and saves and restores through that one orbax `CheckpointManager` (`read_meta` and
+`load_for_inference` at the end do one read each). Orbax writes each step into a temporary
 directory and renames it when complete, so a run killed while saving leaves the previous
 checkpoints intact, and the next writer removes the partial one. Restoring builds the state
 abstractly (`eqx.filter_eval_shape`) and asks orbax for every array with the `NamedSharding` it
@@ -40,7 +40,7 @@ from md4_eqx.train_step import TrainState, init_state, state_specs
 
 
 class Checkpoints:
-    """The checkpoints of one workdir, through one orbax `CheckpointManager` held until `close`.
+    """The checkpoints of one workdir, through one orbax `CheckpointManager`, open for a `with` block.
 
     A writer (`keep` given: the run that holds the workdir's lock) creates the directory, removes
     the partial checkpoints that killed or failed saves left, and keeps the newest `keep`
@@ -62,9 +62,6 @@ class Checkpoints:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
         self._manager.close()
 
     def latest_step(self) -> int | None:
@@ -96,17 +93,6 @@ class Checkpoints:
             f"the newest complete one is step {self.latest_step()}"
         )
 
-    def _step(self, step: int | None) -> int:
-        """`step` (default: the newest), checked to exist."""
-        steps = self._manager.all_steps()
-        if not steps:
-            raise CheckpointError(f"no checkpoint in {self.directory}")
-        if step is None:
-            return max(steps)
-        if step not in steps:
-            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; it has {sorted(steps)}")
-        return step
-
     def _read(self, step: int, **items) -> ocp.args.Composite:
         """Restores the named items of checkpoint `step`. What a damaged checkpoint raises becomes
         a CheckpointError: tensorstore's ValueError (an array's bytes or its metadata), the JSON
@@ -117,9 +103,30 @@ class Checkpoints:
             where = self.directory / str(step)
             raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first_line(e)})") from e
 
+    def _read_arrays(self, step: int, **targets: dict[str, jax.ShapeDtypeStruct]) -> ocp.args.Composite:
+        """Restores the named items of checkpoint `step` into `targets` (see `_targets`). Orbax
+        restores into the target's shape; a stored array of another shape means the checkpoint
+        does not belong to this config."""
+        items = self._read(step, **{item: ocp.args.StandardRestore(target) for item, target in targets.items()})
+        for item, target in targets.items():
+            for name, want in target.items():
+                got = items[item][name]
+                if got.shape != want.shape or got.dtype != want.dtype:
+                    raise CheckpointError(
+                        f"checkpoint {self.directory / str(step)}: {name} is {got.dtype}{list(got.shape)}, "
+                        f"the config needs {want.dtype}{list(want.shape)}"
+                    )
+        return items
+
     def read_meta(self, step: int | None = None) -> tuple[int, Config, dict]:
         """(step, config, data position) of checkpoint `step` (default: the newest)."""
-        step = self._step(step)
+        steps = self._manager.all_steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        if step is None:
+            step = max(steps)
+        elif step not in steps:
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; it has {sorted(steps)}")
         meta = self._read(step, meta=ocp.args.JsonRestore())["meta"]
         try:
             return step, config_from_json(meta["config"]), meta["data"]
@@ -127,14 +134,13 @@ class Checkpoints:
             raise CheckpointError(f"checkpoint {self.directory / str(step)} has a bad config: {e}") from e
 
     def restore(
-        self, mesh: Mesh, optimizer: optax.GradientTransformation, config: Config | None = None,
-        step: int | None = None,
+        self, mesh: Mesh, optimizer: optax.GradientTransformation, config: Config | None = None
     ) -> tuple[Config, TrainState, dict]:
-        """(config, state on `mesh`, data position) of checkpoint `step` (default: the newest).
+        """(config, state on `mesh`, data position) of the newest checkpoint.
 
         With `config`, the state is built for it (e.g. more steps, another learning rate), after
         checking that it describes the same model as the checkpoint (`model_differences`)."""
-        step, saved, data_state = self.read_meta(step)
+        step, saved, data_state = self.read_meta()
         if config is None:
             config = saved
         elif differences := model_differences(saved, config):
@@ -143,9 +149,8 @@ class Checkpoints:
         abstract = eqx.filter_eval_shape(init_state, config, optimizer, mesh)
         arrays, specs = _arrays(abstract), state_specs(abstract, optimizer)
         rest, rest_specs = (eqx.tree_at(lambda s: s.ema, tree, None) for tree in (arrays, specs))
-        targets = {"state": _targets(rest, rest_specs, mesh), "ema": _targets(arrays.ema, specs.ema, mesh)}
-        items = self._read(step, **{k: ocp.args.StandardRestore(v) for k, v in targets.items()})
-        _check_shapes(self.directory / str(step), targets, items)
+        items = self._read_arrays(step, state=_targets(rest, rest_specs, mesh),
+                                  ema=_targets(arrays.ema, specs.ema, mesh))
         restored = eqx.tree_at(
             lambda s: s.ema, _unflat(items["state"], rest), _unflat(items["ema"], arrays.ema),
             is_leaf=lambda x: x is None,
@@ -159,9 +164,7 @@ class Checkpoints:
         mesh = make_mesh(1, 1, jax.devices()[:1]) if mesh is None else mesh
         abstract = eqx.filter_eval_shape(MD4, config.model, config.diffusion, config.execution, key=jax.random.key(0))
         arrays = _arrays(abstract)
-        target = _targets(arrays, param_specs(arrays), mesh)
-        items = self._read(step, ema=ocp.args.StandardRestore(target))
-        _check_shapes(self.directory / str(step), {"ema": target}, items)
+        items = self._read_arrays(step, ema=_targets(arrays, param_specs(arrays), mesh))
         return config, eqx.combine(_unflat(items["ema"], arrays), abstract)
 
 
@@ -181,11 +184,10 @@ def _hide_orbax_aftermath() -> None:
         lambda record: not record.getMessage().partition("\n")[0].endswith("exception was never retrieved"))
     # An abandoned write that never started: "coroutine '...write_fragment' was never awaited".
     warnings.filterwarnings("ignore", r"coroutine '.*write_fragment' was never awaited", RuntimeWarning)
+
     # A read or write that finishes after orbax closed the event loop it was started on: its
     # callback (`loop.call_soon_threadsafe`) raises, unraisably, "Event loop is closed".
-    default = sys.unraisablehook
-
-    def hook(unraisable):
+    def hook(unraisable, default=sys.unraisablehook):
         value = unraisable.exc_value
         if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
             default(unraisable)
@@ -193,26 +195,27 @@ def _hide_orbax_aftermath() -> None:
     sys.unraisablehook = hook
 
 
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _name(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator=".")
+
+
 def _flat(tree) -> dict[str, Any]:
-    """{"model.net.embed.weight": array, ...} for the arrays of a module; keys as raw data."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {
-        jax.tree_util.keystr(path, simple=True, separator="."): (
-            jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
-        )
-        for path, x in leaves
-    }
+    """{"model.net.embed.weight": array, ...} for the arrays of a module; PRNG keys as raw data."""
+    return {_name(path): jax.random.key_data(x) if _is_key(x) else x
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def _unflat(flat: dict[str, Any], like):
     """The pytree of `like` (arrays or abstract arrays) with its leaves taken from `flat`."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
-    values = []
-    for path, x in leaves:
-        value = flat[jax.tree_util.keystr(path, simple=True, separator=".")]
-        is_key = jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-        values.append(jax.random.wrap_key_data(value) if is_key else value)
-    return jax.tree_util.tree_unflatten(treedef, values)
+
+    def leaf(path, x):
+        return jax.random.wrap_key_data(flat[_name(path)]) if _is_key(x) else flat[_name(path)]
+
+    return jax.tree_util.tree_map_with_path(leaf, like)
 
 
 def _arrays(abstract):
@@ -221,59 +224,26 @@ def _arrays(abstract):
 
 
 def _targets(arrays, specs, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """Restore targets: every array's shape, dtype and sharding on `mesh`, flattened like `_flat`."""
-    with_sharding = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        arrays, shardings(mesh, specs),
-    )
-    return _flat(jax.tree.map(_raw_abstract, with_sharding))
+    """Restore targets: every array's shape, dtype and sharding on `mesh`, flattened like `_flat`
+    (a PRNG key as its raw data, replicated)."""
 
+    def target(x: jax.ShapeDtypeStruct, sharding: NamedSharding) -> jax.ShapeDtypeStruct:
+        if _is_key(x):
+            x, sharding = jax.eval_shape(jax.random.key_data, x), NamedSharding(mesh, P())
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
-def _raw_abstract(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-    if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return x
-    raw = jax.eval_shape(jax.random.key_data, x)
-    return jax.ShapeDtypeStruct(raw.shape, raw.dtype, sharding=NamedSharding(x.sharding.mesh, P()))
-
-
-def _check_shapes(where: Path, targets: dict, items: ocp.args.Composite) -> None:
-    """Orbax restores into the target's shape; a stored array of another shape means the
-    checkpoint does not belong to this config."""
-    for item, target in targets.items():
-        for name, want in target.items():
-            got = items[item][name]
-            if got.shape != want.shape or got.dtype != want.dtype:
-                raise CheckpointError(
-                    f"checkpoint {where}: {name} is {got.dtype}{list(got.shape)}, "
-                    f"the config needs {want.dtype}{list(want.shape)}"
-                )
-
-
-# One call, one manager: for a program (or a test) that reads or writes a workdir's checkpoints once.
-
-
-def latest_step(workdir: str | Path) -> int | None:
-    """The newest complete checkpoint's step, or None (no checkpoint, or no such directory)."""
-    with Checkpoints(workdir) as checkpoints:
-        return checkpoints.latest_step()
+    return _flat(jax.tree.map(target, arrays, shardings(mesh, specs)))
 
 
 def read_meta(workdir: str | Path, step: int | None = None) -> tuple[int, Config, dict]:
+    """`Checkpoints.read_meta`, for a program (or a test) that reads a workdir's checkpoints once."""
     with Checkpoints(workdir) as checkpoints:
         return checkpoints.read_meta(step)
 
 
-def restore(workdir: str | Path, mesh: Mesh, optimizer: optax.GradientTransformation, config: Config | None = None,
-            step: int | None = None) -> tuple[Config, TrainState, dict]:
-    with Checkpoints(workdir) as checkpoints:
-        return checkpoints.restore(mesh, optimizer, config, step)
-
-
-def load_for_inference(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> tuple[Config, MD4]:
+def load_for_inference(
+    workdir: str | Path, step: int | None = None, mesh: Mesh | None = None
+) -> tuple[Config, MD4]:
+    """`Checkpoints.load_for_inference`, for a program (or a test) that reads once."""
     with Checkpoints(workdir) as checkpoints:
         return checkpoints.load_for_inference(step, mesh)
-
-
-def save(workdir: str | Path, state: TrainState, data_state: dict, config: Config) -> None:
-    with Checkpoints(workdir, config.train.keep_checkpoints) as checkpoints:
-        checkpoints.save(state, data_state, config)

@@ -55,7 +55,8 @@ def workdir(tmp_path_factory):
     config = tiny_config(f"file:{root / 'corpus.txt'}")
     optimizer = make_optimizer(config.optim, config.train.steps)
     state = init_state(config, optimizer, make_mesh(1, 1, jax.devices()[:1]))
-    checkpoint.save(root / "run", state, {}, config)
+    with checkpoint.Checkpoints(root / "run", config.train.keep_checkpoints) as checkpoints:
+        checkpoints.save(state, {}, config)
     return root
 
 

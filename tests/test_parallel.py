@@ -302,17 +302,18 @@ def test_checkpoint_saved_on_one_mesh_restores_on_others(runs, tmp_path):
     """Saved on (4, 2), restored bit for bit on (2, 4) and (1, 1); the next step on (2, 4)
     continues the run as the next step on (4, 2) does."""
     saved, _, optimizer, _ = runs[(4, 2)]
-    checkpoint.save(tmp_path, saved, {"seed": 0, "epoch": 0, "position": 48}, CONFIG)
     restored = {}
-    for shape in [(2, 4), REFERENCE]:
-        mesh = mesh_of(shape)
-        config, state, data_state = checkpoint.restore(tmp_path, mesh, optimizer)
-        assert config == CONFIG and data_state["position"] == 48
-        for got, want in zip(host(state), host(saved), strict=True):
-            np.testing.assert_array_equal(got, want)
-        assert state.model.net.embed.weight.sharding.is_equivalent_to(
-            NamedSharding(mesh, P(MODEL, None)), 2)
-        restored[shape] = state
+    with checkpoint.Checkpoints(tmp_path, CONFIG.train.keep_checkpoints) as checkpoints:
+        checkpoints.save(saved, {"seed": 0, "epoch": 0, "position": 48}, CONFIG)
+        for shape in [(2, 4), REFERENCE]:
+            mesh = mesh_of(shape)
+            config, state, data_state = checkpoints.restore(mesh, optimizer)
+            assert config == CONFIG and data_state["position"] == 48
+            for got, want in zip(host(state), host(saved), strict=True):
+                np.testing.assert_array_equal(got, want)
+            assert state.model.net.embed.weight.sharding.is_equivalent_to(
+                NamedSharding(mesh, P(MODEL, None)), 2)
+            restored[shape] = state
     tokens, labels = batches(STEPS + 1)[-1]
 
     def next_step(shape, state):  # inputs placed as in training, so nothing recompiles
@@ -357,7 +358,8 @@ def test_two_processes_match_one(runs, tmp_path):
     want = gather(nelbo(ref_state.ema, key, tokens, mesh, labels))
     np.testing.assert_allclose(got["nelbo"], want, rtol=1e-5)
     # The checkpoint the two processes wrote restores in this one.
-    _, restored, _ = checkpoint.restore(tmp_path / "run", mesh, optimizer)
+    with checkpoint.Checkpoints(tmp_path / "run") as checkpoints:
+        _, restored, _ = checkpoints.restore(mesh, optimizer)
     assert max_difference(restored.model, ref_state.model) < ATOL
 
 
@@ -372,10 +374,11 @@ def worker(process_id: int, port: int, out: Path) -> None:
     assert batch_part(mesh) == (process_id, 2)
     optimizer = make_optimizer(CONFIG.optim, CONFIG.train.steps)
     state, _, _, metrics = train(mesh, init_state(CONFIG, optimizer, mesh), optimizer)
-    checkpoint.save(out / "run", state, {"seed": 0, "epoch": 0, "position": 48}, CONFIG)
     spanning = make_mesh(1, 4)  # `model` spans both processes: each loads the whole batch
     assert batch_part(spanning) == (0, 1)
-    _, restored, _ = checkpoint.restore(out / "run", spanning, optimizer)
+    with checkpoint.Checkpoints(out / "run", CONFIG.train.keep_checkpoints) as checkpoints:
+        checkpoints.save(state, {"seed": 0, "epoch": 0, "position": 48}, CONFIG)
+        _, restored, _ = checkpoints.restore(spanning, optimizer)
     key, tokens, labels = eval_inputs()
     nll = nelbo(restored.ema, key, global_batch(local_rows(np.asarray(tokens), spanning), spanning),
                 spanning, global_batch(local_rows(np.asarray(labels), spanning), spanning))

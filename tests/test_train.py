@@ -251,7 +251,7 @@ def test_two_processes_train_like_one_and_stop_together(trained, data):
     assert "mesh {'data': 2, 'model': 1}" in outputs[0]
     stopped = stopped_step(outputs[0])
     assert 11 <= stopped < 30
-    assert checkpoint.latest_step(workdir) == stopped
+    assert checkpoint.read_meta(workdir)[0] == stopped
     got, want = events(workdir), [e for e in events(full) if e["step"] <= stopped]
     assert [e.keys() for e in got] == [e.keys() for e in want]
     for g, w in zip(got, want):
@@ -341,7 +341,7 @@ def test_finite_but_huge_loss_still_saves_evaluates_and_plots(data):
     assert min(e["train_bpt"] for e in log if "train_bpt" in e) > 1024  # 2^bits > the largest float
     last = [e for e in log if "eval_bpt" in e][-1]
     assert last["step"] == 10 and 1024 < last["eval_bpt"] < math.inf and last["eval_ppl"] == math.inf
-    assert checkpoint.latest_step(workdir) == 10
+    assert checkpoint.read_meta(workdir)[0] == 10
     with Image.open(workdir / "curves.png") as png:
         assert png.size == (720, 420)
 
@@ -361,7 +361,7 @@ def test_sigterm_checkpoints_the_step_and_the_rerun_matches_the_uninterrupted_ru
     assert proc.returncode == 0 and "Traceback" not in err, err
     stopped = stopped_step(out)
     assert 11 <= stopped < 30
-    assert checkpoint.latest_step(workdir) == stopped  # saved there, on schedule or on the signal
+    assert checkpoint.read_meta(workdir)[0] == stopped  # saved there, on schedule or on the signal
     assert max(e["step"] for e in events(workdir)) == stopped
 
     resumed = run("train.py", "--workdir", str(workdir), *flags)
@@ -400,7 +400,7 @@ def test_failed_save_keeps_the_newest_complete_checkpoint(trained, tmp_path):
     cmd = [*LIMIT_FILE_SIZE, sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert_usage_error(proc, "checkpoint 25 could not be written", "File too large", "newest complete one is step 20")
-    assert checkpoint.latest_step(workdir) == 20
+    assert checkpoint.read_meta(workdir)[0] == 20
 
     resumed = run("train.py", "--workdir", str(workdir), *flags)
     assert resumed.returncode == 0 and "from step 20" in resumed.stdout, resumed.stderr
