@@ -60,40 +60,31 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
 # One flag per config field.
 
 
-def parse_field(kind: type, text: str):
-    """A command-line string as a config field of type `kind` (an Enum by value, bool as true/false)."""
-    if isinstance(kind, type) and issubclass(kind, enum.Enum):
-        values = [m.value for m in kind]
-        if text not in values:
-            raise argparse.ArgumentTypeError(f"expected one of {', '.join(values)}; got {text!r}")
-        return kind(text)
-    if kind is bool:
-        if text.lower() not in ("true", "false"):
-            raise argparse.ArgumentTypeError(f"expected true or false; got {text!r}")
-        return text.lower() == "true"
-    try:
-        return kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {kind.__name__}; got {text!r}") from None
-
-
 def field_flag(kind: type, auto: str | None = None) -> dict:
-    """add_argument's `type` and `metavar` for a config field of type `kind`; for a field that
-    md4_eqx.plan can choose (`auto`: its name), the word `auto` gives AUTO."""
-    if auto:
-        def positive_or_auto(text: str) -> int:
-            if text == "auto":
-                return AUTO
-            if (value := parse_field(kind, text)) < 1:
-                raise argparse.ArgumentTypeError(f"{auto}={value} must be positive (or auto)")
-            return value
+    """add_argument's `type` and `metavar` for a value of type `kind` (an Enum by value, bool as
+    true/false); for a field that md4_eqx.plan can choose (`auto`: its name), the word `auto`
+    gives AUTO and a number must be positive."""
+    is_enum = issubclass(kind, enum.Enum)
+    words = [m.value for m in kind] if is_enum else ["true", "false"] if kind is bool else None
 
-        return {"type": positive_or_auto, "metavar": "{INT,auto}"}
-    if isinstance(kind, type) and issubclass(kind, enum.Enum):
-        metavar = "{" + ",".join(m.value for m in kind) + "}"
-    else:
-        metavar = "{true,false}" if kind is bool else kind.__name__.upper()
-    return {"type": lambda text: parse_field(kind, text), "metavar": metavar}
+    def parse(text: str):
+        if auto and text == "auto":
+            return AUTO
+        if words:
+            word = text.lower() if kind is bool else text
+            if word not in words:
+                raise argparse.ArgumentTypeError(f"expected {', '.join(words[:-1])} or {words[-1]}; got {text!r}")
+            return word == "true" if kind is bool else kind(word)
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}; got {text!r}") from None
+        if auto and value < 1:
+            raise argparse.ArgumentTypeError(f"{auto}={value} must be positive (or auto)")
+        return value
+
+    metavar = "{" + ",".join(words) + "}" if words else "{INT,auto}" if auto else kind.__name__.upper()
+    return {"type": parse, "metavar": metavar}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

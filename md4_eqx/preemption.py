@@ -21,14 +21,14 @@ from jax.sharding import PartitionSpec as P
 class Preemption:
     """Installs the handlers (for the rest of the process's life; create it once)."""
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)):
-        self.received: signal.Signals | None = None
+    def __init__(self):
+        self.received = False
         self._gathering: jax.Array | None = None  # several processes: the previous call's answer
-        for signum in signals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame) -> None:
-        self.received = self.received or signal.Signals(signum)
+        self.received = True
 
     def requested(self) -> bool:
         """Whether a signal reached this process or, in a multi-process run, any process.
@@ -40,8 +40,8 @@ class Preemption:
         answers with the previous call's, which the devices have computed by then or soon
         after. Every process gets the same answer, one step after the signal."""
         if jax.process_count() == 1:
-            return self.received is not None
-        previous, self._gathering = self._gathering, _any_process(self.received is not None)
+            return self.received
+        previous, self._gathering = self._gathering, _any_process(self.received)
         return previous is not None and bool(previous.addressable_data(0))
 
 

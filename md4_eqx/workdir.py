@@ -40,26 +40,19 @@ def _agree(error: str | None) -> None:
 @contextlib.contextmanager
 def claim(workdir: Path) -> Iterator[None]:
     """Creates `workdir` and locks it for the run inside the `with` (process 0 holds the lock)."""
-    lock, error = None, None
-    if jax.process_index() == 0:
-        path = workdir / ".lock"
-        try:
-            workdir.mkdir(parents=True, exist_ok=True)
-            lock = open(path, "a")
-        except OSError as e:
-            error = f"workdir {workdir} is not writable ({e.strerror})"
-        else:
+    with contextlib.ExitStack() as lock:  # closing the file releases the lock
+        error = None
+        if jax.process_index() == 0:
+            path = workdir / ".lock"
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                workdir.mkdir(parents=True, exist_ok=True)
+                fcntl.flock(lock.enter_context(open(path, "a")), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                lock.close()
                 error = f"workdir {workdir} is in use by another run (it holds {path})"
-    _agree(error)
-    try:
+            except OSError as e:
+                error = f"workdir {workdir} is not writable ({e.strerror})"
+        _agree(error)
         yield
-    finally:
-        if lock is not None:
-            lock.close()  # and with it the lock
 
 
 def checkpoint_bytes(state: TrainState) -> int:
