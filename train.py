@@ -103,14 +103,13 @@ def fit_to_data(cfg: Config, ds: Dataset, given: set[str]) -> Config:
 
 def load_dataset(cfg: Config, args: argparse.Namespace) -> Dataset:
     """Process 0 prepares the cache (once); the others open it after."""
-    options = dict(seq_len=cfg.model.seq_len, cache_dir=args.cache_dir, tokenizer=args.tokenizer,
-                   data_path=args.data_path)
-    if jax.process_index() == 0:
-        ds = load(cfg.train.dataset, progress=not args.no_progress, **options)
-    if jax.process_count() > 1:
+    first = jax.process_index() == 0
+    if not first:
         multihost_utils.sync_global_devices("dataset prepared")
-    if jax.process_index() > 0:
-        ds = load(cfg.train.dataset, progress=False, **options)
+    ds = load(cfg.train.dataset, seq_len=cfg.model.seq_len, cache_dir=args.cache_dir, tokenizer=args.tokenizer,
+              data_path=args.data_path, progress=first and not args.no_progress)
+    if first and jax.process_count() > 1:
+        multihost_utils.sync_global_devices("dataset prepared")
     return ds
 
 

@@ -4,15 +4,12 @@
                               /ema     the EMA model (arrays; all that inference reads)
                               /meta    JSON: the full Config, the data position, the step
 
-A program opens the workdir's checkpoints once, `with Checkpoints(workdir, keep) as checkpoints:`,
-and saves and restores through that one orbax `CheckpointManager` (`read_meta` and
-`load_for_inference` at the end do one read each). Orbax writes each step into a temporary
-directory and renames it when complete, so a run killed while saving leaves the previous
-checkpoints intact, and the next writer removes the partial one. Restoring builds the state
-abstractly (`eqx.filter_eval_shape`) and asks orbax for every array with the `NamedSharding` it
-has on the target mesh, so a checkpoint saved on one mesh restores onto another; in a
-multi-process run every process reads only its own shards. PRNG keys are stored as their raw
-uint32 data.
+Orbax writes each step into a temporary directory and renames it when complete, so a run
+killed while saving leaves the previous checkpoints intact, and the next writer removes the
+partial one. Restoring builds the state abstractly (`eqx.filter_eval_shape`) and asks orbax for
+every array with the `NamedSharding` it has on the target mesh, so a checkpoint saved on one mesh
+restores onto another; in a multi-process run every process reads only its own shards. PRNG keys
+are stored as their raw uint32 data.
 """
 
 import functools
@@ -40,7 +37,9 @@ from md4_eqx.train_step import TrainState, init_state, state_specs
 
 
 class Checkpoints:
-    """The checkpoints of one workdir, through one orbax `CheckpointManager`, open for a `with` block.
+    """The checkpoints of one workdir, through one orbax `CheckpointManager`:
+    `with Checkpoints(workdir, keep) as checkpoints:` (`read_meta` and `load_for_inference` at the
+    end of this module open one for a single read).
 
     A writer (`keep` given: the run that holds the workdir's lock) creates the directory, removes
     the partial checkpoints that killed or failed saves left, and keeps the newest `keep`
@@ -103,20 +102,21 @@ class Checkpoints:
             where = self.directory / str(step)
             raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first_line(e)})") from e
 
-    def _read_arrays(self, step: int, **targets: dict[str, jax.ShapeDtypeStruct]) -> ocp.args.Composite:
-        """Restores the named items of checkpoint `step` into `targets` (see `_targets`). Orbax
-        restores into the target's shape; a stored array of another shape means the checkpoint
-        does not belong to this config."""
-        items = self._read(step, **{item: ocp.args.StandardRestore(target) for item, target in targets.items()})
+    def _read_arrays(self, step: int, mesh: Mesh, **items: tuple) -> dict:
+        """The named items of checkpoint `step`, each given as (abstract arrays, their partition
+        specs), restored onto `mesh`. Orbax restores into the target's shape; a stored array of
+        another shape means the checkpoint does not belong to this config."""
+        targets = {item: _targets(arrays, specs, mesh) for item, (arrays, specs) in items.items()}
+        flat = self._read(step, **{item: ocp.args.StandardRestore(target) for item, target in targets.items()})
         for item, target in targets.items():
             for name, want in target.items():
-                got = items[item][name]
+                got = flat[item][name]
                 if got.shape != want.shape or got.dtype != want.dtype:
                     raise CheckpointError(
                         f"checkpoint {self.directory / str(step)}: {name} is {got.dtype}{list(got.shape)}, "
                         f"the config needs {want.dtype}{list(want.shape)}"
                     )
-        return items
+        return {item: _unflat(flat[item], arrays) for item, (arrays, _) in items.items()}
 
     def read_meta(self, step: int | None = None) -> tuple[int, Config, dict]:
         """(step, config, data position) of checkpoint `step` (default: the newest)."""
@@ -149,12 +149,8 @@ class Checkpoints:
         abstract = eqx.filter_eval_shape(init_state, config, optimizer, mesh)
         arrays, specs = _arrays(abstract), state_specs(abstract, optimizer)
         rest, rest_specs = (eqx.tree_at(lambda s: s.ema, tree, None) for tree in (arrays, specs))
-        items = self._read_arrays(step, state=_targets(rest, rest_specs, mesh),
-                                  ema=_targets(arrays.ema, specs.ema, mesh))
-        restored = eqx.tree_at(
-            lambda s: s.ema, _unflat(items["state"], rest), _unflat(items["ema"], arrays.ema),
-            is_leaf=lambda x: x is None,
-        )
+        items = self._read_arrays(step, mesh, state=(rest, rest_specs), ema=(arrays.ema, specs.ema))
+        restored = eqx.tree_at(lambda s: s.ema, items["state"], items["ema"], is_leaf=lambda x: x is None)
         return config, eqx.combine(restored, abstract), data_state
 
     def load_for_inference(self, step: int | None = None, mesh: Mesh | None = None) -> tuple[Config, MD4]:
@@ -164,8 +160,8 @@ class Checkpoints:
         mesh = make_mesh(1, 1, jax.devices()[:1]) if mesh is None else mesh
         abstract = eqx.filter_eval_shape(MD4, config.model, config.diffusion, config.execution, key=jax.random.key(0))
         arrays = _arrays(abstract)
-        items = self._read_arrays(step, ema=_targets(arrays, param_specs(arrays), mesh))
-        return config, eqx.combine(_unflat(items["ema"], arrays), abstract)
+        ema = self._read_arrays(step, mesh, ema=(arrays, param_specs(arrays)))["ema"]
+        return config, eqx.combine(ema, abstract)
 
 
 @functools.cache  # once per process

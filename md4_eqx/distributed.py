@@ -3,9 +3,7 @@ global batch, and gather results split over `data` back to every process.
 
 One process per host (GPU node or TPU VM), each driving its local devices. The mesh spans every
 process's devices (`jax.devices()` lists them all, grouped by process), so the training step
-is the same `shard_map` as on one device. Each process loads only the rows of the global batch
-that its own devices hold (`batch_part`), and `global_batch` assembles the global array with
-`jax.make_array_from_process_local_data`. Checkpoints need nothing more: orbax writes and reads
+is the same `shard_map` as on one device. Checkpoints need nothing more: orbax writes and reads
 each process's shards (`md4_eqx.checkpoint`).
 """
 
