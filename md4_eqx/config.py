@@ -110,11 +110,9 @@ UNET_GROUPS = 32  # the U-Net's GroupNorm groups (Flax's default, as the VDM U-N
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The network mu_theta (MD4_MATH.md, "Network"): the transformer, or the U-Net for images.
-    What the model is, and all a checkpoint's parameters must match on resume; how it is
-    computed is `ExecutionConfig`. The U-Net reads vocab_size, seq_len (3 side^2), width (its
-    channels), num_layers (residual blocks down; one more up), num_heads, cond_dim, num_classes
-    and dropout; mlp, mlp_hidden and rope_theta are the transformer's only."""
+    """The network mu_theta (MD4_MATH.md, "Network"), all a checkpoint's parameters must match on
+    resume (how it is computed is `ExecutionConfig`). mlp, mlp_hidden and rope_theta are the
+    transformer's only; the U-Net's width is its channels, num_layers its residual blocks down (one more up)."""
 
     backbone: Backbone = Backbone.TRANSFORMER
     vocab_size: int = 256
@@ -282,8 +280,7 @@ class Config:
 
 
 def _md4_s() -> Config:
-    """The paper's OpenWebText MD4-S: 12 layers, width 768, 12 heads, seq 1024, GLU, linear,
-    batch 512 (the defaults)."""
+    """The paper's MD4-S on OpenWebText: seq 1024, else the defaults (12 layers, width 768, GLU, linear, batch 512)."""
     return Config(model=ModelConfig(vocab_size=50257, seq_len=1024), train=TrainConfig(dataset="owt"))
 
 
@@ -300,10 +297,8 @@ def _cifar10() -> Config:
     makes it class-conditional; `--backbone transformer` runs the transformer over the 3,072
     flattened sub-pixels instead."""
     return Config(
-        model=ModelConfig(
-            backbone=Backbone.UNET, vocab_size=256, seq_len=3072, width=128, num_layers=32, num_heads=1,
-            cond_dim=128, dropout=0.1,
-        ),
+        model=ModelConfig(backbone=Backbone.UNET, vocab_size=256, seq_len=3072, width=128, num_layers=32, num_heads=1,
+                          cond_dim=128, dropout=0.1),
         execution=ExecutionConfig(precision=Precision.FLOAT32),
         diffusion=DiffusionConfig(schedule=Schedule.LINEAR, timesteps=0),
         sampler=SamplerConfig(rule=Rule.ANCESTRAL, steps=256, grid=TimeGrid.COSINE),
@@ -324,10 +319,8 @@ def _tiny() -> Config:
         execution=ExecutionConfig(precision=Precision.FLOAT32),
         sampler=SamplerConfig(rule=Rule.TOP_P, steps=128, top_p=0.8),
         optim=OptimConfig(lr=2e-3, warmup=50, ema=0.99),
-        train=TrainConfig(
-            dataset="pystdlib", batch_size=64, steps=600, log_every=20, eval_every=200,
-            eval_batches=8, eval_draws=8, checkpoint_every=200,
-        ),
+        train=TrainConfig(dataset="pystdlib", batch_size=64, steps=600, log_every=20, eval_every=200, eval_batches=8,
+                          eval_draws=8, checkpoint_every=200),
     )
 
 
