@@ -38,8 +38,7 @@ from md4_eqx.train_step import TrainState, init_state, state_specs
 
 class Checkpoints:
     """The checkpoints of one workdir, through one orbax `CheckpointManager`:
-    `with Checkpoints(workdir, keep) as checkpoints:` (`read_meta` and `load_for_inference` at the
-    end of this module open one for a single read).
+    `with Checkpoints(workdir, keep) as checkpoints:`.
 
     A writer (`keep` given: the run that holds the workdir's lock) creates the directory, removes
     the partial checkpoints that killed or failed saves left, and keeps the newest `keep`
@@ -87,10 +86,8 @@ class Checkpoints:
             reason = os.strerror(int(code.group(1))) if code else first_line(e)
         gc.collect()  # the writes orbax abandoned, finalized now under `_hide_orbax_aftermath`, not at exit
         self._manager.reload()
-        raise CheckpointError(
-            f"checkpoint {step} could not be written to {self.directory} ({reason}); "
-            f"the newest complete one is step {self.latest_step()}"
-        )
+        raise CheckpointError(f"checkpoint {step} could not be written to {self.directory} ({reason}); "
+                              f"the newest complete one is step {self.latest_step()}")
 
     def _read(self, step: int, **items) -> ocp.args.Composite:
         """Restores the named items of checkpoint `step`. What a damaged checkpoint raises becomes
@@ -112,10 +109,8 @@ class Checkpoints:
             for name, want in target.items():
                 got = flat[item][name]
                 if got.shape != want.shape or got.dtype != want.dtype:
-                    raise CheckpointError(
-                        f"checkpoint {self.directory / str(step)}: {name} is {got.dtype}{list(got.shape)}, "
-                        f"the config needs {want.dtype}{list(want.shape)}"
-                    )
+                    raise CheckpointError(f"checkpoint {self.directory / str(step)}: {name} is {got.dtype}"
+                                          f"{list(got.shape)}, the config needs {want.dtype}{list(want.shape)}")
         return {item: _unflat(flat[item], arrays) for item, (arrays, _) in items.items()}
 
     def read_meta(self, step: int | None = None) -> tuple[int, Config, dict]:
@@ -133,9 +128,8 @@ class Checkpoints:
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise CheckpointError(f"checkpoint {self.directory / str(step)} has a bad config: {e}") from e
 
-    def restore(
-        self, mesh: Mesh, optimizer: optax.GradientTransformation, config: Config | None = None
-    ) -> tuple[Config, TrainState, dict]:
+    def restore(self, mesh: Mesh, optimizer: optax.GradientTransformation,
+                config: Config | None = None) -> tuple[Config, TrainState, dict]:
         """(config, state on `mesh`, data position) of the newest checkpoint.
 
         With `config`, the state is built for it (e.g. more steps, another learning rate), after
@@ -171,8 +165,7 @@ def _hide_orbax_aftermath() -> None:
     same failure, some only when Python exits. The CheckpointError already says what is wrong,
     and orbax has no option to stop these reports, so four filters, process-wide because the
     reports outlive the call (and the manager), drop exactly them; anything else is shown."""
-    # orbax's commit thread (`_SignalingThread.run`) logs, through absl, the exception that
-    # `save` then raises.
+    # orbax's commit thread logs, through absl, the exception that `save` then raises.
     logging.getLogger("absl").addFilter(
         lambda record: "_SignalingThread.run() raised an exception" not in record.getMessage())
     # asyncio logs the error of each abandoned read ("Future exception was never retrieved").
@@ -237,9 +230,7 @@ def read_meta(workdir: str | Path, step: int | None = None) -> tuple[int, Config
         return checkpoints.read_meta(step)
 
 
-def load_for_inference(
-    workdir: str | Path, step: int | None = None, mesh: Mesh | None = None
-) -> tuple[Config, MD4]:
+def load_for_inference(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> tuple[Config, MD4]:
     """`Checkpoints.load_for_inference`, for a program (or a test) that reads once."""
     with Checkpoints(workdir) as checkpoints:
         return checkpoints.load_for_inference(step, mesh)

@@ -6,14 +6,8 @@ skipped step into an event for the log, and `check` raises `Diverged` after `lim
 While a streak lasts the loop writes no checkpoint, so the kept ones are from before it.
 """
 
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
 from md4_eqx.errors import Diverged
-
-if TYPE_CHECKING:  # for annotations only: the loop's bookkeeping sits below the train step
-    from md4_eqx.train_step import Metrics
+from md4_eqx.train_step import Metrics
 
 
 class BadSteps:
@@ -40,8 +34,6 @@ class BadSteps:
         """Raises `Diverged` once `limit` steps in a row were skipped."""
         if self.streak >= self.limit:
             last = self.last
-            raise Diverged(
-                f"{self.streak} non-finite steps in a row (the last: step {last['step']}, loss "
-                f"{last['train_bpt']} bits/token, gradient norm {last['grad_norm']}); the "
-                f"checkpoints are from before them"
-            )
+            raise Diverged(f"{self.streak} non-finite steps in a row (the last: step {last['step']}, loss "
+                           f"{last['train_bpt']} bits/token, gradient norm {last['grad_norm']}); the "
+                           f"checkpoints are from before them")
