@@ -1,5 +1,4 @@
-"""Pictures: image grids of samples, the unmasking trajectory as a strip, a GIF or text, and
-training curves.
+"""Pictures: image grids of samples, the unmasking trajectory (a strip, a GIF or text), training curves.
 
 Images are flattened sub-pixel sequences (CIFAR-10: 32 x 32 x 3 = 3072 tokens in [0, 256)); a
 sub-pixel still masked (id V) is drawn mid-grey. Text trajectories show masked tokens as `MASK_CHAR`.
@@ -18,18 +17,16 @@ COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44))  # one per series of a 
 GRID_GREY = (225, 225, 225)
 
 
-def to_images(
-    tokens: Integer[np.ndarray, "n l"], shape: tuple[int, int, int], mask_id: int
-) -> UInt8[np.ndarray, "n h w c"]:
+def to_images(tokens: Integer[np.ndarray, "n l"], shape: tuple[int, int, int],
+              mask_id: int) -> UInt8[np.ndarray, "n h w c"]:
     """[n, H*W*C] sub-pixel tokens -> [n, H, W, C] uint8 images, masks mid-grey."""
     tokens = np.asarray(tokens)
     pixels = np.where(tokens == mask_id, MASK_GREY, tokens).astype(np.uint8)
     return pixels.reshape(tokens.shape[0], *shape)
 
 
-def image_grid(
-    images: UInt8[np.ndarray, "n h w c"], columns: int | None = None, scale: int = 2, pad: int = 2
-) -> Image.Image:
+def image_grid(images: UInt8[np.ndarray, "n h w c"], columns: int | None = None, scale: int = 2,
+               pad: int = 2) -> Image.Image:
     """A grid of images, `columns` wide (default: about square), each scaled up `scale` times."""
     n, h, w, c = images.shape
     columns = columns or int(np.ceil(np.sqrt(n)))
@@ -48,20 +45,16 @@ def frame_indices(steps: int, frames: int) -> list[int]:
     return sorted({round(i * (steps - 1) / max(frames - 1, 1)) for i in range(frames)})
 
 
-def trajectory_strip(
-    trajectory: Integer[np.ndarray, "steps n l"], shape: tuple[int, int, int], mask_id: int,
-    frames: int = 10,
-) -> Image.Image:
+def trajectory_strip(trajectory: Integer[np.ndarray, "steps n l"], shape: tuple[int, int, int], mask_id: int,
+                     frames: int = 10) -> Image.Image:
     """One row per sample, one column per chosen step: how each image unmasked."""
     picked = frame_indices(trajectory.shape[0], frames)
     images = np.stack([to_images(trajectory[i], shape, mask_id) for i in picked], axis=1)  # [n, f, ...]
     return image_grid(images.reshape(-1, *images.shape[2:]), columns=len(picked))
 
 
-def trajectory_gif(
-    trajectory: Integer[np.ndarray, "steps n l"], shape: tuple[int, int, int], mask_id: int,
-    path: str | Path, frames: int = 50, ms_per_frame: int = 80,
-) -> None:
+def trajectory_gif(trajectory: Integer[np.ndarray, "steps n l"], shape: tuple[int, int, int], mask_id: int,
+                   path: str | Path, frames: int = 50, ms_per_frame: int = 80) -> None:
     """An animated GIF of the grid of samples unmasking, holding the final frame for a second."""
     grids = [image_grid(to_images(trajectory[i], shape, mask_id))
              for i in frame_indices(trajectory.shape[0], frames)]
@@ -77,10 +70,8 @@ def render_text(tokens: Integer[np.ndarray, " l"], decode: Callable[[np.ndarray]
     return "".join(MASK_CHAR * run.size if run[0] == mask_id else decode(run) for run in runs if run.size)
 
 
-def text_trajectory(
-    trajectory: Integer[np.ndarray, "steps l"], decode: Callable[[np.ndarray], str], mask_id: int,
-    frames: int = 6,
-) -> list[tuple[int, str]]:
+def text_trajectory(trajectory: Integer[np.ndarray, "steps l"], decode: Callable[[np.ndarray], str], mask_id: int,
+                    frames: int = 6) -> list[tuple[int, str]]:
     """(step, rendered text) at `frames` steps of one sample's trajectory."""
     return [(i + 1, render_text(trajectory[i], decode, mask_id))
             for i in frame_indices(trajectory.shape[0], frames)]
@@ -94,10 +85,8 @@ def ticks(lo: float, hi: float, count: int = 6) -> np.ndarray:
     return np.arange(np.ceil(lo / step), np.floor(hi / step) + 1) * step
 
 
-def line_chart(
-    series: dict[str, tuple[Real[np.ndarray, " _"], Real[np.ndarray, " _"]]], xlabel: str, ylabel: str,
-    size: tuple[int, int] = (720, 420),
-) -> Image.Image:
+def line_chart(series: dict[str, tuple[Real[np.ndarray, " _"], Real[np.ndarray, " _"]]], xlabel: str, ylabel: str,
+               size: tuple[int, int] = (720, 420)) -> Image.Image:
     """Named (x, y) series on shared axes, with round ticks, a grid and a legend (training curves
     without a plotting library). The y range spans the values; a series of up to 50 points also
     marks each one with a dot."""
