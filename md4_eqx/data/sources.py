@@ -9,6 +9,7 @@ into `Block`s, and `fingerprint()`, the JSON-able cache key, changes whenever th
 Adding a dataset: one `Source` subclass (its docstring says what it reads), one `SOURCES` row.
 """
 
+import dataclasses
 import os
 import sys
 import sysconfig
@@ -62,8 +63,7 @@ Block = tuple[np.ndarray, np.ndarray | None]  # int32 tokens [n], and labels [n 
 
 
 class Source:
-    """A dataset as `prepare` reads it (see above). The sources below are frozen dataclasses;
-    these are their defaults."""
+    """A dataset as `prepare` reads it (see above); the sources below are frozen dataclasses."""
 
     name: str  # the cache entry's name
     tokenizer: str  # "bytes", "text8", or a Hugging Face tokenizer's name / directory
@@ -191,41 +191,64 @@ class TextFile(Source):
             yield tokenizer.encode_raw(f.read(stop - start), str(self.path)), None
 
 
+class HubSource(Source):
+    """A hub (or local) dataset, a task per shard of the hub split each stream reads (`hub_splits`);
+    `payload(ds)` (what a split's tasks carry to `run`) fails, before any work, without its columns."""
+
+    config: str | None = None
+    parallel = True
+
+    def tasks(self) -> list[Task]:
+        tasks = []
+        for stream, hub_split in self.hub_splits.items():
+            ds = _open_stream(self.path, self.config, hub_split)
+            payload = self.payload(ds)
+            tasks += [Task(stream, i, payload) for i in range(ds.num_shards)]
+        return tasks
+
+    def rows(self, task: Task) -> Iterator[dict]:
+        """The rows of the task's shard, `HUB_BATCH` at a time."""
+        ds = _open_stream(self.path, self.config, self.hub_splits[task.stream])
+        return ds.shard(num_shards=ds.num_shards, index=task.shard).iter(HUB_BATCH)
+
+
 @dataclass(frozen=True)
-class HubText(Source):
-    """A dataset's "train" split, streamed shard by shard: each document tokenised, EOS
-    appended, all concatenated; 2% of the seq_len chunks held out (OpenWebText, the paper)."""
+class HubText(HubSource):
+    """A dataset's "train" split: each document tokenised, EOS appended, all concatenated; 2% of
+    the seq_len chunks held out (OpenWebText, the paper)."""
 
     name: str
     path: str  # hub name, or a local directory of data files
-    config: str | None
+    config: str | None = None
     tokenizer: str = GPT2_TOKENIZER
     default_seq_len = 1024
-    parallel = True
     layouts = {"train": Layout("all", HOLDOUT_EVERY), "valid": Layout("all", HOLDOUT_EVERY, held_out=True)}
+    hub_splits = {"all": "train"}
 
     def fingerprint(self) -> dict:
         local = path_fingerprint(Path(self.path)) if Path(self.path).exists() else None
         return {"kind": "hub-text", "path": self.path, "config": self.config, "local": local,
                 "tokenizer": _tok_id(self.tokenizer)}
 
-    def tasks(self) -> list[Task]:
-        ds = _open_stream(self.path, self.config, "train")
-        _text_column(ds, self.path)  # a dataset without one fails here, before any work
-        return [Task("all", i) for i in range(ds.num_shards)]
+    def payload(self, ds) -> tuple[str]:
+        """The text column: "text" if present, else the first string column."""
+        features = ds.features or {}
+        strings = [k for k, v in features.items() if getattr(v, "dtype", None) in ("string", "large_string")]
+        if not strings:
+            raise DataError(f"dataset {self.path!r} has no text column (columns: {', '.join(features)})")
+        return ("text" if "text" in strings else strings[0],)
 
     def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
-        ds = _open_stream(self.path, self.config, "train")
-        column = _text_column(ds, self.path)
+        (column,) = task.payload
         eos = [] if tokenizer.eos_id is None else [np.array([tokenizer.eos_id], np.int32)]
-        for batch in ds.shard(num_shards=ds.num_shards, index=task.shard).iter(HUB_BATCH):
+        for batch in self.rows(task):
             docs = tokenizer.encode_batch([text for text in batch[column] if text])
             if docs:
                 yield np.concatenate([part for doc in docs for part in [doc, *eos]]), None
 
 
 @dataclass(frozen=True)
-class Cifar10(Source):
+class Cifar10(HubSource):
     """CIFAR-10 with columns "img" and "label": each image flattened row-major (H, W, C) into
     32 * 32 * 3 = 3072 sub-pixel tokens in [0, 256); the hub's "test" split is our "valid"."""
 
@@ -235,26 +258,20 @@ class Cifar10(Source):
     image_shape = (32, 32, 3)
     default_seq_len = 32 * 32 * 3
     num_classes = 10
-    parallel = True
     hub_splits = {"train": "train", "valid": "test"}
 
     def fingerprint(self) -> dict:
         local = path_fingerprint(Path(self.path)) if Path(self.path).exists() else None
         return {"kind": "cifar10", "path": self.path, "local": local}
 
-    def tasks(self) -> list[Task]:
-        tasks = []
-        for split, hub_split in self.hub_splits.items():
-            ds = _open_stream(self.path, None, hub_split)
-            missing = {"img", "label"} - set(ds.features or {})
-            if missing:
-                raise DataError(f"dataset {self.path!r} lacks column(s) {sorted(missing)}")
-            tasks += [Task(split, i) for i in range(ds.num_shards)]
-        return tasks
+    def payload(self, ds) -> tuple:
+        missing = {"img", "label"} - set(ds.features or {})
+        if missing:
+            raise DataError(f"dataset {self.path!r} lacks column(s) {sorted(missing)}")
+        return ()
 
     def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
-        ds = _open_stream(self.path, None, self.hub_splits[task.stream])
-        for batch in ds.shard(num_shards=ds.num_shards, index=task.shard).iter(HUB_BATCH):
+        for batch in self.rows(task):
             images = np.stack([np.asarray(img.convert("RGB")) for img in batch["img"]])
             labels = np.asarray(batch["label"], np.int32)
             if images.shape[1:] != self.image_shape or labels.min() < 0 or labels.max() >= self.num_classes:
@@ -269,7 +286,6 @@ class Options:
 
     spec: str
     arg: str
-    tokenizer: str | None
     data_path: str | None
     cache_dir: Path
 
@@ -297,17 +313,15 @@ def _text8(o: Options) -> Text8:
 
 def _hub(o: Options) -> HubText:
     name, _, config = o.arg.partition(":")
-    return HubText(o.spec, name, config or None, o.tokenizer or GPT2_TOKENIZER)
+    return HubText(o.spec, name, config or None)
 
 
 SOURCES = (
-    Entry("pystdlib", lambda o: PyStdlib(o.tokenizer or "bytes")),
+    Entry("pystdlib", lambda o: PyStdlib()),
     Entry("text8", _text8, data_path=True, fixed_vocab=True),
-    Entry("owt", lambda o: HubText("owt", o.data_path or OWT_DATASET, None, o.tokenizer or GPT2_TOKENIZER),
-          data_path=True),
+    Entry("owt", lambda o: HubText("owt", o.data_path or OWT_DATASET), data_path=True),
     Entry("cifar10", lambda o: Cifar10(o.data_path or CIFAR10_DATASET), data_path=True, fixed_vocab=True),
-    Entry("file", lambda o: TextFile(o.spec, _readable_file(Path(o.arg).expanduser()),
-                                     o.tokenizer or "bytes"), arg="PATH"),
+    Entry("file", lambda o: TextFile(o.spec, _readable_file(Path(o.arg).expanduser())), arg="PATH"),
     Entry("hf", _hub, arg="NAME[:CONFIG]"),
 )
 
@@ -329,7 +343,8 @@ def parse(spec: str, *, tokenizer: str | None, data_path: str | None, cache_dir:
         raise DataError(f"--data-path does not apply to {spec!r} (only to {readers})")
     if tokenizer is not None and entry.fixed_vocab:
         raise DataError(f"{spec} has a fixed vocabulary; --tokenizer does not apply")
-    return entry.build(Options(spec, arg, tokenizer, data_path, cache_dir))
+    source = entry.build(Options(spec, arg, data_path, cache_dir))
+    return dataclasses.replace(source, tokenizer=tokenizer) if tokenizer else source
 
 
 def _readable_file(path: Path) -> Path:
@@ -366,15 +381,6 @@ def _open_stream(path: str, config: str | None, split: str):
         return datasets.load_dataset(path, config, split=split, streaming=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise DataError(f"cannot open dataset {path!r} ({split=}): {first_line(e)}") from None
-
-
-def _text_column(ds, path: str) -> str:
-    """"text" if present, else the first string column."""
-    features = ds.features or {}
-    strings = [k for k, v in features.items() if getattr(v, "dtype", None) in ("string", "large_string")]
-    if not strings:
-        raise DataError(f"dataset {path!r} has no text column (columns: {', '.join(features)})")
-    return "text" if "text" in strings else strings[0]
 
 
 def _download(url: str, dest: Path, progress: bool) -> None:
