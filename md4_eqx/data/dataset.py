@@ -80,9 +80,7 @@ class Dataset:
         layout = Layout(**self.meta["splits"][name])
         stream, sizes = self.path / layout.stream, self.meta["streams"][layout.stream]
         tokens = np.memmap(f"{stream}.bin", self.meta["dtype"], "r", shape=(sizes["tokens"],))
-        labels = None
-        if sizes["labels"]:
-            labels = np.memmap(f"{stream}.labels", np.int32, "r", shape=(sizes["labels"],))
+        labels = np.memmap(f"{stream}.labels", np.int32, "r", shape=(sizes["labels"],)) if sizes["labels"] else None
         split = Subset(name, tokens, labels, self.seq_len, layout)
         if split.num_examples == 0:
             raise DataError(f"the {name!r} split of {self.name} has {tokens.size} tokens: "

@@ -136,8 +136,24 @@ class Text8(Source):
         return {"kind": "text8", "zip": where}
 
     def fetch(self, progress: bool) -> None:
-        if not self.zip_path.exists():
-            _download(TEXT8_URL, self.zip_path, progress)
+        """Downloads text8.zip, unless there, through a temporary file renamed once complete."""
+        if self.zip_path.exists():
+            return
+        self.zip_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.zip_path.with_name(f"text8.zip.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            with urllib.request.urlopen(TEXT8_URL, timeout=60) as response, open(tmp, "wb") as f:
+                size = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=size, unit="B", unit_scale=True, desc="downloading text8.zip", delay=1,
+                          disable=not progress) as bar:
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+            os.replace(tmp, self.zip_path)
+        except OSError as e:  # urllib's URLError included
+            raise DataError(f"cannot download {TEXT8_URL}: {e}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def tasks(self) -> list[Task]:
         with self._open() as archive:
@@ -382,21 +398,3 @@ def _open_stream(path: str, config: str | None, split: str):
     except (OSError, ValueError, RuntimeError) as e:
         raise DataError(f"cannot open dataset {path!r} ({split=}): {first_line(e)}") from None
 
-
-def _download(url: str, dest: Path, progress: bool) -> None:
-    """Downloads `url` to `dest` through a temporary file, renamed once complete."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            size = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {dest.name}",
-                      delay=1, disable=not progress) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        os.replace(tmp, dest)
-    except OSError as e:  # urllib's URLError included
-        raise DataError(f"cannot download {url}: {e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
