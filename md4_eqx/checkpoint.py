@@ -72,11 +72,10 @@ class Checkpoints:
         Python as OSError) is a one-line CheckpointError; the complete checkpoints are untouched."""
         step = int(state.step)
         rest = eqx.filter(eqx.tree_at(lambda s: s.ema, state, None), eqx.is_array)
-        meta = {"step": step, "config": config_to_json(config), "data": data_state}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_flat(rest)),
             ema=ocp.args.StandardSave(_flat(eqx.filter(state.ema, eqx.is_array))),
-            meta=ocp.args.JsonSave(meta),
+            meta=ocp.args.JsonSave({"step": step, "config": config_to_json(config), "data": data_state}),
         )
         try:
             self._manager.save(step, args=args)

@@ -1,9 +1,6 @@
-"""What the scripts (train.py, sample.py, evaluate.py, data.py) share on the command line.
-
-A parser whose errors are one line; a flag for every config field (`--section.field VALUE`, or
-`--field` where the name is unique); the mesh and multi-process flags; and `run_command`, which
-turns every `Md4Error` (md4_eqx/errors.py) into one line on stderr and its exit status, never a
-traceback. A `ConfigError` names its field, shown as the flag; no message is parsed here.
+"""What the scripts (train.py, sample.py, evaluate.py, data.py) share on the command line: a
+parser whose errors are one line, a flag for every config field (`--section.field VALUE`, or
+`--field` where the name is unique), the mesh and multi-process flags, and `run_command`.
 """
 
 import argparse
@@ -36,8 +33,8 @@ def script_parser(doc: str, **kwargs) -> ArgumentParser:
 
 
 def run_command(parser: argparse.ArgumentParser, command, argv: list[str] | None) -> int:
-    """command(parsed argv); an `Md4Error` is one line on stderr and its status (2: bad input,
-    1: a diverged run)."""
+    """command(parsed argv); an `Md4Error` (md4_eqx/errors.py) is one line on stderr, never a traceback,
+    and its status (2: bad input, 1: a diverged run). A `ConfigError`'s field is shown as its flag."""
     args = parser.parse_args(argv)
     quiet_libtpu()  # before JAX starts a backend: the [tpu] extra on a host without TPUs is silent
     try:
@@ -54,10 +51,6 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-
-
-# ---------------------------------------------------------------------------------------------
-# One flag per config field.
 
 
 def field_flag(kind: type, auto: str | None = None) -> dict:
@@ -118,10 +111,6 @@ def make_config(args: argparse.Namespace) -> tuple[Config, set[str]]:
     return Config(**sections), set(given)
 
 
-# ---------------------------------------------------------------------------------------------
-# The mesh, and several processes.
-
-
 def parse_mesh(text: str | None, devices=None) -> Mesh:
     """--mesh `data=D,model=M` over all devices (or `devices`: a --target's); each part optional
     (data defaults to the rest)."""
@@ -150,6 +139,6 @@ def start_processes(args: argparse.Namespace) -> None:
             raise UsageError("--coordinator, --num-processes and --process-id go together")
         if not 0 <= args.process_id < args.num_processes:
             raise UsageError(f"--process-id {args.process_id} must lie in [0, {args.num_processes})")
-        initialize(args.coordinator, args.num_processes, args.process_id)
+        initialize(*explicit)
     elif args.distributed:
         initialize()

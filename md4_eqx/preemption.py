@@ -4,8 +4,8 @@ Cloud schedulers and SLURM send SIGTERM some seconds before they kill a job; Ctr
 Once `Preemption` is created, either signal only sets a flag: the loop finishes its step, asks
 `requested()`, writes a checkpoint at that step and exits 0, so rerunning the same command (a
 SLURM requeue) resumes exactly. A second signal, e.g. during that save, sets the flag again and
-nothing else, so the save is never cut short (orbax also writes it to a temporary directory and
-renames it when complete). SIGKILL still kills at once; the previous checkpoint then resumes.
+nothing else, so the save is never cut short. SIGKILL still kills at once; the previous checkpoint
+then resumes.
 """
 
 import functools

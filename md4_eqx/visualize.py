@@ -56,8 +56,7 @@ def trajectory_strip(trajectory: Integer[np.ndarray, "steps n l"], shape: tuple[
 def trajectory_gif(trajectory: Integer[np.ndarray, "steps n l"], shape: tuple[int, int, int], mask_id: int,
                    path: str | Path, frames: int = 50, ms_per_frame: int = 80) -> None:
     """An animated GIF of the grid of samples unmasking, holding the final frame for a second."""
-    grids = [image_grid(to_images(trajectory[i], shape, mask_id))
-             for i in frame_indices(trajectory.shape[0], frames)]
+    grids = [image_grid(to_images(trajectory[i], shape, mask_id)) for i in frame_indices(trajectory.shape[0], frames)]
     durations = [ms_per_frame] * (len(grids) - 1) + [1000]
     grids[0].save(path, save_all=True, append_images=grids[1:], duration=durations, loop=0)
 
@@ -73,8 +72,7 @@ def render_text(tokens: Integer[np.ndarray, " l"], decode: Callable[[np.ndarray]
 def text_trajectory(trajectory: Integer[np.ndarray, "steps l"], decode: Callable[[np.ndarray], str], mask_id: int,
                     frames: int = 6) -> list[tuple[int, str]]:
     """(step, rendered text) at `frames` steps of one sample's trajectory."""
-    return [(i + 1, render_text(trajectory[i], decode, mask_id))
-            for i in frame_indices(trajectory.shape[0], frames)]
+    return [(i + 1, render_text(trajectory[i], decode, mask_id)) for i in frame_indices(trajectory.shape[0], frames)]
 
 
 def ticks(lo: float, hi: float, count: int = 6) -> np.ndarray:
