@@ -9,7 +9,6 @@ into `Block`s, and `fingerprint()`, the JSON-able cache key, changes whenever th
 Adding a dataset: one `Source` subclass (its docstring says what it reads), one `SOURCES` row.
 """
 
-import dataclasses
 import os
 import sys
 import sysconfig
@@ -18,7 +17,7 @@ import uuid
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -360,7 +359,7 @@ def parse(spec: str, *, tokenizer: str | None, data_path: str | None, cache_dir:
     if tokenizer is not None and entry.fixed_vocab:
         raise DataError(f"{spec} has a fixed vocabulary; --tokenizer does not apply")
     source = entry.build(Options(spec, arg, data_path, cache_dir))
-    return dataclasses.replace(source, tokenizer=tokenizer) if tokenizer else source
+    return replace(source, tokenizer=tokenizer) if tokenizer else source
 
 
 def _readable_file(path: Path) -> Path:
