@@ -1,7 +1,6 @@
-"""The one family of errors a user sees. Every program (`md4_eqx.cli.run_command`) catches
-`Md4Error` alone and prints its message as one line on stderr, exit status `status`: 2 for
-bad input, 1 for a run that failed on its own (divergence). Anything else is a bug and keeps
-its traceback."""
+"""The one family of errors a user sees: every program (`md4_eqx.cli.run_command`) catches
+`Md4Error` alone and prints its message as one line on stderr, exit status `status` (2: bad
+input, 1: a run that failed on its own). Anything else is a bug and keeps its traceback."""
 
 
 class Md4Error(Exception):
