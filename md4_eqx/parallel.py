@@ -85,14 +85,10 @@ def _axis_index(axis: str) -> Int[Array, ""]:
 
 def spec(split: Split, ndim: int) -> P:
     """The PartitionSpec of a weight of `ndim` dims (leading dims, e.g. stacked layers, unsplit)."""
+    if split is Split.REPLICATED:
+        return P()
     lead = (None,) * (ndim - 2)
-    match split:
-        case Split.REPLICATED:
-            return P()
-        case Split.COLUMN:
-            return P(*lead, None, MODEL)
-        case Split.ROW | Split.VOCAB:
-            return P(*lead, MODEL, None)
+    return P(*lead, None, MODEL) if split is Split.COLUMN else P(*lead, MODEL, None)  # ROW or VOCAB
 
 
 class Sharded(eqx.Module):
@@ -114,18 +110,13 @@ def param_specs(tree: PyTree) -> PyTree:
     return jax.tree.map(leaf_spec, tree, is_leaf=lambda n: isinstance(n, Sharded))
 
 
-def without_unit_axes(specs: PyTree, mesh: Mesh) -> PyTree:
-    """`specs` without the mesh axes of size 1 (why: the comment above `psum`)."""
+def shard_map_modules(fn, mesh: Mesh, in_specs, out_specs):
+    """`jax.shard_map` for functions of Equinox modules: the arrays of every argument are mapped
+    (`in_specs(*array_args)` gives their specs), static fields closed over. Every spec loses the
+    mesh axes of size 1 (why: the comment above `psum`)."""
 
     def drop(spec: P) -> P:  # our specs name one axis per dimension, never a tuple of axes
         return P(*(None if name is None or mesh.shape[name] == 1 else name for name in spec))
-
-    return jax.tree.map(drop, specs, is_leaf=lambda s: isinstance(s, P))
-
-
-def shard_map_modules(fn, mesh: Mesh, in_specs, out_specs):
-    """`jax.shard_map` for functions of Equinox modules: the arrays of every argument are mapped
-    (`in_specs(*array_args)` gives their specs, `without_unit_axes`), static fields closed over."""
 
     def wrapped(*args):
         arrays, static = eqx.partition(args, eqx.is_array)
@@ -133,7 +124,7 @@ def shard_map_modules(fn, mesh: Mesh, in_specs, out_specs):
         def inner(*arrays):
             return fn(*eqx.combine(arrays, static))
 
-        specs = without_unit_axes((in_specs(*arrays), out_specs), mesh)
+        specs = jax.tree.map(drop, (in_specs(*arrays), out_specs), is_leaf=lambda s: isinstance(s, P))
         return jax.shard_map(inner, mesh=mesh, in_specs=specs[0], out_specs=specs[1])(*arrays)
 
     return wrapped
@@ -148,9 +139,7 @@ def vocab_offset(local_vocab: int) -> Int[Array, ""]:
     return _axis_index(MODEL) * local_vocab
 
 
-def vocab_log_normaliser(
-    logits: Float[Array, "*b v_local"], vocab_size: int
-) -> Float[Array, "*b"]:
+def vocab_log_normaliser(logits: Float[Array, "*b v_local"], vocab_size: int) -> Float[Array, "*b"]:
     """log sum_v exp(logits_v) over the real vocabulary (ids < V), with the vocabulary split over
     `model`: padded columns are excluded, and no device ever holds the full [*b, V] logits."""
     v_local = logits.shape[-1]
@@ -184,12 +173,12 @@ def vocab_all_gather(values: Float[Array, "*b v_local"], vocab_size: int) -> Flo
 def global_norm(tree: PyTree, specs: PyTree) -> Float[Array, ""]:
     """The L2 norm of a pytree whose leaves may be split over `model` (as `specs` says): a split
     leaf contributes the sum over its slices, a replicated leaf counts once."""
-    total = jnp.zeros((), jnp.float32)
-    leaf_specs = jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P))
-    for leaf, leaf_spec in zip(jax.tree.leaves(tree), leaf_specs, strict=True):
+
+    def square(leaf, leaf_spec):
         sq = jnp.sum(jnp.square(leaf.astype(jnp.float32)))
-        total = total + (psum(sq, MODEL) if MODEL in leaf_spec else sq)
-    return jnp.sqrt(total)
+        return psum(sq, MODEL) if MODEL in leaf_spec else sq
+
+    return jnp.sqrt(sum(jax.tree.leaves(jax.tree.map(square, tree, specs))))
 
 
 def example_ids(local_batch: int) -> Int[Array, " b"]:
