@@ -11,7 +11,6 @@ update, optimizer moments and EMA are all dropped) and says so in `Metrics.skipp
 batch or one overflow cannot poison the run; `md4_eqx.divergence` decides when to give up.
 """
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -49,24 +48,19 @@ class Metrics(NamedTuple):
     skipped: Bool[Array, ""]  # the loss or gradient norm was not finite: the state was kept
 
 
-def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup then cosine decay. On short runs the warmup is capped at a tenth of the run."""
-    warmup = min(cfg.warmup, max(1, total_steps // 10))
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1),
-                                              cfg.lr * cfg.min_lr_ratio)
-
-
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW; weight decay only on weight matrices and embedding tables (fields named `weight`).
-    Its hyperparameters live in its state (`optax.inject_hyperparams`), so the step can report
-    the learning rate it used."""
+    """AdamW, its learning rate warmed up linearly (over at most a tenth of the run) then decayed as a
+    cosine; weight decay only on weight matrices and embedding tables (fields named `weight`). Its
+    hyperparameters live in its state (`optax.inject_hyperparams`), so the step can report its lr."""
 
     def decay_mask(params):
         return jax.tree.map_with_path(lambda path, _: getattr(path[-1], "name", None) == "weight", params)
 
+    warmup = min(cfg.warmup, max(1, total_steps // 10))
+    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1),
+                                            cfg.lr * cfg.min_lr_ratio)
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
-    return adamw(learning_rate(cfg, total_steps), cfg.b1, cfg.b2, weight_decay=cfg.weight_decay,
-                 mask=decay_mask)
+    return adamw(lr, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
 
 
 def init_state(config: Config, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
@@ -82,10 +76,9 @@ def init_state(config: Config, optimizer: optax.GradientTransformation, mesh: Me
                           key=jax.random.key(config.train.seed + 1))
 
     abstract = eqx.filter_eval_shape(fresh)
-    static = eqx.filter(abstract, lambda x: not isinstance(x, jax.ShapeDtypeStruct))
     out_shardings = shardings(mesh, state_specs(abstract, optimizer))
     arrays = jax.jit(lambda: eqx.filter(fresh(), eqx.is_array), out_shardings=out_shardings)()
-    return eqx.combine(arrays, static)
+    return eqx.combine(arrays, abstract)  # the arrays, and abstract's static fields where they have none
 
 
 def state_specs(state: TrainState, optimizer: optax.GradientTransformation) -> PyTree:
@@ -101,20 +94,12 @@ def state_specs(state: TrainState, optimizer: optax.GradientTransformation) -> P
     return eqx.tree_at(lambda s: (s.model, s.ema, s.opt_state), specs, (params, params, opt))
 
 
-def make_train_step(
-    state: TrainState,
-    optimizer: optax.GradientTransformation,
-    mesh: Mesh,
-    *,
-    microbatches: int = 1,
-    clip: float,
-    ema: float,
-):
+def make_train_step(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh, *, microbatches: int = 1,
+                    clip: float, ema: float):
     """The jitted step `(state, tokens, labels) -> (state, metrics)`; it donates `state`.
 
-    `tokens` is the global batch [B, L] (B divisible by the mesh's `data` size times
-    `microbatches`, the gradient-accumulation chunks), `labels` [B] or None. `clip` is the
-    global gradient norm it clips to (0: no clipping), `ema` the decay of the parameters' EMA.
+    `tokens` is the global batch [B, L] (B divisible by the mesh's `data` size times `microbatches`,
+    the gradient-accumulation chunks), `labels` [B] or None; `clip` and `ema` as in `OptimConfig`.
     `md4_eqx.validate` checks the model and batch against the mesh."""
     specs = state_specs(state, optimizer)
 
@@ -167,12 +152,10 @@ def make_train_step(
         lr = jnp.asarray(opt_state.hyperparams["learning_rate"], jnp.float32)
         return new_state, Metrics(nelbo / math.log(2.0), grad_norm, lr, skipped)
 
-    def in_specs(batch, state):  # labels may be None
-        return (P(DATA), None if batch[1] is None else P(DATA)), specs
+    def in_specs(batch, state):  # P(DATA) covers the batch's labels when they are None, too
+        return P(DATA), specs
 
-    @functools.partial(eqx.filter_jit, donate="all-except-first")  # the state, not the batch
-    def step(batch, state):
-        return shard_map_modules(local_step, mesh, in_specs, (specs, P()))(batch, state)
+    step = eqx.filter_jit(shard_map_modules(local_step, mesh, in_specs, (specs, P())), donate="all-except-first")
 
     def train_step(state: TrainState, tokens, labels=None):
         return step((tokens, labels), state)
