@@ -15,12 +15,9 @@ collectives' buffers).
 
 For a target (md4_eqx.targets: a TPU slice or GPUs this host does not have) the mesh is over its
 abstract devices and the compiler is that hardware's own. On TPU a batch fits when the compiler
-accepts it: under memory pressure it rematerialises by itself, so the largest batch that
-compiles lies far above where the line through small batches crosses the memory, and it checks
-HBM twice (a first verdict within seconds, `CompileTimeHbmOom` after scheduling), so only a
-finished compile says "fits". On GPU the memory analysis decides, as here; cuDNN's fused
-attention and the Mosaic GPU kernel compile only on the GPU itself, so the plan runs XLA's
-attention there, and says so (`_plannable`).
+accepts it (`HBM_REFUSALS`): under memory pressure it rematerialises by itself, so the largest
+batch that compiles lies far above where the line through small batches crosses the memory. On
+GPU the memory analysis decides, as here (with XLA's attention: `_plannable`).
 """
 
 import dataclasses
@@ -72,32 +69,28 @@ def device_memory() -> int:
     return int(stats["bytes_limit"])
 
 
-def abstract_state(config: Config, mesh: Mesh) -> TrainState:
-    """The training state as `jax.ShapeDtypeStruct`s carrying their shardings on `mesh`."""
+def abstract_state(config: Config, mesh: Mesh) -> tuple[TrainState, TrainState]:
+    """The training state as `eqx.partition` splits it: its arrays, as `jax.ShapeDtypeStruct`s
+    carrying their shardings on `mesh`, and its static rest."""
     optimizer = make_optimizer(config.optim, config.train.steps)
     abstract = eqx.filter_eval_shape(init_state, config, optimizer, mesh)
-    specs = state_specs(abstract, optimizer)
     arrays, static = eqx.partition(abstract, lambda x: isinstance(x, jax.ShapeDtypeStruct))
-    arrays = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          arrays, shardings(mesh, specs))
-    return eqx.combine(arrays, static)
+    specs = shardings(mesh, state_specs(abstract, optimizer))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), arrays, specs), static
 
 
-def state_bytes(state: TrainState) -> dict[str, int]:
-    """Bytes per device of the parameters, their EMA and the optimizer state of an abstract state."""
+def state_bytes(arrays: TrainState) -> dict[str, int]:
+    """Bytes per device of the parameters, their EMA and the optimizer state (`abstract_state`'s arrays)."""
 
     def size(tree) -> int:
-        leaves = jax.tree.leaves(eqx.filter(tree, lambda x: isinstance(x, jax.ShapeDtypeStruct)))
-        return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in leaves)
+        return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
-    return {"parameters": size(state.model), "EMA": size(state.ema), "optimizer state": size(state.opt_state)}
+    return {"parameters": size(arrays.model), "EMA": size(arrays.ema), "optimizer state": size(arrays.opt_state)}
 
 
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
-    """Per-device bytes of one compiled training step (XLA's memory analysis), its flops and its
-    compile time. `refused`: the TPU compiler's first line when the step does not fit in HBM
-    (then the bytes are 0)."""
+    """Per-device bytes of one compiled training step (XLA's memory analysis), its flops and its compile time."""
 
     arguments: int  # state and batch
     outputs: int  # new state and metrics
@@ -105,7 +98,7 @@ class StepMemory:
     temp: int  # activations, gradients, optimizer temporaries
     flops: float | None  # per device, XLA's count (None where the compiler gives none: GPU targets)
     seconds: float  # compile time
-    refused: str | None = None
+    refused: str | None = None  # the TPU compiler's first line when the step does not fit in HBM (bytes then 0)
 
     @property
     def peak(self) -> int:
@@ -119,11 +112,10 @@ def lowered_step(
     inputs (no parameter is ever made) and lowered for the devices of `mesh`, real or abstract
     (md4_eqx.targets), or for `platform` ("cuda"): its kernels then go through their
     compilers' lowering only, which is all a host without that compiler can check."""
-    state = abstract_state(config, mesh)
+    arrays, static = abstract_state(config, mesh)
     optimizer = make_optimizer(config.optim, config.train.steps)
-    step = make_train_step(state, optimizer, mesh, microbatches=microbatches,
+    step = make_train_step(arrays, optimizer, mesh, microbatches=microbatches,
                            clip=config.optim.clip, ema=config.optim.ema)
-    arrays, static = eqx.partition(state, lambda x: isinstance(x, jax.ShapeDtypeStruct))
     rows = NamedSharding(mesh, P(DATA))
     tokens = jax.ShapeDtypeStruct((batch, config.model.seq_len), jnp.int32, sharding=rows)
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows) if config.model.num_classes else None
@@ -135,8 +127,9 @@ def lowered_step(
     return jax.jit(run, donate_argnums=0).trace(arrays, tokens, labels).lower(lowering_platforms=platforms)
 
 
-# How the TPU compiler refuses a program too big for HBM: its first check, and the second one
-# after scheduling. Anything else (a kernel over VMEM, a bug) is not a batch size's answer.
+# How the TPU compiler refuses a program too big for HBM: its first check (within seconds), and
+# the second one after scheduling, so only a finished compile says "fits". Anything else (a
+# kernel over VMEM, a bug) is not a batch size's answer.
 HBM_REFUSALS = ("Ran out of memory in memory space hbm", "Ran out of memory on HBM", "CompileTimeHbmOom")
 
 
@@ -171,12 +164,12 @@ class Planner:
         self.mesh, self.memory, self.data = mesh, memory, mesh.shape[DATA]
         self.by_compiler = self.platform.name == "tpu" if by_compiler is None else by_compiler
         self.budget = int(memory * (1.0 - MARGIN))
+        self.remat = self.config.execution.remat  # what `microbatches`, `batch_size` and `report` plan for
 
     def step(self, remat: bool, microbatch: int, microbatches: int = 1) -> StepMemory:
         """The step compiled with `microbatches` chunks of `microbatch` examples per device."""
         config = dataclasses.replace(self.config, execution=dataclasses.replace(self.config.execution, remat=remat))
-        batch = microbatch * microbatches * self.data
-        return step_memory(config, self.mesh, batch=batch, microbatches=microbatches)
+        return step_memory(config, self.mesh, batch=microbatch * microbatches * self.data, microbatches=microbatches)
 
     def fits(self, remat: bool, microbatch: int, microbatches: int = 1) -> bool:
         """The compiler accepts the step and, unless it alone judges, its peak is within the budget."""
@@ -217,11 +210,10 @@ class Planner:
     def microbatches(self, batch: int) -> int:
         """The fewest gradient-accumulation chunks of the global `batch` whose step fits (`batch`
         splits evenly over `data`: md4_eqx.validate checks it before any plan)."""
-        remat = self.config.execution.remat
         per_device = batch // self.data
         counts = [k for k in range(per_device, 0, -1) if per_device % k == 0]  # chunk size ascending
-        guess = sum(1 for k in counts if per_device // k <= self.guess(remat))
-        best = _largest(lambda i: self.fits(remat, per_device // counts[i - 1], counts[i - 1]),
+        guess = sum(1 for k in counts if per_device // k <= self.guess(self.remat))
+        best = _largest(lambda i: self.fits(self.remat, per_device // counts[i - 1], counts[i - 1]),
                         max(guess, 1), top=len(counts))
         if not best:
             self._no_fit(f"batch {batch} (data={self.data})", per_device)
@@ -229,25 +221,24 @@ class Planner:
 
     def batch_size(self) -> int:
         """The largest global batch whose step fits without gradient accumulation."""
-        largest = self.largest(self.config.execution.remat)
+        largest = self.largest(self.remat)
         if largest == 0:
             self._no_fit("one example per device")
         return largest * self.data
 
     def _no_fit(self, what: str, microbatches: int = 1) -> NoReturn:
         """The PlanError for `what`, with the step of one example per device in `microbatches`."""
-        remat = self.config.execution.remat
-        step = self.step(remat, 1, microbatches)
+        step = self.step(self.remat, 1, microbatches)
         if step.refused:
             raise PlanError(f"{what} does not fit: the TPU compiler says {step.refused}")
-        extra = "" if remat else f" ({show_size(self.step(True, 1).peak)} with --remat true)"
+        extra = "" if self.remat else f" ({show_size(self.step(True, 1).peak)} with --remat true)"
         raise PlanError(f"{what} does not fit: one example per device needs {show_size(step.peak)}{extra}, "
                         f"the budget is {show_size(self.budget)} ({show_size(self.memory)} less {MARGIN:.0%})")
 
     def report(self) -> str:
         """What `train.py --plan` prints: state bytes, then the largest microbatch per device for
         the config's remat setting, with its step's peak, flops and compile time."""
-        state = state_bytes(abstract_state(self.config, self.mesh))
+        state = state_bytes(abstract_state(self.config, self.mesh)[0])
         m, run = self.config.model, self.config.execution
         chunk = f", the head {run.head_chunk} tokens at a time" if run.head_chunk else ""
         judge = "a batch fits when the TPU compiler accepts it" if self.by_compiler else "XLA's compiled memory analysis"
@@ -258,16 +249,16 @@ class Planner:
         lines += [f"  {name:<16} {show_size(n)}" for name, n in state.items()]
         budget = "" if self.by_compiler else f"; budget {show_size(self.budget)} after a {MARGIN:.0%} margin"
         lines.append(f"  device memory    {show_size(self.memory)}{budget}")
-        fixed, per_example, largest = self.fit(run.remat)
+        fixed, per_example, largest = self.fit(self.remat)
         if largest == 0:
             self._no_fit("one example per device")
-        step = self.step(run.remat, largest)
+        step = self.step(self.remat, largest)
         flops = "flops not counted by the compiler" if step.flops is None else f"{step.flops / 1e12:.3g} TFLOP"
-        lines.append(f"  remat {str(run.remat).lower():<5}  largest microbatch {largest} per device "
+        lines.append(f"  remat {str(self.remat).lower():<5}  largest microbatch {largest} per device "
                      f"(global {largest * self.data} without accumulation): peak {show_size(step.peak)}, "
                      f"{flops} per step, compiled in {step.seconds:.1f} s; line {show_size(fixed)} + "
                      f"{per_example / 2**20:.1f} MiB per example{' at 1-2 examples' if self.by_compiler else ''} "
-                     f"(--remat {str(not run.remat).lower()} plans the other way)")
+                     f"(--remat {str(not self.remat).lower()} plans the other way)")
         return "\n".join(lines)
 
 
