@@ -11,8 +11,7 @@ tests see what the hardware would, without it. Names:
 
 The TPU compiler is libtpu (`pip install -e ".[tpu]"`); the GPU compiler is the CUDA plugin
 (`pip install -e ".[cuda]"`, ~6 GB), which needs `JAX_PLATFORMS=cpu` on a machine without a
-GPU, or it fails its driver check and registers nothing. Every GPU is described to XLA by a
-`GpuTargetConfigProto` written here from NVIDIA's public specifications (`_gpu_config`).
+GPU, or it fails its driver check and registers nothing.
 """
 
 import dataclasses
@@ -32,18 +31,17 @@ GIB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Tpu:
-    """A TPU generation (its name in CHIPS is its topology-name prefix): HBM per chip and the rank
-    of its chip grid. v4 and v5p chips hold two TensorCores that JAX drives as one device ("megacore")."""
+    """A TPU generation (its name in CHIPS is its topology-name prefix): HBM per chip and the rank of its chip grid."""
 
     memory: int
     dims: int
-    megacore: bool = False
+    megacore: bool = False  # two TensorCores per chip that JAX drives as one device (v4, v5p)
 
 
 @dataclasses.dataclass(frozen=True)
 class Gpu:
-    """An NVIDIA GPU as XLA's cost model and code generator need it (public specifications;
-    `memory` as the device reports its total, a little under the marketed size)."""
+    """An NVIDIA GPU as XLA's cost model and code generator need it (`_gpu_config`), from NVIDIA's
+    public specifications (`memory` as the device reports its total, a little under the marketed size)."""
 
     name: str  # the device_kind a real one reports
     memory: int
@@ -92,8 +90,7 @@ class Target:
         return "tpu" if isinstance(self.chip, Tpu) else "gpu"
 
     @property
-    def memory(self) -> int:
-        """Bytes of memory per chip."""
+    def memory(self) -> int:  # bytes per chip
         return self.chip.memory
 
     @property
@@ -112,8 +109,7 @@ class Target:
             options = {"chip_config_name": "megacore"} if self.chip.megacore else {}
             grid3 = (*self.grid, 1, 1)[:3]
             if any(g < h for g, h in zip(grid3, HOST_CHIPS)):  # a slice of less than one host
-                options.update(chips_per_host_bounds=tuple(map(min, grid3, HOST_CHIPS)),
-                               wrap=(False, False, False))
+                options.update(chips_per_host_bounds=tuple(map(min, grid3, HOST_CHIPS)), wrap=(False, False, False))
             options.update(topology_name=self.name.lower(), platform="tpu")  # as parse() checked it
         else:
             options = dict(topology_name="", platform="cuda", target_config=_gpu_config(self.chip),
@@ -168,9 +164,7 @@ gpu_device_info {{
   threads_per_core_limit: 2048
   core_count: {gpu.sms}
   fpus_per_core: {gpu.fp32_per_sm}
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
   memory_bandwidth: {gpu.memory_bandwidth}
   l2_cache_size: {gpu.l2_cache}
   clock_rate_ghz: {gpu.clock_ghz}
@@ -179,9 +173,7 @@ gpu_device_info {{
   cuda_compute_capability {{ major: {major} minor: {minor} feature_extension: {extension} }}
   registers_per_core_limit: 65536
   registers_per_block_limit: 65536
-  thread_dim_limit_x: 1024
-  thread_dim_limit_y: 1024
-  thread_dim_limit_z: 64
+  thread_dim_limit_x: 1024 thread_dim_limit_y: 1024 thread_dim_limit_z: 64
   device_vendor: "NVIDIA Corporation"
   name: "{gpu.name}"
 }}
