@@ -24,8 +24,7 @@ class Schedule(enum.Enum):
 
 
 class Backbone(enum.Enum):
-    """The network mu_theta: the transformer over the token sequence (`md4_eqx.transformer`), or
-    the VDM-style U-Net over RGB images of flattened sub-pixels (`md4_eqx.unet`)."""
+    """The network mu_theta: the transformer (`md4_eqx.transformer`), or the VDM-style U-Net (`md4_eqx.unet`)."""
 
     TRANSFORMER = "transformer"
     UNET = "unet"
