@@ -21,9 +21,8 @@ from md4_eqx.kernels import flash_attention_gpu as hopper
 from md4_eqx.kernels.flash_attention_tpu import flash_attention
 
 
-def attention_reference(
-    q: Float[Array, "b t h d"], k: Float[Array, "b s h d"], v: Float[Array, "b s h d"]
-) -> Float[Array, "b t h d"]:
+def attention_reference(q: Float[Array, "b t h d"], k: Float[Array, "b s h d"],
+                        v: Float[Array, "b s h d"]) -> Float[Array, "b t h d"]:
     """Plain-JAX softmax(q k^T / sqrt(d)) v, accumulated in float32."""
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
@@ -117,8 +116,7 @@ COMPILED = tuple(k for k in KERNELS if k.impl is not Impl.PALLAS_INTERPRET)
 
 
 def available_impls(platform: Platform | None = None) -> tuple[Impl, ...]:
-    """The compiled implementations that can run on `platform` (default: `platform_of()`), for
-    some dtype and head_dim."""
+    """The compiled implementations that run on `platform` (default: `platform_of()`) for some dtype and head_dim."""
     platform = platform or platform_of()
     runs = [k.impl for k in COMPILED if k.refuses(platform, jnp.dtype(jnp.bfloat16), 64) is None]
     return tuple(dict.fromkeys(runs))
@@ -135,12 +133,7 @@ def resolve(impl: Impl, dtype: jnp.dtype, head_dim: int, platform: Platform | No
     raise ConfigError("attention", f"'{impl.value}' {'; '.join(reasons)}")
 
 
-def attention(
-    q: Float[Array, "b t h d"],
-    k: Float[Array, "b s h d"],
-    v: Float[Array, "b s h d"],
-    *,
-    impl: Impl = Impl.AUTO,
-) -> Float[Array, "b t h d"]:
+def attention(q: Float[Array, "b t h d"], k: Float[Array, "b s h d"], v: Float[Array, "b s h d"], *,
+              impl: Impl = Impl.AUTO) -> Float[Array, "b t h d"]:
     """Bidirectional softmax(q k^T / sqrt(d)) v with the implementation `impl` picks."""
     return resolve(impl, q.dtype, q.shape[-1]).run(q, k, v)
