@@ -97,8 +97,7 @@ def fit_to_data(cfg: Config, ds: Dataset, given: set[str]) -> Config:
     classes = cfg.model.num_classes if "model.num_classes" in given or not cfg.model.num_classes else ds.num_classes
     if classes and classes != ds.num_classes:
         raise UsageError(f"--num-classes {classes}: {ds.name} has {ds.num_classes} classes")
-    model = dataclasses.replace(cfg.model, vocab_size=vocab, num_classes=classes)
-    return dataclasses.replace(cfg, model=model)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab, num_classes=classes))
 
 
 def load_dataset(cfg: Config, args: argparse.Namespace) -> Dataset:
@@ -145,9 +144,8 @@ def draw_samples(model: MD4, cfg: Config, mesh: Mesh, key: jax.Array, count: int
         return np.zeros((0, cfg.model.seq_len), np.int32)
     rows = -(-count // mesh.shape[DATA]) * mesh.shape[DATA]  # whole rows on every data shard
     template = np.full((rows, cfg.model.seq_len), model.mask_id, np.int32)
-    labels = None
-    if cfg.model.num_classes:
-        labels = replicated_on_mesh(np.arange(rows, dtype=np.int32) % cfg.model.num_classes, mesh)
+    classes = cfg.model.num_classes
+    labels = replicated_on_mesh(np.arange(rows, dtype=np.int32) % classes, mesh) if classes else None
     out = generate(model, key, replicated_on_mesh(template, mesh), mesh, cfg.sampler, labels)
     return gather(out.tokens)[:count]
 
@@ -188,7 +186,6 @@ def train(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir) if args.workdir else default_workdir(args.preset, cfg.train.dataset)
     ds = load_dataset(cfg, args)
     cfg = fit_to_data(cfg, ds, given)
-    # WorkdirError if the workdir is unwritable or another run's.
     with claim(workdir), checkpoint.Checkpoints(workdir, cfg.train.keep_checkpoints) as checkpoints:
         return run(args, cfg, ds, mesh, memory, workdir, checkpoints, began)
 
@@ -198,9 +195,9 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, memory: 
     """The training run: state (fresh, or the newest checkpoint's), data, and the loop."""
     main_process = jax.process_index() == 0
 
-    def say(*words) -> None:  # process 0 prints, between progress bar updates
+    def say(text: str) -> None:  # process 0 prints, between progress bar updates
         if main_process:
-            tqdm.write(" ".join(map(str, words)), file=sys.stdout)
+            tqdm.write(text, file=sys.stdout)
 
     # An `auto` batch size or number of microbatches: planned now, the checkpoint's on resume.
     resume = checkpoints.latest_step()
@@ -244,7 +241,6 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, memory: 
         say(f"step {step}: eval {bpt:.4f} ± {se:.4f} bits/token (perplexity <= {ppl:.2f}), samples in {path}")
         return texts
 
-    # The loop.
     texts = eval_and_sample(state, 0) if resume is None else []
     train_step = make_train_step(state, optimizer, mesh, microbatches=tc.microbatches,
                                  clip=cfg.optim.clip, ema=cfg.optim.ema)
