@@ -1,23 +1,14 @@
-"""Flash attention in Pallas for Hopper GPUs (Mosaic GPU, `plgpu.kernel`): forward and backward.
-
-Dao et al., "FlashAttention" (2022), Algorithms 1 and 2, laid out the FlashAttention-3 way
-(Shah et al., 2024): each thread block runs `COMPUTE_WGS` compute warpgroups, each owning
-its own rows, and one memory warpgroup that streams the tiles reduced over through a ring of
-`stages` shared-memory slots with TMA copies, signalling "loaded" and "consumed" barriers.
-Matmuls are `wgmma` on 128-byte-swizzled bfloat16/float16 tiles with float32 accumulators.
-Three kernels, all bidirectional, scale = 1/sqrt(head_dim):
-
-  forward   grid (heads, q-blocks, batch): online softmax over streamed K, V tiles; writes o
-            and the base-2 log-sum-exp lse2 = log2(sum_j 2^(s_ij log2 e)) of every query row;
-  dq        grid (heads, q-blocks, batch): streams K, V; dq = scale * sum_kv dS K;
-  dk, dv    grid (heads, kv-blocks, batch): streams Q, dO, lse2, delta;
-            dv = sum_q P^T dO,  dk = scale * sum_q dS^T Q,
-with P = 2^(S log2 e - lse2) recomputed, dS = P * (dO V^T - delta), delta = rowsum(dO * O).
+"""Flash attention in Pallas for Hopper GPUs (Mosaic GPU, `plgpu.kernel`): the forward, dq and
+dk/dv kernels of md4_eqx.kernels.flash_vjp, laid out the FlashAttention-3 way (Shah et al.,
+2024): each thread block runs `COMPUTE_WGS` compute warpgroups, each owning its own rows, and one
+memory warpgroup that streams the tiles reduced over (K, V; or Q, dO, lse2, delta for dk/dv)
+through a ring of `stages` shared-memory slots with TMA copies, signalling "loaded" and
+"consumed" barriers. Matmuls are `wgmma` on 128-byte-swizzled bfloat16/float16 tiles with
+float32 accumulators. The grid is (heads, q- or kv-blocks, batch). Logits are base 2 (exp2 is
+the native instruction): lse2 = log2(sum_j 2^(s_ij log2 e)), P = 2^(S log2 e - lse2).
 
 The layout is [batch, seq, heads, head_dim] throughout: a TMA copy of `x.at[b, rows, h]`
-reads a (rows, head_dim) tile directly, so the wrapper transposes nothing. Sequences are
-zero-padded to whole blocks; each kernel masks the padded tail of the axis it reduces over
-(-inf logits), and padded rows of the other axis are sliced away by the wrapper.
+reads a (rows, head_dim) tile directly, so the wrapper transposes nothing.
 
 Status: NOT YET RUN ON A GPU. On CPU the Mosaic GPU interpreter (`interpret=True`) tests the
 numbers and a lowering for CUDA (to NVVM and wgmma PTX) checks the compiled form, alone and in
@@ -416,11 +407,10 @@ def _forward(q, k, v, *, kv_len, blocks, interpret):
     )  # fmt: skip
 
 
-def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
+def _backward(q, k, v, do, lse, delta, *, q_len, kv_len, blocks, interpret):
     """dq, dk, dv of padded [b, seq, h, d] inputs; lse2 and delta are [b, h, seq]."""
     b, tq, h, d = q.shape
     tk = k.shape[1]
-    delta = jnp.einsum("bthd,bthd->bht", o.astype(jnp.float32), do.astype(jnp.float32))  # (b, h, tq)
     operands = (q, k, v, do, lse, delta)
 
     bq, bk = blocks.block_q_dq, blocks.block_kv_dq
@@ -461,37 +451,21 @@ def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
     return dq, dk, dv
 
 
-_flash = flash_vjp(_forward, _backward)
-
-
-def _pad_seq(x: jax.Array, multiple: int) -> jax.Array:
-    """Zero-pads axis 1 (seq) of [b, seq, h, d] up to a multiple of `multiple`."""
-    extra = -x.shape[1] % multiple
-    return jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0))) if extra else x
+_flash = flash_vjp(_forward, _backward, seq_axis=1)
 
 
 def flash_attention_gpu(
-    q: Float[Array, "b t h d"],
-    k: Float[Array, "b s h d"],
-    v: Float[Array, "b s h d"],
-    *,
-    block_sizes: BlockSizes = BlockSizes(),
-    interpret: bool = False,
-) -> Float[Array, "b t h d"]:
+    q: Float[Array, "b t h d"], k: Float[Array, "b s h d"], v: Float[Array, "b s h d"], *,
+    block_sizes: BlockSizes = BlockSizes(), interpret: bool = False,
+) -> Float[Array, "b t h d"]:  # fmt: skip
     """softmax(q k^T / sqrt(d)) v with the Mosaic GPU kernels; differentiable.
 
     Compiles for Hopper GPUs (sm_90+), or runs on CPU through the Mosaic GPU interpreter
     with `interpret=True`. Any sequence lengths; accumulation is float32.
     """
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"q, k, v must share a dtype: {q.dtype=}, {k.dtype=}, {v.dtype=}")
     if q.dtype not in DTYPES:
         raise ValueError(f"dtype={q.dtype} must be bfloat16 or float16")
-    head_dim = q.shape[-1]
-    if head_dim not in HEAD_DIMS:
-        raise ValueError(f"{head_dim=} must be one of {HEAD_DIMS}")
-    q_len, kv_len = q.shape[1], k.shape[1]
-    q = _pad_seq(q, block_sizes.q_multiple)
-    k, v = _pad_seq(k, block_sizes.kv_multiple), _pad_seq(v, block_sizes.kv_multiple)
-    o = _flash(q, k, v, q_len, kv_len, block_sizes, interpret)  # (b, q_padded, h, d)
-    return o[:, :q_len]
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head_dim={q.shape[-1]} must be one of {HEAD_DIMS}")
+    return _flash(q, k, v, block_sizes, interpret, q_multiple=block_sizes.q_multiple,
+                  kv_multiple=block_sizes.kv_multiple)

@@ -1,20 +1,10 @@
-"""Flash attention in Pallas, written for Mosaic TPU: bidirectional, forward and backward.
-
-Dao et al., "FlashAttention" (2022), Algorithms 1 and 2, the TPU way: a grid whose innermost
-axis walks the blocks being reduced over ("arbitrary"), with float32 accumulators in VMEM
-scratch that live across those steps. Three kernels:
-
-  forward   grid (b, h, q-block, kv-block): online softmax, writes o and the log-sum-exp
-            lse = m + log(l) of every query row;
-  dq        grid (b, h, q-block, kv-block): dq = sum_kv dS K * scale;
-  dk, dv    grid (b, h, kv-block, q-block): dv = sum_q P^T dO,  dk = sum_q dS^T Q * scale,
-with P = exp(Q K^T * scale - lse) recomputed from the residual and
-dS = P * (dO V^T - delta), delta = rowsum(dO * O).
+"""Flash attention in Pallas, written for Mosaic TPU: the forward, dq and dk/dv kernels of
+md4_eqx.kernels.flash_vjp, the TPU way: a grid (b, h, block, reduced block) whose innermost axis
+walks the blocks being reduced over ("arbitrary"), with float32 accumulators in VMEM scratch that
+live across those steps; lse = m + log(l).
 
 The public layout is [batch, seq, heads, head_dim]; the kernels see [batch, heads, seq,
 head_dim] so that every block is a (rows, head_dim) tile (Mosaic tiles the last two dims).
-Sequences are zero-padded to whole blocks. Each kernel masks the padded tail of the axis it
-reduces over; padded rows of the other axis compute values that the wrapper slices away.
 """
 
 import dataclasses
@@ -203,13 +193,19 @@ def _cost(matmuls: int, q, k, *, once: tuple, streamed: tuple, passes: int) -> p
                            bytes_accessed=_nbytes(*once) + passes * _nbytes(*streamed))
 
 
+def _pallas_call(kernel, *, interpret: bool, **kwargs):
+    """pl.pallas_call with this module's compiler parameters, compiled or interpreted."""
+    interpret = INTERPRET if interpret else False
+    return pl.pallas_call(kernel, compiler_params=COMPILER_PARAMS, interpret=interpret, **kwargs)
+
+
 def _forward(q, k, v, *, kv_len, blocks, interpret):
     """o and lse (float32, [b, h, tq]) of padded [b, h, seq, d] inputs."""
     b, h, tq, d = q.shape
     tk = k.shape[2]
     bq, bk = blocks.block_q, blocks.block_k
     out_shape = [out_type(q.shape, q.dtype, q, k, v), out_type((b, h, tq, LANES), jnp.float32, q, k, v)]
-    o, lse = pl.pallas_call(
+    o, lse = _pallas_call(
         functools.partial(_forward_kernel, scale=d**-0.5, kv_len=kv_len),
         grid=(b, h, tq // bq, tk // bk),
         in_specs=[_rows(bq, d, seq_axis=2), _rows(bk, d, seq_axis=3), _rows(bk, d, seq_axis=3)],
@@ -220,75 +216,63 @@ def _forward(q, k, v, *, kv_len, blocks, interpret):
             pltpu.VMEM((bq, LANES), jnp.float32),  # l: running row sum of exp(s - m)
             pltpu.VMEM((bq, d), jnp.float32),  # acc: unnormalised output
         ],
-        compiler_params=COMPILER_PARAMS,
         # s = q k^T, o = p v; the outputs are written once
         cost_estimate=_cost(2, q, k, once=(q, *out_shape), streamed=(k, v), passes=tq // bq),
-        interpret=INTERPRET if interpret else False,
+        interpret=interpret,
         name="flash_attention_forward",
     )(q, k, v)
     return o, lse[..., 0]  # lse: (b, h, tq)
 
 
-def _backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret):
+def _backward(q, k, v, do, lse, delta, *, q_len, kv_len, blocks, interpret):
     """dq, dk, dv of padded [b, h, seq, d] inputs."""
     b, h, tq, d = q.shape
     tk = k.shape[2]
     bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
     scale = d**-0.5
-    delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # (b, h, tq)
     lse_rows, delta_rows = lse[:, :, None, :], delta[:, :, None, :]  # (b, h, 1, tq)
     operands = (q, k, v, do, lse_rows, delta_rows)
-    interpret_params = INTERPRET if interpret else False
 
-    dq = pl.pallas_call(
+    dq = _pallas_call(
         functools.partial(_dq_kernel, scale=scale, kv_len=kv_len),
         grid=(b, h, tq // bq, tk // bk),
         in_specs=_backward_specs(bq, bk, d, q_axis=2, kv_axis=3),
         out_specs=_rows(bq, d, seq_axis=2),
         out_shape=out_type(q.shape, q.dtype, *operands),
         scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
-        compiler_params=COMPILER_PARAMS,
         # s = q k^T, dp = do v^T, dq = ds k; the output is q's size
         cost_estimate=_cost(3, q, k, once=(q, q, do, lse, delta), streamed=(k, v), passes=tq // bq),
-        interpret=interpret_params,
+        interpret=interpret,
         name="flash_attention_dq",
     )(*operands)
 
-    dk, dv = pl.pallas_call(
+    dk, dv = _pallas_call(
         functools.partial(_dkv_kernel, scale=scale, q_len=q_len),
         grid=(b, h, tk // bk, tq // bq),
         in_specs=_backward_specs(bq, bk, d, q_axis=3, kv_axis=2),
         out_specs=[_rows(bk, d, seq_axis=2), _rows(bk, d, seq_axis=2)],
         out_shape=[out_type(k.shape, k.dtype, *operands), out_type(v.shape, v.dtype, *operands)],
         scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
-        compiler_params=COMPILER_PARAMS,
         # s^T = k q^T, dv = p^T do, dp^T = v do^T, dk = ds^T q; the outputs are k's and v's sizes
         cost_estimate=_cost(4, q, k, once=(k, v, k, v), streamed=(q, do, lse, delta), passes=tk // bk),
-        interpret=interpret_params,
+        interpret=interpret,
         name="flash_attention_dkv",
     )(*operands)
     return dq, dk, dv
 
 
-_flash = flash_vjp(_forward, _backward)
+_flash = flash_vjp(_forward, _backward, seq_axis=2)
 
 
 def flash_attention(
-    q: Float[Array, "b t h d"],
-    k: Float[Array, "b s h d"],
-    v: Float[Array, "b s h d"],
-    *,
-    block_sizes: BlockSizes | None = None,
-    interpret: bool = False,
-) -> Float[Array, "b t h d"]:
+    q: Float[Array, "b t h d"], k: Float[Array, "b s h d"], v: Float[Array, "b s h d"], *,
+    block_sizes: BlockSizes | None = None, interpret: bool = False,
+) -> Float[Array, "b t h d"]:  # fmt: skip
     """softmax(q k^T / sqrt(d)) v with the Pallas kernels; differentiable.
 
     Compiles for TPU through Mosaic, or runs anywhere with `interpret=True`. Inputs may be
     bfloat16 or float32 (one dtype for all three); accumulation is float32.
     """
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"q, k, v must share a dtype: {q.dtype=}, {k.dtype=}, {v.dtype=}")
-    q_len, kv_len = q.shape[1], k.shape[1]
     block_sizes = block_sizes or BlockSizes.default(interpret)
     # Mosaic TPU: block_k is the lane dim of s and block_q that of s^T and of the lse rows.
     align = 8 if interpret else LANES
@@ -297,16 +281,10 @@ def flash_attention(
             if value % LANES:
                 raise ValueError(f"{name}={value} must be a multiple of {LANES} on TPU")
     # Each block clamped to its sequence length rounded up to `align`.
-    q_cap, kv_cap = _round_up(q_len, align), _round_up(kv_len, align)
+    q_cap, kv_cap = _round_up(q.shape[1], align), _round_up(k.shape[1], align)
     blocks = BlockSizes(min(block_sizes.block_q, q_cap), min(block_sizes.block_k, kv_cap),
                         min(block_sizes.block_q_bwd, q_cap), min(block_sizes.block_k_bwd, kv_cap))
-    q_padded = _round_up(q_len, math.lcm(blocks.block_q, blocks.block_q_bwd))
-    kv_padded = _round_up(kv_len, math.lcm(blocks.block_k, blocks.block_k_bwd))
-
-    def to_kernel_layout(x, padded_len):  # (b, seq, h, d) -> (b, h, padded_len, d)
-        x = jnp.swapaxes(x, 1, 2)
-        return jnp.pad(x, ((0, 0), (0, 0), (0, padded_len - x.shape[2]), (0, 0)))
-
-    q, k, v = to_kernel_layout(q, q_padded), to_kernel_layout(k, kv_padded), to_kernel_layout(v, kv_padded)
-    o = _flash(q, k, v, q_len, kv_len, blocks, interpret)  # (b, h, q_padded, d)
-    return jnp.swapaxes(o[:, :, :q_len], 1, 2)
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # the kernels' (b, h, seq, d)
+    o = _flash(q, k, v, blocks, interpret, q_multiple=math.lcm(blocks.block_q, blocks.block_q_bwd),
+               kv_multiple=math.lcm(blocks.block_k, blocks.block_k_bwd))
+    return jnp.swapaxes(o, 1, 2)

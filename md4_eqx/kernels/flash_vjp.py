@@ -1,33 +1,62 @@
-"""What both flash-attention kernels (TPU, Hopper) share: the custom_vjp that turns a forward
-and a backward into one differentiable function, and their output types under shard_map.
+"""What both flash-attention kernels (TPU, Hopper) share: the custom_vjp that turns a forward and
+a backward into one differentiable function of zero-padded sequences, and their output types
+under shard_map.
 
-The forward returns o and the log-sum-exp of every query row; the backward recomputes P from
-them (FlashAttention, Algorithm 2), so the residuals are (q, k, v, o, lse), never P itself.
+Dao et al., "FlashAttention" (2022), Algorithms 1 and 2: three kernels, all bidirectional, with
+scale = 1/sqrt(head_dim),
+
+  forward   per q block, over kv blocks: online softmax; writes o and the log-sum-exp (lse)
+            of every query row;
+  dq        per q block, over kv blocks: dq = scale * sum_kv dS K;
+  dk, dv    per kv block, over q blocks: dv = sum_q P^T dO,  dk = scale * sum_q dS^T Q,
+with P = exp(Q K^T * scale - lse) recomputed from the residuals (q, k, v, o, lse), never stored,
+dS = P * (dO V^T - delta), delta = rowsum(dO * O). Each kernel masks the padded tail of the
+axis it reduces over (-inf logits); padded rows of the other axis are sliced away here.
 """
 
 import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 
-def flash_vjp(forward: Callable, backward: Callable) -> Callable:
-    """`flash(q, k, v, q_len, kv_len, blocks, interpret) -> o` from
+def flash_vjp(forward: Callable, backward: Callable, *, seq_axis: int) -> Callable:
+    """`flash(q, k, v, blocks, interpret, *, q_multiple, kv_multiple) -> o`, differentiable, from
     `forward(q, k, v, *, kv_len, blocks, interpret) -> (o, lse)` and
-    `backward(q, k, v, o, lse, do, *, q_len, kv_len, blocks, interpret) -> (dq, dk, dv)`."""
+    `backward(q, k, v, do, lse, delta, *, q_len, kv_len, blocks, interpret) -> (dq, dk, dv)`,
+    which see the sequences (axis `seq_axis`) zero-padded to multiples of q_multiple and
+    kv_multiple; lse and delta are [b, h, seq]."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-    def flash(q, k, v, q_len, kv_len, blocks, interpret):
+    def padded(q, k, v, q_len, kv_len, blocks, interpret):
         return forward(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret)[0]
 
-    def flash_fwd(q, k, v, q_len, kv_len, blocks, interpret):
+    def padded_fwd(q, k, v, q_len, kv_len, blocks, interpret):
         o, lse = forward(q, k, v, kv_len=kv_len, blocks=blocks, interpret=interpret)
         return o, (q, k, v, o, lse)
 
-    def flash_bwd(q_len, kv_len, blocks, interpret, residuals, do):
-        return backward(*residuals, do, q_len=q_len, kv_len=kv_len, blocks=blocks, interpret=interpret)
+    def padded_bwd(q_len, kv_len, blocks, interpret, residuals, do):
+        q, k, v, o, lse = residuals
+        delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # rowsum(dO * O)
+        delta = jnp.moveaxis(delta, seq_axis, -1)  # (b, h, seq) in either layout
+        return backward(q, k, v, do, lse, delta, q_len=q_len, kv_len=kv_len, blocks=blocks, interpret=interpret)
 
-    flash.defvjp(flash_fwd, flash_bwd)
+    padded.defvjp(padded_fwd, padded_bwd)
+
+    def pad(x, multiple):
+        widths = [(0, 0)] * x.ndim
+        widths[seq_axis] = (0, -x.shape[seq_axis] % multiple)
+        return jnp.pad(x, widths)
+
+    def flash(q, k, v, blocks, interpret, *, q_multiple, kv_multiple):
+        if not q.dtype == k.dtype == v.dtype:
+            raise ValueError(f"q, k, v must share a dtype: {q.dtype=}, {k.dtype=}, {v.dtype=}")
+        q_len, kv_len = q.shape[seq_axis], k.shape[seq_axis]
+        k, v = pad(k, kv_multiple), pad(v, kv_multiple)
+        o = padded(pad(q, q_multiple), k, v, q_len, kv_len, blocks, interpret)
+        return jax.lax.slice_in_dim(o, 0, q_len, axis=seq_axis)
+
     return flash
 
 
