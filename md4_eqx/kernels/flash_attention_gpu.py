@@ -1,23 +1,20 @@
-"""Flash attention in Pallas for Hopper GPUs (Mosaic GPU, `plgpu.kernel`): the forward, dq and
-dk/dv kernels of md4_eqx.kernels.flash_vjp, laid out the FlashAttention-3 way (Shah et al.,
-2024): each thread block runs `COMPUTE_WGS` compute warpgroups, each owning its own rows, and one
-memory warpgroup that streams the tiles reduced over (K, V; or Q, dO, lse2, delta for dk/dv)
-through a ring of `stages` shared-memory slots with TMA copies, signalling "loaded" and
-"consumed" barriers. Matmuls are `wgmma` on 128-byte-swizzled bfloat16/float16 tiles with
-float32 accumulators. The grid is (heads, q- or kv-blocks, batch). Logits are base 2 (exp2 is
-the native instruction): lse2 = log2(sum_j 2^(s_ij log2 e)), P = 2^(S log2 e - lse2).
-
-The layout is [batch, seq, heads, head_dim] throughout: a TMA copy of `x.at[b, rows, h]`
-reads a (rows, head_dim) tile directly, so the wrapper transposes nothing.
+"""Flash attention in Pallas for Hopper GPUs (Mosaic GPU, `plgpu.kernel`): the kernels of
+md4_eqx.kernels.flash_vjp laid out the FlashAttention-3 way (Shah et al., 2024). A thread block
+runs `COMPUTE_WGS` compute warpgroups, each owning its own rows, and one memory warpgroup that
+streams the tiles reduced over through a ring of `stages` shared-memory slots with TMA copies,
+signalling "loaded" and "consumed" barriers. Matmuls are `wgmma` on 128-byte-swizzled 16-bit
+tiles with float32 accumulators; the grid is (heads, q- or kv-blocks, batch). Logits are base 2
+(exp2 is the native instruction): lse2 = log2(sum_j 2^(s_ij log2 e)), P = 2^(S log2 e - lse2).
+The layout is [batch, seq, heads, head_dim] throughout: a TMA copy of `x.at[b, rows, h]` reads
+a (rows, head_dim) tile directly, so nothing is transposed.
 
 Status: NOT YET RUN ON A GPU. On CPU the Mosaic GPU interpreter (`interpret=True`) tests the
 numbers and a lowering for CUDA (to NVVM and wgmma PTX) checks the compiled form, alone and in
 the training step; ptxas and a run wait for a Hopper GPU. `_Ops` holds all the code that
-differs, because the interpreter (JAX 0.10.2) lacks four things: register layouts (it uses
-plain arrays); `transpose_ref` and a register left operand as wgmma operands (it copies them
-to staging SMEM buffers first); accumulation in place, `run_state(ACC.init(acc))` (it adds a
-fresh product). One source serves JAX 0.10 and 0.11: `out_type`/`scratch_types`, the Lane
-lowering semantics (0.11 defaults to Warpgroup) and `lax.axis_index` are spelled out.
+differs, because the interpreter (JAX 0.10.2) lacks register layouts, `transpose_ref` and
+register left operands of wgmma (it copies them to staging SMEM buffers first) and accumulation
+in place, `run_state(ACC.init(acc))` (it adds a fresh product). One source serves JAX 0.10 and
+0.11: `out_type`/`scratch_types`, the Lane lowering semantics and `lax.axis_index` are explicit.
 """
 
 import dataclasses
@@ -34,7 +31,6 @@ from jaxtyping import Array, Float
 
 from md4_eqx.kernels.flash_vjp import flash_vjp, out_type, varying
 
-# Two compute warpgroups per block (FlashAttention-3); a third one issues the TMA copies.
 COMPUTE_WGS = 2
 LOG2E = math.log2(math.e)
 HEAD_DIMS = (64, 128)
@@ -51,8 +47,7 @@ class BlockSizes:
     """Rows per tile: forward (block_q, block_kv), dq kernel (*_dq), dk/dv kernel (*_dkv), of
     which a compute warpgroup owns block_q, block_q_dq or block_kv_dkv rows (a thread block
     COMPUTE_WGS times that); `stages` slots in the ring of streamed tiles. wgmma needs tiles of
-    64 rows; 128 columns in the forward halve the softmax rescales. Untuned: no GPU was at hand.
-    """
+    64 rows; 128 columns in the forward halve the softmax rescales. Untuned: no GPU was at hand."""
 
     block_q: int = 64
     block_kv: int = 128
@@ -92,10 +87,8 @@ def _product(a, b_ref, shape: tuple[int, int]) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class _Ops:
-    """The operations whose compiled and interpreted forms differ (module docstring).
-
-    `t_stage` and `lhs_stage` are this warpgroup's staging SMEM buffers (interpret only).
-    """
+    """The operations whose compiled and interpreted forms differ (module docstring); `t_stage`
+    and `lhs_stage` are this warpgroup's staging SMEM buffers (interpret only)."""
 
     interpret: bool
     t_stage: Any = None
@@ -250,8 +243,7 @@ def _forward_kernel(
         acc, m, l = _consume(step, (acc, m, l), loaded, consumed, steps=steps, stages=stages)
         q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
         lse_smem[...] = m + jnp.log2(l)
-        lse_rows = lse_ref.at[batch, head, pl.ds(q_start, bq)]
-        _store_tiles([(q_smem, o_ref.at[rows]), (lse_smem, lse_rows)])
+        _store_tiles([(q_smem, o_ref.at[rows]), (lse_smem, lse_ref.at[batch, head, pl.ds(q_start, bq)])])
 
     tiles = _seq_tiles((k_ref, v_ref), batch, head, bk)
     _warp_specialize(compute, tiles, (k_smem, v_smem), loaded, consumed, steps=steps, stages=stages)
@@ -315,8 +307,7 @@ def _dkv_kernel(
         kv_start = lax.axis_index("kv_blocks") * (COMPUTE_WGS * bk) + wg * bk
         rows = (batch, pl.ds(kv_start, bk), head)
         _load_tiles([(k_ref.at[rows], k_smem), (v_ref.at[rows], v_smem)], [bars.at[wg] for bars in own_bars])
-        zeros = jnp.zeros((bk, head_dim), jnp.float32)
-        dk, dv = (ops.layout(zeros, plgpu.Layout.WGMMA) for _ in range(2))
+        dk = dv = ops.layout(jnp.zeros((bk, head_dim), jnp.float32), plgpu.Layout.WGMMA)
 
         def step(slot, q_step, carry):
             dk, dv = carry
@@ -369,17 +360,10 @@ def _call(kernel, operands, outs, scratch, *, grid: dict, interpret: bool, name:
         # NaN-filled fresh buffers, so an output tile the kernel never writes shows.
         interpret = InterpretGPUParams(uninitialized_memory="nan")
     outputs = plgpu.kernel(
-        body,
-        out_type=[out_type(shape, dtype, *operands) for shape, dtype in outs],
-        scratch_types=scratch,
-        grid=tuple(grid.values()),
-        grid_names=tuple(grid),
-        num_threads=COMPUTE_WGS + 1,
-        thread_name="wg",
-        compiler_params=COMPILER_PARAMS,
-        interpret=interpret or None,
-        kernel_name=name,
-    )(*operands)
+        body, out_type=[out_type(shape, dtype, *operands) for shape, dtype in outs], scratch_types=scratch,
+        grid=tuple(grid.values()), grid_names=tuple(grid), num_threads=COMPUTE_WGS + 1, thread_name="wg",
+        compiler_params=COMPILER_PARAMS, interpret=interpret or None, kernel_name=name,
+    )(*operands)  # fmt: skip
     # JAX 0.10's plgpu.kernel runs with the vma check off and drops the varying axes that
     # out_type declares; add back those the inputs vary over.
     inputs = varying(*operands)
@@ -458,11 +442,8 @@ def flash_attention_gpu(
     q: Float[Array, "b t h d"], k: Float[Array, "b s h d"], v: Float[Array, "b s h d"], *,
     block_sizes: BlockSizes = BlockSizes(), interpret: bool = False,
 ) -> Float[Array, "b t h d"]:  # fmt: skip
-    """softmax(q k^T / sqrt(d)) v with the Mosaic GPU kernels; differentiable.
-
-    Compiles for Hopper GPUs (sm_90+), or runs on CPU through the Mosaic GPU interpreter
-    with `interpret=True`. Any sequence lengths; accumulation is float32.
-    """
+    """softmax(q k^T / sqrt(d)) v with the Mosaic GPU kernels, differentiable: compiled for Hopper GPUs (sm_90+), or
+    run on CPU by the Mosaic GPU interpreter with `interpret=True`. Any sequence lengths; accumulation is float32."""
     if q.dtype not in DTYPES:
         raise ValueError(f"dtype={q.dtype} must be bfloat16 or float16")
     if q.shape[-1] not in HEAD_DIMS:

@@ -29,11 +29,9 @@ COMPILER_PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "paralle
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Rows per block: block_q / block_k for the forward, *_bwd for both backward kernels.
-
-    Blocks are clamped to the (rounded-up) sequence length, so short sequences are not
-    padded to a whole default block. They change speed, not the result (up to rounding).
-    """
+    """Rows per block: block_q / block_k for the forward, *_bwd for both backward kernels. Blocks
+    are clamped to the (rounded-up) sequence length, so short sequences are not padded to a whole
+    default block. They change speed, not the result (up to rounding)."""
 
     block_q: int
     block_k: int
@@ -52,8 +50,7 @@ class BlockSizes:
         TPU: 512-row forward tiles keep the MXU busy and s (512 x 512 float32, 1 MiB) well
         inside scoped VMEM; the backward holds more live tiles per step, hence 256. These
         are untuned (no TPU was available). Interpret: 128, since every grid step costs a
-        host round trip, while padding a short sequence to a big block wastes work.
-        """
+        host round trip, while padding a short sequence to a big block wastes work."""
         if interpret:
             return cls(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128)
         return cls(block_q=512, block_k=512, block_q_bwd=256, block_k_bwd=256)
@@ -230,8 +227,7 @@ def _backward(q, k, v, do, lse, delta, *, q_len, kv_len, blocks, interpret):
     tk = k.shape[2]
     bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
     scale = d**-0.5
-    lse_rows, delta_rows = lse[:, :, None, :], delta[:, :, None, :]  # (b, h, 1, tq)
-    operands = (q, k, v, do, lse_rows, delta_rows)
+    operands = (q, k, v, do, lse[:, :, None], delta[:, :, None])  # lse and delta rows: (b, h, 1, tq)
 
     dq = _pallas_call(
         functools.partial(_dq_kernel, scale=scale, kv_len=kv_len),
@@ -268,11 +264,8 @@ def flash_attention(
     q: Float[Array, "b t h d"], k: Float[Array, "b s h d"], v: Float[Array, "b s h d"], *,
     block_sizes: BlockSizes | None = None, interpret: bool = False,
 ) -> Float[Array, "b t h d"]:  # fmt: skip
-    """softmax(q k^T / sqrt(d)) v with the Pallas kernels; differentiable.
-
-    Compiles for TPU through Mosaic, or runs anywhere with `interpret=True`. Inputs may be
-    bfloat16 or float32 (one dtype for all three); accumulation is float32.
-    """
+    """softmax(q k^T / sqrt(d)) v with the Pallas kernels, differentiable: compiled for TPU by Mosaic, or run anywhere
+    with `interpret=True`. Inputs may be bfloat16 or float32 (one dtype for all three); accumulation is float32."""
     block_sizes = block_sizes or BlockSizes.default(interpret)
     # Mosaic TPU: block_k is the lane dim of s and block_q that of s^T and of the lse rows.
     align = 8 if interpret else LANES
