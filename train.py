@@ -177,7 +177,7 @@ def train(args: argparse.Namespace) -> int:
     if args.plan:  # the memory plan, without loading data (the vocabulary is the preset's)
         # On a TPU the compiler's refusal marks the largest batch, unless a memory limit is given.
         by_compiler = None if memory is None else False
-        memory = memory or (target.memory if target else plan.device_memory())
+        memory = memory or (target.chip.memory if target else plan.device_memory())
         print(plan.Planner(cfg, mesh, memory, by_compiler=by_compiler).report())
         planned = plan.resolve(cfg, mesh, memory, by_compiler=by_compiler)  # an `auto` batch size or microbatch count
         if planned != cfg:

@@ -39,7 +39,7 @@ def row(name: str, config, remat: bool) -> str:
     target = targets.parse(name)
     mesh = make_mesh(1, 1, target.devices()[:1])
     started = time.perf_counter()
-    planner = plan.Planner(config, mesh, target.memory)
+    planner = plan.Planner(config, mesh, target.chip.memory)
     largest = planner.largest(remat)
     searched = time.perf_counter() - started
     step = planner.step(remat, max(largest, 1))

@@ -90,10 +90,6 @@ class Target:
         return "tpu" if isinstance(self.chip, Tpu) else "gpu"
 
     @property
-    def memory(self) -> int:  # bytes per chip
-        return self.chip.memory
-
-    @property
     def chips(self) -> int:
         return math.prod(self.grid)
 

@@ -43,7 +43,7 @@ def test_parse_names():
     assert targets.parse("v5e:2x4").grid == (2, 4) and targets.parse("v5e:2x4").chips == 8
     assert targets.parse("v4:2x2x1").platform == "tpu"
     h100 = targets.parse("h100:8")
-    assert (h100.platform, h100.chips, h100.memory) == ("gpu", 8, targets.CHIPS["h100"].memory)
+    assert (h100.platform, h100.chips, h100.chip.memory) == ("gpu", 8, targets.CHIPS["h100"].memory)
     assert targets.parse("a100-40gb").chips == 1
 
 

@@ -162,16 +162,11 @@ def _rows(block: int, width: int, *, seq_axis: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, None, block, width), lambda b, h, i, j: (b, h, (i, j)[seq_axis - 2], 0))
 
 
-def _row_vector(block: int, *, seq_axis: int) -> pl.BlockSpec:
-    """Spec for a (1, block) slice of a [b, h, 1, seq] array of per-query statistics."""
-    return pl.BlockSpec((None, None, 1, block), lambda b, h, i, j: (b, h, 0, (i, j)[seq_axis - 2]))
-
-
 def _backward_specs(bq: int, bk: int, d: int, *, q_axis: int, kv_axis: int) -> list[pl.BlockSpec]:
     """Specs for (q, k, v, do, lse rows, delta rows); q_axis and kv_axis are the grid axes
     (2 or 3) that walk the query and key blocks."""
     q_rows, kv_rows = _rows(bq, d, seq_axis=q_axis), _rows(bk, d, seq_axis=kv_axis)
-    stats = _row_vector(bq, seq_axis=q_axis)
+    stats = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j: (b, h, 0, (i, j)[q_axis - 2]))  # [b, h, 1, seq] rows
     return [q_rows, kv_rows, kv_rows, q_rows, stats, stats]
 
 
