@@ -20,7 +20,7 @@ from md4_eqx.distributed import gather
 from md4_eqx.errors import DataError
 from md4_eqx.loss import losses
 from md4_eqx.model import MD4
-from md4_eqx.parallel import DATA, example_ids, param_specs, shard_map_modules
+from md4_eqx.parallel import DATA, batch_specs, example_ids, shard_map_modules
 
 
 @eqx.filter_jit
@@ -35,10 +35,7 @@ def nelbo(model: MD4, key: PRNGKeyArray, tokens: Int[Array, "b l"], mesh: Mesh,
         ids = example_ids(tokens.shape[0])
         return losses(model, tokens, labels, ids, key, global_batch=global_batch, train=False).nelbo
 
-    def specs(model, key, tokens, labels):
-        return (param_specs(model), P(), P(DATA), None if labels is None else P(DATA))
-
-    return shard_map_modules(local, mesh, specs, P(DATA))(model, key, tokens, labels)
+    return shard_map_modules(local, mesh, batch_specs, P(DATA))(model, key, tokens, labels)
 
 
 def nelbo_draws(model: MD4, key: PRNGKeyArray, batches: Iterable[tuple[Int[Array, "b l"], Int[Array, " b"] | None]],

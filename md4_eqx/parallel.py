@@ -130,6 +130,11 @@ def shard_map_modules(fn, mesh: Mesh, in_specs, out_specs):
     return wrapped
 
 
+def batch_specs(model: eqx.Module, key, tokens, labels) -> tuple:
+    """In-specs of (model, key, tokens, labels or None): `param_specs`, the key replicated, rows over `data`."""
+    return param_specs(model), P(), P(DATA), P(DATA)
+
+
 def shardings(mesh: Mesh, specs: PyTree) -> PyTree:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, P))
 

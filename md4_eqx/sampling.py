@@ -32,7 +32,7 @@ from md4_eqx.config import Loop, Rule, SamplerConfig, TimeGrid
 from md4_eqx.errors import SamplingError
 from md4_eqx.loss import example_keys
 from md4_eqx.model import MD4
-from md4_eqx.parallel import DATA, example_ids, param_specs, shard_map_modules, vocab_all_gather
+from md4_eqx.parallel import DATA, batch_specs, example_ids, shard_map_modules, vocab_all_gather
 from md4_eqx.reverse_step import remasking, reverse_step, token_logits
 from md4_eqx.schedule import MaskingSchedule
 
@@ -175,13 +175,10 @@ def generate(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"], mesh: M
     if template.shape[1] != model.config.seq_len:
         raise SamplingError(f"template length {template.shape[1]} != seq_len {model.config.seq_len}")
 
-    def specs(model, key, template, labels):
-        return (param_specs(model), P(), P(DATA), None if labels is None else P(DATA))
-
     local = functools.partial(sample_skip_local if cfg.loop is Loop.EXACT_SKIP else sample_local,
                               cfg=cfg, trajectory=trajectory)
     out = Samples(P(DATA), P(None, DATA) if trajectory else None, P(DATA))
-    return shard_map_modules(local, mesh, specs, out)(model, key, template, labels)
+    return shard_map_modules(local, mesh, batch_specs, out)(model, key, template, labels)
 
 
 def block_starts(seq_len: int, length: int, block: int) -> list[int]:
