@@ -158,37 +158,29 @@ class UNet(eqx.Module):
         self.cfg, self.run = cfg, run
 
     def _blocks(
-        self, blocks: ResBlock, h: Float[Array, "b d hh ww"], skips: list[Array] | None,
+        self, blocks: ResBlock, h: Float[Array, "b d hh ww"], skips: Float[Array, "n b d hh ww"] | None,
         c: Float[Array, "b cond"], keys: Key[Array, " b"] | None, first: int,
-    ) -> list[Array]:
-        """Run stacked blocks in turn (block i gets dropout keys `first + i`); with `skips`, block i
-        takes [h, skips[i]] concatenated over channels. Returns every block's output, each [b, d, hh, ww].
+    ) -> Float[Array, "n b d hh ww"]:
+        """Run the n stacked blocks in turn (block i gets dropout keys `first + i`); with `skips`, block i
+        takes [h, skips[i]] concatenated over channels. Returns every block's output.
 
-        A Python loop, not `lax.scan`: XLA's CPU backend runs a convolution inside a loop body
-        tens of times slower (measured: 0.84 s against 0.01 s for one 32x32 block), and the 65
-        blocks compile in seconds unrolled. With remat, a scan: in straight-line code XLA schedules
-        every block's recomputation ahead of the backward pass, and remat saved nothing (CIFAR-10
-        preset on CPU, batch 8: 5.28 GiB with remat against 5.26 GiB without)."""
+        Unrolled unless `remat`: XLA's CPU backend runs a convolution inside a loop body tens of times
+        slower (measured: 0.84 s against 0.01 s for one 32x32 block), and the 65 blocks compile in
+        seconds unrolled. With remat, rolled: in straight-line code XLA schedules every block's
+        recomputation ahead of the backward pass, and remat saved nothing (CIFAR-10 preset on CPU,
+        batch 8: 5.28 GiB with remat against 5.26 GiB without)."""
         params, static = eqx.partition(blocks, eqx.is_array)
 
-        def layer(h, block_params, skip, i):
+        def layer(h, inputs):
+            block_params, skip, i = inputs
             x = h if skip is None else jnp.concatenate([h, skip], axis=1)  # (b, d or 2 d, hh, ww)
-            return eqx.combine(block_params, static)(x, c, layer_keys(keys, first + i))
+            h = eqx.combine(block_params, static)(x, c, layer_keys(keys, first + i))
+            return h, h
 
-        count = jax.tree.leaves(params)[0].shape[0]
         if self.run.remat:
-            def step(h, inputs):
-                h = jax.checkpoint(layer)(h, *inputs)
-                return h, h
-
-            stacked = None if skips is None else jnp.stack(skips)  # (count, b, d, hh, ww)
-            _, outs = lax.scan(step, h, (params, stacked, jnp.arange(count)))
-            return list(outs)
-        outs = []
-        for i in range(count):
-            h = layer(h, jax.tree.map(lambda a: a[i], params), None if skips is None else skips[i], i)
-            outs.append(h)
-        return outs
+            layer = jax.checkpoint(layer)
+        count = jax.tree.leaves(params)[0].shape[0]
+        return lax.scan(layer, h, (params, skips, jnp.arange(count)), unroll=not self.run.remat)[1]
 
     def __call__(
         self, z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"] | None = None,
@@ -200,7 +192,8 @@ class UNet(eqx.Module):
         c = self.cond(t, labels)  # (b, cond)
         x = self.embed[z].reshape(b, side, side, CHANNELS * cfg.width)  # (b, h, w, 3 d), (h, w, c) order
         h0 = apply(self.conv_in, x.transpose(0, 3, 1, 2), dtype)  # (b, d, h, w)
-        skips = [h0, *self._blocks(self.down, h0, None, c, keys, first=0)]  # num + 1 of (b, d, h, w)
+        down = self._blocks(self.down, h0, None, c, keys, first=0)  # (num, b, d, h, w)
+        skips = jnp.concatenate([h0[None], down])
         h = self.attn(self.mid1(skips[-1], c, layer_keys(keys, num)))  # the middle: block, attention, block
         h = self.mid2(h, c, layer_keys(keys, num + 1))
         # The up path takes the skips last-in first-out, ending with the input conv's output.
