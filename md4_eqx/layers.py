@@ -98,17 +98,6 @@ def ada_norm(
     return (layer_norm(x) * (1 + scale) + shift).astype(dtype)
 
 
-@functools.partial(jax.checkpoint, static_argnums=5)
-def add_ada_norm(
-    x: Float[Array, "b l d"], gate: Float[Array, "b 1 d"], a: Float[Array, "b l d"],
-    shift: Float[Array, "b 1 d"], scale: Float[Array, "b 1 d"], dtype: jnp.dtype,
-) -> tuple[Float[Array, "b l d"], Float[Array, "b l d"]]:
-    """h = x + gate a in float32 and its adaLN in `dtype`. The backward pass recomputes both from
-    x and a, which it keeps anyway, so neither h nor the norm's intermediates are stored."""
-    h = x + gate * a.astype(jnp.float32)
-    return h, (layer_norm(h) * (1 + scale) + shift).astype(dtype)
-
-
 def activation(kind: MLPKind):
     """The gate activation of a GLU-family MLP; adaLN uses the same one (MD4_MATH.md)."""
     return {MLPKind.GLU: jax.nn.sigmoid, MLPKind.SWIGLU: jax.nn.swish, MLPKind.GEGLU: jax.nn.gelu}[kind]
@@ -182,10 +171,8 @@ class MLP(eqx.Module):
         self.w2 = Linear(hidden, width, key=k2, split=Split.ROW, scale=scale)
         self.kind = kind
 
-    @jax.checkpoint
     def __call__(self, x: Float[Array, "b l d"]) -> Float[Array, "b l d"]:
-        """In x's (compute) dtype. Recomputed from x in the backward pass: W1 x, W3 x and the
-        gate, [b, l, hidden] each, are never stored, for two more matmuls."""
+        """In x's (compute) dtype."""
         return self.w2(activation(self.kind)(self.w1(x, x.dtype)) * self.w3(x, x.dtype), x.dtype)
 
 

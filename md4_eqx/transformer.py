@@ -20,9 +20,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
 from md4_eqx.config import ExecutionConfig, ModelConfig
-from md4_eqx.layers import (
-    MLP, Attention, Conditioning, Embedding, Linear, activation, ada_norm, add_ada_norm, dropout, layer_keys
-)
+from md4_eqx.layers import MLP, Attention, Conditioning, Embedding, Linear, activation, ada_norm, dropout, layer_keys
 from md4_eqx.parallel import Split
 
 
@@ -61,9 +59,9 @@ class Block(eqx.Module):
         a = self.attn(ada_norm(x, shift_a, scale_a, dtype), self.run.attention)  # (b, l, d), dtype
 
         @jax.checkpoint
-        def mlp_half(x, gate_a, a, shift_m, scale_m, mlp):  # h and the MLP's input are recomputed
-            h, n = add_ada_norm(x, gate_a, a, shift_m, scale_m, dtype)
-            return h, mlp(n)  # (b, l, d) float32, (b, l, d) dtype
+        def mlp_half(x, gate_a, a, shift_m, scale_m, mlp):  # h, its norm and the MLP's hidden units are recomputed
+            h = x + gate_a * a.astype(jnp.float32)
+            return h, mlp(ada_norm(h, shift_m, scale_m, dtype))  # (b, l, d) float32, (b, l, d) dtype
 
         h, m = mlp_half(x, gate_a, dropout(a, self.cfg.dropout, ka), shift_m, scale_m, self.mlp)
         return h + gate_m * dropout(m, self.cfg.dropout, km).astype(jnp.float32)
