@@ -50,9 +50,7 @@ def forward_mask(
     return jnp.where(u < alpha, x, mask_id)
 
 
-def log_probs_at(
-    logits: Float[Array, "*n v_local"], x: Int[Array, "*n"], vocab_size: int
-) -> Float[Array, "*n"]:
+def log_probs_at(logits: Float[Array, "*n v_local"], x: Int[Array, "*n"], vocab_size: int) -> Float[Array, "*n"]:
     """log mu_theta[x] at every position: a gather and a distributed log-normaliser, no one-hot."""
     return vocab_gather(logits, x) - vocab_log_normaliser(logits, vocab_size)
 
@@ -74,7 +72,7 @@ def md4_losses(
     """MD4's NELBO, given the batch's randomness (drawn in `losses`). Continuous time (timesteps
     = 0), MD4_MATH.md "Continuous-time NELBO":
         L_inf = E_t [ alpha'(t) / (1 - alpha(t)) * sum_{i: z_t^i = m} log mu_theta(z_t, t)[x^i] ];
-    discrete time (T = timesteps), "Discrete-time NELBO":
+    discrete time (T = timesteps, s = t - 1 / T), "Discrete-time NELBO":
         L_T = T E_t [ (alpha_s - alpha_t) / (1 - alpha_t) * sum_{i masked} -log mu_theta(z_t, t)[x^i] ].
     Plus the reconstruction term L (1 - alpha(0)) log V.
     """
@@ -82,18 +80,16 @@ def md4_losses(
     if cfg.timesteps:
         big_t = cfg.timesteps
         t = (jnp.floor(t * big_t) + 1.0) / big_t  # round up to the grid: t in {1/T, ..., 1}
-        s = t - 1.0 / big_t
-        alpha_t, mask_t = schedule.alpha(t), schedule.mask_prob(t)
-        weight = -big_t * (mask_t - schedule.mask_prob(s)) / mask_t  # (alpha_s - alpha_t) / (1 - alpha_t)
+        mask_t = schedule.mask_prob(t)
+        weight = -big_t * (mask_t - schedule.mask_prob(t - 1.0 / big_t)) / mask_t  # (alpha_s - alpha_t) / (1 - alpha_t)
     else:
-        alpha_t, weight = schedule.alpha(t), schedule.weight(t)
-    z = forward_mask(jax.vmap(jax.random.split)(keys)[:, 0], x, alpha_t[:, None], model.mask_id)
+        weight = schedule.weight(t)
+    z = forward_mask(jax.vmap(jax.random.split)(keys)[:, 0], x, schedule.alpha(t)[:, None], model.mask_id)
     log_probs = functools.partial(log_probs_at, vocab_size=model.vocab_size)
     logp = model.readout(log_probs, z, t, labels, x, keys=dropout_keys)
     masked = z == model.mask_id  # (b, l)
     diffusion = weight * jnp.sum(jnp.where(masked, logp, 0.0), axis=-1)  # (b,)
-    seq_len = x.shape[1]
-    recon = jnp.full_like(diffusion, seq_len * schedule.mask_prob(jnp.zeros(())) * math.log(model.vocab_size))
+    recon = jnp.full_like(diffusion, x.shape[1] * schedule.mask_prob(jnp.zeros(())) * math.log(model.vocab_size))
     return Losses(diffusion, recon, diffusion + recon)
 
 
