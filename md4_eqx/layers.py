@@ -2,11 +2,10 @@
 class) conditioning both backbones share is here too.
 
 Each layer sees its own slice of a `model`-split weight (see `md4_eqx.parallel`): a COLUMN layer
-produces a slice of the features, a ROW layer sums partial products over `model`. On a (1, 1)
-mesh the slices are whole and the sums are over one device. Matmuls take their inputs in the
-configured compute dtype and accumulate in float32; the blocks' projections return the compute
-dtype, so what the backward pass keeps of them is that size, while the residual stream stays
-float32. The cheap steps between matmuls (adaLN, the GLU gate) are recomputed in the backward pass.
+produces a slice of the features, a ROW layer sums partial products over `model`; on a (1, 1)
+mesh the slices are whole. Matmuls take their inputs in the configured compute dtype and
+accumulate in float32; the blocks' projections return the compute dtype, so what the backward
+pass keeps of them is that size, while the residual stream stays float32.
 """
 
 import functools
@@ -113,9 +112,7 @@ def rope(x: Float[Array, "b l h d"], theta: float) -> Float[Array, "b l h d"]:
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
-def dropout(
-    x: Float[Array, "b *rest"], rate: float, keys: Key[Array, " b"] | None
-) -> Float[Array, "b *rest"]:
+def dropout(x: Float[Array, "b *rest"], rate: float, keys: Key[Array, " b"] | None) -> Float[Array, "b *rest"]:
     """Inverted dropout with one key per example (keys=None: inference, identity)."""
     if keys is None or rate == 0.0:
         return x
@@ -197,8 +194,7 @@ class Conditioning(eqx.Module):
     def __init__(self, dim: int, num_classes: int, *, key: PRNGKeyArray):
         kc, k1, k2 = jax.random.split(key, 3)
         self.class_embed = embedding_table(kc, num_classes + 1, dim) if num_classes else None
-        in_dim = dim * (2 if num_classes else 1)
-        self.dense1 = Linear(in_dim, 4 * dim, key=k1, bias=True)
+        self.dense1 = Linear(dim * (2 if num_classes else 1), 4 * dim, key=k1, bias=True)  # [time_emb, class_emb]
         self.dense2 = Linear(4 * dim, dim, key=k2, bias=True)
         self.dim = dim
 
