@@ -57,12 +57,10 @@ class MD4(eqx.Module):
         *, keys: Key[Array, " b"] | None = None,
     ) -> PyTree[Float[Array, "b l"]]:
         """fn(logits, x) at every token: what a loss needs of mu_theta(z_t, t), per token. `fn` maps
-        any leading token axes, [b, l] or a chunk's [n].
-
-        With `head_chunk` (the transformer's), the head and `fn` run on that many tokens at a
-        time, and again in the backward pass, so the [b, l, V] logits and their gradient never
-        exist whole, for one more head matmul. MD4-S in bfloat16 at 2048 tokens a chunk: 1243 ->
-        862 MiB per example without remat, 429 -> 143 MiB with it (bench/RESULTS.md)."""
+        any leading token axes, [b, l] or a chunk's [n]. With `head_chunk` (the transformer's), the
+        head and `fn` run in `token_chunks`, so the [b, l, V] logits and their gradient never exist
+        whole, for one more head matmul. MD4-S in bfloat16 at 2048 tokens a chunk: 1243 -> 862 MiB
+        per example without remat, 429 -> 143 MiB with it (bench/RESULTS.md)."""
         if not self.execution.head_chunk:
             return fn(self.logits(z, t, labels, keys=keys), x)
         h = self.net.features(z, t, labels, keys=keys)  # (b, l, d)

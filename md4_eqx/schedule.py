@@ -1,11 +1,10 @@
 """Masking schedules alpha(t) (paper section 2; MD4_MATH.md, "Forward process and schedules").
 
-alpha(t) is the probability that a token is still unmasked at time t. Following the paper's code
-it is kept away from 0 and 1: alpha(t) = (1 - 2 eps) a(t) + eps, so alpha(0) = 1 - eps and
-alpha(1) = eps. MD4's `MaskingSchedule` is the same for every token; GenMD4's
-`LearnableSchedule` gives every vocabulary token its own exponent. Both answer the question a
-sampler asks (`unmask_probs`), and `per_token` says whether the masking law depends on the token,
-which is all the loss (`md4_eqx.loss.losses`) and the exact-skip sampler need to know.
+alpha(t) is the probability that a token is still unmasked at time t, kept away from 0 and 1 as
+in the paper's code: alpha(0) = 1 - eps, alpha(1) = eps. MD4's `MaskingSchedule` is the same for
+every token, GenMD4's `LearnableSchedule` per token. Both answer the question a sampler asks
+(`unmask_probs`), and `per_token` says whether the masking law depends on the token, which is all
+the loss (`md4_eqx.loss.losses`) and the exact-skip sampler need to know.
 """
 
 from typing import ClassVar

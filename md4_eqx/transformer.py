@@ -1,9 +1,9 @@
 """The bidirectional transformer mu_theta(z_t, t) of MD4 (MD4_MATH.md, "Network").
 
 Tokens (V + 1 ids, the mask is V) -> embedding -> N adaLN-zero blocks conditioned on t (and a
-class label) -> final adaLN LayerNorm -> a zero-initialised head to the padded vocabulary. The
-head being zero makes a fresh model predict the uniform distribution over V: log2(V) bits/token.
-Images use the same network over their flattened sub-pixel sequence.
+class label) -> final adaLN LayerNorm -> a zero-initialised head to the padded vocabulary, so a
+fresh model predicts the uniform distribution over V (log2(V) bits/token). Images use the same
+network over their flattened sub-pixel sequence.
 
 Blocks are stacked along a leading layer axis and run with `lax.scan`, unrolled by default
 (`unroll_layers`): XLA then sees straight-line code, without the loop's stacked residual buffers,
@@ -45,8 +45,7 @@ class Block(eqx.Module):
         ka, km, kd = jax.random.split(key, 3)
         self.ada = Linear(cfg.cond_dim, 6 * cfg.width, key=kd, zero=True, bias=True)
         self.attn = Attention(cfg.width, cfg.num_heads, key=ka, rope_theta=cfg.rope_theta)
-        # Depth-scaled init: MLP weights with variance 2 / num_layers (fan-in).
-        self.mlp = MLP(cfg.width, cfg.hidden, cfg.mlp, key=km, scale=2.0 / cfg.num_layers)
+        self.mlp = MLP(cfg.width, cfg.hidden, cfg.mlp, key=km, scale=2.0 / cfg.num_layers)  # depth-scaled init
         self.cfg, self.run = cfg, run
 
     def __call__(

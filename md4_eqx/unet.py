@@ -6,16 +6,16 @@ channels of a pixel are concatenated: [b, H, W, 3 width]. At full resolution (no
 upsampling): a 3x3 conv to `width` channels; `num_layers` residual blocks whose outputs are kept
 as skips; a middle of residual block, one self-attention over the H W pixels, residual block;
 `num_layers + 1` residual blocks each taking the concatenation with the matching skip; GroupNorm,
-swish and a zero-initialised 3x3 conv to C x V logits per pixel. The zero output conv makes a
-fresh U-Net predict the uniform distribution over V: log2(V) = 8 bits per dimension.
+swish and a zero-initialised 3x3 conv to C x V logits per pixel, so a fresh U-Net predicts the
+uniform distribution over V: log2(V) = 8 bits per dimension.
 
 The reference uses one `feature_dim` (128) for the sub-pixel embedding, the channels and the
 conditioning; here they are `width` (channels and embedding) and `cond_dim`.
 
 Layout: Equinox convolutions are channels-first per example, so activations are [b, c, h, w] and
-each layer is vmapped over the batch; the residual stream is float32. Every parameter is a plain
-replicated array: inside the `shard_map` step each `model` device runs the whole U-Net on its batch
-slice and keeps its slice of the padded vocabulary, so the logits contract is the transformer's.
+each layer is vmapped over the batch; the residual stream is float32. Every parameter is
+replicated: each `model` device runs the whole U-Net on its batch slice and keeps its slice of the
+padded vocabulary, the transformer's logits contract.
 """
 
 import math
@@ -32,9 +32,7 @@ from md4_eqx.layers import Conditioning, Linear, dropout, embedding_table, layer
 from md4_eqx.parallel import MODEL, vocab_offset
 
 
-def conv2d(
-    in_channels: int, out_channels: int, kernel: int, *, key: PRNGKeyArray, zero: bool = False
-) -> eqx.nn.Conv2d:
+def conv2d(in_channels: int, out_channels: int, kernel: int, *, key: PRNGKeyArray, zero: bool = False) -> eqx.nn.Conv2d:
     """A 'same'-padded conv initialised as Flax's nn.Conv (LeCun normal kernel, zero bias), or all
     zeros (`zero`), the reference's init for the last conv of a block and of the network."""
     # Only the layer's structure: its own (uniform) init would be drawn and thrown away.
@@ -145,8 +143,7 @@ class UNet(eqx.Module):
         self.conv_in = conv2d(CHANNELS * width, width, 3, key=ki)
 
         def stack(in_channels: int, key: PRNGKeyArray, count: int) -> ResBlock:  # on a leading [count] axis
-            keys = jax.random.split(key, count)
-            return eqx.filter_vmap(lambda k: ResBlock(cfg, run, in_channels, key=k))(keys)
+            return eqx.filter_vmap(lambda k: ResBlock(cfg, run, in_channels, key=k))(jax.random.split(key, count))
 
         self.down = stack(width, kd, cfg.num_layers)
         self.mid1 = ResBlock(cfg, run, width, key=k1)
@@ -164,11 +161,9 @@ class UNet(eqx.Module):
         """Run the n stacked blocks in turn (block i gets dropout keys `first + i`); with `skips`, block i
         takes [h, skips[i]] concatenated over channels. Returns every block's output.
 
-        Unrolled unless `remat`: XLA's CPU backend runs a convolution inside a loop body tens of times
-        slower (measured: 0.84 s against 0.01 s for one 32x32 block), and the 65 blocks compile in
-        seconds unrolled. With remat, rolled: in straight-line code XLA schedules every block's
-        recomputation ahead of the backward pass, and remat saved nothing (CIFAR-10 preset on CPU,
-        batch 8: 5.28 GiB with remat against 5.26 GiB without)."""
+        Rolled only with `remat`, as the transformer's blocks (unrolled, the CIFAR-10 preset on CPU at
+        batch 8 took 5.28 GiB with remat against 5.26 GiB without); XLA's CPU backend runs a
+        convolution inside a loop body tens of times slower (0.84 s against 0.01 s for one 32x32 block)."""
         params, static = eqx.partition(blocks, eqx.is_array)
 
         def layer(h, inputs):
