@@ -87,10 +87,7 @@ class PyStdlib(Source):
 
     tokenizer: str = "bytes"
     name = "pystdlib"
-
-    @property
-    def root(self) -> Path:
-        return Path(sysconfig.get_paths()["stdlib"])
+    root = Path(sysconfig.get_paths()["stdlib"])
 
     def files(self) -> list[str]:
         skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
