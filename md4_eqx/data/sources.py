@@ -87,7 +87,10 @@ class PyStdlib(Source):
 
     tokenizer: str = "bytes"
     name = "pystdlib"
-    root = Path(sysconfig.get_paths()["stdlib"])
+
+    @property
+    def root(self) -> Path:
+        return Path(sysconfig.get_paths()["stdlib"])
 
     def files(self) -> list[str]:
         skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
