@@ -146,13 +146,11 @@ def run_samples(args) -> dict:
     lm = CausalLM(args.model, args.device)
     scored = tokens if args.tokens else lm.encode(texts)
     ppl = lm.perplexity(scored, args.batch_size)
-    return {
-        "file": args.file, "samples": len(texts), "tokens_per_sample": float(np.mean([len(t) for t in tokens])),
-        "unigram_entropy": float(entropy.mean()), "unigram_entropy_min": float(entropy.min()),
-        "unigram_entropy_max": float(entropy.max()),
-        "model": args.model, "scored": "tokens" if args.tokens else "text", "tokens_scored": sum(ppl.scored),
-        "gen_perplexity": ppl.value, "gen_perplexity_stderr": ppl.stderr,
-    }
+    return {"file": args.file, "samples": len(texts), "tokens_per_sample": float(np.mean([len(t) for t in tokens])),
+            "unigram_entropy": float(entropy.mean()), "unigram_entropy_min": float(entropy.min()),
+            "unigram_entropy_max": float(entropy.max()), "model": args.model,
+            "scored": "tokens" if args.tokens else "text", "tokens_scored": sum(ppl.scored),
+            "gen_perplexity": ppl.value, "gen_perplexity_stderr": ppl.stderr}
 
 
 def print_samples(r: dict) -> None:

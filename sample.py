@@ -105,9 +105,8 @@ def check(args, config) -> tuple[int, int]:
 
 def with_flags(config: Config, args) -> Config:
     """The run's config with the sampler flags given (the sampler's ConfigError names the flag)."""
-    changes = {"steps": args.steps, "top_p": args.top_p,
-               "rule": args.sampler or (Rule.TOP_P if args.top_p is not None else None), "loop": args.loop,
-               "guidance": args.guidance}
+    changes = {"steps": args.steps, "top_p": args.top_p, "loop": args.loop, "guidance": args.guidance,
+               "rule": args.sampler or (Rule.TOP_P if args.top_p is not None else None)}
     sampler = dataclasses.replace(config.sampler, **{k: v for k, v in changes.items() if v is not None})
     return dataclasses.replace(config, sampler=sampler)
 
@@ -117,8 +116,7 @@ def sample(args) -> int:
         step, config, _ = checkpoints.read_meta(args.step)
         length, block = check(args, config)
         config = with_flags(config, args)
-        devices = jax.devices()[: math.gcd(args.num_samples, jax.device_count())]
-        mesh = make_mesh(len(devices), 1, devices)
+        mesh = make_mesh(devices=jax.devices()[: math.gcd(args.num_samples, jax.device_count())])
         validate(config, mesh, batch=args.num_samples)
         _, model = checkpoints.load_for_inference(step, mesh)
     ds = load(config.train.dataset, seq_len=config.model.seq_len, cache_dir=args.cache_dir, progress=False)

@@ -8,12 +8,11 @@ the samplers' effective temperature, deflating both sample entropy and generativ
 
 `Draws.EXACT` needs neither Gumbel noise nor float64 (off by default in JAX, emulated on TPU): an
 inverse-CDF draw down a binary tree whose nodes hold the summed weights exp(logit - max) of their
-leaves, going left with probability left / (left + right), decided by `uniform_below` (float32
-relative precision down to 2^-64 at both ends of (0, 1)). A token's probability is thus its
-weight over the root's up to 2 log2(V) float32 roundings (relative error ~2e-6, the logits' own
-rounding); none above float32's exp underflow (~1e-38) is cut off. Cost: 2 log2(V) random words
-per draw instead of V, a pairwise sum instead of V logarithms, and log2(V) gathers (cheaper than
-the Gumbel draw on CPU).
+leaves, going left with probability left / (left + right) against a uniform resolved to 2^-64 at
+both ends of (0, 1). A token's probability is thus its weight over the root's up to 2 log2(V)
+float32 roundings (relative error ~2e-6, the logits' own rounding); none above float32's exp
+underflow (~1e-38) is cut off. Cost: 2 log2(V) random words per draw instead of V, a pairwise sum
+instead of V logarithms, and log2(V) gathers (cheaper than the Gumbel draw on CPU).
 """
 
 import jax

@@ -1,9 +1,5 @@
-"""Evaluation of the NELBO on held-out data, on the same mesh as training.
-
-`nelbo` is the training-time evaluation: one Monte Carlo draw of (t, z_t) per sequence. For a
-number users can trust, `nelbo_draws` repeats it with independent keys and `NelboEstimate` turns
-the table into bits per token, the perplexity bound and two standard errors.
-"""
+"""The NELBO of held-out data, on the same mesh as training: once per sequence (`nelbo`, the
+training-time evaluation), over several draws (`nelbo_draws`), and its error bars (`NelboEstimate`)."""
 
 import dataclasses
 import math
@@ -83,11 +79,11 @@ class NelboEstimate:
 
     @property
     def mc_stderr(self) -> float:
-        return _stderr(self.per_draw)
+        return standard_error(self.per_draw)
 
     @property
     def stderr(self) -> float:
-        return _stderr(self.per_sequence)
+        return standard_error(self.per_sequence)
 
     @property
     def perplexity(self) -> float:
@@ -107,6 +103,6 @@ class NelboEstimate:
         }
 
 
-def _stderr(values: tuple[float, ...]) -> float:
-    """std / sqrt(n); NaN for a single value."""
+def standard_error(values: tuple[float, ...]) -> float:
+    """std / sqrt(n) of the mean of n values; NaN for a single value."""
     return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan

@@ -1,13 +1,9 @@
 """Sample quality: generative perplexity under an autoregressive model, and unigram entropy.
 
-Generative perplexity (as in the MD4, SEDD and MDLM papers, with GPT-2 large): the samples are
-scored by a causal language model loaded with `transformers` (a hub name or a local directory),
-and the perplexity is exp(total negative log-likelihood / tokens scored), pooled over all samples.
-Low is fluent, but repetitive text also scores low: the unigram entropy of each sample's tokens
-(the mode-collapse check; Zheng et al. 2024 found ~5.6 nats for 1024 GPT-2 tokens of real
-OpenWebText and much lower for collapsed samplers) says whether a low perplexity is real.
-
-The model needs PyTorch, an optional extra: `pip install md4-eqx[eval]`.
+Generative perplexity, as in the MD4, SEDD and MDLM papers (with GPT-2 large), is low for fluent
+text but also for repetitive text: the unigram entropy of each sample's tokens (the mode-collapse
+check; Zheng et al. 2024 found ~5.6 nats for 1024 GPT-2 tokens of real OpenWebText and much lower
+for collapsed samplers) says whether a low perplexity is real.
 """
 
 import dataclasses
@@ -18,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from md4_eqx.errors import ScoringError, first_line
+from md4_eqx.evaluate import standard_error
 
 
 def unigram_entropy(tokens: Sequence[int]) -> float:
@@ -41,13 +38,9 @@ class Perplexity:
     @property
     def stderr(self) -> float:
         """Delta-method standard error over samples of the pooled ratio (NaN for one sample)."""
-        n = len(self.nll)
-        if n < 2:
-            return math.nan
         nll, scored = np.asarray(self.nll), np.asarray(self.scored, np.float64)
-        rate = nll.sum() / scored.sum()
-        residual = (nll - rate * scored) / scored.mean()  # linearised ratio estimator
-        return self.value * float(np.std(residual, ddof=1) / math.sqrt(n))
+        residual = (nll - nll.sum() / scored.sum() * scored) / scored.mean()  # linearised ratio estimator
+        return self.value * standard_error(tuple(residual.tolist()))
 
 
 class CausalLM:

@@ -17,9 +17,8 @@ def token_logits(logits: Float[Array, "*b v"], cfg: SamplerConfig) -> Float[Arra
     return top_p_filter(logits, cfg.top_p) if cfg.rule is Rule.TOP_P else logits
 
 
-def remasking(
-    t: Float[Array, ""], alpha_t: Float[Array, ""], alpha_s: Float[Array, ""], cfg: SamplerConfig
-) -> tuple[Float[Array, ""], Float[Array, ""]]:
+def remasking(t: Float[Array, ""], alpha_t: Float[Array, ""], alpha_s: Float[Array, ""],
+              cfg: SamplerConfig) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """ReMDM's posterior (Wang et al. 2025, eq. 4): a decoded token is remasked with probability
     sigma_t, and a masked one unmasks with probability (alpha_s - (1 - sigma_t) alpha_t) /
     (1 - alpha_t), which keeps q(z_s | x)'s masked fraction 1 - alpha_s. sigma_t <= sigma_max =

@@ -56,9 +56,8 @@ def time_grid(steps: int, grid: TimeGrid) -> tuple[Float[Array, " steps"], Float
 def guided_logits(model: MD4, z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"] | None,
                   guidance: float) -> Float[Array, "b l v"]:
     """mu_theta's logits over the full vocabulary (sampling gathers the vocabulary slices). With
-    classifier-free guidance w != 0: (1 + w) logits(z, t, y) - w logits(z, t, null), the null
-    class being id num_classes, in one network call on the batch doubled; w = 0 is the plain
-    conditional model (one call on the batch)."""
+    classifier-free guidance w != 0: (1 + w) logits(z, t, y) - w logits(z, t, null), the null class
+    being id num_classes, in one network call on the batch doubled; w = 0: the conditional model."""
     if guidance:
         null = jnp.full_like(labels, model.config.num_classes)
         both = model.logits(jnp.concatenate([z, z]), jnp.concatenate([t, t]), jnp.concatenate([labels, null]))
@@ -205,12 +204,11 @@ def generate_long(model: MD4, key: PRNGKeyArray, template: Int[Array, "b n"], me
                   block: int, labels: Int[Array, " b"] | None = None,
                   on_block: Callable[[Samples], None] | None = None) -> Samples:
     """Samples of any length n >= L, semi-autoregressively as MDLM (Sahoo et al. 2024, section
-    4.2) does: the first window is `template[:, :L]`; each next one moves B = `block` positions
-    on, keeps the L - B tokens it shares with the last as its prompt, and samples the B new
-    positions that are masks in `template` (the others, e.g. a prompt longer than L, are kept).
-    The window at i > 0 draws with fold_in(key, i), the first with `key`, so n = L is
-    `generate`. `on_block(samples)` sees the tokens after each window and that window's calls;
-    the result's calls add up every window's."""
+    4.2): the first window is `template[:, :L]`; each next one moves B = `block` positions on,
+    keeps the L - B tokens it shares with the last as its prompt, and samples the B new positions
+    that are masks in `template` (the others, e.g. a prompt longer than L, are kept). Window i > 0
+    draws with fold_in(key, i), the first with `key`, so n = L is `generate`. `on_block(samples)`
+    sees the tokens after each window and that window's calls; the result's calls sum them."""
     starts = block_starts(model.config.seq_len, template.shape[1], block)
     tokens, calls = template, jnp.zeros((mesh.shape[DATA],), jnp.int32)
     for i, start in enumerate(starts):
