@@ -6,8 +6,14 @@ skipped step into an event for the log, and `check` raises `Diverged` after `lim
 While a streak lasts the loop writes no checkpoint, so the kept ones are from before it.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from md4_eqx.errors import Diverged
-from md4_eqx.train_step import Metrics
+
+if TYPE_CHECKING:  # for annotations only: the loop's bookkeeping sits below the train step
+    from md4_eqx.train_step import Metrics
 
 
 class BadSteps:

@@ -2,16 +2,20 @@
 
 `claim` holds an exclusive `fcntl.flock` on WORKDIR/.lock while its `with` block runs (a killed
 process's lock goes with it, even on SIGKILL), so a second run started on the same workdir
-refuses instead of writing over the first one's checkpoints. Both functions raise `WorkdirError`
-(one line); in a multi-process run process 0 checks and every process raises. A disk that fills
-up later is `md4_eqx.checkpoint.Checkpoints.save`'s to report.
+refuses instead of writing over the first one's checkpoints; `check_space` refuses a disk that
+cannot hold one more. Both raise `WorkdirError` (one line); in a multi-process run process 0
+checks and every process raises. A disk that fills up later is
+`md4_eqx.checkpoint.Checkpoints.save`'s to report.
 """
+
+from __future__ import annotations
 
 import contextlib
 import fcntl
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import equinox as eqx
 import jax
@@ -19,7 +23,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from md4_eqx.errors import WorkdirError
-from md4_eqx.train_step import TrainState
+
+if TYPE_CHECKING:  # for annotations only: the workdir sits below the train step
+    from md4_eqx.train_step import TrainState
 
 
 def _agree(error: str | None) -> None:
