@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from md4_eqx.data.cache import FORMAT, EntryWriter, entry_dir, fingerprint, read_meta, token_dtype
+from md4_eqx.data.cache import FORMAT, EntryWriter, entry_dir, read_meta, token_dtype
 from md4_eqx.data.sources import parse
 
 VOCAB = 50257  # GPT-2's vocabulary; its EOS is the last id
@@ -39,7 +39,7 @@ def write(cache_dir: Path, num_tokens: int) -> Path:
     """The entry's directory, written unless it already exists."""
     source = parse("owt", tokenizer=None, data_path=None, cache_dir=cache_dir)
     parts = source.fingerprint()
-    entry = entry_dir(cache_dir, source.name, fingerprint(parts))
+    entry = entry_dir(cache_dir, source.name, parts)
     if read_meta(entry) is not None:
         return entry
     cache_dir.mkdir(parents=True, exist_ok=True)

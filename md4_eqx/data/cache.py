@@ -37,11 +37,6 @@ def digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def fingerprint(parts: dict) -> str:
-    """The cache key of a source and its tokenizer, described by JSON-able `parts`."""
-    return digest({"format": FORMAT, **parts})
-
-
 def path_fingerprint(path: Path) -> str:
     """A digest of the names, sizes and modification times below `path` (cheap to compute,
     and it changes whenever a file does)."""
@@ -50,9 +45,10 @@ def path_fingerprint(path: Path) -> str:
     return digest([str(path.resolve()), [str(p) for p in files], stats])
 
 
-def entry_dir(cache_dir: Path, name: str, key: str) -> Path:
+def entry_dir(cache_dir: Path, name: str, fingerprint: dict) -> Path:
+    """The entry of a source and its tokenizer, keyed by their JSON-able `fingerprint`."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:48]
-    return cache_dir / f"{slug}-{key}"
+    return cache_dir / f"{slug}-{digest({'format': FORMAT, **fingerprint})}"
 
 
 def read_meta(entry: Path) -> dict | None:

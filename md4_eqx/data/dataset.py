@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Int32, Integer
 
-from md4_eqx.data.cache import default_cache_dir, entry_dir, fingerprint, preparing, read_meta
+from md4_eqx.data.cache import default_cache_dir, entry_dir, preparing, read_meta
 from md4_eqx.data.prepare import prepare
 from md4_eqx.data.sources import Layout, parse
 from md4_eqx.data.tokenizers import Tokenizer, get_tokenizer
@@ -123,7 +123,7 @@ def load(spec: str, *, seq_len: int | None = None, cache_dir: str | Path | None 
         raise DataError(f"{spec} examples are whole images of 32*32*3 = {source.default_seq_len} tokens; "
                         f"got seq_len={seq_len}")
     parts = source.fingerprint()
-    entry = entry_dir(cache_dir, source.name, fingerprint(parts))
+    entry = entry_dir(cache_dir, source.name, parts)
     meta = read_meta(entry)
     if meta is None:
         try:
