@@ -133,11 +133,6 @@ def eval_batches(ds: Dataset, cfg: Config, mesh: Mesh) -> list[tuple[jax.Array, 
     return [on_mesh(next(loader), mesh, cfg.model.num_classes > 0) for _ in range(count)]
 
 
-def eval_nelbo(model: MD4, batches, key: jax.Array, mesh: Mesh, draws: int) -> NelboEstimate:
-    """The NELBO on `batches`, `draws` Monte Carlo draws of the times and masks per sequence."""
-    return NelboEstimate.from_nats(nelbo_draws(model, key, batches, mesh, draws), model.config.seq_len)
-
-
 def draw_samples(model: MD4, cfg: Config, mesh: Mesh, key: jax.Array, count: int) -> np.ndarray:
     """`count` unconditional samples [count, L] (labels 0, 1, ... for class-conditional models)."""
     if count == 0:
@@ -230,7 +225,7 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, memory: 
     eval_key, sample_key = jax.random.key(tc.seed + 2), jax.random.key(tc.seed + 3)
 
     def eval_and_sample(state: TrainState, step: int) -> list[str]:
-        est = eval_nelbo(state.ema, evals, eval_key, mesh, tc.eval_draws)
+        est = NelboEstimate.from_nats(nelbo_draws(state.ema, eval_key, evals, mesh, tc.eval_draws), cfg.model.seq_len)
         bpt, se, ppl = est.bits_per_token, est.stderr, est.perplexity
         log.write(step=step, eval_bpt=bpt, eval_bpt_stderr=se, eval_ppl=ppl)
         tokens = draw_samples(state.ema, cfg, mesh, jax.random.fold_in(sample_key, step), tc.num_samples)

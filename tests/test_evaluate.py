@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 
 import evaluate
-import train
 from md4_eqx import checkpoint
 from md4_eqx.config import Config, DiffusionConfig, ExecutionConfig, ModelConfig, Precision, TrainConfig
 from md4_eqx.data import load
-from md4_eqx.evaluate import NelboEstimate, nelbo_draws
+from md4_eqx.evaluate import NelboEstimate, nelbo, nelbo_draws
 from md4_eqx.genppl import unigram_entropy
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
@@ -65,7 +64,11 @@ def test_draws_are_the_training_time_eval(getkey):
     batches = [(jax.random.randint(getkey(), (16, L), 0, V), None) for _ in range(2)]
     key = getkey()
     nats = nelbo_draws(model, key, batches, mesh, draws=3)  # (3, 32)
-    bits = train.eval_nelbo(model, batches, key, mesh, draws=3).bits_per_token
+    # Draw d of batch i is `nelbo`, the training-time evaluation, with key fold_in(fold_in(key, d), i).
+    for d, i in [(0, 0), (2, 1)]:
+        once = nelbo(model, jax.random.fold_in(jax.random.fold_in(key, d), i), batches[i][0], mesh)
+        np.testing.assert_array_equal(nats[d, 16 * i : 16 * (i + 1)], np.asarray(once, np.float64))
+    bits = NelboEstimate.from_nats(nats, L).bits_per_token  # what train.py logs as eval_bpt
     # float32 per-sequence values, summed in float64 both here and there
     assert nats.mean() / L / math.log(2) == pytest.approx(bits, rel=1e-6)
 
