@@ -66,10 +66,6 @@ class MD4(eqx.Module):
         h = self.net.features(z, t, labels, keys=keys)  # (b, l, d)
         return token_chunks(lambda h, x: fn(self.net.head(h), x), h, x, self.execution.head_chunk)
 
-    def unmask_probs(self, t: Float[Array, ""], s: Float[Array, ""]) -> Float[Array, " vocab"]:
-        """P(a masked position becomes token v between t and s < t | it would be v)."""
-        return self.schedule.unmask_probs(t, s, self.vocab_size)
-
 
 def token_chunks(
     fn: Callable[[Float[Array, "n d"], Int[Array, " n"]], PyTree[Float[Array, " n"]]],

@@ -34,7 +34,7 @@ def reverse_step(keys: Key[Array, " b"], z: Int[Array, "b l"], generated: Bool[A
                  logits: Float[Array, "b l v"], unmask: Float[Array, " v"], remask: Float[Array, ""],
                  mask_id: int, cfg: SamplerConfig) -> Int[Array, "b l"]:
     """One step t -> s of the reverse process, given mu_theta(z_t, t) as logits over V and
-    unmask[v] = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v)) (`MD4.unmask_probs`; ReMDM's for
+    unmask[v] = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v)) (the schedule's `unmask_probs`; ReMDM's for
     REMDM), and REMDM's remask probability of the `generated` (not given) positions (else 0)."""
     logits = token_logits(logits, cfg)
     log_unmask, log_stay = jnp.log(unmask)[None, :], jnp.log1p(-unmask)[None, :]  # (1, V)

@@ -82,7 +82,7 @@ def sample_local(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"], lab
     def step(z, inputs):
         i, t, s = inputs
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-        unmask, remask = model.unmask_probs(t, s), jnp.zeros(())
+        unmask, remask = model.schedule.unmask_probs(t, s, model.vocab_size), jnp.zeros(())
         if cfg.rule is Rule.REMDM:  # MD4's schedule only (md4_eqx.validate.check_sampler)
             alpha = model.schedule.alpha
             unmask_one, remask = remasking(t, alpha(t), alpha(jnp.maximum(s, 0.0)), cfg)
