@@ -74,7 +74,7 @@ def template_row(args, ds, length: int, mask_id: int) -> np.ndarray:
     """One template [N]: the prompt or infilling template's tokens, masks (id V) elsewhere."""
     # -1 marks a generated position; split alternates literal text and the n inside [MASK:n].
     parts = [args.prompt] if args.prompt is not None else MASK_MARKER.split(args.infill or "")
-    tokens = np.concatenate([ds.encode(part) if i % 2 == 0 else np.full(int(part), -1, np.int32)
+    tokens = np.concatenate([ds.tokenizer.encode(part) if i % 2 == 0 else np.full(int(part), -1, np.int32)
                              for i, part in enumerate(parts)]).astype(np.int32)
     if tokens.size > length:
         raise UsageError(f"the template is {tokens.size} tokens; the samples are {length}")

@@ -98,7 +98,7 @@ def test_owt_pipeline_matches_gpt2_tokenizer(owt, owt_dir, bpe_dir):
     np.testing.assert_array_equal(_all_examples(ds.split("train")), chunks[~held_out])
     np.testing.assert_array_equal(_all_examples(ds.split("valid")), chunks[held_out])
     text = "The of and, to in is!"
-    assert ds.decode(ds.encode(text)) == text
+    assert ds.decode(ds.tokenizer.encode(text)) == text
     assert ds.decode(chunks[0]) == tok.decode(chunks[0].tolist())
 
 
@@ -181,8 +181,8 @@ def test_pystdlib_is_fast_deterministic_and_bytes(tmp_path):
     assert ds.meta["streams"]["valid"]["tokens"] == sum((source.root / f).stat().st_size for f in valid)
     assert 5_000_000 < ds.meta["streams"]["train"]["tokens"] < 40_000_000
     text = "def f(x):\n    return 'héllo ✓'\n"
-    assert ds.decode(ds.encode(text)) == text
-    assert ds.encode("é").tolist() == [0xC3, 0xA9]
+    assert ds.decode(ds.tokenizer.encode(text)) == text
+    assert ds.tokenizer.encode("é").tolist() == [0xC3, 0xA9]
 
 
 def test_file_bytes_hold_out_the_tail(tmp_path):
@@ -238,7 +238,7 @@ def test_text8_on_a_tiny_zip(tmp_path):
     assert [streams[s]["tokens"] for s in ds.splits] == [n * 9 // 10, n * 95 // 100 - n * 9 // 10,
                                                           n - n * 95 // 100]
     assert ds.decode(ds.split("train").get(np.array([0]))[0][0]) == text[:8].decode()
-    assert ds.encode("a z").tolist() == [1, 0, 26]
+    assert ds.tokenizer.encode("a z").tolist() == [1, 0, 26]
     bad = _text8_zip(tmp_path / "bad.zip", b"hello World")
     with pytest.raises(DataError, match="only ' ' and a-z"):
         load("text8", cache_dir=tmp_path / "cache", progress=False, data_path=str(bad))

@@ -94,10 +94,6 @@ class Dataset:
         kind = self.meta["tokenizer"]["kind"]  # a Hugging Face tokenizer is saved in the entry
         return get_tokenizer(str(self.path / "tokenizer") if kind == "hf" else kind)
 
-    def encode(self, text: str) -> Int32[np.ndarray, " n"]:
-        """Token ids of `text` (a prompt), without EOS."""
-        return self.tokenizer.encode(text)
-
     def decode(self, tokens: Integer[np.ndarray, " n"]) -> str:
         tokens = np.asarray(tokens)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
