@@ -88,18 +88,14 @@ def _hopper_refuses(platform: Platform, dtype: jnp.dtype, head_dim: int) -> str 
     return None
 
 
-def _anywhere(platform: Platform, dtype: jnp.dtype, head_dim: int) -> str | None:
-    return None
-
-
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     """One concrete implementation: `run(q, k, v)`, and `refuses(platform, dtype, head_dim)`,
-    which says why it cannot run there (None: it can)."""
+    which says why it cannot run there (None: it can; by default it runs anywhere)."""
 
     impl: Impl
     run: Callable[[Array, Array, Array], Array]
-    refuses: Callable[[Platform, jnp.dtype, int], str | None]
+    refuses: Callable[[Platform, jnp.dtype, int], str | None] = lambda platform, dtype, head_dim: None
 
 
 # In order of preference: `Impl.AUTO` takes the first compiled row that runs on the platform.
@@ -109,17 +105,10 @@ KERNELS = (
     Kernel(Impl.PALLAS, flash_attention, _tpu_refuses),
     Kernel(Impl.CUDNN, _cudnn, _cudnn_refuses),
     Kernel(Impl.PALLAS, hopper.flash_attention_gpu, _hopper_refuses),
-    Kernel(Impl.XLA, attention_reference, _anywhere),
-    Kernel(Impl.PALLAS_INTERPRET, functools.partial(flash_attention, interpret=True), _anywhere),
+    Kernel(Impl.XLA, attention_reference),
+    Kernel(Impl.PALLAS_INTERPRET, functools.partial(flash_attention, interpret=True)),
 )
 COMPILED = tuple(k for k in KERNELS if k.impl is not Impl.PALLAS_INTERPRET)
-
-
-def available_impls(platform: Platform | None = None) -> tuple[Impl, ...]:
-    """The compiled implementations that run on `platform` (default: `platform_of()`) for some dtype and head_dim."""
-    platform = platform or platform_of()
-    runs = [k.impl for k in COMPILED if k.refuses(platform, jnp.dtype(jnp.bfloat16), 64) is None]
-    return tuple(dict.fromkeys(runs))
 
 
 def resolve(impl: Impl, dtype: jnp.dtype, head_dim: int, platform: Platform | None = None) -> Kernel:
