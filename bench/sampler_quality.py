@@ -115,10 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     seq_len = preset("tiny").model.seq_len
     ds = load("pystdlib", seq_len=seq_len, cache_dir=args.cache_dir, progress=False)
     if args.workdir:
-        step, config, _ = checkpoint.read_meta(args.workdir)
-        if config.model.vocab_size != 256 or config.model.seq_len != seq_len:
-            sys.exit(f"{args.workdir}: expected a byte-level model of seq_len {seq_len}")
-        _, model = checkpoint.load_for_inference(args.workdir, step, mesh)
+        with checkpoint.Checkpoints(args.workdir) as checkpoints:
+            step, config, _ = checkpoints.read_meta()
+            if config.model.vocab_size != 256 or config.model.seq_len != seq_len:
+                sys.exit(f"{args.workdir}: expected a byte-level model of seq_len {seq_len}")
+            _, model = checkpoints.load_for_inference(step, mesh)
         trained = f"{args.workdir} at step {step}"
     else:
         model, bpt = train_md4(ds, args.train_steps, args.batch_size, mesh)

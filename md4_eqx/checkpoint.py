@@ -221,15 +221,3 @@ def _targets(arrays, specs, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     return _flat(jax.tree.map(target, arrays, shardings(mesh, specs)))
-
-
-def read_meta(workdir: str | Path, step: int | None = None) -> tuple[int, Config, dict]:
-    """`Checkpoints.read_meta`, for a program (or a test) that reads a workdir's checkpoints once."""
-    with Checkpoints(workdir) as checkpoints:
-        return checkpoints.read_meta(step)
-
-
-def load_for_inference(workdir: str | Path, step: int | None = None, mesh: Mesh | None = None) -> tuple[Config, MD4]:
-    """`Checkpoints.load_for_inference`, for a program (or a test) that reads once."""
-    with Checkpoints(workdir) as checkpoints:
-        return checkpoints.load_for_inference(step, mesh)
