@@ -40,7 +40,7 @@ from md4_eqx.errors import UsageError
 from md4_eqx.parallel import make_mesh
 from md4_eqx.sampling import Samples, block_starts, generate, generate_long
 from md4_eqx.validate import validate
-from md4_eqx.visualize import image_grid, text_trajectory, to_images, trajectory_gif, trajectory_strip
+from md4_eqx.visualize import frame_indices, image_grid, render_text, to_images, trajectory_gif, trajectory_strip
 
 MASK_MARKER = re.compile(r"\[MASK:(\d+)\]")
 
@@ -160,7 +160,8 @@ def sample(args) -> int:
         if labels is not None:
             record["label"] = int(classes[i])
         if trajectory is not None:
-            snapshots = text_trajectory(trajectory[:, i], ds.decode, mask_id)
+            snapshots = [(s + 1, render_text(trajectory[s, i], ds.decode, mask_id))  # six (step, text)
+                         for s in frame_indices(len(trajectory), 6)]
             record["trajectory"] = [{"step": s, "text": t} for s, t in snapshots]
             for s, t in snapshots:
                 print(f"--- sample {i}, after step {s}/{config.sampler.steps}:\n{t}")

@@ -69,12 +69,6 @@ def render_text(tokens: Integer[np.ndarray, " l"], decode: Callable[[np.ndarray]
     return "".join(MASK_CHAR * run.size if run[0] == mask_id else decode(run) for run in runs if run.size)
 
 
-def text_trajectory(trajectory: Integer[np.ndarray, "steps l"], decode: Callable[[np.ndarray], str], mask_id: int,
-                    frames: int = 6) -> list[tuple[int, str]]:
-    """(step, rendered text) at `frames` steps of one sample's trajectory."""
-    return [(i + 1, render_text(trajectory[i], decode, mask_id)) for i in frame_indices(trajectory.shape[0], frames)]
-
-
 def ticks(lo: float, hi: float, count: int = 6) -> np.ndarray:
     """About `count` round values in [lo, hi]: multiples of 1, 2 or 5 x 10^k, the step that gives
     the nearest number of them."""
