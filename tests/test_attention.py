@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 from md4_eqx.config import Precision, preset
 from md4_eqx.errors import ConfigError
 from md4_eqx.kernels import Impl, attention
-from md4_eqx.kernels.attention import COMPILED, Platform, platform_of, resolve
+from md4_eqx.kernels.attention import Platform, available_impls, platform_of, resolve
 from md4_eqx.kernels.flash_attention_gpu import flash_attention_gpu
 from md4_eqx.kernels.flash_attention_tpu import INTERPRET, BlockSizes, flash_attention
 from md4_eqx.parallel import make_mesh
@@ -191,11 +191,6 @@ def test_training_step_with_hopper_kernel_lowers(monkeypatch, remat):
     mesh = make_mesh(2, 2, jax.devices("cpu")[:4])
     text = lowered_step(cfg, mesh, batch=8, microbatches=1, platform="cuda").as_text()
     assert "custom_call @mosaic_gpu" in text
-
-
-def available_impls(platform: Platform) -> tuple[Impl, ...]:
-    """The compiled implementations that run on `platform` for bfloat16 and head_dim 64, in order."""
-    return tuple(dict.fromkeys(k.impl for k in COMPILED if k.refuses(platform, jnp.dtype(jnp.bfloat16), 64) is None))
 
 
 def test_auto_picks_per_platform():

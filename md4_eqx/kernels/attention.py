@@ -111,6 +111,13 @@ KERNELS = (
 COMPILED = tuple(k for k in KERNELS if k.impl is not Impl.PALLAS_INTERPRET)
 
 
+def available_impls(platform: Platform | None = None) -> tuple[Impl, ...]:
+    """The compiled implementations that run on `platform` (default: `platform_of()`) for some dtype and head_dim."""
+    platform = platform or platform_of()
+    runs = [k.impl for k in COMPILED if k.refuses(platform, jnp.dtype(jnp.bfloat16), 64) is None]
+    return tuple(dict.fromkeys(runs))
+
+
 def resolve(impl: Impl, dtype: jnp.dtype, head_dim: int, platform: Platform | None = None) -> Kernel:
     """The first row of `impl` (for `Impl.AUTO`: of any compiled kernel) that runs on `platform`
     (default: `platform_of()`), or a ConfigError saying why none can run there."""
