@@ -206,7 +206,7 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, memory: 
     if resume is None:
         state, data_state = init_state(cfg, optimizer, mesh), None
     else:
-        _, state, data_state = checkpoints.restore(mesh, optimizer, cfg)
+        state, data_state = checkpoints.restore(mesh, optimizer, cfg)
         if resume >= tc.steps:
             say(f"{workdir}: checkpoint at step {resume} already reaches --steps {tc.steps}")
             return 0

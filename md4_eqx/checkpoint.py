@@ -127,16 +127,12 @@ class Checkpoints:
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             raise CheckpointError(f"checkpoint {self.directory / str(step)} has a bad config: {e}") from e
 
-    def restore(self, mesh: Mesh, optimizer: optax.GradientTransformation,
-                config: Config | None = None) -> tuple[Config, TrainState, dict]:
-        """(config, state on `mesh`, data position) of the newest checkpoint.
-
-        With `config`, the state is built for it (e.g. more steps, another learning rate), after
-        checking that it describes the same model as the checkpoint (`model_differences`)."""
+    def restore(self, mesh: Mesh, optimizer: optax.GradientTransformation, config: Config) -> tuple[TrainState, dict]:
+        """(state on `mesh`, data position) of the newest checkpoint, the state built for `config`
+        (e.g. more steps, another learning rate) once it describes the checkpoint's model
+        (`model_differences`; `read_meta` gives the saved config)."""
         step, saved, data_state = self.read_meta()
-        if config is None:
-            config = saved
-        elif differences := model_differences(saved, config):
+        if differences := model_differences(saved, config):
             raise CheckpointError(
                 f"the checkpoint in {self.directory.parent} is a different model: {'; '.join(differences)}")
         abstract = eqx.filter_eval_shape(init_state, config, optimizer, mesh)
@@ -144,7 +140,7 @@ class Checkpoints:
         rest, rest_specs = (eqx.tree_at(lambda s: s.ema, tree, None) for tree in (arrays, specs))
         items = self._read_arrays(step, mesh, state=(rest, rest_specs), ema=(arrays.ema, specs.ema))
         restored = eqx.tree_at(lambda s: s.ema, items["state"], items["ema"], is_leaf=lambda x: x is None)
-        return config, eqx.combine(restored, abstract), data_state
+        return eqx.combine(restored, abstract), data_state
 
     def load_for_inference(self, step: int | None = None, mesh: Mesh | None = None) -> tuple[Config, MD4]:
         """(config, EMA model) of checkpoint `step` (default: the newest), its parameters placed

@@ -307,8 +307,8 @@ def test_checkpoint_saved_on_one_mesh_restores_on_others(runs, tmp_path):
         checkpoints.save(saved, {"seed": 0, "epoch": 0, "position": 48}, CONFIG)
         for shape in [(2, 4), REFERENCE]:
             mesh = mesh_of(shape)
-            config, state, data_state = checkpoints.restore(mesh, optimizer)
-            assert config == CONFIG and data_state["position"] == 48
+            state, data_state = checkpoints.restore(mesh, optimizer, CONFIG)
+            assert checkpoints.read_meta()[1] == CONFIG and data_state["position"] == 48
             for got, want in zip(host(state), host(saved), strict=True):
                 np.testing.assert_array_equal(got, want)
             assert state.model.net.embed.weight.sharding.is_equivalent_to(
@@ -359,7 +359,7 @@ def test_two_processes_match_one(runs, tmp_path):
     np.testing.assert_allclose(got["nelbo"], want, rtol=1e-5)
     # The checkpoint the two processes wrote restores in this one.
     with checkpoint.Checkpoints(tmp_path / "run") as checkpoints:
-        _, restored, _ = checkpoints.restore(mesh, optimizer)
+        restored, _ = checkpoints.restore(mesh, optimizer, CONFIG)
     assert max_difference(restored.model, ref_state.model) < ATOL
 
 
@@ -378,7 +378,7 @@ def worker(process_id: int, port: int, out: Path) -> None:
     assert batch_part(spanning) == (0, 1)
     with checkpoint.Checkpoints(out / "run", CONFIG.train.keep_checkpoints) as checkpoints:
         checkpoints.save(state, {"seed": 0, "epoch": 0, "position": 48}, CONFIG)
-        _, restored, _ = checkpoints.restore(spanning, optimizer)
+        restored, _ = checkpoints.restore(spanning, optimizer, CONFIG)
     key, tokens, labels = eval_inputs()
     nll = nelbo(restored.ema, key, global_batch(local_rows(np.asarray(tokens), spanning), spanning),
                 spanning, global_batch(local_rows(np.asarray(labels), spanning), spanning))
