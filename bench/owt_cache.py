@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from md4_eqx.data.cache import FORMAT, EntryWriter, entry_dir, read_meta, token_dtype
+from md4_eqx.data.cache import FORMAT, EntryWriter, entry_dir, read_meta
 from md4_eqx.data.sources import parse
 
 VOCAB = 50257  # GPT-2's vocabulary; its EOS is the last id
@@ -43,7 +43,7 @@ def write(cache_dir: Path, num_tokens: int) -> Path:
     if read_meta(entry) is not None:
         return entry
     cache_dir.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(VOCAB)
+    dtype = np.min_scalar_type(VOCAB - 1)  # uint16, as prepare stores GPT-2's ids
     tokens = np.random.default_rng(0).integers(0, VOCAB - 1, num_tokens).astype(dtype)
     tokens[999::1000] = VOCAB - 1  # documents of ~1000 tokens, EOS after each
     with EntryWriter(entry) as writer:

@@ -23,8 +23,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-
 FORMAT = 1  # bump when the layout changes: old entries then get new keys
 
 
@@ -68,11 +66,6 @@ def preparing(entry: Path) -> Iterator[None]:
         for stale in entry.parent.glob(f"{entry.name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         yield
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The narrowest unsigned dtype holding ids < vocab_size (GPT-2's 50257 fits uint16)."""
-    return np.min_scalar_type(vocab_size - 1)
 
 
 class EntryWriter:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from md4_eqx.data.cache import FORMAT, EntryWriter, token_dtype
+from md4_eqx.data.cache import FORMAT, EntryWriter
 from md4_eqx.errors import DataError
 from md4_eqx.data.sources import Source, Task
 from md4_eqx.data.tokenizers import HFTokenizer, get_tokenizer
@@ -27,7 +27,7 @@ def prepare(source: Source, entry: Path, fingerprint: dict, *, num_proc: int, pr
     """Writes the cache entry for `source` (identified by `fingerprint`); returns its metadata."""
     source.fetch(progress)
     tokenizer = get_tokenizer(source.tokenizer)
-    dtype = token_dtype(tokenizer.vocab_size)
+    dtype = np.min_scalar_type(tokenizer.vocab_size - 1)  # the narrowest unsigned one: GPT-2's 50257 ids fit uint16
     tasks = source.tasks()
     procs = min(num_proc, len(tasks)) if source.parallel else 1
     with EntryWriter(entry) as writer:
