@@ -91,7 +91,7 @@ def run_nelbo(args) -> dict:
         split = ds.split(args.split)
         n = split.num_examples if args.batches is None else min(split.num_examples, args.batches * batch)
         count = -(-n // batch)
-        _, model = checkpoints.load_for_inference(step, mesh)
+        model = checkpoints.load_for_inference(step, config, mesh)
     labelled = config.model.num_classes > 0
 
     def batches():

@@ -118,7 +118,7 @@ def sample(args) -> int:
         config = with_flags(config, args)
         mesh = make_mesh(devices=jax.devices()[: math.gcd(args.num_samples, jax.device_count())])
         validate(config, mesh, batch=args.num_samples)
-        _, model = checkpoints.load_for_inference(step, mesh)
+        model = checkpoints.load_for_inference(step, config, mesh)
     ds = load(config.train.dataset, seq_len=config.model.seq_len, cache_dir=args.cache_dir, progress=False)
     images = ds.image_shape is not None
     if images and (args.prompt is not None or args.infill is not None or args.length is not None):

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             step, config, _ = checkpoints.read_meta()
             if config.model.vocab_size != 256 or config.model.seq_len != seq_len:
                 sys.exit(f"{args.workdir}: expected a byte-level model of seq_len {seq_len}")
-            _, model = checkpoints.load_for_inference(step, mesh)
+            model = checkpoints.load_for_inference(step, config, mesh)
         trained = f"{args.workdir} at step {step}"
     else:
         model, bpt = train_md4(ds, args.train_steps, args.batch_size, mesh)

@@ -38,7 +38,7 @@ from md4_eqx.train_step import TrainState, init_state, state_specs
 
 class Checkpoints:
     """The checkpoints of one workdir, through one orbax `CheckpointManager`:
-    `with Checkpoints(workdir, keep) as checkpoints:`.
+    `with Checkpoints(workdir, keep) as checkpoints:` (the module's `read_meta` opens one for one read).
 
     A writer (`keep` given: the run that holds the workdir's lock) creates the directory, removes
     the partial checkpoints that killed or failed saves left, and keeps the newest `keep`
@@ -142,15 +142,14 @@ class Checkpoints:
         restored = eqx.tree_at(lambda s: s.ema, items["state"], items["ema"], is_leaf=lambda x: x is None)
         return eqx.combine(restored, abstract), data_state
 
-    def load_for_inference(self, step: int | None = None, mesh: Mesh | None = None) -> tuple[Config, MD4]:
-        """(config, EMA model) of checkpoint `step` (default: the newest), its parameters placed
+    def load_for_inference(self, step: int, config: Config, mesh: Mesh | None = None) -> MD4:
+        """The EMA model of checkpoint `step`, whose config `read_meta` gave, its parameters placed
         on `mesh` (default: the first device); only the EMA is read."""
-        step, config, _ = self.read_meta(step)
         mesh = make_mesh(1, 1, jax.devices()[:1]) if mesh is None else mesh
         abstract = eqx.filter_eval_shape(MD4, config.model, config.diffusion, config.execution, key=jax.random.key(0))
         arrays = _arrays(abstract)
         ema = self._read_arrays(step, mesh, ema=(arrays, param_specs(arrays)))["ema"]
-        return config, eqx.combine(ema, abstract)
+        return eqx.combine(ema, abstract)
 
 
 @functools.cache  # once per process
@@ -217,3 +216,9 @@ def _targets(arrays, specs, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     return _flat(jax.tree.map(target, arrays, shardings(mesh, specs)))
+
+
+def read_meta(workdir: str | Path, step: int | None = None) -> tuple[int, Config, dict]:
+    """`Checkpoints.read_meta`, for a program (or a test) that reads a workdir's checkpoints once."""
+    with Checkpoints(workdir) as checkpoints:
+        return checkpoints.read_meta(step)

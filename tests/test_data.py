@@ -157,8 +157,7 @@ def test_cifar10_pipeline(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr
-    with checkpoint.Checkpoints(run) as checkpoints:
-        saved = checkpoints.read_meta()[1].model
+    saved = checkpoint.read_meta(run)[1].model
     assert (saved.backbone, saved.num_classes, saved.seq_len) == (Backbone.UNET, 0, 3072)
     evals = [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_bpt" in e]
     assert evals and 7.5 < evals[-1]["eval_bpt"] < 8.5  # two steps at lr 2e-4 x warmup: still ~8 bits

@@ -73,11 +73,6 @@ def events(workdir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
 
 
-def read_meta(workdir: Path, step: int | None = None) -> tuple[int, Config, dict]:
-    with checkpoint.Checkpoints(workdir) as checkpoints:
-        return checkpoints.read_meta(step)
-
-
 def tree_digest(path: Path) -> str:
     digest = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
@@ -204,10 +199,11 @@ def test_checkpoint_of_the_old_config_layout_resumes_and_loads(trained, tmp_path
     for step in ("25", "30"):  # as if the run had been stopped after checkpoint 20
         subprocess.run(["rm", "-r", str(workdir / "checkpoints" / step)], check=True)
     to_old_layout(workdir / "checkpoints" / "20" / "meta" / "metadata")
-    saved = read_meta(full, 20)[1]
-    assert read_meta(workdir, 20)[1] == saved
+    saved = checkpoint.read_meta(full, 20)[1]
+    assert checkpoint.read_meta(workdir, 20)[1] == saved
     with checkpoint.Checkpoints(workdir) as checkpoints:
-        config, model = checkpoints.load_for_inference(20)
+        _, config, _ = checkpoints.read_meta(20)  # the old layout, read
+        model = checkpoints.load_for_inference(20, config)
     assert config == saved and model.execution == saved.execution
 
     resumed = run("train.py", "--workdir", str(workdir), *flags)
@@ -227,8 +223,8 @@ def test_resume_takes_other_execution_fields(trained, tmp_path):
     changed = ["--remat", "true", "--head-chunk", "16", "--unroll-layers", "false"]
     proc = run("train.py", "--workdir", str(workdir), *flags, "--steps", "35", *changed)
     assert proc.returncode == 0 and "from step 30" in proc.stdout, proc.stderr
-    step, config, _ = read_meta(workdir)
-    saved = read_meta(full)[1]
+    step, config, _ = checkpoint.read_meta(workdir)
+    saved = checkpoint.read_meta(full)[1]
     assert step == 35 and config.model == saved.model
     assert (config.execution.remat, config.execution.head_chunk, config.execution.unroll_layers) == (True, 16, False)
     assert all(math.isfinite(e["train_bpt"]) for e in events(workdir) if e["step"] > 30 and "train_bpt" in e)
@@ -257,7 +253,7 @@ def test_two_processes_train_like_one_and_stop_together(trained, data):
     assert "mesh {'data': 2, 'model': 1}" in outputs[0]
     stopped = stopped_step(outputs[0])
     assert 11 <= stopped < 30
-    assert read_meta(workdir)[0] == stopped
+    assert checkpoint.read_meta(workdir)[0] == stopped
     got, want = events(workdir), [e for e in events(full) if e["step"] <= stopped]
     assert [e.keys() for e in got] == [e.keys() for e in want]
     for g, w in zip(got, want):
@@ -328,7 +324,7 @@ def test_divergence_skips_steps_then_stops_with_exit_1(data):
     assert [e["step"] for e in events(workdir) if "train_bpt" in e and "skipped" not in e] == list(range(1, first))
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
     assert saved[-1] == first - 1  # none written during the streak
-    assert read_meta(workdir)[0] == first - 1
+    assert checkpoint.read_meta(workdir)[0] == first - 1
 
 
 @pytest.mark.slow
@@ -347,7 +343,7 @@ def test_finite_but_huge_loss_still_saves_evaluates_and_plots(data):
     assert min(e["train_bpt"] for e in log if "train_bpt" in e) > 1024  # 2^bits > the largest float
     last = [e for e in log if "eval_bpt" in e][-1]
     assert last["step"] == 10 and 1024 < last["eval_bpt"] < math.inf and last["eval_ppl"] == math.inf
-    assert read_meta(workdir)[0] == 10
+    assert checkpoint.read_meta(workdir)[0] == 10
     with Image.open(workdir / "curves.png") as png:
         assert png.size == (720, 420)
 
@@ -367,7 +363,7 @@ def test_sigterm_checkpoints_the_step_and_the_rerun_matches_the_uninterrupted_ru
     assert proc.returncode == 0 and "Traceback" not in err, err
     stopped = stopped_step(out)
     assert 11 <= stopped < 30
-    assert read_meta(workdir)[0] == stopped  # saved there, on schedule or on the signal
+    assert checkpoint.read_meta(workdir)[0] == stopped  # saved there, on schedule or on the signal
     assert max(e["step"] for e in events(workdir)) == stopped
 
     resumed = run("train.py", "--workdir", str(workdir), *flags)
@@ -406,7 +402,7 @@ def test_failed_save_keeps_the_newest_complete_checkpoint(trained, tmp_path):
     cmd = [*LIMIT_FILE_SIZE, sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert_usage_error(proc, "checkpoint 25 could not be written", "File too large", "newest complete one is step 20")
-    assert read_meta(workdir)[0] == 20
+    assert checkpoint.read_meta(workdir)[0] == 20
 
     resumed = run("train.py", "--workdir", str(workdir), *flags)
     assert resumed.returncode == 0 and "from step 20" in resumed.stdout, resumed.stderr
