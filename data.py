@@ -22,15 +22,26 @@ def build_parser():
     parser.add_argument("--seq-len", **field_flag(int), help="window length (default: per dataset)")
     parser.add_argument("--cache-dir", help="default: $MD4_CACHE or ~/.cache/md4_eqx")
     parser.add_argument("--tokenizer", help="'bytes' or a Hugging Face tokenizer name / directory")
-    parser.add_argument("--num-proc", **field_flag(int), help="tokeniser processes (default: all cores)")
-    parser.add_argument("--data-path", help="text8's zip, or the hub name / directory owt and cifar10 read")
+    parser.add_argument(
+        "--num-proc", **field_flag(int), help="tokeniser processes (default: all cores)"
+    )
+    parser.add_argument(
+        "--data-path", help="text8's zip, or the hub name / directory owt and cifar10 read"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
 def prepare(args) -> int:
-    ds = load(args.dataset, seq_len=args.seq_len, cache_dir=args.cache_dir, tokenizer=args.tokenizer,
-              num_proc=args.num_proc, progress=not args.no_progress, data_path=args.data_path)
+    ds = load(
+        args.dataset,
+        seq_len=args.seq_len,
+        cache_dir=args.cache_dir,
+        tokenizer=args.tokenizer,
+        num_proc=args.num_proc,
+        progress=not args.no_progress,
+        data_path=args.data_path,
+    )
     splits = {name: ds.split(name) for name in ds.splits}
     tokenizer = ds.meta["tokenizer"].get("name", ds.meta["tokenizer"]["kind"])
     stored = sum(stream["tokens"] for stream in ds.meta["streams"].values())
@@ -40,7 +51,9 @@ def prepare(args) -> int:
     print(f"tokens   {stored:,} stored")
     print(f"seq_len  {ds.seq_len}" + (f" (images {ds.image_shape})" if ds.image_shape else ""))
     for name, split in splits.items():
-        print(f"{name:<8} {split.num_examples:,} examples, {split.num_examples * ds.seq_len:,} tokens")
+        print(
+            f"{name:<8} {split.num_examples:,} examples, {split.num_examples * ds.seq_len:,} tokens"
+        )
     return 0
 
 

@@ -40,7 +40,14 @@ from md4_eqx.errors import UsageError
 from md4_eqx.parallel import make_mesh
 from md4_eqx.sampling import Samples, block_starts, generate, generate_long
 from md4_eqx.validate import validate
-from md4_eqx.visualize import frame_indices, image_grid, render_text, to_images, trajectory_gif, trajectory_strip
+from md4_eqx.visualize import (
+    frame_indices,
+    image_grid,
+    render_text,
+    to_images,
+    trajectory_gif,
+    trajectory_strip,
+)
 
 MASK_MARKER = re.compile(r"\[MASK:(\d+)\]")
 
@@ -50,23 +57,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", default="runs/tiny-pystdlib")
     parser.add_argument("--step", **field_flag(int), help="checkpoint step (default: the newest)")
     parser.add_argument("--num-samples", **field_flag(int), default=4)
-    parser.add_argument("--steps", **field_flag(int), help="sampling steps (default: the run's config)")
-    parser.add_argument("--sampler", **field_flag(Rule),
-                        help="the per-step rule (default: the run's config, or top_p when --top-p is given)")
-    parser.add_argument("--loop", **field_flag(Loop), help="which steps call the network (default: the run's config)")
+    parser.add_argument(
+        "--steps", **field_flag(int), help="sampling steps (default: the run's config)"
+    )
+    parser.add_argument(
+        "--sampler",
+        **field_flag(Rule),
+        help="the per-step rule (default: the run's config, or top_p when --top-p is given)",
+    )
+    parser.add_argument(
+        "--loop",
+        **field_flag(Loop),
+        help="which steps call the network (default: the run's config)",
+    )
     parser.add_argument("--top-p", **field_flag(float))
     parser.add_argument("--seed", **field_flag(int), default=0)
     parser.add_argument("--out", help="FILE.jsonl for text, FILE.png for images")
-    parser.add_argument("--label", **field_flag(int), help="class of every image (default: 0, 1, 2, ...)")
-    parser.add_argument("--guidance", **field_flag(float),
-                        help="classifier-free guidance w for class-conditional models (default: the run's config, 0)")
+    parser.add_argument(
+        "--label", **field_flag(int), help="class of every image (default: 0, 1, 2, ...)"
+    )
+    parser.add_argument(
+        "--guidance",
+        **field_flag(float),
+        help="classifier-free guidance w for class-conditional models (default: the run's config, 0)",
+    )
     parser.add_argument("--prompt", help="text kept at the start of every sample")
     parser.add_argument("--infill", help="template; [MASK:n] = n generated tokens")
-    parser.add_argument("--length", **field_flag(int), help="tokens per text sample (default: the model's seq_len)")
-    parser.add_argument("--block", **field_flag(int), help="new tokens per window past seq_len (default: seq_len // 4)")
+    parser.add_argument(
+        "--length", **field_flag(int), help="tokens per text sample (default: the model's seq_len)"
+    )
+    parser.add_argument(
+        "--block",
+        **field_flag(int),
+        help="new tokens per window past seq_len (default: seq_len // 4)",
+    )
     parser.add_argument("--trajectory", action="store_true", help="show how the samples unmasked")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--cache-dir", help="dataset cache, for the tokenizer (default: as train.py)")
+    parser.add_argument(
+        "--cache-dir", help="dataset cache, for the tokenizer (default: as train.py)"
+    )
     return parser
 
 
@@ -74,12 +103,18 @@ def template_row(args, ds, length: int, mask_id: int) -> np.ndarray:
     """One template [N]: the prompt or infilling template's tokens, masks (id V) elsewhere."""
     # -1 marks a generated position; split alternates literal text and the n inside [MASK:n].
     parts = [args.prompt] if args.prompt is not None else MASK_MARKER.split(args.infill or "")
-    tokens = np.concatenate([ds.tokenizer.encode(part) if i % 2 == 0 else np.full(int(part), -1, np.int32)
-                             for i, part in enumerate(parts)]).astype(np.int32)
+    tokens = np.concatenate(
+        [
+            ds.tokenizer.encode(part) if i % 2 == 0 else np.full(int(part), -1, np.int32)
+            for i, part in enumerate(parts)
+        ]
+    ).astype(np.int32)
     if tokens.size > length:
         raise UsageError(f"the template is {tokens.size} tokens; the samples are {length}")
     if (tokens >= mask_id).any():
-        raise UsageError(f"token id {tokens.max()} lies outside the model's vocabulary [0, {mask_id})")
+        raise UsageError(
+            f"token id {tokens.max()} lies outside the model's vocabulary [0, {mask_id})"
+        )
     row = np.full(length, mask_id, np.int32)
     row[: tokens.size] = np.where(tokens < 0, mask_id, tokens)
     return row
@@ -105,9 +140,16 @@ def check(args, config) -> tuple[int, int]:
 
 def with_flags(config: Config, args) -> Config:
     """The run's config with the sampler flags given (the sampler's ConfigError names the flag)."""
-    changes = {"steps": args.steps, "top_p": args.top_p, "loop": args.loop, "guidance": args.guidance,
-               "rule": args.sampler or (Rule.TOP_P if args.top_p is not None else None)}
-    sampler = dataclasses.replace(config.sampler, **{k: v for k, v in changes.items() if v is not None})
+    changes = {
+        "steps": args.steps,
+        "top_p": args.top_p,
+        "loop": args.loop,
+        "guidance": args.guidance,
+        "rule": args.sampler or (Rule.TOP_P if args.top_p is not None else None),
+    }
+    sampler = dataclasses.replace(
+        config.sampler, **{k: v for k, v in changes.items() if v is not None}
+    )
     return dataclasses.replace(config, sampler=sampler)
 
 
@@ -119,7 +161,9 @@ def sample(args) -> int:
         mesh = make_mesh(devices=jax.devices()[: math.gcd(args.num_samples, jax.device_count())])
         validate(config, mesh, batch=args.num_samples)
         model = checkpoints.load_for_inference(step, config, mesh)
-    ds = load(config.train.dataset, seq_len=config.model.seq_len, cache_dir=args.cache_dir, progress=False)
+    ds = load(
+        config.train.dataset, seq_len=config.model.seq_len, cache_dir=args.cache_dir, progress=False
+    )
     images = ds.image_shape is not None
     if images and (args.prompt is not None or args.infill is not None or args.length is not None):
         raise UsageError("--prompt, --infill and --length are for text; this model makes images")
@@ -130,13 +174,19 @@ def sample(args) -> int:
     template = replicated_on_mesh(np.tile(template_row(args, ds, length, mask_id), (n, 1)), mesh)
     labels = None
     if config.model.num_classes:
-        classes = np.arange(n) % config.model.num_classes if args.label is None else np.full(n, args.label)
+        classes = (
+            np.arange(n) % config.model.num_classes
+            if args.label is None
+            else np.full(n, args.label)
+        )
         labels = replicated_on_mesh(classes.astype(np.int32), mesh)
     key = jax.random.key(args.seed)
     if args.trajectory:  # one window (check)
         out = generate(model, key, template, mesh, config.sampler, labels, trajectory=True)
     else:
-        out = generate_with_progress(model, key, template, mesh, config.sampler, block, labels, args.no_progress)
+        out = generate_with_progress(
+            model, key, template, mesh, config.sampler, block, labels, args.no_progress
+        )
     tokens = np.asarray(out.tokens)
     trajectory = None if out.trajectory is None else np.asarray(out.trajectory)
 
@@ -151,28 +201,41 @@ def sample(args) -> int:
             print(f"trajectory in {strip} and {gif}")
         return 0
 
-    settings = {"sampler": config_to_json(config)["sampler"],
-                "seed": args.seed, "checkpoint_step": step, "length": length, "block": block,
-                "workdir": args.workdir, "prompt": args.prompt, "infill": args.infill}
+    settings = {
+        "sampler": config_to_json(config)["sampler"],
+        "seed": args.seed,
+        "checkpoint_step": step,
+        "length": length,
+        "block": block,
+        "workdir": args.workdir,
+        "prompt": args.prompt,
+        "infill": args.infill,
+    }
     records = []
     for i, row in enumerate(tokens):
         record = {"text": ds.decode(row), "tokens": row.tolist(), "index": i, **settings}
         if labels is not None:
             record["label"] = int(classes[i])
         if trajectory is not None:
-            snapshots = [(s + 1, render_text(trajectory[s, i], ds.decode, mask_id))  # six (step, text)
-                         for s in frame_indices(len(trajectory), 6)]
+            snapshots = [
+                (s + 1, render_text(trajectory[s, i], ds.decode, mask_id))  # six (step, text)
+                for s in frame_indices(len(trajectory), 6)
+            ]
             record["trajectory"] = [{"step": s, "text": t} for s, t in snapshots]
             for s, t in snapshots:
                 print(f"--- sample {i}, after step {s}/{config.sampler.steps}:\n{t}")
         print(f"{'=' * 30} sample {i} (step {step}) {'=' * 30}\n{record['text']}")
         records.append(record)
     if args.out:
-        Path(args.out).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        Path(args.out).write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8"
+        )
     return 0
 
 
-def generate_with_progress(model, key, template, mesh, cfg, block: int, labels, quiet: bool) -> Samples:
+def generate_with_progress(
+    model, key, template, mesh, cfg, block: int, labels, quiet: bool
+) -> Samples:
     """`generate_long` with a bar over its windows on stderr: the steps per window and the
     network calls so far (of the busiest data shard)."""
     windows = len(block_starts(model.config.seq_len, template.shape[1], block))

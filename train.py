@@ -42,7 +42,13 @@ from tqdm import tqdm
 
 from md4_eqx import checkpoint, plan, targets
 from md4_eqx.cli import (
-    add_config_flags, add_process_flags, make_config, parse_mesh, run_command, script_parser, start_processes,
+    add_config_flags,
+    add_process_flags,
+    make_config,
+    parse_mesh,
+    run_command,
+    script_parser,
+    start_processes,
 )
 from md4_eqx.config import Config
 from md4_eqx.data import BatchLoader, Dataset, load
@@ -62,20 +68,38 @@ from md4_eqx.workdir import check_space, claim
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = script_parser(__doc__, usage="%(prog)s [--preset NAME] [--dataset SPEC] [--workdir DIR] "
-                                          "[--mesh data=D,model=M] [--section.field VALUE ...]")
+    parser = script_parser(
+        __doc__,
+        usage="%(prog)s [--preset NAME] [--dataset SPEC] [--workdir DIR] "
+        "[--mesh data=D,model=M] [--section.field VALUE ...]",
+    )
     parser.add_argument("--workdir", help="default: runs/<preset>-<dataset>")
     parser.add_argument("--mesh", help="data=D,model=M (default: every device on data)")
-    parser.add_argument("--cache-dir", help="dataset cache (default: $MD4_CACHE or ~/.cache/md4_eqx)")
-    parser.add_argument("--tokenizer", help="for file:/hf: datasets: 'bytes' or a Hugging Face tokenizer")
-    parser.add_argument("--data-path", help="text8's zip, or the hub name / directory owt and cifar10 read")
+    parser.add_argument(
+        "--cache-dir", help="dataset cache (default: $MD4_CACHE or ~/.cache/md4_eqx)"
+    )
+    parser.add_argument(
+        "--tokenizer", help="for file:/hf: datasets: 'bytes' or a Hugging Face tokenizer"
+    )
+    parser.add_argument(
+        "--data-path", help="text8's zip, or the hub name / directory owt and cifar10 read"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--plan", action="store_true", help="print the memory plan for these devices and exit")
-    parser.add_argument("--memory-limit", metavar="SIZE", help="device memory for the plan, e.g. 80GiB "
-                        "(default: what the device reports)")
-    parser.add_argument("--target", metavar="NAME", help="plan for hardware this machine need not have, compiled "
-                        "by its own compiler: a TPU slice (v5e:2x4, v6e:2x2, v5p:2x2x1, v4:2x2x1) or GPUs "
-                        "(h100, h200, a100-40gb, a100-80gb; h100:8 for eight); with --plan")
+    parser.add_argument(
+        "--plan", action="store_true", help="print the memory plan for these devices and exit"
+    )
+    parser.add_argument(
+        "--memory-limit",
+        metavar="SIZE",
+        help="device memory for the plan, e.g. 80GiB (default: what the device reports)",
+    )
+    parser.add_argument(
+        "--target",
+        metavar="NAME",
+        help="plan for hardware this machine need not have, compiled "
+        "by its own compiler: a TPU slice (v5e:2x4, v6e:2x2, v5p:2x2x1, v4:2x2x1) or GPUs "
+        "(h100, h200, a100-40gb, a100-80gb; h100:8 for eight); with --plan",
+    )
     add_process_flags(parser)
     add_config_flags(parser)
     return parser
@@ -92,12 +116,20 @@ def fit_to_data(cfg: Config, ds: Dataset, given: set[str]) -> Config:
     cifar10 preset is unconditional, as the paper's model: `--num-classes 10` adds them)."""
     vocab = cfg.model.vocab_size if "model.vocab_size" in given else ds.vocab_size
     if vocab < ds.vocab_size:
-        raise UsageError(f"--vocab-size {vocab} is smaller than {ds.name}'s vocabulary of {ds.vocab_size}: "
-                         f"its token ids would lie outside the model's vocabulary")
-    classes = cfg.model.num_classes if "model.num_classes" in given or not cfg.model.num_classes else ds.num_classes
+        raise UsageError(
+            f"--vocab-size {vocab} is smaller than {ds.name}'s vocabulary of {ds.vocab_size}: "
+            f"its token ids would lie outside the model's vocabulary"
+        )
+    classes = (
+        cfg.model.num_classes
+        if "model.num_classes" in given or not cfg.model.num_classes
+        else ds.num_classes
+    )
     if classes and classes != ds.num_classes:
         raise UsageError(f"--num-classes {classes}: {ds.name} has {ds.num_classes} classes")
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab, num_classes=classes))
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab, num_classes=classes)
+    )
 
 
 def load_dataset(cfg: Config, args: argparse.Namespace) -> Dataset:
@@ -105,8 +137,14 @@ def load_dataset(cfg: Config, args: argparse.Namespace) -> Dataset:
     first = jax.process_index() == 0
     if not first:
         multihost_utils.sync_global_devices("dataset prepared")
-    ds = load(cfg.train.dataset, seq_len=cfg.model.seq_len, cache_dir=args.cache_dir, tokenizer=args.tokenizer,
-              data_path=args.data_path, progress=first and not args.no_progress)
+    ds = load(
+        cfg.train.dataset,
+        seq_len=cfg.model.seq_len,
+        cache_dir=args.cache_dir,
+        tokenizer=args.tokenizer,
+        data_path=args.data_path,
+        progress=first and not args.no_progress,
+    )
     if first and jax.process_count() > 1:
         multihost_utils.sync_global_devices("dataset prepared")
     return ds
@@ -125,10 +163,19 @@ def eval_batches(ds: Dataset, cfg: Config, mesh: Mesh) -> list[tuple[jax.Array, 
     parts = mesh.shape[DATA]
     size = min(cfg.train.batch_size, split.num_examples // parts * parts)
     if size == 0:
-        raise UsageError(f"{ds.name}'s valid split has {split.num_examples} examples, fewer than data={parts}")
+        raise UsageError(
+            f"{ds.name}'s valid split has {split.num_examples} examples, fewer than data={parts}"
+        )
     part, part_count = batch_part(mesh)  # this process's part of every batch
-    loader = BatchLoader(split, batch_size=size, seed=0, shuffle=False, prefetch=0,
-                         process_index=part, process_count=part_count)
+    loader = BatchLoader(
+        split,
+        batch_size=size,
+        seed=0,
+        shuffle=False,
+        prefetch=0,
+        process_index=part,
+        process_count=part_count,
+    )
     count = min(cfg.train.eval_batches, split.num_examples // size)
     return [on_mesh(next(loader), mesh, cfg.model.num_classes > 0) for _ in range(count)]
 
@@ -140,12 +187,16 @@ def draw_samples(model: MD4, cfg: Config, mesh: Mesh, key: jax.Array, count: int
     rows = -(-count // mesh.shape[DATA]) * mesh.shape[DATA]  # whole rows on every data shard
     template = np.full((rows, cfg.model.seq_len), model.mask_id, np.int32)
     classes = cfg.model.num_classes
-    labels = replicated_on_mesh(np.arange(rows, dtype=np.int32) % classes, mesh) if classes else None
+    labels = (
+        replicated_on_mesh(np.arange(rows, dtype=np.int32) % classes, mesh) if classes else None
+    )
     out = generate(model, key, replicated_on_mesh(template, mesh), mesh, cfg.sampler, labels)
     return gather(out.tokens)[:count]
 
 
-def write_samples(tokens: np.ndarray, ds: Dataset, mask_id: int, stem: Path) -> tuple[Path, list[str]]:
+def write_samples(
+    tokens: np.ndarray, ds: Dataset, mask_id: int, stem: Path
+) -> tuple[Path, list[str]]:
     """Samples as `stem`.png (images) or `stem`.txt; returns the path and the texts."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     if ds.image_shape is not None:
@@ -166,7 +217,9 @@ def train(args: argparse.Namespace) -> int:
     memory = plan.parse_size(args.memory_limit) if args.memory_limit else None
     target = targets.parse(args.target) if args.target else None
     if target is not None and not args.plan:
-        raise UsageError(f"--target {args.target} compiles for hardware this machine need not have: use it with --plan")
+        raise UsageError(
+            f"--target {args.target} compiles for hardware this machine need not have: use it with --plan"
+        )
     mesh = parse_mesh(args.mesh, None if target is None else target.devices())
     validate(cfg, mesh)  # before reading data or compiling anything
     if args.plan:  # the memory plan, without loading data (the vocabulary is the preset's)
@@ -174,19 +227,33 @@ def train(args: argparse.Namespace) -> int:
         by_compiler = None if memory is None else False
         memory = memory or (target.chip.memory if target else plan.device_memory())
         print(plan.Planner(cfg, mesh, memory, by_compiler=by_compiler).report())
-        planned = plan.resolve(cfg, mesh, memory, by_compiler=by_compiler)  # an `auto` batch size or microbatch count
+        planned = plan.resolve(
+            cfg, mesh, memory, by_compiler=by_compiler
+        )  # an `auto` batch size or microbatch count
         if planned != cfg:
-            print(f"planned: --batch-size {planned.train.batch_size} --microbatches {planned.train.microbatches}")
+            print(
+                f"planned: --batch-size {planned.train.batch_size} --microbatches {planned.train.microbatches}"
+            )
         return 0
-    workdir = Path(args.workdir) if args.workdir else default_workdir(args.preset, cfg.train.dataset)
+    workdir = (
+        Path(args.workdir) if args.workdir else default_workdir(args.preset, cfg.train.dataset)
+    )
     ds = load_dataset(cfg, args)
     cfg = fit_to_data(cfg, ds, given)
     with claim(workdir), checkpoint.Checkpoints(workdir, cfg.train.keep_checkpoints) as checkpoints:
         return run(args, cfg, ds, mesh, memory, workdir, checkpoints, began)
 
 
-def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, memory: int | None, workdir: Path,
-        checkpoints: checkpoint.Checkpoints, began: float) -> int:
+def run(
+    args: argparse.Namespace,
+    cfg: Config,
+    ds: Dataset,
+    mesh: Mesh,
+    memory: int | None,
+    workdir: Path,
+    checkpoints: checkpoint.Checkpoints,
+    began: float,
+) -> int:
     """The training run: state (fresh, or the newest checkpoint's), data, and the loop."""
     main_process = jax.process_index() == 0
 
@@ -196,9 +263,13 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, memory: 
 
     # An `auto` batch size or number of microbatches: planned now, the checkpoint's on resume.
     resume = checkpoints.latest_step()
-    planned = plan.resolve(cfg, mesh, memory, None if resume is None else checkpoints.read_meta()[1])
+    planned = plan.resolve(
+        cfg, mesh, memory, None if resume is None else checkpoints.read_meta()[1]
+    )
     if planned != cfg:
-        say(f"planned: --batch-size {planned.train.batch_size} --microbatches {planned.train.microbatches}")
+        say(
+            f"planned: --batch-size {planned.train.batch_size} --microbatches {planned.train.microbatches}"
+        )
     cfg = planned
     validate(cfg, mesh)  # again, for what the data and the plan set: the vocabulary, the batch
     tc = cfg.train
@@ -214,34 +285,56 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, memory: 
 
     # Data: this process's part of every training batch; the same held-out batches every time.
     part, part_count = batch_part(mesh)
-    loader = BatchLoader(ds.split("train"), batch_size=tc.batch_size, seed=tc.seed,
-                         process_index=part, process_count=part_count, state=data_state)
+    loader = BatchLoader(
+        ds.split("train"),
+        batch_size=tc.batch_size,
+        seed=tc.seed,
+        process_index=part,
+        process_count=part_count,
+        state=data_state,
+    )
     evals = eval_batches(ds, cfg, mesh)
     log = MetricsLog(workdir, resume, main_process)  # from here on the run writes into workdir
     params = sum(x.size for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_array)))
-    say(f"{'resuming' if resume else 'training'} {params / 1e6:.2f}M parameters on {ds.name} "
+    say(
+        f"{'resuming' if resume else 'training'} {params / 1e6:.2f}M parameters on {ds.name} "
         f"(vocab {cfg.model.vocab_size}, seq {cfg.model.seq_len}), mesh {dict(mesh.shape)}, "
-        f"workdir {workdir}" + (f", from step {resume}" if resume else ""))
+        f"workdir {workdir}" + (f", from step {resume}" if resume else "")
+    )
     eval_key, sample_key = jax.random.key(tc.seed + 2), jax.random.key(tc.seed + 3)
 
     def eval_and_sample(state: TrainState, step: int) -> list[str]:
-        est = NelboEstimate.from_nats(nelbo_draws(state.ema, eval_key, evals, mesh, tc.eval_draws), cfg.model.seq_len)
+        est = NelboEstimate.from_nats(
+            nelbo_draws(state.ema, eval_key, evals, mesh, tc.eval_draws), cfg.model.seq_len
+        )
         bpt, se, ppl = est.bits_per_token, est.stderr, est.perplexity
         log.write(step=step, eval_bpt=bpt, eval_bpt_stderr=se, eval_ppl=ppl)
-        tokens = draw_samples(state.ema, cfg, mesh, jax.random.fold_in(sample_key, step), tc.num_samples)
+        tokens = draw_samples(
+            state.ema, cfg, mesh, jax.random.fold_in(sample_key, step), tc.num_samples
+        )
         if not main_process:
             return []
-        path, texts = write_samples(tokens, ds, state.ema.mask_id, workdir / "samples" / f"step_{step:07d}")
+        path, texts = write_samples(
+            tokens, ds, state.ema.mask_id, workdir / "samples" / f"step_{step:07d}"
+        )
         log.plot()
-        say(f"step {step}: eval {bpt:.4f} ± {se:.4f} bits/token (perplexity <= {ppl:.2f}), samples in {path}")
+        say(
+            f"step {step}: eval {bpt:.4f} ± {se:.4f} bits/token (perplexity <= {ppl:.2f}), samples in {path}"
+        )
         return texts
 
     texts = eval_and_sample(state, 0) if resume is None else []
-    train_step = make_train_step(state, optimizer, mesh, microbatches=tc.microbatches,
-                                 clip=cfg.optim.clip, ema=cfg.optim.ema)
+    train_step = make_train_step(
+        state, optimizer, mesh, microbatches=tc.microbatches, clip=cfg.optim.clip, ema=cfg.optim.ema
+    )
     step = resume or 0
-    bar = tqdm(total=tc.steps, initial=step, unit="step", disable=args.no_progress or not main_process,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=tc.steps,
+        initial=step,
+        unit="step",
+        disable=args.no_progress or not main_process,
+        dynamic_ncols=True,
+    )
     pending, busy, tick = [], 0.0, time.perf_counter()  # busy: seconds spent outside train steps
     unread = None  # (step, metrics) of the newest step whose `skipped` flag is not read yet
     bad_steps = BadSteps(tc.max_bad_steps)  # Diverged: exit status 1
@@ -250,7 +343,9 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, memory: 
     def observe(step: int, metrics) -> None:  # reads the step's flag: waits for that step
         if event := bad_steps.observe(step, metrics):  # a non-finite step, its update skipped
             log.write(**event)
-            say(f"step {step}: non-finite loss or gradient norm, update skipped ({event['skipped']} in a row)")
+            say(
+                f"step {step}: non-finite loss or gradient norm, update skipped ({event['skipped']} in a row)"
+            )
             bad_steps.check()  # Diverged after --max-bad-steps in a row
 
     while step < tc.steps:
@@ -264,8 +359,10 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, memory: 
         if unread is not None:
             observe(*unread)
         unread = (step, metrics)
-        logs, evaluates, saves = (step % every == 0 or step == tc.steps
-                                  for every in (tc.log_every, tc.eval_every, tc.checkpoint_every))
+        logs, evaluates, saves = (
+            step % every == 0 or step == tc.steps
+            for every in (tc.log_every, tc.eval_every, tc.checkpoint_every)
+        )
         stop = preemption.requested()  # every process stops at the same step
         if logs or evaluates or saves or stop:
             observe(*unread)  # before anything reads or saves this step's state
@@ -273,21 +370,35 @@ def run(args: argparse.Namespace, cfg: Config, ds: Dataset, mesh: Mesh, memory: 
         if logs:
             # The window's mean over the steps that updated (a skipped step's loss is not finite).
             good = [m for m in pending if not bool(m.skipped)]
-            tokens_per_s = len(pending) * tc.batch_size * cfg.model.seq_len / (time.perf_counter() - tick - busy)
+            tokens_per_s = (
+                len(pending)
+                * tc.batch_size
+                * cfg.model.seq_len
+                / (time.perf_counter() - tick - busy)
+            )
             if good:
                 bpt = float(np.mean([float(m.bpt) for m in good]))
-                log.write(step=step, train_bpt=bpt, lr=float(good[-1].lr),
-                          grad_norm=float(good[-1].grad_norm), tokens_per_s=tokens_per_s)
+                log.write(
+                    step=step,
+                    train_bpt=bpt,
+                    lr=float(good[-1].lr),
+                    grad_norm=float(good[-1].grad_norm),
+                    tokens_per_s=tokens_per_s,
+                )
                 bar.set_postfix(bpt=f"{bpt:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             pending, busy, tick = [], 0.0, time.perf_counter()
         started = time.perf_counter()
-        if (saves and not bad_steps.streak) or stop:  # first: a failed evaluation must not cost the steps
+        if (
+            saves and not bad_steps.streak
+        ) or stop:  # first: a failed evaluation must not cost the steps
             checkpoints.save(state, loader.state(), cfg)
         if evaluates:
             texts = eval_and_sample(state, step)
         busy += time.perf_counter() - started
         if stop:
-            say(f"step {step}: stopped by a signal; checkpoint saved, rerun the same command to resume")
+            say(
+                f"step {step}: stopped by a signal; checkpoint saved, rerun the same command to resume"
+            )
             break
     bar.close()
     loader.close()

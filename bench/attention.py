@@ -87,8 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     machine = f"{device.device_kind} ({device.platform}{cores})"
     print(f"machine: {machine}, JAX {jax.__version__}, {args.dtype}")
     print("fwd / fwd+bwd; speed-up = baseline time / this time\n")
-    print("| B, T, H, D | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s "
-          "| vs cuDNN | vs XLA |")
+    print(
+        "| B, T, H, D | impl | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s "
+        "| vs cuDNN | vs XLA |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for shape in SMALL_SHAPES if args.small else SHAPES:
         b, t, h, d = shape

@@ -43,16 +43,31 @@ from md4_eqx.parallel import make_mesh
 from md4_eqx.train_step import init_state, make_optimizer, make_train_step
 
 VOCAB, SEQ, LAYERS, HEADS, HEAD_DIM, BATCH = 256, 128, 4, 4, 64, 32
-STUBBED = ("tensorflow_probability", "tensorflow_probability.substrates",
-           "tensorflow_probability.substrates.jax", "distrax", "chex", "clu", "clu.platform",
-           "matplotlib", "matplotlib.pyplot", "seaborn", "einops")
+STUBBED = (
+    "tensorflow_probability",
+    "tensorflow_probability.substrates",
+    "tensorflow_probability.substrates.jax",
+    "distrax",
+    "chex",
+    "clu",
+    "clu.platform",
+    "matplotlib",
+    "matplotlib.pyplot",
+    "seaborn",
+    "einops",
+)
 
 
 def ours() -> tuple[object, object]:
     """(state, step) of md4-eqx at the comparison config."""
     config = Config(
-        model=ModelConfig(vocab_size=VOCAB, seq_len=SEQ, width=HEADS * HEAD_DIM, num_layers=LAYERS,
-                          num_heads=HEADS),
+        model=ModelConfig(
+            vocab_size=VOCAB,
+            seq_len=SEQ,
+            width=HEADS * HEAD_DIM,
+            num_layers=LAYERS,
+            num_heads=HEADS,
+        ),
         execution=ExecutionConfig(precision=Precision.FLOAT32, attention=Impl.XLA),
         diffusion=DiffusionConfig(),
         optim=OptimConfig(),
@@ -98,12 +113,22 @@ def reference(md4) -> tuple[object, object]:
     import optax
 
     model = md4.MD4(
-        data_shape=(SEQ,), cont_time=True, feature_dim=HEAD_DIM, num_heads=HEADS, n_layers=LAYERS,
-        vocab_size=VOCAB, noise_schedule_type="linear", mlp_type="glu", depth_scaled_init=True,
-        cond_type="adaln_zero", classes=-1,
+        data_shape=(SEQ,),
+        cont_time=True,
+        feature_dim=HEAD_DIM,
+        num_heads=HEADS,
+        n_layers=LAYERS,
+        vocab_size=VOCAB,
+        noise_schedule_type="linear",
+        mlp_type="glu",
+        depth_scaled_init=True,
+        cond_type="adaln_zero",
+        classes=-1,
     )
     init_key, sample_key, state_key = jax.random.split(jax.random.key(0), 3)
-    params = model.init({"params": init_key, "sample": sample_key}, jnp.ones((BATCH, SEQ), jnp.int32))["params"]
+    params = model.init(
+        {"params": init_key, "sample": sample_key}, jnp.ones((BATCH, SEQ), jnp.int32)
+    )["params"]
     schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-4, 2000, 1_000_000)
     optimizer = optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=0.0)
     ema_rate = 0.9999
@@ -113,7 +138,9 @@ def reference(md4) -> tuple[object, object]:
         key, sample_key = jax.random.split(key)
 
         def loss_fn(params):
-            return model.apply({"params": params}, tokens, train=True, rngs={"sample": sample_key})["loss"]
+            return model.apply({"params": params}, tokens, train=True, rngs={"sample": sample_key})[
+                "loss"
+            ]
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -131,15 +158,20 @@ def count(tree) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reference", default=os.environ.get("MD4_REFERENCE"),
-                        help="checkout of google-deepmind/md4 (default: $MD4_REFERENCE)")
+    parser.add_argument(
+        "--reference",
+        default=os.environ.get("MD4_REFERENCE"),
+        help="checkout of google-deepmind/md4 (default: $MD4_REFERENCE)",
+    )
     parser.add_argument("--rounds", type=int, default=5, help="alternations of the two")
     parser.add_argument("--steps", type=int, default=5, help="steps of each per round")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
         parser.exit(2, f"{parser.prog}: error: need --rounds >= 1 and --steps >= 1\n")
     if not args.reference or not os.path.isdir(os.path.join(args.reference, "md4")):
-        print("skipped: no reference checkout (pass --reference or set MD4_REFERENCE to a clone of google-deepmind/md4)")
+        print(
+            "skipped: no reference checkout (pass --reference or set MD4_REFERENCE to a clone of google-deepmind/md4)"
+        )
         return
     md4 = import_reference(args.reference)
     if md4 is None:
@@ -148,7 +180,9 @@ def main(argv: list[str] | None = None) -> None:
 
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (BATCH, SEQ)), jnp.int32)
     runs = {"md4-eqx": ours(), "reference": reference(md4)}
-    print(f"parameters: md4-eqx {count(runs['md4-eqx'][0].model):,}, reference {count(runs['reference'][0][0]):,}")
+    print(
+        f"parameters: md4-eqx {count(runs['md4-eqx'][0].model):,}, reference {count(runs['reference'][0][0]):,}"
+    )
     times: dict[str, list[float]] = {name: [] for name in runs}
     states = {name: state for name, (state, _) in runs.items()}
     for name, (_, step) in runs.items():  # compile and warm up
@@ -163,8 +197,10 @@ def main(argv: list[str] | None = None) -> None:
                 jax.block_until_ready((states[name], out))
                 times[name].append(time.perf_counter() - start)
     device = jax.devices()[0]
-    print(f"{device.device_kind} ({device.platform}, {os.cpu_count()} cores), JAX {jax.__version__}; "
-          f"{args.rounds} rounds x {args.steps} steps each, alternating; batch {BATCH} x seq {SEQ}, float32")
+    print(
+        f"{device.device_kind} ({device.platform}, {os.cpu_count()} cores), JAX {jax.__version__}; "
+        f"{args.rounds} rounds x {args.steps} steps each, alternating; batch {BATCH} x seq {SEQ}, float32"
+    )
     print("| model | ms/step (median) | tokens/s | vs reference |")
     print("|---|---|---|---|")
     ref = statistics.median(times["reference"])

@@ -58,7 +58,9 @@ def kernels_for(platform: str) -> None:
     module = importlib.import_module("md4_eqx.kernels.attention")
     if "backend" in inspect.signature(module.resolve).parameters:
         resolve = module.resolve
-        module.resolve = lambda impl, dtype, head_dim, backend=None: resolve(impl, dtype, head_dim, backend or platform)
+        module.resolve = lambda impl, dtype, head_dim, backend=None: resolve(
+            impl, dtype, head_dim, backend or platform
+        )
 
 
 @dataclasses.dataclass
@@ -75,11 +77,15 @@ class Outcome:
 
     def line(self) -> str:
         if self.fits:
-            return (f"batch {self.batch:4d}: compiles in {self.seconds:6.1f} s ({self.traced:.0f} s tracing, "
-                    f"{self.cpu:.0f} CPU s), temp {self.temp / 2**30:6.2f} GiB, peak {self.peak / 2**30:6.2f} GiB"
-                    + (f", {self.flops / 1e12:.2f} TFLOP" if self.flops else ""))
-        return (f"batch {self.batch:4d}: refused in {self.seconds:6.1f} s ({self.traced:.0f} s tracing, "
-                f"{self.cpu:.0f} CPU s; {self.why})")
+            return (
+                f"batch {self.batch:4d}: compiles in {self.seconds:6.1f} s ({self.traced:.0f} s tracing, "
+                f"{self.cpu:.0f} CPU s), temp {self.temp / 2**30:6.2f} GiB, peak {self.peak / 2**30:6.2f} GiB"
+                + (f", {self.flops / 1e12:.2f} TFLOP" if self.flops else "")
+            )
+        return (
+            f"batch {self.batch:4d}: refused in {self.seconds:6.1f} s ({self.traced:.0f} s tracing, "
+            f"{self.cpu:.0f} CPU s; {self.why})"
+        )
 
 
 def compile_step(lower, batch: int) -> Outcome:
@@ -93,15 +99,37 @@ def compile_step(lower, batch: int) -> Outcome:
         text = str(e)
         if not any(mark in text for mark in OOM_MARKS):
             raise
-        why = next((ln.strip() for ln in text.splitlines() if "memory" in ln.lower()), text.splitlines()[0])
-        return Outcome(batch, False, time.perf_counter() - start, traced, time.process_time() - cpu, why=why[:160])
+        why = next(
+            (ln.strip() for ln in text.splitlines() if "memory" in ln.lower()), text.splitlines()[0]
+        )
+        return Outcome(
+            batch,
+            False,
+            time.perf_counter() - start,
+            traced,
+            time.process_time() - cpu,
+            why=why[:160],
+        )
     seconds = time.perf_counter() - start
     m = compiled.memory_analysis()
-    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    peak = (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+        + m.temp_size_in_bytes
+    )
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return Outcome(batch, True, seconds, traced, time.process_time() - cpu, int(m.temp_size_in_bytes), int(peak),
-                   (cost or {}).get("flops"))
+    return Outcome(
+        batch,
+        True,
+        seconds,
+        traced,
+        time.process_time() - cpu,
+        int(m.temp_size_in_bytes),
+        int(peak),
+        (cost or {}).get("flops"),
+    )
 
 
 def bisect(lower, lo: int, hi: int, step: int, log) -> tuple[int, list[Outcome]]:
@@ -125,8 +153,12 @@ def bisect(lower, lo: int, hi: int, step: int, log) -> tuple[int, list[Outcome]]
 def ours(args, mesh):
     config = preset("md4-s")
     execution = dataclasses.replace(
-        config.execution, precision=Precision(args.precision), attention=Impl(args.attention),
-        remat=args.remat, unroll_layers=not args.rolled, head_chunk=args.head_chunk,
+        config.execution,
+        precision=Precision(args.precision),
+        attention=Impl(args.attention),
+        remat=args.remat,
+        unroll_layers=not args.rolled,
+        head_chunk=args.head_chunk,
     )
     model = dataclasses.replace(config.model, num_layers=args.layers or config.model.num_layers)
     config = dataclasses.replace(config, model=model, execution=execution)
@@ -144,22 +176,36 @@ def reference(path: str, mesh):
     import optax
 
     model = md4.MD4(
-        data_shape=(1024,), cont_time=True, feature_dim=64, num_heads=12, n_layers=12, vocab_size=50257,
-        noise_schedule_type="linear", mlp_type="glu", depth_scaled_init=True, cond_type="adaln_zero",
+        data_shape=(1024,),
+        cont_time=True,
+        feature_dim=64,
+        num_heads=12,
+        n_layers=12,
+        vocab_size=50257,
+        noise_schedule_type="linear",
+        mlp_type="glu",
+        depth_scaled_init=True,
+        cond_type="adaln_zero",
         classes=-1,
     )
-    optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-4, 2000, 1_000_000), b1=0.9, b2=0.999)
+    optimizer = optax.adamw(
+        optax.warmup_cosine_decay_schedule(0.0, 3e-4, 2000, 1_000_000), b1=0.9, b2=0.999
+    )
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
     def init(tokens):
-        params = model.init({"params": jax.random.key(0), "sample": jax.random.key(1)}, tokens)["params"]
+        params = model.init({"params": jax.random.key(0), "sample": jax.random.key(1)}, tokens)[
+            "params"
+        ]
         return params, params, optimizer.init(params), jax.random.key(2)
 
     def step(state, tokens):
         params, ema, opt_state, key = state
         key, sample_key = jax.random.split(key)
-        loss_fn = lambda p: model.apply({"params": p}, tokens, train=True, rngs={"sample": sample_key})["loss"]
+        loss_fn = lambda p: model.apply(
+            {"params": p}, tokens, train=True, rngs={"sample": sample_key}
+        )["loss"]
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -169,7 +215,9 @@ def reference(path: str, mesh):
     def lower(batch: int):
         tokens = jax.ShapeDtypeStruct((batch, 1024), jnp.int32, sharding=rows)
         state = jax.eval_shape(init, jax.ShapeDtypeStruct((1, 1024), jnp.int32))
-        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state)
+        state = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state
+        )
         return jax.jit(step, donate_argnums=0).trace(state, tokens).lower()
 
     return lower
@@ -181,15 +229,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="bfloat16", choices=[p.value for p in Precision])
     parser.add_argument("--attention", default="pallas", choices=["pallas", "xla"])
     parser.add_argument("--remat", action="store_true")
-    parser.add_argument("--rolled", action="store_true", help="keep the layer loop rolled (unroll_layers=False)")
+    parser.add_argument(
+        "--rolled", action="store_true", help="keep the layer loop rolled (unroll_layers=False)"
+    )
     parser.add_argument("--head-chunk", type=int, default=0)
-    parser.add_argument("--layers", type=int, default=0, help="override MD4-S's 12 layers (a cheaper proxy)")
-    parser.add_argument("--batch", type=int, help="compile this global batch only and print its memory analysis")
+    parser.add_argument(
+        "--layers", type=int, default=0, help="override MD4-S's 12 layers (a cheaper proxy)"
+    )
+    parser.add_argument(
+        "--batch", type=int, help="compile this global batch only and print its memory analysis"
+    )
     parser.add_argument("--lo", type=int, default=8, help="bisection: smallest batch tried (first)")
     parser.add_argument("--hi", type=int, default=64, help="bisection: largest batch tried")
     parser.add_argument("--step", type=int, default=1, help="bisection: batch granularity")
-    parser.add_argument("--reference", default=os.environ.get("MD4_REFERENCE"),
-                        help="checkout of google-deepmind/md4, compiled alike (default: $MD4_REFERENCE)")
+    parser.add_argument(
+        "--reference",
+        default=os.environ.get("MD4_REFERENCE"),
+        help="checkout of google-deepmind/md4, compiled alike (default: $MD4_REFERENCE)",
+    )
     args = parser.parse_args(argv)
     if importlib.util.find_spec("libtpu") is None:
         print('skipped: the TPU compiler is not installed (pip install -e ".[tpu]")')
@@ -198,17 +255,23 @@ def main(argv: list[str] | None = None) -> None:
     kernels_for("tpu")
     log = lambda s: print(s, flush=True)
     layers = f" ({args.layers} layers)" if args.layers else ""
-    label = (f"md4-eqx md4-s{layers} {args.precision} attention={args.attention} remat={args.remat} "
-             f"{'rolled' if args.rolled else 'unrolled'} head_chunk={args.head_chunk}")
-    log(f"{label}, {args.target} ({mesh.size} chip(s)), JAX {jax.__version__}, libtpu {metadata.version('libtpu')}")
+    label = (
+        f"md4-eqx md4-s{layers} {args.precision} attention={args.attention} remat={args.remat} "
+        f"{'rolled' if args.rolled else 'unrolled'} head_chunk={args.head_chunk}"
+    )
+    log(
+        f"{label}, {args.target} ({mesh.size} chip(s)), JAX {jax.__version__}, libtpu {metadata.version('libtpu')}"
+    )
     lower = ours(args, mesh)
     if args.batch:
         log(compile_step(lower, args.batch).line())
         return
     best, _ = bisect(lower, args.lo, args.hi, args.step, log)
     per_chip = best // mesh.size
-    log(f"largest batch that compiles: {best} ({per_chip} per chip); reference (DeepMind md4, float32): "
-        f"{REFERENCE_PER_V5E_CHIP} per v5e chip (issue 24)")
+    log(
+        f"largest batch that compiles: {best} ({per_chip} per chip); reference (DeepMind md4, float32): "
+        f"{REFERENCE_PER_V5E_CHIP} per v5e chip (issue 24)"
+    )
     if not args.reference or not os.path.isdir(os.path.join(args.reference, "md4")):
         log("reference not compiled here: no checkout (pass --reference or set MD4_REFERENCE)")
         return
@@ -216,8 +279,13 @@ def main(argv: list[str] | None = None) -> None:
     if ref is None:
         log("reference not compiled here: it needs flax and optax")
         return
-    ref_best, _ = bisect(ref, REFERENCE_PER_V5E_CHIP * mesh.size - 8, REFERENCE_PER_V5E_CHIP * mesh.size + 8, 1,
-                         lambda s: log(f"reference {s}"))
+    ref_best, _ = bisect(
+        ref,
+        REFERENCE_PER_V5E_CHIP * mesh.size - 8,
+        REFERENCE_PER_V5E_CHIP * mesh.size + 8,
+        1,
+        lambda s: log(f"reference {s}"),
+    )
     log(f"| {args.target} per chip | md4-eqx {per_chip} | reference {ref_best // mesh.size} |")
 
 

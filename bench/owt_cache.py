@@ -32,7 +32,9 @@ def save_tokenizer(directory: Path) -> None:
     vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"<|endoftext|>": VOCAB - 1}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>").save_pretrained(directory)
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>").save_pretrained(
+        directory
+    )
 
 
 def write(cache_dir: Path, num_tokens: int) -> Path:
@@ -49,24 +51,36 @@ def write(cache_dir: Path, num_tokens: int) -> Path:
     with EntryWriter(entry) as writer:
         tokens.tofile(writer.tmp / "all.bin")
         save_tokenizer(writer.tmp / "tokenizer")
-        writer.commit({
-            "format": FORMAT, "name": source.name, "fingerprint": parts,
-            "tokenizer": {"kind": "hf", "name": source.tokenizer}, "vocab_size": VOCAB,
-            "eos_id": VOCAB - 1, "dtype": dtype.name, "image_shape": None, "num_classes": 0,
-            "default_seq_len": source.default_seq_len,
-            "streams": {"all": {"tokens": num_tokens, "labels": 0}},
-            "splits": {name: vars(layout) for name, layout in source.layouts.items()},
-        })
+        writer.commit(
+            {
+                "format": FORMAT,
+                "name": source.name,
+                "fingerprint": parts,
+                "tokenizer": {"kind": "hf", "name": source.tokenizer},
+                "vocab_size": VOCAB,
+                "eos_id": VOCAB - 1,
+                "dtype": dtype.name,
+                "image_shape": None,
+                "num_classes": 0,
+                "default_seq_len": source.default_seq_len,
+                "streams": {"all": {"tokens": num_tokens, "labels": 0}},
+                "splits": {name: vars(layout) for name, layout in source.layouts.items()},
+            }
+        )
     return entry
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("cache_dir", type=Path)
-    parser.add_argument("--tokens", type=int, default=4_000_000, help="stream length (~3900 chunks of 1024)")
+    parser.add_argument(
+        "--tokens", type=int, default=4_000_000, help="stream length (~3900 chunks of 1024)"
+    )
     args = parser.parse_args(argv)
     if args.tokens < 100 * 1024:
-        parser.exit(2, f"{parser.prog}: error: --tokens must be >= {100 * 1024} (two hold-out chunks)\n")
+        parser.exit(
+            2, f"{parser.prog}: error: --tokens must be >= {100 * 1024} (two hold-out chunks)\n"
+        )
     print(json.dumps({"entry": str(write(args.cache_dir, args.tokens))}))
     sys.stdout.flush()
 

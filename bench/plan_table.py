@@ -47,31 +47,51 @@ def row(name: str, config, remat: bool) -> str:
     tokens = max(largest, 1) * config.model.seq_len
     flops = "-" if step.flops is None else f"{step.flops / tokens / flops_per_token(config):.2f}"
     peak = "-" if step.refused else plan.show_size(step.peak)
-    return (f"| {name} | {run.precision.value} | {str(remat).lower()} | {run.head_chunk or '-'} | {largest} | "
-            f"{8 * largest} | {peak} | {step.seconds:.0f} s | {searched:.0f} s | {flops} |"
-            + (f" {planner.note}" if planner.note else ""))
+    return (
+        f"| {name} | {run.precision.value} | {str(remat).lower()} | {run.head_chunk or '-'} | {largest} | "
+        f"{8 * largest} | {peak} | {step.seconds:.0f} s | {searched:.0f} s | {flops} |"
+        + (f" {planner.note}" if planner.note else "")
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--target", nargs="+", required=True, help="compile targets (md4_eqx.targets)")
+    parser.add_argument(
+        "--target", nargs="+", required=True, help="compile targets (md4_eqx.targets)"
+    )
     parser.add_argument("--preset", default="md4-s")
-    parser.add_argument("--precision", nargs="+", default=[p.value for p in Precision],
-                        choices=[p.value for p in Precision])
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=[p.value for p in Precision],
+        choices=[p.value for p in Precision],
+    )
     parser.add_argument("--remat", nargs="+", default=["false", "true"], choices=["false", "true"])
-    parser.add_argument("--head-chunk", type=int, default=0, help="the loss's head on this many tokens at a time")
+    parser.add_argument(
+        "--head-chunk", type=int, default=0, help="the loss's head on this many tokens at a time"
+    )
     args = parser.parse_args()
     base = preset(args.preset)
-    print(f"{args.preset}, seq {base.model.seq_len}; jax {jax.__version__}; compiled on this host's CPU for "
-          f"each target; a row per target x precision x remat\n", flush=True)
-    print("| target | precision | remat | head chunk | largest per chip | per 8 chips | peak at it "
-          "| compile at it | search | compiler / formula FLOPs |")
+    print(
+        f"{args.preset}, seq {base.model.seq_len}; jax {jax.__version__}; compiled on this host's CPU for "
+        f"each target; a row per target x precision x remat\n",
+        flush=True,
+    )
+    print(
+        "| target | precision | remat | head chunk | largest per chip | per 8 chips | peak at it "
+        "| compile at it | search | compiler / formula FLOPs |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for name in args.target:
         for precision in args.precision:
-            execution = dataclasses.replace(base.execution, precision=Precision(precision), head_chunk=args.head_chunk)
+            execution = dataclasses.replace(
+                base.execution, precision=Precision(precision), head_chunk=args.head_chunk
+            )
             for remat in args.remat:
-                print(row(name, dataclasses.replace(base, execution=execution), remat == "true"), flush=True)
+                print(
+                    row(name, dataclasses.replace(base, execution=execution), remat == "true"),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

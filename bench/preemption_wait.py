@@ -48,10 +48,15 @@ def worker(process_id: int, port: int) -> None:
         return bool(np.any(multihost_utils.process_allgather(np.asarray(False))))
 
     if process_id == 0:
-        print(f"machine: {jax.devices()[0].device_kind} ({os.cpu_count()} cores), JAX {jax.__version__}, "
-              f"2 processes of {jax.local_device_count()} device each", flush=True)
-    for name, check in (("immediate process_allgather (before)", allgather),
-                        ("Preemption.requested (lagged)", Preemption().requested)):
+        print(
+            f"machine: {jax.devices()[0].device_kind} ({os.cpu_count()} cores), JAX {jax.__version__}, "
+            f"2 processes of {jax.local_device_count()} device each",
+            flush=True,
+        )
+    for name, check in (
+        ("immediate process_allgather (before)", allgather),
+        ("Preemption.requested (lagged)", Preemption().requested),
+    ):
         check(), check()  # compiled
         waits = []
         for _ in range(REPEATS):
@@ -61,19 +66,32 @@ def worker(process_id: int, port: int) -> None:
             waits.append(time.perf_counter() - began)
             x.block_until_ready()
         if process_id == 0:
-            print(f"{name:38s} host waits {np.median(waits) * 1e3:7.1f} ms after a {step_s * 1e3:.0f} ms step "
-                  f"(median of {REPEATS})", flush=True)
+            print(
+                f"{name:38s} host waits {np.median(waits) * 1e3:7.1f} ms after a {step_s * 1e3:.0f} ms step "
+                f"(median of {REPEATS})",
+                flush=True,
+            )
 
 
 def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.path.dirname(os.path.dirname(__file__)),
+    }
     env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, __file__, "worker", str(i), str(port)], env=env,
-                              stdout=subprocess.PIPE if i else None, stderr=subprocess.DEVNULL)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "worker", str(i), str(port)],
+            env=env,
+            stdout=subprocess.PIPE if i else None,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(2)
+    ]
     for p in procs:
         p.communicate(timeout=300)
 

@@ -44,11 +44,15 @@ def bench(model: MD4, sampler_cfg, batch: int, repeats: int) -> tuple[float, flo
     """(median seconds per run, mean network calls per run) of `batch` unconditional samples."""
     mesh = make_mesh(1, 1, jax.devices()[:1])
     template = jnp.full((batch, model.config.seq_len), model.mask_id, jnp.int32)
-    jax.block_until_ready(generate(model, jax.random.key(0), template, mesh, sampler_cfg))  # compile
+    jax.block_until_ready(
+        generate(model, jax.random.key(0), template, mesh, sampler_cfg)
+    )  # compile
     times, calls = [], []
     for r in range(repeats):
         start = time.perf_counter()
-        out = jax.block_until_ready(generate(model, jax.random.key(r + 1), template, mesh, sampler_cfg))
+        out = jax.block_until_ready(
+            generate(model, jax.random.key(r + 1), template, mesh, sampler_cfg)
+        )
         times.append(time.perf_counter() - start)
         calls.append(float(np.mean(out.calls)))
     return statistics.median(times), float(np.mean(calls))
@@ -62,19 +66,27 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, help="override the preset's sequence length")
     parser.add_argument("--layers", type=int, help="override the preset's number of layers")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--float32", action="store_true", help="float32 matmuls (default: the preset's)")
+    parser.add_argument(
+        "--float32", action="store_true", help="float32 matmuls (default: the preset's)"
+    )
     args = parser.parse_args()
 
     cfg = preset(args.preset)
     changes = {"seq_len": args.seq_len, "num_layers": args.layers}
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **{k: v for k, v in changes.items() if v}))
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, **{k: v for k, v in changes.items() if v})
+    )
     if args.float32:
-        cfg = dataclasses.replace(cfg, execution=dataclasses.replace(cfg.execution, precision=Precision.FLOAT32))
+        cfg = dataclasses.replace(
+            cfg, execution=dataclasses.replace(cfg.execution, precision=Precision.FLOAT32)
+        )
     model = MD4(cfg.model, cfg.diffusion, cfg.execution, key=jax.random.key(0))
     m = cfg.model
     print(f"machine: {machine()}")
-    print(f"model: {args.preset}, {m.num_layers} layers, width {m.width}, vocab {m.vocab_size}, "
-          f"seq {m.seq_len}, {cfg.execution.precision.value}; batch {args.batch}; cosine grid; median of {args.repeats}")
+    print(
+        f"model: {args.preset}, {m.num_layers} layers, width {m.width}, vocab {m.vocab_size}, "
+        f"seq {m.seq_len}, {cfg.execution.precision.value}; batch {args.batch}; cosine grid; median of {args.repeats}"
+    )
     print("| steps | sampler | calls | expected | s/run | tokens/s | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for steps in args.steps:
@@ -83,10 +95,16 @@ def main() -> None:
             sampler_cfg = dataclasses.replace(cfg.sampler, loop=loop, steps=steps)
             seconds, calls = bench(model, sampler_cfg, args.batch, args.repeats)
             base = base or seconds
-            expected = (steps + 1 if loop is Loop.EVERY_STEP
-                        else expected_skip_calls(model.schedule, sampler_cfg, m.seq_len))
-            print(f"| {steps} | {sampler_cfg.rule.value}, {loop.value} | {calls:.1f} | {expected:.1f} | {seconds:.3f} | "
-                  f"{args.batch * m.seq_len / seconds:.4g} | {base / seconds:.2f}x |", flush=True)
+            expected = (
+                steps + 1
+                if loop is Loop.EVERY_STEP
+                else expected_skip_calls(model.schedule, sampler_cfg, m.seq_len)
+            )
+            print(
+                f"| {steps} | {sampler_cfg.rule.value}, {loop.value} | {calls:.1f} | {expected:.1f} | {seconds:.3f} | "
+                f"{args.batch * m.seq_len / seconds:.4g} | {base / seconds:.2f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

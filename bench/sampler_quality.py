@@ -24,6 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from train_step import machine  # bench/train_step.py: this folder is first on sys.path
 
 from md4_eqx import checkpoint
 from md4_eqx.config import Remask, Rule, SamplerConfig, preset
@@ -33,7 +34,6 @@ from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
 from md4_eqx.sampling import generate
 from md4_eqx.train_step import init_state, make_optimizer, make_train_step
-from train_step import machine  # bench/train_step.py: this folder is first on sys.path
 
 BOS = 256  # the scorer's extra token, after the 256 bytes
 
@@ -41,7 +41,9 @@ BOS = 256  # the scorer's extra token, after the 256 bytes
 def train_md4(ds, steps: int, batch: int, mesh) -> tuple[MD4, float]:
     """The tiny preset trained for `steps` at `batch`: (its EMA model, the last 20 steps' mean bits/token)."""
     cfg = preset("tiny")
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps, batch_size=batch))
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, steps=steps, batch_size=batch)
+    )
     optimizer = make_optimizer(cfg.optim, steps)
     state = init_state(cfg, optimizer, mesh)
     step = make_train_step(state, optimizer, mesh, clip=cfg.optim.clip, ema=cfg.optim.ema)
@@ -62,8 +64,15 @@ def train_scorer(ds, steps: int, batch: int, directory: str) -> tuple[int, float
 
     torch.manual_seed(0)
     seq = ds.split("train").seq_len
-    config = GPT2Config(vocab_size=BOS + 1, n_positions=seq + 1, n_embd=128, n_layer=2, n_head=4,
-                        bos_token_id=BOS, eos_token_id=BOS)
+    config = GPT2Config(
+        vocab_size=BOS + 1,
+        n_positions=seq + 1,
+        n_embd=128,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=BOS,
+        eos_token_id=BOS,
+    )
     model = GPT2LMHeadModel(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     loader = BatchLoader(ds.split("train"), batch_size=batch, seed=1)
@@ -99,7 +108,9 @@ def samplers(top_p: float, eta: float) -> dict[str, SamplerConfig]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", help="a tiny-pystdlib training run to load instead of training here")
+    parser.add_argument(
+        "--workdir", help="a tiny-pystdlib training run to load instead of training here"
+    )
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--scorer-steps", type=int, default=300)
@@ -135,16 +146,25 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = dataclasses.replace(cfg, steps=steps)
                 template = jnp.full((args.samples, seq_len), model.mask_id, jnp.int32)
                 out = generate(model, jax.random.key(steps), template, mesh, cfg)
-                rows.append((name, steps, int(out.calls[0]), *quality(scorer, np.asarray(out.tokens))))
-                print(f"{name} at {steps} steps done ({time.perf_counter() - began:.0f} s)", file=sys.stderr)
+                rows.append(
+                    (name, steps, int(out.calls[0]), *quality(scorer, np.asarray(out.tokens)))
+                )
+                print(
+                    f"{name} at {steps} steps done ({time.perf_counter() - began:.0f} s)",
+                    file=sys.stderr,
+                )
 
     m = model.config
-    command = " ".join(["python bench/sampler_quality.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(
+        ["python bench/sampler_quality.py", *(argv if argv is not None else sys.argv[1:])]
+    )
     print(f"`{command}`: {machine()}")
-    print(f"MD4: tiny preset ({m.num_layers} layers, width {m.width}, seq {m.seq_len}), {trained}. "
-          f"Scorer: GPT-2, 2 layers, width 128, {params / 1e6:.2f}M parameters, trained here "
-          f"{args.scorer_steps} steps at batch {args.batch_size} (last train loss {loss:.2f} nats/token). "
-          f"{args.samples} samples of {seq_len} bytes per row; {time.perf_counter() - began:.0f} s in all.\n")
+    print(
+        f"MD4: tiny preset ({m.num_layers} layers, width {m.width}, seq {m.seq_len}), {trained}. "
+        f"Scorer: GPT-2, 2 layers, width 128, {params / 1e6:.2f}M parameters, trained here "
+        f"{args.scorer_steps} steps at batch {args.batch_size} (last train loss {loss:.2f} nats/token). "
+        f"{args.samples} samples of {seq_len} bytes per row; {time.perf_counter() - began:.0f} s in all.\n"
+    )
     print("| sampler | steps | network calls | unigram entropy (nats) | gen. perplexity |")
     print("|---|---|---|---|---|")
     for name, steps, calls, entropy, ppl, stderr in rows:

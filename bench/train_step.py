@@ -35,25 +35,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from md4_eqx import plan
 from md4_eqx.config import PRESETS, Backbone, Config, ModelConfig, Precision, preset
 from md4_eqx.kernels import Impl
 from md4_eqx.kernels.attention import available_impls
-from md4_eqx import plan
 from md4_eqx.parallel import make_mesh
 from md4_eqx.train_step import init_state, make_optimizer, make_train_step
 
 # Dense matmul peaks in TFLOP/s (no sparsity): bfloat16, and float32 as XLA runs it (TF32).
-PEAK_TFLOPS = {"H100": {"bfloat16": 989.0, "float32": 494.0},
-               "H200": {"bfloat16": 989.0, "float32": 494.0},
-               "A100": {"bfloat16": 312.0, "float32": 156.0}}
+PEAK_TFLOPS = {
+    "H100": {"bfloat16": 989.0, "float32": 494.0},
+    "H200": {"bfloat16": 989.0, "float32": 494.0},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
+}
 
 
 # --- The only calls into md4_eqx's training API: update these when that API changes. ---------
-def case_config(name: str, batch: int, attention: str, precision: Precision, head_chunk: int = 0) -> Config:
+def case_config(
+    name: str, batch: int, attention: str, precision: Precision, head_chunk: int = 0
+) -> Config:
     """The preset with this case's batch size, attention implementation, compute dtype and head chunk."""
     config = preset(name)
-    execution = dataclasses.replace(config.execution, attention=Impl(attention), precision=precision,
-                                    head_chunk=head_chunk)
+    execution = dataclasses.replace(
+        config.execution, attention=Impl(attention), precision=precision, head_chunk=head_chunk
+    )
     train = dataclasses.replace(config.train, batch_size=batch, microbatches=1)
     return dataclasses.replace(config, execution=execution, train=train)
 
@@ -63,7 +68,11 @@ def build(config: Config) -> tuple[object, Callable]:
     mesh = make_mesh(1, 1, devices=jax.devices()[:1])
     optimizer = make_optimizer(config.optim, config.train.steps)
     state = init_state(config, optimizer, mesh)
-    return state, make_train_step(state, optimizer, mesh, clip=config.optim.clip, ema=config.optim.ema)
+    return state, make_train_step(
+        state, optimizer, mesh, clip=config.optim.clip, ema=config.optim.ema
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 
 
@@ -90,8 +99,15 @@ def unet_flops_per_token(m: ModelConfig) -> float:
     def block(c_in: int) -> int:
         return 9 * c_in * w + 9 * w * w + (c_in * w if c_in != w else 0)
 
-    macs = (9 * 3 * w * w + m.num_layers * block(w) + 2 * block(w) + 4 * w * w + 2 * pixels * w
-            + (m.num_layers + 1) * block(2 * w) + 9 * w * 3 * m.vocab_size)
+    macs = (
+        9 * 3 * w * w
+        + m.num_layers * block(w)
+        + 2 * block(w)
+        + 4 * w * w
+        + 2 * pixels * w
+        + (m.num_layers + 1) * block(2 * w)
+        + 9 * w * 3 * m.vocab_size
+    )
     return 6.0 * macs / 3
 
 
@@ -105,7 +121,11 @@ def peak_tflops(precision: Precision) -> float | None:
 
 def peak_memory_gib() -> float | None:
     stats = jax.devices()[0].memory_stats()
-    return None if not stats or "peak_bytes_in_use" not in stats else stats["peak_bytes_in_use"] / 2**30
+    return (
+        None
+        if not stats or "peak_bytes_in_use" not in stats
+        else stats["peak_bytes_in_use"] / 2**30
+    )
 
 
 def machine() -> str:
@@ -117,7 +137,9 @@ def machine() -> str:
 def planned_peak_gib(config: Config) -> float:
     """The memory plan's peak per device for this case (md4_eqx.plan: XLA's compiled figures)."""
     mesh = make_mesh(1, 1, devices=jax.devices()[:1])
-    return plan.step_memory(config, mesh, batch=config.train.batch_size, microbatches=1).peak / 2**30
+    return (
+        plan.step_memory(config, mesh, batch=config.train.batch_size, microbatches=1).peak / 2**30
+    )
 
 
 def time_case(config: Config, warmup: int, steps: int) -> dict:
@@ -144,10 +166,15 @@ def time_case(config: Config, warmup: int, steps: int) -> dict:
     seconds = statistics.median(times)
     tokens_per_s = b * m.seq_len / seconds
     peak = peak_tflops(config.execution.precision)
-    return {"ms_per_step": seconds * 1e3, "tokens_per_s": tokens_per_s, "compile_s": compile_s,
-            "mfu": None if peak is None else tokens_per_s * flops_per_token(config) / (peak * 1e12),
-            "peak_memory_gib": peak_memory_gib(), "planned_memory_gib": planned,
-            "bits_per_token": float(metrics.bpt)}
+    return {
+        "ms_per_step": seconds * 1e3,
+        "tokens_per_s": tokens_per_s,
+        "compile_s": compile_s,
+        "mfu": None if peak is None else tokens_per_s * flops_per_token(config) / (peak * 1e12),
+        "peak_memory_gib": peak_memory_gib(),
+        "planned_memory_gib": planned,
+        "bits_per_token": float(metrics.bpt),
+    }
 
 
 def is_out_of_memory(error: Exception) -> bool:
@@ -163,31 +190,51 @@ def main(argv: list[str] | None = None) -> None:
     parser = _Parser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: the preset's)")
-    parser.add_argument("--attention", nargs="+", help="implementations (default: every one this machine has)")
-    parser.add_argument("--precision", nargs="+", choices=[p.value for p in Precision],
-                        default=[p.value for p in Precision])
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per case (median reported)")
+    parser.add_argument(
+        "--attention", nargs="+", help="implementations (default: every one this machine has)"
+    )
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=[p.value for p in Precision],
+        default=[p.value for p in Precision],
+    )
+    parser.add_argument(
+        "--steps", type=int, default=10, help="timed steps per case (median reported)"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    parser.add_argument("--peak-tflops", type=float, help="the device's peak for MFU (default: by device kind)")
-    parser.add_argument("--head-chunk", type=int, default=0,
-                        help="every case computes the loss's head this many tokens at a time (default 0: whole)")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="the device's peak for MFU (default: by device kind)"
+    )
+    parser.add_argument(
+        "--head-chunk",
+        type=int,
+        default=0,
+        help="every case computes the loss's head this many tokens at a time (default 0: whole)",
+    )
     parser.add_argument("--json", help="also write every case's figures to this file")
     args = parser.parse_args(argv)
     impls = tuple(i.value for i in available_impls())
     attention = args.attention or list(impls)
     if unknown := [a for a in attention if a not in impls + ("auto",)]:
-        parser.error(f"--attention {unknown[0]} does not run here; this machine has {impls} (and auto)")
+        parser.error(
+            f"--attention {unknown[0]} does not run here; this machine has {impls} (and auto)"
+        )
     batches = sorted(args.batch or [preset(args.preset).train.batch_size])
     if args.steps < 1 or args.warmup < 0 or min(batches) < 1 or args.head_chunk < 0:
-        parser.error(f"need --steps >= 1, --warmup >= 0, batches >= 1 and --head-chunk >= 0 "
-                     f"(got {args.steps}, {args.warmup}, {batches}, {args.head_chunk})")
+        parser.error(
+            f"need --steps >= 1, --warmup >= 0, batches >= 1 and --head-chunk >= 0 "
+            f"(got {args.steps}, {args.warmup}, {batches}, {args.head_chunk})"
+        )
     if args.peak_tflops is not None:
         PEAK_TFLOPS[jax.devices()[0].device_kind] = dict.fromkeys(args.precision, args.peak_tflops)
 
     chunk = f" --head-chunk {args.head_chunk}" if args.head_chunk else ""
     header = f"`python bench/train_step.py --preset {args.preset}{chunk}`: {machine()}"
     print(header + f", median of {args.steps} steps after compile + {args.warmup}\n")
-    print("| batch | attention | compute | ms/step | tokens/s | MFU | peak GiB | planned GiB | compile s |")
+    print(
+        "| batch | attention | compute | ms/step | tokens/s | MFU | peak GiB | planned GiB | compile s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for batch in batches:
@@ -196,9 +243,15 @@ def main(argv: list[str] | None = None) -> None:
                 if impl == "cudnn" and name == "float32":
                     continue  # cuDNN's fused attention takes only 16-bit inputs
                 config = case_config(args.preset, batch, impl, Precision(name), args.head_chunk)
-                row = {"preset": args.preset, "batch": batch, "attention": impl, "precision": name,
-                       "head_chunk": args.head_chunk,
-                       "seq_len": config.model.seq_len, "flops_per_token": flops_per_token(config)}
+                row = {
+                    "preset": args.preset,
+                    "batch": batch,
+                    "attention": impl,
+                    "precision": name,
+                    "head_chunk": args.head_chunk,
+                    "seq_len": config.model.seq_len,
+                    "flops_per_token": flops_per_token(config),
+                }
                 try:
                     row |= time_case(config, args.warmup, args.steps)
                 except Exception as error:  # noqa: BLE001 - an OOM is a result; anything else is re-raised
@@ -207,9 +260,12 @@ def main(argv: list[str] | None = None) -> None:
                     row["error"] = "out of memory"
                     print(f"| {batch} | {impl} | {name} | out of memory | | | | | |", flush=True)
                 else:
-                    print(f"| {batch} | {impl} | {name} | {row['ms_per_step']:.1f} | {row['tokens_per_s']:,.0f} "
-                          f"| {fmt(row['mfu'], '.1%')} | {fmt(row['peak_memory_gib'], '.1f')} "
-                          f"| {row['planned_memory_gib']:.2f} | {row['compile_s']:.1f} |", flush=True)
+                    print(
+                        f"| {batch} | {impl} | {name} | {row['ms_per_step']:.1f} | {row['tokens_per_s']:,.0f} "
+                        f"| {fmt(row['mfu'], '.1%')} | {fmt(row['peak_memory_gib'], '.1f')} "
+                        f"| {row['planned_memory_gib']:.2f} | {row['compile_s']:.1f} |",
+                        flush=True,
+                    )
                 rows.append(row)
     if args.json:
         with open(args.json, "w") as f:

@@ -22,7 +22,9 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 from md4_eqx.config import Draws
 
 
-def _uniform_halves(key: PRNGKeyArray, shape: tuple[int, ...]) -> tuple[Bool[Array, "..."], Float[Array, "..."]]:
+def _uniform_halves(
+    key: PRNGKeyArray, shape: tuple[int, ...]
+) -> tuple[Bool[Array, "..."], Float[Array, "..."]]:
     """U ~ Uniform(0, 1) as (upper, v): U = 1 - v if upper else v, with v in (0, 1/2] carrying
     float32 relative precision down to 2^-64 (float32's own uniform has absolute steps of 2^-24,
     so it resolves neither U near 0 nor 1 - U near 0). One bit picks the half, 63 bits give v."""
@@ -92,7 +94,9 @@ def top_p_filter(logits: Float[Array, "*b v"], top_p: float) -> Float[Array, "*b
         reaches = mass(mid) >= top_p
         return jnp.where(reaches, mid, lo), jnp.where(reaches, hi, mid)
 
-    top = jax.lax.bitcast_convert_type(jnp.max(probs, axis=-1), jnp.int32) + 1  # <= bits(1.0) + 1 < 2^30
+    top = (
+        jax.lax.bitcast_convert_type(jnp.max(probs, axis=-1), jnp.int32) + 1
+    )  # <= bits(1.0) + 1 < 2^30
     lo, _ = jax.lax.fori_loop(0, 30, halve, (jnp.zeros_like(top), top))
     threshold = jax.lax.bitcast_convert_type(lo, jnp.float32)[..., None]
     return jnp.where(probs >= threshold, logits, -jnp.inf)

@@ -54,9 +54,13 @@ class Checkpoints:
             cleanup_tmp_directories=writer,  # done by process 0 before this manager's first save
             preservation_policy=ocp.checkpoint_managers.LatestN(keep) if writer else None,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "ema", "meta"))
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "ema", "meta")
+        )
 
-    def __enter__(self) -> "Checkpoints":  # not typing.Self: beartype refuses it outside a decorated class
+    def __enter__(
+        self,
+    ) -> "Checkpoints":  # not typing.Self: beartype refuses it outside a decorated class
         return self
 
     def __exit__(self, *exc) -> None:
@@ -75,7 +79,9 @@ class Checkpoints:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(_flat(rest)),
             ema=ocp.args.StandardSave(_flat(eqx.filter(state.ema, eqx.is_array))),
-            meta=ocp.args.JsonSave({"step": step, "config": config_to_json(config), "data": data_state}),
+            meta=ocp.args.JsonSave(
+                {"step": step, "config": config_to_json(config), "data": data_state}
+            ),
         )
         try:
             self._manager.save(step, args=args)
@@ -85,8 +91,10 @@ class Checkpoints:
             reason = os.strerror(int(code.group(1))) if code else first_line(e)
         gc.collect()  # the writes orbax abandoned, finalized now under `_hide_orbax_aftermath`, not at exit
         self._manager.reload()
-        raise CheckpointError(f"checkpoint {step} could not be written to {self.directory} ({reason}); "
-                              f"the newest complete one is step {self.latest_step()}")
+        raise CheckpointError(
+            f"checkpoint {step} could not be written to {self.directory} ({reason}); "
+            f"the newest complete one is step {self.latest_step()}"
+        )
 
     def _read(self, step: int, **items) -> ocp.args.Composite:
         """Restores the named items of checkpoint `step`. What a damaged checkpoint raises becomes
@@ -96,20 +104,26 @@ class Checkpoints:
             return self._manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, OSError, KeyError) as e:
             where = self.directory / str(step)
-            raise CheckpointError(f"checkpoint {where} is unreadable ({type(e).__name__}: {first_line(e)})") from e
+            raise CheckpointError(
+                f"checkpoint {where} is unreadable ({type(e).__name__}: {first_line(e)})"
+            ) from e
 
     def _read_arrays(self, step: int, mesh: Mesh, **items: tuple) -> dict:
         """The named items of checkpoint `step`, each given as (abstract arrays, their partition
         specs), restored onto `mesh`. Orbax restores into the target's shape; a stored array of
         another shape means the checkpoint does not belong to this config."""
         targets = {item: _targets(arrays, specs, mesh) for item, (arrays, specs) in items.items()}
-        flat = self._read(step, **{item: ocp.args.StandardRestore(target) for item, target in targets.items()})
+        flat = self._read(
+            step, **{item: ocp.args.StandardRestore(target) for item, target in targets.items()}
+        )
         for item, target in targets.items():
             for name, want in target.items():
                 got = flat[item][name]
                 if got.shape != want.shape or got.dtype != want.dtype:
-                    raise CheckpointError(f"checkpoint {self.directory / str(step)}: {name} is {got.dtype}"
-                                          f"{list(got.shape)}, the config needs {want.dtype}{list(want.shape)}")
+                    raise CheckpointError(
+                        f"checkpoint {self.directory / str(step)}: {name} is {got.dtype}"
+                        f"{list(got.shape)}, the config needs {want.dtype}{list(want.shape)}"
+                    )
         return {item: _unflat(flat[item], arrays) for item, (arrays, _) in items.items()}
 
     def read_meta(self, step: int | None = None) -> tuple[int, Config, dict]:
@@ -120,33 +134,44 @@ class Checkpoints:
         if step is None:
             step = max(steps)
         elif step not in steps:
-            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; it has {sorted(steps)}")
+            raise CheckpointError(
+                f"no checkpoint for step {step} in {self.directory}; it has {sorted(steps)}"
+            )
         meta = self._read(step, meta=ocp.args.JsonRestore())["meta"]
         try:
             return step, config_from_json(meta["config"]), meta["data"]
         except (KeyError, TypeError, ValueError, ConfigError) as e:
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} has a bad config: {e}") from e
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} has a bad config: {e}"
+            ) from e
 
-    def restore(self, mesh: Mesh, optimizer: optax.GradientTransformation, config: Config) -> tuple[TrainState, dict]:
+    def restore(
+        self, mesh: Mesh, optimizer: optax.GradientTransformation, config: Config
+    ) -> tuple[TrainState, dict]:
         """(state on `mesh`, data position) of the newest checkpoint, the state built for `config`
         (e.g. more steps, another learning rate) once it describes the checkpoint's model
         (`model_differences`; `read_meta` gives the saved config)."""
         step, saved, data_state = self.read_meta()
         if differences := model_differences(saved, config):
             raise CheckpointError(
-                f"the checkpoint in {self.directory.parent} is a different model: {'; '.join(differences)}")
+                f"the checkpoint in {self.directory.parent} is a different model: {'; '.join(differences)}"
+            )
         abstract = eqx.filter_eval_shape(init_state, config, optimizer, mesh)
         arrays, specs = _arrays(abstract), state_specs(abstract, optimizer)
         rest, rest_specs = (eqx.tree_at(lambda s: s.ema, tree, None) for tree in (arrays, specs))
         items = self._read_arrays(step, mesh, state=(rest, rest_specs), ema=(arrays.ema, specs.ema))
-        restored = eqx.tree_at(lambda s: s.ema, items["state"], items["ema"], is_leaf=lambda x: x is None)
+        restored = eqx.tree_at(
+            lambda s: s.ema, items["state"], items["ema"], is_leaf=lambda x: x is None
+        )
         return eqx.combine(restored, abstract), data_state
 
     def load_for_inference(self, step: int, config: Config, mesh: Mesh | None = None) -> MD4:
         """The EMA model of checkpoint `step`, whose config `read_meta` gave, its parameters placed
         on `mesh` (default: the first device); only the EMA is read."""
         mesh = make_mesh(1, 1, jax.devices()[:1]) if mesh is None else mesh
-        abstract = eqx.filter_eval_shape(MD4, config.model, config.diffusion, config.execution, key=jax.random.key(0))
+        abstract = eqx.filter_eval_shape(
+            MD4, config.model, config.diffusion, config.execution, key=jax.random.key(0)
+        )
         arrays = _arrays(abstract)
         ema = self._read_arrays(step, mesh, ema=(arrays, param_specs(arrays)))["ema"]
         return eqx.combine(ema, abstract)
@@ -161,12 +186,18 @@ def _hide_orbax_aftermath() -> None:
     reports outlive the call (and the manager), drop exactly them; anything else is shown."""
     # orbax's commit thread logs, through absl, the exception that `save` then raises.
     logging.getLogger("absl").addFilter(
-        lambda record: "_SignalingThread.run() raised an exception" not in record.getMessage())
+        lambda record: "_SignalingThread.run() raised an exception" not in record.getMessage()
+    )
     # asyncio logs the error of each abandoned read ("Future exception was never retrieved").
     logging.getLogger("asyncio").addFilter(
-        lambda record: not record.getMessage().partition("\n")[0].endswith("exception was never retrieved"))
+        lambda record: (
+            not record.getMessage().partition("\n")[0].endswith("exception was never retrieved")
+        )
+    )
     # An abandoned write that never started: "coroutine '...write_fragment' was never awaited".
-    warnings.filterwarnings("ignore", r"coroutine '.*write_fragment' was never awaited", RuntimeWarning)
+    warnings.filterwarnings(
+        "ignore", r"coroutine '.*write_fragment' was never awaited", RuntimeWarning
+    )
 
     # A read or write that finishes after orbax closed the event loop it was started on: its
     # callback (`loop.call_soon_threadsafe`) raises, unraisably, "Event loop is closed".
@@ -188,8 +219,10 @@ def _name(path) -> str:
 
 def _flat(tree) -> dict[str, Any]:
     """{"model.net.embed.weight": array, ...} for the arrays of a module; PRNG keys as raw data."""
-    return {_name(path): jax.random.key_data(x) if _is_key(x) else x
-            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        _name(path): jax.random.key_data(x) if _is_key(x) else x
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def _unflat(flat: dict[str, Any], like):

@@ -28,8 +28,13 @@ def script_parser(doc: str, **kwargs) -> ArgumentParser:
     """The parser of a script whose docstring is `doc`: its first line describes the script, the
     rest (the example commands) is shown under --help as written."""
     lines = doc.splitlines()
-    return ArgumentParser(description=lines[0], epilog="\n".join(lines[2:]), allow_abbrev=False,
-                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    return ArgumentParser(
+        description=lines[0],
+        epilog="\n".join(lines[2:]),
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        **kwargs,
+    )
 
 
 def run_command(parser: argparse.ArgumentParser, command, argv: list[str] | None) -> int:
@@ -66,7 +71,9 @@ def field_flag(kind: type, auto: str | None = None) -> dict:
         if words:
             word = text.lower() if kind is bool else text
             if word not in words:
-                raise argparse.ArgumentTypeError(f"expected {', '.join(words[:-1])} or {words[-1]}; got {text!r}")
+                raise argparse.ArgumentTypeError(
+                    f"expected {', '.join(words[:-1])} or {words[-1]}; got {text!r}"
+                )
             return word == "true" if kind is bool else kind(word)
         try:
             value = kind(text)
@@ -76,7 +83,9 @@ def field_flag(kind: type, auto: str | None = None) -> dict:
             raise argparse.ArgumentTypeError(f"{auto}={value} must be positive (or auto)")
         return value
 
-    metavar = "{" + ",".join(words) + "}" if words else "{INT,auto}" if auto else kind.__name__.upper()
+    metavar = (
+        "{" + ",".join(words) + "}" if words else "{INT,auto}" if auto else kind.__name__.upper()
+    )
     return {"type": parse, "metavar": metavar}
 
 
@@ -92,8 +101,14 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             flag = f.name.replace("_", "-")
             names = [f"--{section.name}.{flag}"] + ([f"--{flag}"] if flag not in taken else [])
             taken.add(flag)
-            group.add_argument(*names, dest=f"{section.name}.{f.name}", default=argparse.SUPPRESS,
-                               **field_flag(f.type, f.name if section.name == "train" and f.name in AUTO_FIELDS else None))
+            group.add_argument(
+                *names,
+                dest=f"{section.name}.{f.name}",
+                default=argparse.SUPPRESS,
+                **field_flag(
+                    f.type, f.name if section.name == "train" and f.name in AUTO_FIELDS else None
+                ),
+            )
 
 
 def make_config(args: argparse.Namespace) -> tuple[Config, set[str]]:
@@ -103,7 +118,9 @@ def make_config(args: argparse.Namespace) -> tuple[Config, set[str]]:
     sections = {}
     for section in dataclasses.fields(Config):
         prefix = section.name + "."
-        changes = {name.removeprefix(prefix): v for name, v in given.items() if name.startswith(prefix)}
+        changes = {
+            name.removeprefix(prefix): v for name, v in given.items() if name.startswith(prefix)
+        }
         try:
             sections[section.name] = dataclasses.replace(getattr(base, section.name), **changes)
         except ConfigError as e:
@@ -138,7 +155,9 @@ def start_processes(args: argparse.Namespace) -> None:
         if any(v is None for v in explicit):
             raise UsageError("--coordinator, --num-processes and --process-id go together")
         if not 0 <= args.process_id < args.num_processes:
-            raise UsageError(f"--process-id {args.process_id} must lie in [0, {args.num_processes})")
+            raise UsageError(
+                f"--process-id {args.process_id} must lie in [0, {args.num_processes})"
+            )
         initialize(*explicit)
     elif args.distributed:
         initialize()

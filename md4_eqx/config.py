@@ -103,7 +103,9 @@ def _check(config: Any, rule: str, holds: Callable[[Any], bool], *names: str) ->
             raise ConfigError(name, f"{name}={getattr(config, name)} {rule}")
 
 
-UNET_CHANNELS = 3  # sub-pixels per pixel (RGB); the data pipeline flattens images row-major (h, w, c)
+UNET_CHANNELS = (
+    3  # sub-pixels per pixel (RGB); the data pipeline flattens images row-major (h, w, c)
+)
 UNET_GROUPS = 32  # the U-Net's GroupNorm groups (Flax's default, as the VDM U-Net uses)
 
 
@@ -123,24 +125,43 @@ class ModelConfig:
     mlp_hidden: int = 0  # 0: 2/3 of 4 * width rounded up to a multiple of 32 (2048 at width 768)
     cond_dim: int = 64  # width of the time (and class) conditioning vector
     num_classes: int = 0  # > 0 adds a class-label embedding (CIFAR-10: 10), plus a null class
-    label_dropout: float = 0.1  # with classes: P(a training label becomes the null class), for guidance
+    label_dropout: float = (
+        0.1  # with classes: P(a training label becomes the null class), for guidance
+    )
     dropout: float = 0.0
     rope_theta: float = 10_000.0
 
     def __post_init__(self):
-        _check(self, "must be positive", lambda v: v > 0,
-               "vocab_size", "seq_len", "width", "num_layers", "num_heads", "cond_dim")
+        _check(
+            self,
+            "must be positive",
+            lambda v: v > 0,
+            "vocab_size",
+            "seq_len",
+            "width",
+            "num_layers",
+            "num_heads",
+            "cond_dim",
+        )
         _check(self, "must be in [0, 1)", lambda v: 0.0 <= v < 1.0, "dropout", "label_dropout")
         if self.width % self.num_heads:
-            raise ConfigError("width", f"width={self.width} must be a multiple of num_heads={self.num_heads}")
+            raise ConfigError(
+                "width", f"width={self.width} must be a multiple of num_heads={self.num_heads}"
+            )
         if self.backbone is Backbone.UNET:
             side = math.isqrt(self.seq_len // UNET_CHANNELS)
             if UNET_CHANNELS * side * side != self.seq_len:
-                raise ConfigError("seq_len", f"the U-Net needs seq_len = {UNET_CHANNELS} * side^2 sub-pixels, "
-                                             f"got {self.seq_len}")
+                raise ConfigError(
+                    "seq_len",
+                    f"the U-Net needs seq_len = {UNET_CHANNELS} * side^2 sub-pixels, "
+                    f"got {self.seq_len}",
+                )
             if self.width % UNET_GROUPS:
-                raise ConfigError("width", f"the U-Net's GroupNorm needs width={self.width} to be a multiple "
-                                           f"of {UNET_GROUPS}")
+                raise ConfigError(
+                    "width",
+                    f"the U-Net's GroupNorm needs width={self.width} to be a multiple "
+                    f"of {UNET_GROUPS}",
+                )
 
     @property
     def head_dim(self) -> int:
@@ -166,7 +187,9 @@ class ExecutionConfig:
     attention: Impl = Impl.AUTO  # which kernel (md4_eqx/kernels/attention.py)
     remat: bool = False  # rematerialise each block in the backward pass
     unroll_layers: bool = True  # straight-line blocks (faster steps); False, or remat: a rolled loop (faster compiles)
-    head_chunk: int = 0  # > 0: the loss runs the output head on this many tokens at a time (MD4.readout)
+    head_chunk: int = (
+        0  # > 0: the loss runs the output head on this many tokens at a time (MD4.readout)
+    )
 
     def __post_init__(self):
         _check(self, "must be 0 (off) or a token count", lambda v: v >= 0, "head_chunk")
@@ -189,7 +212,9 @@ class DiffusionConfig:
         _check(self, "must be positive", lambda v: v > 0, "exponent")
         _check(self, "must be >= 0 (0 means continuous time)", lambda v: v >= 0, "timesteps")
         if self.learnable and self.timesteps:
-            raise ConfigError("timesteps", "GenMD4 (learnable=True) is a continuous-time model: set timesteps=0")
+            raise ConfigError(
+                "timesteps", "GenMD4 (learnable=True) is a continuous-time model: set timesteps=0"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +237,10 @@ class SamplerConfig:
         _check(self, "must be positive", lambda v: v > 0, "steps")
         _check(self, "must be in [0, 1]", lambda v: 0.0 <= v <= 1.0, "eta")
         if not 0.0 <= self.remask_until < self.remask_from <= 1.0:
-            raise ConfigError("remask_from", f"need 0 <= remask_until={self.remask_until} < remask_from={self.remask_from} <= 1")
+            raise ConfigError(
+                "remask_from",
+                f"need 0 <= remask_until={self.remask_until} < remask_from={self.remask_from} <= 1",
+            )
         _check(self, "must be in (0, 1]", lambda v: 0.0 < v <= 1.0, "top_p")
 
 
@@ -244,7 +272,9 @@ class TrainConfig:
     """The training loop: batch, length of the run, logging, evaluation and checkpoints."""
 
     dataset: str = "pystdlib"
-    batch_size: int = 512  # global batch, over every device and microbatch; AUTO: the largest that fits
+    batch_size: int = (
+        512  # global batch, over every device and microbatch; AUTO: the largest that fits
+    )
     microbatches: int = 1  # gradient accumulation: the batch is split into this many chunks; AUTO: the fewest that fit
     steps: int = 1_000_000
     seed: int = 0
@@ -259,11 +289,25 @@ class TrainConfig:
 
     def __post_init__(self):
         _check(self, "must be positive (or auto)", lambda v: v >= 0, *AUTO_FIELDS)
-        _check(self, "must be positive", lambda v: v > 0, "steps", "log_every", "eval_every", "eval_batches",
-               "eval_draws", "checkpoint_every", "keep_checkpoints", "max_bad_steps")
+        _check(
+            self,
+            "must be positive",
+            lambda v: v > 0,
+            "steps",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "eval_draws",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_bad_steps",
+        )
         if self.microbatches and self.batch_size % self.microbatches:
-            raise ConfigError("batch_size", f"batch_size={self.batch_size} must be a multiple of "
-                                            f"microbatches={self.microbatches}")
+            raise ConfigError(
+                "batch_size",
+                f"batch_size={self.batch_size} must be a multiple of "
+                f"microbatches={self.microbatches}",
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +324,9 @@ class Config:
 
 def _md4_s() -> Config:
     """The paper's MD4-S on OpenWebText: seq 1024, else the defaults (12 layers, width 768, GLU, linear, batch 512)."""
-    return Config(model=ModelConfig(vocab_size=50257, seq_len=1024), train=TrainConfig(dataset="owt"))
+    return Config(
+        model=ModelConfig(vocab_size=50257, seq_len=1024), train=TrainConfig(dataset="owt")
+    )
 
 
 def _text8() -> Config:
@@ -296,8 +342,16 @@ def _cifar10() -> Config:
     makes it class-conditional; `--backbone transformer` runs the transformer over the 3,072
     flattened sub-pixels instead."""
     return Config(
-        model=ModelConfig(backbone=Backbone.UNET, vocab_size=256, seq_len=3072, width=128, num_layers=32, num_heads=1,
-                          cond_dim=128, dropout=0.1),
+        model=ModelConfig(
+            backbone=Backbone.UNET,
+            vocab_size=256,
+            seq_len=3072,
+            width=128,
+            num_layers=32,
+            num_heads=1,
+            cond_dim=128,
+            dropout=0.1,
+        ),
         execution=ExecutionConfig(precision=Precision.FLOAT32),
         diffusion=DiffusionConfig(schedule=Schedule.LINEAR, timesteps=0),
         sampler=SamplerConfig(rule=Rule.ANCESTRAL, steps=256, grid=TimeGrid.COSINE),
@@ -318,8 +372,16 @@ def _tiny() -> Config:
         execution=ExecutionConfig(precision=Precision.FLOAT32),
         sampler=SamplerConfig(rule=Rule.TOP_P, steps=128, top_p=0.8),
         optim=OptimConfig(lr=2e-3, warmup=50, ema=0.99),
-        train=TrainConfig(dataset="pystdlib", batch_size=64, steps=600, log_every=20, eval_every=200, eval_batches=8,
-                          eval_draws=8, checkpoint_every=200),
+        train=TrainConfig(
+            dataset="pystdlib",
+            batch_size=64,
+            steps=600,
+            log_every=20,
+            eval_every=200,
+            eval_batches=8,
+            eval_draws=8,
+            checkpoint_every=200,
+        ),
     )
 
 
@@ -339,8 +401,10 @@ def preset(name: str) -> Config:
 
 def config_to_json(config: Config) -> dict[str, dict[str, Any]]:
     """{section: {field: value}} with enums as their values."""
-    return {section: {k: v.value if isinstance(v, enum.Enum) else v for k, v in fields.items()}
-            for section, fields in dataclasses.asdict(config).items()}
+    return {
+        section: {k: v.value if isinstance(v, enum.Enum) else v for k, v in fields.items()}
+        for section, fields in dataclasses.asdict(config).items()
+    }
 
 
 def config_from_json(data: dict) -> Config:
@@ -356,11 +420,15 @@ def config_from_json(data: dict) -> Config:
         values = data.get(section.name, {})
         kinds = {f.name: f.type for f in dataclasses.fields(section.type)}
         if unknown := set(values) - set(kinds):
-            raise ConfigError(section.name, f"unknown config fields {section.name}.{sorted(unknown)}")
-        sections[section.name] = section.type(**{
-            name: kinds[name](value) if isinstance(kinds[name], enum.EnumMeta) else value
-            for name, value in values.items()
-        })
+            raise ConfigError(
+                section.name, f"unknown config fields {section.name}.{sorted(unknown)}"
+            )
+        sections[section.name] = section.type(
+            **{
+                name: kinds[name](value) if isinstance(kinds[name], enum.EnumMeta) else value
+                for name, value in values.items()
+            }
+        )
     return Config(**sections)
 
 
@@ -369,5 +437,8 @@ def model_differences(saved: Config, config: Config) -> list[str]:
     (`model`, whole), the diffusion process, and the dataset."""
     old, new = config_to_json(saved), config_to_json(config)
     fields = [(section, name) for section in ("model", "diffusion") for name in old[section]]
-    return [f"{s}.{name}: {old[s][name]} -> {new[s][name]}" for s, name in [*fields, ("train", "dataset")]
-            if old[s][name] != new[s][name]]
+    return [
+        f"{s}.{name}: {old[s][name]} -> {new[s][name]}"
+        for s, name in [*fields, ("train", "dataset")]
+        if old[s][name] != new[s][name]
+    ]

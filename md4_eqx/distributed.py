@@ -17,7 +17,9 @@ from jaxtyping import Array, Shaped
 from md4_eqx.parallel import DATA
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
+def initialize(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
     """`jax.distributed.initialize`; call it before any other use of JAX.
 
     Give all three arguments to launch by hand (`host:port` of process 0, the number of
@@ -31,15 +33,25 @@ def batch_part(mesh: Mesh) -> tuple[int, int]:
     """(index, count): this process's devices hold the index-th of `count` equal, contiguous
     parts of every global batch split over `data` (pass them to the data loader as its
     process_index and process_count). Processes that differ only along `model` share a part."""
-    rows = sorted({i for (i, _), device in np.ndenumerate(mesh.devices) if device.process_index == jax.process_index()})
+    rows = sorted(
+        {
+            i
+            for (i, _), device in np.ndenumerate(mesh.devices)
+            if device.process_index == jax.process_index()
+        }
+    )
     size, data = len(rows), mesh.shape[DATA]
     if rows != list(range(rows[0], rows[0] + size)) or rows[0] % size or data % size:
-        raise ValueError(f"process {jax.process_index()} holds rows {rows} of the mesh's data axis: not one "
-                         f"of equal contiguous parts (order the mesh's devices by process)")
+        raise ValueError(
+            f"process {jax.process_index()} holds rows {rows} of the mesh's data axis: not one "
+            f"of equal contiguous parts (order the mesh's devices by process)"
+        )
     return rows[0] // size, data // size
 
 
-def global_batch(local: Shaped[np.ndarray, "b_local *rest"], mesh: Mesh) -> Shaped[Array, "b *rest"]:
+def global_batch(
+    local: Shaped[np.ndarray, "b_local *rest"], mesh: Mesh
+) -> Shaped[Array, "b *rest"]:
     """The global batch [B, ...] split over `data`, from this process's part [B / count, ...]
     (see `batch_part`); with one process it is simply `local` placed on the mesh."""
     _, count = batch_part(mesh)
@@ -55,4 +67,6 @@ def gather(x: Shaped[Array, "..."]) -> np.ndarray:
 
 def replicated_on_mesh(x: Shaped[np.ndarray, "b *rest"], mesh: Mesh) -> Shaped[Array, "b *rest"]:
     """A host array every process holds in full -> a global array split over `data`."""
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, P(DATA)), lambda index: x[index])
+    return jax.make_array_from_callback(
+        x.shape, NamedSharding(mesh, P(DATA)), lambda index: x[index]
+    )

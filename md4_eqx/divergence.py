@@ -32,14 +32,20 @@ class BadSteps:
             self.streak = 0
             return None
         self.streak += 1
-        self.last = {"step": step, "skipped": self.streak, "train_bpt": str(float(metrics.bpt)),
-                     "grad_norm": str(float(metrics.grad_norm))}
+        self.last = {
+            "step": step,
+            "skipped": self.streak,
+            "train_bpt": str(float(metrics.bpt)),
+            "grad_norm": str(float(metrics.grad_norm)),
+        }
         return self.last
 
     def check(self) -> None:
         """Raises `Diverged` once `limit` steps in a row were skipped."""
         if self.streak >= self.limit:
             last = self.last
-            raise Diverged(f"{self.streak} non-finite steps in a row (the last: step {last['step']}, loss "
-                           f"{last['train_bpt']} bits/token, gradient norm {last['grad_norm']}); the "
-                           f"checkpoints are from before them")
+            raise Diverged(
+                f"{self.streak} non-finite steps in a row (the last: step {last['step']}, loss "
+                f"{last['train_bpt']} bits/token, gradient norm {last['grad_norm']}); the "
+                f"checkpoints are from before them"
+            )

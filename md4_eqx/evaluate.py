@@ -20,8 +20,13 @@ from md4_eqx.parallel import DATA, batch_specs, example_ids, shard_map_modules
 
 
 @eqx.filter_jit
-def nelbo(model: MD4, key: PRNGKeyArray, tokens: Int[Array, "b l"], mesh: Mesh,
-          labels: Int[Array, " b"] | None = None) -> Float[Array, " b"]:
+def nelbo(
+    model: MD4,
+    key: PRNGKeyArray,
+    tokens: Int[Array, "b l"],
+    mesh: Mesh,
+    labels: Int[Array, " b"] | None = None,
+) -> Float[Array, " b"]:
     """The NELBO of each sequence in nats, one Monte Carlo time draw each (antithetic across the
     batch when the config says so); divide by L ln 2 for bits per token. The batch splits evenly
     over the mesh's `data` axis (`md4_eqx.validate`)."""
@@ -34,8 +39,13 @@ def nelbo(model: MD4, key: PRNGKeyArray, tokens: Int[Array, "b l"], mesh: Mesh,
     return shard_map_modules(local, mesh, batch_specs, P(DATA))(model, key, tokens, labels)
 
 
-def nelbo_draws(model: MD4, key: PRNGKeyArray, batches: Iterable[tuple[Int[Array, "b l"], Int[Array, " b"] | None]],
-                mesh: Mesh, draws: int) -> Float[np.ndarray, "draws n"]:
+def nelbo_draws(
+    model: MD4,
+    key: PRNGKeyArray,
+    batches: Iterable[tuple[Int[Array, "b l"], Int[Array, " b"] | None]],
+    mesh: Mesh,
+    draws: int,
+) -> Float[np.ndarray, "draws n"]:
     """The NELBO in nats of every sequence of `batches` (n in all) under `draws` independent draws
     of (t, z_t): batch i of draw d has the key fold_in(fold_in(key, d), i), so row d is exactly
     the training-time evaluation with key fold_in(key, d)."""
@@ -43,7 +53,9 @@ def nelbo_draws(model: MD4, key: PRNGKeyArray, batches: Iterable[tuple[Int[Array
     columns = []
     for i, (tokens, labels) in enumerate(batches):
         per_draw = [nelbo(model, jax.random.fold_in(k, i), tokens, mesh, labels) for k in draw_keys]
-        columns.append(np.stack([gather(x).astype(np.float64) for x in per_draw]))  # (draws, b), every process
+        columns.append(
+            np.stack([gather(x).astype(np.float64) for x in per_draw])
+        )  # (draws, b), every process
     if not columns:
         raise DataError("no batches to evaluate: the split is empty")
     return np.concatenate(columns, axis=1)
@@ -96,10 +108,16 @@ class NelboEstimate:
     def to_json(self) -> dict:
         ppl_se = self.perplexity * math.log(2.0)  # d(2^bits) / d(bits): the delta method
         return {
-            "bits_per_token": self.bits_per_token, "mc_stderr": self.mc_stderr, "stderr": self.stderr,
-            "perplexity": self.perplexity, "perplexity_mc_stderr": ppl_se * self.mc_stderr,
-            "perplexity_stderr": ppl_se * self.stderr, "draws": len(self.per_draw),
-            "sequences": len(self.per_sequence), "seq_len": self.seq_len, "per_draw": list(self.per_draw),
+            "bits_per_token": self.bits_per_token,
+            "mc_stderr": self.mc_stderr,
+            "stderr": self.stderr,
+            "perplexity": self.perplexity,
+            "perplexity_mc_stderr": ppl_se * self.mc_stderr,
+            "perplexity_stderr": ppl_se * self.stderr,
+            "draws": len(self.per_draw),
+            "sequences": len(self.per_sequence),
+            "seq_len": self.seq_len,
+            "per_draw": list(self.per_draw),
         }
 
 

@@ -39,7 +39,9 @@ class Perplexity:
     def stderr(self) -> float:
         """Delta-method standard error over samples of the pooled ratio (NaN for one sample)."""
         nll, scored = np.asarray(self.nll), np.asarray(self.scored, np.float64)
-        residual = (nll - nll.sum() / scored.sum() * scored) / scored.mean()  # linearised ratio estimator
+        residual = (
+            nll - nll.sum() / scored.sum() * scored
+        ) / scored.mean()  # linearised ratio estimator
         return self.value * standard_error(tuple(residual.tolist()))
 
 
@@ -50,7 +52,9 @@ class CausalLM:
         try:
             import torch
         except ImportError:
-            raise ScoringError("generative perplexity needs PyTorch: pip install md4-eqx[eval]") from None
+            raise ScoringError(
+                "generative perplexity needs PyTorch: pip install md4-eqx[eval]"
+            ) from None
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
@@ -58,7 +62,9 @@ class CausalLM:
         try:
             self.model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
         except (OSError, ValueError) as e:
-            raise ScoringError(f"cannot load the causal LM {name_or_path!r}: {first_line(e)}") from None
+            raise ScoringError(
+                f"cannot load the causal LM {name_or_path!r}: {first_line(e)}"
+            ) from None
         self.model.to(self.device).eval()
         try:
             self.tokenizer: Any = AutoTokenizer.from_pretrained(name_or_path)
@@ -66,14 +72,18 @@ class CausalLM:
             self.tokenizer = None
         self.name = name_or_path
         cfg = self.model.config
-        self.context = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", 1024)
+        self.context = getattr(cfg, "n_positions", None) or getattr(
+            cfg, "max_position_embeddings", 1024
+        )
         self.vocab_size: int = cfg.vocab_size
         self.bos: int | None = cfg.bos_token_id
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """The texts in this model's tokens (no special tokens added)."""
         if self.tokenizer is None:
-            raise ScoringError(f"{self.name} has no tokenizer: score the samples' token ids (--tokens)")
+            raise ScoringError(
+                f"{self.name} has no tokenizer: score the samples' token ids (--tokens)"
+            )
         return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
     def windows(self, ids: Sequence[int]) -> list[list[int]]:
@@ -90,7 +100,9 @@ class CausalLM:
         torch = self.torch
         for i, ids in enumerate(samples):
             if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
-                raise ScoringError(f"sample {i} has token ids outside {self.name}'s vocabulary of {self.vocab_size}")
+                raise ScoringError(
+                    f"sample {i} has token ids outside {self.name}'s vocabulary of {self.vocab_size}"
+                )
         windows = [(i, w) for i, ids in enumerate(samples) for w in self.windows(ids) if len(w) > 1]
         nll, scored = np.zeros(len(samples)), np.zeros(len(samples), np.int64)
         with torch.no_grad():
@@ -98,12 +110,20 @@ class CausalLM:
                 owners, batch = zip(*windows[start : start + batch_size])
                 width = max(map(len, batch))
                 ids = torch.tensor([w + [0] * (width - len(w)) for w in batch], device=self.device)
-                present = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w in batch], device=self.device)
-                logits = self.model(input_ids=ids, attention_mask=present).logits.float()  # (b, w, V)
-                logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+                present = torch.tensor(
+                    [[1] * len(w) + [0] * (width - len(w)) for w in batch], device=self.device
+                )
+                logits = self.model(
+                    input_ids=ids, attention_mask=present
+                ).logits.float()  # (b, w, V)
+                logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[
+                    ..., 0
+                ]
                 target = present[:, 1:].bool()  # (b, w - 1): predicted tokens that exist
                 per_window = -(logp * target).sum(dim=1)
-                np.add.at(nll, list(owners), per_window.tolist())  # a sample may own several windows
+                np.add.at(
+                    nll, list(owners), per_window.tolist()
+                )  # a sample may own several windows
                 np.add.at(scored, list(owners), target.sum(dim=1).tolist())
         if scored.sum() == 0:
             raise ScoringError("no token to score: the samples are empty")

@@ -22,13 +22,17 @@ from md4_eqx.kernels import Impl, attention
 from md4_eqx.parallel import MODEL, Sharded, Split, psum, vocab_offset
 
 
-def truncated_normal(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int, scale: float = 1.0) -> Array:
+def truncated_normal(
+    key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int, scale: float = 1.0
+) -> Array:
     """Fan-in truncated normal with variance scale / fan_in (Flax's variance_scaling, e.g. LeCun
     normal). Drawn flat and reshaped: the same numbers as a draw of `shape` (JAX's threefry
     counts the elements in row-major order), but a rank-1 draw compiles in a quarter of the time
     of a rank-4 one, which is most of the time it takes to build a model outside `jit`."""
     std = math.sqrt(scale / fan_in) / 0.87962566103423978  # std of N(0,1) truncated to [-2, 2]
-    return std * jax.random.truncated_normal(key, -2.0, 2.0, (math.prod(shape),), jnp.float32).reshape(shape)
+    return std * jax.random.truncated_normal(
+        key, -2.0, 2.0, (math.prod(shape),), jnp.float32
+    ).reshape(shape)
 
 
 def embedding_table(key: PRNGKeyArray, rows: int, width: int) -> Float[Array, "rows width"]:
@@ -44,8 +48,15 @@ class Linear(Sharded):
     split: Split = eqx.field(static=True)
 
     def __init__(
-        self, fan_in: int, fan_out: int, *, key: PRNGKeyArray, split: Split = Split.REPLICATED,
-        scale: float = 1.0, zero: bool = False, bias: bool = False,
+        self,
+        fan_in: int,
+        fan_out: int,
+        *,
+        key: PRNGKeyArray,
+        split: Split = Split.REPLICATED,
+        scale: float = 1.0,
+        zero: bool = False,
+        bias: bool = False,
     ):
         if bias and split is not Split.REPLICATED:
             raise ValueError(f"a bias is only supported on replicated layers, not {split=}")
@@ -54,9 +65,13 @@ class Linear(Sharded):
         self.bias = jnp.zeros((fan_out,)) if bias else None
         self.split = split
 
-    def __call__(self, x: Float[Array, "*b fan_in"], dtype: jnp.dtype = jnp.float32) -> Float[Array, "*b fan_out"]:
+    def __call__(
+        self, x: Float[Array, "*b fan_in"], dtype: jnp.dtype = jnp.float32
+    ) -> Float[Array, "*b fan_out"]:
         """x W (+ b), accumulated in float32 (and summed over `model`), returned in `dtype`."""
-        y = jnp.einsum("...i,io->...o", x, self.weight.astype(x.dtype), preferred_element_type=jnp.float32)
+        y = jnp.einsum(
+            "...i,io->...o", x, self.weight.astype(x.dtype), preferred_element_type=jnp.float32
+        )
         if self.split is Split.ROW:
             y = psum(y, MODEL)  # partial sums over the split input features
         y = y if self.bias is None else y + self.bias[(None,) * (y.ndim - 1)]
@@ -90,7 +105,10 @@ def layer_norm(x: Float[Array, "*b d"]) -> Float[Array, "*b d"]:
 
 @functools.partial(jax.checkpoint, static_argnums=3)
 def ada_norm(
-    x: Float[Array, "b l d"], shift: Float[Array, "b 1 d"], scale: Float[Array, "b 1 d"], dtype: jnp.dtype
+    x: Float[Array, "b l d"],
+    shift: Float[Array, "b 1 d"],
+    scale: Float[Array, "b 1 d"],
+    dtype: jnp.dtype,
 ) -> Float[Array, "b l d"]:
     """adaLN: LN(x) (1 + scale) + shift, in `dtype`. Recomputed from x in the backward pass (x is
     kept anyway), so the float32 [b, l, d] intermediates of the norm are never stored."""
@@ -99,7 +117,9 @@ def ada_norm(
 
 def activation(kind: MLPKind):
     """The gate activation of a GLU-family MLP; adaLN uses the same one (MD4_MATH.md)."""
-    return {MLPKind.GLU: jax.nn.sigmoid, MLPKind.SWIGLU: jax.nn.swish, MLPKind.GEGLU: jax.nn.gelu}[kind]
+    return {MLPKind.GLU: jax.nn.sigmoid, MLPKind.SWIGLU: jax.nn.swish, MLPKind.GEGLU: jax.nn.gelu}[
+        kind
+    ]
 
 
 def rope(x: Float[Array, "b l h d"], theta: float) -> Float[Array, "b l h d"]:
@@ -107,12 +127,17 @@ def rope(x: Float[Array, "b l h d"], theta: float) -> Float[Array, "b l h d"]:
     seq, half = x.shape[1], x.shape[-1] // 2
     freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (d/2,)
     angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None, :]  # (l, d/2)
-    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]  # (1, l, 1, d/2)
+    cos, sin = (
+        jnp.cos(angles)[None, :, None, :],
+        jnp.sin(angles)[None, :, None, :],
+    )  # (1, l, 1, d/2)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
-def dropout(x: Float[Array, "b *rest"], rate: float, keys: Key[Array, " b"] | None) -> Float[Array, "b *rest"]:
+def dropout(
+    x: Float[Array, "b *rest"], rate: float, keys: Key[Array, " b"] | None
+) -> Float[Array, "b *rest"]:
     """Inverted dropout with one key per example (keys=None: inference, identity)."""
     if keys is None or rate == 0.0:
         return x
@@ -137,7 +162,9 @@ class Attention(eqx.Module):
 
     def __init__(self, width: int, num_heads: int, *, key: PRNGKeyArray, rope_theta: float):
         kq, kk, kv, ko = jax.random.split(key, 4)
-        self.wq, self.wk, self.wv = (Linear(width, width, key=k, split=Split.COLUMN) for k in (kq, kk, kv))
+        self.wq, self.wk, self.wv = (
+            Linear(width, width, key=k, split=Split.COLUMN) for k in (kq, kk, kv)
+        )
         self.wo = Linear(width, width, key=ko, split=Split.ROW)
         self.head_dim = width // num_heads
         self.rope_theta = rope_theta
@@ -148,7 +175,11 @@ class Attention(eqx.Module):
         def heads(proj: Linear) -> Float[Array, "b l h hd"]:
             return proj(x, x.dtype).reshape(b, l, -1, self.head_dim)  # local heads
 
-        q, k, v = rope(heads(self.wq), self.rope_theta), rope(heads(self.wk), self.rope_theta), heads(self.wv)
+        q, k, v = (
+            rope(heads(self.wq), self.rope_theta),
+            rope(heads(self.wk), self.rope_theta),
+            heads(self.wv),
+        )
         out = attention(q, k, v, impl=impl)  # (b, l, h_local, hd)
         return self.wo(out.reshape(b, l, -1), x.dtype)  # in x's (compute) dtype
 
@@ -194,11 +225,15 @@ class Conditioning(eqx.Module):
     def __init__(self, dim: int, num_classes: int, *, key: PRNGKeyArray):
         kc, k1, k2 = jax.random.split(key, 3)
         self.class_embed = embedding_table(kc, num_classes + 1, dim) if num_classes else None
-        self.dense1 = Linear(dim * (2 if num_classes else 1), 4 * dim, key=k1, bias=True)  # [time_emb, class_emb]
+        self.dense1 = Linear(
+            dim * (2 if num_classes else 1), 4 * dim, key=k1, bias=True
+        )  # [time_emb, class_emb]
         self.dense2 = Linear(4 * dim, dim, key=k2, bias=True)
         self.dim = dim
 
-    def __call__(self, t: Float[Array, " b"], labels: Int[Array, " b"] | None) -> Float[Array, "b c"]:
+    def __call__(
+        self, t: Float[Array, " b"], labels: Int[Array, " b"] | None
+    ) -> Float[Array, "b c"]:
         h = time_embedding(t, self.dim)
         if self.class_embed is not None:
             if labels is None:

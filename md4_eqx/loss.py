@@ -16,8 +16,9 @@ from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray
 from md4_eqx.model import MD4
 from md4_eqx.parallel import MODEL, psum, vocab_gather, vocab_log_normaliser, vocab_offset
 
-
-LABEL_STREAM = 1  # fold_in(key, LABEL_STREAM): the label dropout's key, apart from the split in `losses`
+LABEL_STREAM = (
+    1  # fold_in(key, LABEL_STREAM): the label dropout's key, apart from the split in `losses`
+)
 
 
 class Losses(NamedTuple):
@@ -50,7 +51,9 @@ def forward_mask(
     return jnp.where(u < alpha, x, mask_id)
 
 
-def log_probs_at(logits: Float[Array, "*n v_local"], x: Int[Array, "*n"], vocab_size: int) -> Float[Array, "*n"]:
+def log_probs_at(
+    logits: Float[Array, "*n v_local"], x: Int[Array, "*n"], vocab_size: int
+) -> Float[Array, "*n"]:
     """log mu_theta[x] at every position: a gather and a distributed log-normaliser, no one-hot."""
     return vocab_gather(logits, x) - vocab_log_normaliser(logits, vocab_size)
 
@@ -66,8 +69,12 @@ def drop_labels(
 
 
 def md4_losses(
-    model: MD4, x: Int[Array, "b l"], labels: Int[Array, " b"] | None, keys: Key[Array, " b"],
-    t: Float[Array, " b"], dropout_keys: Key[Array, " b"] | None,
+    model: MD4,
+    x: Int[Array, "b l"],
+    labels: Int[Array, " b"] | None,
+    keys: Key[Array, " b"],
+    t: Float[Array, " b"],
+    dropout_keys: Key[Array, " b"] | None,
 ) -> Losses:
     """MD4's NELBO, given the batch's randomness (drawn in `losses`). Continuous time (timesteps
     = 0), MD4_MATH.md "Continuous-time NELBO":
@@ -81,20 +88,29 @@ def md4_losses(
         big_t = cfg.timesteps
         t = (jnp.floor(t * big_t) + 1.0) / big_t  # round up to the grid: t in {1/T, ..., 1}
         mask_t = schedule.mask_prob(t)
-        weight = -big_t * (mask_t - schedule.mask_prob(t - 1.0 / big_t)) / mask_t  # (alpha_s - alpha_t) / (1 - alpha_t)
+        weight = (
+            -big_t * (mask_t - schedule.mask_prob(t - 1.0 / big_t)) / mask_t
+        )  # (alpha_s - alpha_t) / (1 - alpha_t)
     else:
         weight = schedule.weight(t)
-    z = forward_mask(jax.vmap(jax.random.split)(keys)[:, 0], x, schedule.alpha(t)[:, None], model.mask_id)
+    z = forward_mask(
+        jax.vmap(jax.random.split)(keys)[:, 0], x, schedule.alpha(t)[:, None], model.mask_id
+    )
     log_probs = functools.partial(log_probs_at, vocab_size=model.vocab_size)
     logp = model.readout(log_probs, z, t, labels, x, keys=dropout_keys)
     masked = z == model.mask_id  # (b, l)
     diffusion = weight * jnp.sum(jnp.where(masked, logp, 0.0), axis=-1)  # (b,)
-    recon = jnp.full_like(diffusion, x.shape[1] * schedule.mask_prob(jnp.zeros(())) * math.log(model.vocab_size))
+    recon = jnp.full_like(
+        diffusion, x.shape[1] * schedule.mask_prob(jnp.zeros(())) * math.log(model.vocab_size)
+    )
     return Losses(diffusion, recon, diffusion + recon)
 
 
 def genmd4_token_terms(
-    logits: Float[Array, "*n v_local"], x: Int[Array, "*n"], w: Float[Array, " v_pad"], vocab_size: int
+    logits: Float[Array, "*n v_local"],
+    x: Int[Array, "*n"],
+    w: Float[Array, " v_pad"],
+    vocab_size: int,
 ) -> tuple[Float[Array, "*n"], Float[Array, "*n"]]:
     """What GenMD4's integrand needs of mu_theta at each token: log p[x] and sum_v w_v p[v].
     `w` is padded to the padded vocabulary (zeros past V) so each device takes its slice."""
@@ -107,8 +123,11 @@ def genmd4_token_terms(
 
 
 def genmd4_integrand(
-    logp: Float[Array, "b l"], expected_w: Float[Array, "b l"], w_x: Float[Array, "b l"],
-    t: Float[Array, " b"], masked: Bool[Array, "b l"],
+    logp: Float[Array, "b l"],
+    expected_w: Float[Array, "b l"],
+    w_x: Float[Array, "b l"],
+    t: Float[Array, " b"],
+    masked: Bool[Array, "b l"],
 ) -> Float[Array, " b"]:
     """GenMD4's diffusion term for one draw of z_t (MD4_MATH.md, "GenMD4"):
         L_diff = sum_{i masked} sum_v (-w_v / t) [(log p[x^i] + 1) 1{v = x^i} - p[v]]
@@ -120,8 +139,12 @@ def genmd4_integrand(
 
 
 def genmd4_losses(
-    model: MD4, x: Int[Array, "b l"], labels: Int[Array, " b"] | None, keys: Key[Array, " b"],
-    t: Float[Array, " b"], dropout_keys: Key[Array, " b"] | None,
+    model: MD4,
+    x: Int[Array, "b l"],
+    labels: Int[Array, " b"] | None,
+    keys: Key[Array, " b"],
+    t: Float[Array, " b"],
+    dropout_keys: Key[Array, " b"] | None,
 ) -> Losses:
     """GenMD4's NELBO with the RLOO REINFORCE estimator for the schedule's gradient: two draws
     z1, z2 of z_t, surrogate = (L1 + L2) / 2 + sg(L1 - L2) / 2 * (log q(z1|x) - log q(z2|x))."""
@@ -147,15 +170,25 @@ def genmd4_losses(
     (l1, q1), (l2, q2) = one_draw(1), one_draw(2)
     diffusion = 0.5 * (l1 + l2)
     surrogate = diffusion + 0.5 * jax.lax.stop_gradient(l1 - l2) * (q1 - q2)
-    log_t1 = math.log(cfg.t1)  # recon = sum_i -(1 - eps) t1^{w_x} (w_x log t1 - logsumexp_v(w_v log t1))
-    per_token = -(1.0 - learned.eps) * jnp.exp(w_x * log_t1) * (w_x * log_t1 - jax.nn.logsumexp(w * log_t1))
+    log_t1 = math.log(
+        cfg.t1
+    )  # recon = sum_i -(1 - eps) t1^{w_x} (w_x log t1 - logsumexp_v(w_v log t1))
+    per_token = (
+        -(1.0 - learned.eps) * jnp.exp(w_x * log_t1) * (w_x * log_t1 - jax.nn.logsumexp(w * log_t1))
+    )
     recon = jnp.sum(per_token, axis=-1)
     return Losses(diffusion, recon, surrogate + recon)
 
 
 def losses(
-    model: MD4, x: Int[Array, "b l"], labels: Int[Array, " b"] | None, ids: Int[Array, " b"],
-    key: PRNGKeyArray, *, global_batch: int, train: bool,
+    model: MD4,
+    x: Int[Array, "b l"],
+    labels: Int[Array, " b"] | None,
+    ids: Int[Array, " b"],
+    key: PRNGKeyArray,
+    *,
+    global_batch: int,
+    train: bool,
 ) -> Losses:
     """The model's NELBO terms for a batch: GenMD4's if its schedule is per token, else MD4's. Draws
     the batch's randomness: mask keys, times t ~ U[0, 1) (antithetic: t_b = (u + b / B) mod 1 with one
@@ -164,11 +197,15 @@ def losses(
     time_key, example_key = jax.random.split(key)
     keys = example_keys(example_key, ids)
     if model.diffusion.antithetic:
-        t = jnp.mod(jax.random.uniform(time_key, ()) + ids.astype(jnp.float32) / global_batch, 1.0)  # (b,)
+        t = jnp.mod(
+            jax.random.uniform(time_key, ()) + ids.astype(jnp.float32) / global_batch, 1.0
+        )  # (b,)
     else:
         t = jax.vmap(lambda k: jax.random.uniform(k, ()))(example_keys(time_key, ids))
     dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys) if train else None
     if train and labels is not None and cfg.label_dropout:
-        labels = drop_labels(jax.random.fold_in(key, LABEL_STREAM), ids, labels, cfg.num_classes, cfg.label_dropout)
+        labels = drop_labels(
+            jax.random.fold_in(key, LABEL_STREAM), ids, labels, cfg.num_classes, cfg.label_dropout
+        )
     fn = genmd4_losses if model.schedule.per_token else md4_losses
     return fn(model, x, labels, keys, t, dropout_keys)

@@ -57,10 +57,17 @@ class MetricsLog:
         events = [json.loads(line) for line in self.path.read_text().splitlines()]
         series = {}
         for key, name in (("train_bpt", "train"), ("eval_bpt", "eval (EMA model)")):
-            points = np.array([(e["step"], e[key]) for e in events
-                               if isinstance(e.get(key), float) and np.isfinite(e[key])])
+            points = np.array(
+                [
+                    (e["step"], e[key])
+                    for e in events
+                    if isinstance(e.get(key), float) and np.isfinite(e[key])
+                ]
+            )
             if points.size:
                 series[name] = (points[:, 0], points[:, 1])
         path = self.path.with_name("curves.png")
-        line_chart(series, "step", "bits per token").save(path.with_suffix(".png.tmp"), format="PNG")
+        line_chart(series, "step", "bits per token").save(
+            path.with_suffix(".png.tmp"), format="PNG"
+        )
         os.replace(path.with_suffix(".png.tmp"), path)

@@ -25,12 +25,19 @@ class MD4(eqx.Module):
     execution: ExecutionConfig = eqx.field(static=True)
 
     def __init__(
-        self, config: ModelConfig, diffusion: DiffusionConfig = DiffusionConfig(),
-        execution: ExecutionConfig = ExecutionConfig(), *, key: PRNGKeyArray,
+        self,
+        config: ModelConfig,
+        diffusion: DiffusionConfig = DiffusionConfig(),
+        execution: ExecutionConfig = ExecutionConfig(),
+        *,
+        key: PRNGKeyArray,
     ):
-        self.net = (UNet if config.backbone is Backbone.UNET else Transformer)(config, execution, key=key)
+        self.net = (UNet if config.backbone is Backbone.UNET else Transformer)(
+            config, execution, key=key
+        )
         self.schedule = (
-            LearnableSchedule(config.vocab_size, diffusion.eps) if diffusion.learnable
+            LearnableSchedule(config.vocab_size, diffusion.eps)
+            if diffusion.learnable
             else MaskingSchedule(diffusion.schedule, diffusion.exponent, diffusion.eps)
         )
         self.config, self.diffusion, self.execution = config, diffusion, execution
@@ -45,16 +52,25 @@ class MD4(eqx.Module):
         return self.config.vocab_size
 
     def logits(
-        self, z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"] | None = None,
-        *, keys: Key[Array, " b"] | None = None,
+        self,
+        z: Int[Array, "b l"],
+        t: Float[Array, " b"],
+        labels: Int[Array, " b"] | None = None,
+        *,
+        keys: Key[Array, " b"] | None = None,
     ) -> Float[Array, "b l v_local"]:
         """mu_theta(z_t, t) as logits over this device's vocabulary slice (see `md4_eqx.parallel`)."""
         return self.net(z, t, labels, keys=keys)
 
     def readout(
-        self, fn: Callable[[Float[Array, "*n v_local"], Int[Array, "*n"]], PyTree[Float[Array, "*n"]]],
-        z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"] | None, x: Int[Array, "b l"],
-        *, keys: Key[Array, " b"] | None = None,
+        self,
+        fn: Callable[[Float[Array, "*n v_local"], Int[Array, "*n"]], PyTree[Float[Array, "*n"]]],
+        z: Int[Array, "b l"],
+        t: Float[Array, " b"],
+        labels: Int[Array, " b"] | None,
+        x: Int[Array, "b l"],
+        *,
+        keys: Key[Array, " b"] | None = None,
     ) -> PyTree[Float[Array, "b l"]]:
         """fn(logits, x) at every token: what a loss needs of mu_theta(z_t, t), per token. `fn` maps
         any leading token axes, [b, l] or a chunk's [n]. With `head_chunk` (the transformer's), the
@@ -69,7 +85,9 @@ class MD4(eqx.Module):
 
 def token_chunks(
     fn: Callable[[Float[Array, "n d"], Int[Array, " n"]], PyTree[Float[Array, " n"]]],
-    h: Float[Array, "b l d"], x: Int[Array, "b l"], size: int,
+    h: Float[Array, "b l d"],
+    x: Int[Array, "b l"],
+    size: int,
 ) -> PyTree[Float[Array, "b l"]]:
     """fn over the b l tokens, `size` at a time in a loop whose body is recomputed in the backward
     pass (`jax.checkpoint`), so only one chunk's intermediates are ever live. The last chunk is

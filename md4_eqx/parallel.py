@@ -124,7 +124,9 @@ def shard_map_modules(fn, mesh: Mesh, in_specs, out_specs):
         def inner(*arrays):
             return fn(*eqx.combine(arrays, static))
 
-        specs = jax.tree.map(drop, (in_specs(*arrays), out_specs), is_leaf=lambda s: isinstance(s, P))
+        specs = jax.tree.map(
+            drop, (in_specs(*arrays), out_specs), is_leaf=lambda s: isinstance(s, P)
+        )
         return jax.shard_map(inner, mesh=mesh, in_specs=specs[0], out_specs=specs[1])(*arrays)
 
     return wrapped
@@ -162,7 +164,9 @@ def vocab_gather(values: Float[Array, "*b v_local"], ids: Int[Array, "*b"]) -> F
     v_local = values.shape[-1]
     local = ids - vocab_offset(v_local)
     inside = (local >= 0) & (local < v_local)
-    picked = jnp.take_along_axis(values, jnp.clip(local, 0, v_local - 1)[..., None], axis=-1)[..., 0]
+    picked = jnp.take_along_axis(values, jnp.clip(local, 0, v_local - 1)[..., None], axis=-1)[
+        ..., 0
+    ]
     return psum(jnp.where(inside, picked, 0.0), MODEL)
 
 

@@ -43,15 +43,29 @@ from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_trai
 
 MARGIN = 0.10  # a tenth of the device's memory is kept free of the planned peak
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
     """Bytes of a size such as `80GiB`, `40GB`, `16 GiB` or `1e9` (GB = 10^9, GiB = 2^30)."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b|b)?\s*", text, re.IGNORECASE)
+    match = re.fullmatch(
+        r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b|b)?\s*", text, re.IGNORECASE
+    )
     if match is None or float(match[1]) <= 0:
-        raise PlanError(f"--memory-limit {text!r}: expected a positive size such as 80GiB, 40GB or 512MiB")
+        raise PlanError(
+            f"--memory-limit {text!r}: expected a positive size such as 80GiB, 40GB or 512MiB"
+        )
     return int(float(match[1]) * _UNITS[(match[2] or "").lower()])
 
 
@@ -65,7 +79,9 @@ def device_memory() -> int:
     device = jax.local_devices()[0]
     stats = device.memory_stats() or {}
     if "bytes_limit" not in stats:
-        raise PlanError(f"{device.platform} device reports no memory size: give --memory-limit, e.g. 80GiB")
+        raise PlanError(
+            f"{device.platform} device reports no memory size: give --memory-limit, e.g. 80GiB"
+        )
     return int(stats["bytes_limit"])
 
 
@@ -76,16 +92,25 @@ def abstract_state(config: Config, mesh: Mesh) -> tuple[TrainState, TrainState]:
     abstract = eqx.filter_eval_shape(init_state, config, optimizer, mesh)
     arrays, static = eqx.partition(abstract, lambda x: isinstance(x, jax.ShapeDtypeStruct))
     specs = shardings(mesh, state_specs(abstract, optimizer))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), arrays, specs), static
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), arrays, specs
+    ), static
 
 
 def state_bytes(arrays: TrainState) -> dict[str, int]:
     """Bytes per device of the parameters, their EMA and the optimizer state (`abstract_state`'s arrays)."""
 
     def size(tree) -> int:
-        return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+        return sum(
+            math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize
+            for a in jax.tree.leaves(tree)
+        )
 
-    return {"parameters": size(arrays.model), "EMA": size(arrays.ema), "optimizer state": size(arrays.opt_state)}
+    return {
+        "parameters": size(arrays.model),
+        "EMA": size(arrays.ema),
+        "optimizer state": size(arrays.opt_state),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +123,9 @@ class StepMemory:
     temp: int  # activations, gradients, optimizer temporaries
     flops: float | None  # per device, XLA's count (None where the compiler gives none: GPU targets)
     seconds: float  # compile time
-    refused: str | None = None  # the TPU compiler's first line when the step does not fit in HBM (bytes then 0)
+    refused: str | None = (
+        None  # the TPU compiler's first line when the step does not fit in HBM (bytes then 0)
+    )
 
     @property
     def peak(self) -> int:
@@ -114,23 +141,41 @@ def lowered_step(
     compilers' lowering only, which is all a host without that compiler can check."""
     arrays, static = abstract_state(config, mesh)
     optimizer = make_optimizer(config.optim, config.train.steps)
-    step = make_train_step(arrays, optimizer, mesh, microbatches=microbatches,
-                           clip=config.optim.clip, ema=config.optim.ema)
+    step = make_train_step(
+        arrays,
+        optimizer,
+        mesh,
+        microbatches=microbatches,
+        clip=config.optim.clip,
+        ema=config.optim.ema,
+    )
     rows = NamedSharding(mesh, P(DATA))
     tokens = jax.ShapeDtypeStruct((batch, config.model.seq_len), jnp.int32, sharding=rows)
-    labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows) if config.model.num_classes else None
+    labels = (
+        jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
+        if config.model.num_classes
+        else None
+    )
 
     def run(arrays, tokens, labels):
         return step(eqx.combine(arrays, static), tokens, labels)
 
     platforms = None if platform is None else (platform,)
-    return jax.jit(run, donate_argnums=0).trace(arrays, tokens, labels).lower(lowering_platforms=platforms)
+    return (
+        jax.jit(run, donate_argnums=0)
+        .trace(arrays, tokens, labels)
+        .lower(lowering_platforms=platforms)
+    )
 
 
 # How the TPU compiler refuses a program too big for HBM: its first check (within seconds), and
 # the second one after scheduling, so only a finished compile says "fits". Anything else (a
 # kernel over VMEM, a bug) is not a batch size's answer.
-HBM_REFUSALS = ("Ran out of memory in memory space hbm", "Ran out of memory on HBM", "CompileTimeHbmOom")
+HBM_REFUSALS = (
+    "Ran out of memory in memory space hbm",
+    "Ran out of memory on HBM",
+    "CompileTimeHbmOom",
+)
 
 
 @functools.cache  # a Planner and its callers (tests, benchmarks) ask for the same compilations
@@ -145,12 +190,20 @@ def step_memory(config: Config, mesh: Mesh, *, batch: int, microbatches: int) ->
     except jax.errors.JaxRuntimeError as e:
         if not any(refusal in str(e) for refusal in HBM_REFUSALS):
             raise
-        return StepMemory(0, 0, 0, 0, None, time.perf_counter() - started, refused=str(e).strip().splitlines()[0])
+        return StepMemory(
+            0, 0, 0, 0, None, time.perf_counter() - started, refused=str(e).strip().splitlines()[0]
+        )
     seconds = time.perf_counter() - started
     m = compiled.memory_analysis()
     flops = (compiled.cost_analysis() or {}).get("flops")
-    return StepMemory(int(m.argument_size_in_bytes), int(m.output_size_in_bytes), int(m.alias_size_in_bytes),
-                      int(m.temp_size_in_bytes), flops, seconds)
+    return StepMemory(
+        int(m.argument_size_in_bytes),
+        int(m.output_size_in_bytes),
+        int(m.alias_size_in_bytes),
+        int(m.temp_size_in_bytes),
+        flops,
+        seconds,
+    )
 
 
 class Planner:
@@ -164,12 +217,21 @@ class Planner:
         self.mesh, self.memory, self.data = mesh, memory, mesh.shape[DATA]
         self.by_compiler = self.platform.name == "tpu" if by_compiler is None else by_compiler
         self.budget = int(memory * (1.0 - MARGIN))
-        self.remat = self.config.execution.remat  # what `microbatches`, `batch_size` and `report` plan for
+        self.remat = (
+            self.config.execution.remat
+        )  # what `microbatches`, `batch_size` and `report` plan for
 
     def step(self, remat: bool, microbatch: int, microbatches: int = 1) -> StepMemory:
         """The step compiled with `microbatches` chunks of `microbatch` examples per device."""
-        config = dataclasses.replace(self.config, execution=dataclasses.replace(self.config.execution, remat=remat))
-        return step_memory(config, self.mesh, batch=microbatch * microbatches * self.data, microbatches=microbatches)
+        config = dataclasses.replace(
+            self.config, execution=dataclasses.replace(self.config.execution, remat=remat)
+        )
+        return step_memory(
+            config,
+            self.mesh,
+            batch=microbatch * microbatches * self.data,
+            microbatches=microbatches,
+        )
 
     def fits(self, remat: bool, microbatch: int, microbatches: int = 1) -> bool:
         """The compiler accepts the step and, unless it alone judges, its peak is within the budget."""
@@ -211,10 +273,15 @@ class Planner:
         """The fewest gradient-accumulation chunks of the global `batch` whose step fits (`batch`
         splits evenly over `data`: md4_eqx.validate checks it before any plan)."""
         per_device = batch // self.data
-        counts = [k for k in range(per_device, 0, -1) if per_device % k == 0]  # chunk size ascending
+        counts = [
+            k for k in range(per_device, 0, -1) if per_device % k == 0
+        ]  # chunk size ascending
         guess = sum(1 for k in counts if per_device // k <= self.guess(self.remat))
-        best = _largest(lambda i: self.fits(self.remat, per_device // counts[i - 1], counts[i - 1]),
-                        max(guess, 1), top=len(counts))
+        best = _largest(
+            lambda i: self.fits(self.remat, per_device // counts[i - 1], counts[i - 1]),
+            max(guess, 1),
+            top=len(counts),
+        )
         if not best:
             self._no_fit(f"batch {batch} (data={self.data})", per_device)
         return counts[best - 1]
@@ -232,8 +299,10 @@ class Planner:
         if step.refused:
             raise PlanError(f"{what} does not fit: the TPU compiler says {step.refused}")
         extra = "" if self.remat else f" ({show_size(self.step(True, 1).peak)} with --remat true)"
-        raise PlanError(f"{what} does not fit: one example per device needs {show_size(step.peak)}{extra}, "
-                        f"the budget is {show_size(self.budget)} ({show_size(self.memory)} less {MARGIN:.0%})")
+        raise PlanError(
+            f"{what} does not fit: one example per device needs {show_size(step.peak)}{extra}, "
+            f"the budget is {show_size(self.budget)} ({show_size(self.memory)} less {MARGIN:.0%})"
+        )
 
     def report(self) -> str:
         """What `train.py --plan` prints: state bytes, then the largest microbatch per device for
@@ -241,24 +310,40 @@ class Planner:
         state = state_bytes(abstract_state(self.config, self.mesh)[0])
         m, run = self.config.model, self.config.execution
         chunk = f", the head {run.head_chunk} tokens at a time" if run.head_chunk else ""
-        judge = "a batch fits when the TPU compiler accepts it" if self.by_compiler else "XLA's compiled memory analysis"
-        lines = [f"memory plan per device, mesh {dict(self.mesh.shape)} of {self.platform.device_kind}, seq {m.seq_len}, "
-                 f"{run.precision.value} compute{chunk}, attention {run.attention.value} ({judge}):"]
+        judge = (
+            "a batch fits when the TPU compiler accepts it"
+            if self.by_compiler
+            else "XLA's compiled memory analysis"
+        )
+        lines = [
+            f"memory plan per device, mesh {dict(self.mesh.shape)} of {self.platform.device_kind}, seq {m.seq_len}, "
+            f"{run.precision.value} compute{chunk}, attention {run.attention.value} ({judge}):"
+        ]
         if self.note:
             lines.append(f"  note: {self.note}")
         lines += [f"  {name:<16} {show_size(n)}" for name, n in state.items()]
-        budget = "" if self.by_compiler else f"; budget {show_size(self.budget)} after a {MARGIN:.0%} margin"
+        budget = (
+            ""
+            if self.by_compiler
+            else f"; budget {show_size(self.budget)} after a {MARGIN:.0%} margin"
+        )
         lines.append(f"  device memory    {show_size(self.memory)}{budget}")
         fixed, per_example, largest = self.fit(self.remat)
         if largest == 0:
             self._no_fit("one example per device")
         step = self.step(self.remat, largest)
-        flops = "flops not counted by the compiler" if step.flops is None else f"{step.flops / 1e12:.3g} TFLOP"
-        lines.append(f"  remat {str(self.remat).lower():<5}  largest microbatch {largest} per device "
-                     f"(global {largest * self.data} without accumulation): peak {show_size(step.peak)}, "
-                     f"{flops} per step, compiled in {step.seconds:.1f} s; line {show_size(fixed)} + "
-                     f"{per_example / 2**20:.1f} MiB per example{' at 1-2 examples' if self.by_compiler else ''} "
-                     f"(--remat {str(not self.remat).lower()} plans the other way)")
+        flops = (
+            "flops not counted by the compiler"
+            if step.flops is None
+            else f"{step.flops / 1e12:.3g} TFLOP"
+        )
+        lines.append(
+            f"  remat {str(self.remat).lower():<5}  largest microbatch {largest} per device "
+            f"(global {largest * self.data} without accumulation): peak {show_size(step.peak)}, "
+            f"{flops} per step, compiled in {step.seconds:.1f} s; line {show_size(fixed)} + "
+            f"{per_example / 2**20:.1f} MiB per example{' at 1-2 examples' if self.by_compiler else ''} "
+            f"(--remat {str(not self.remat).lower()} plans the other way)"
+        )
         return "\n".join(lines)
 
 
@@ -270,8 +355,10 @@ def _plannable(config: Config, platform) -> tuple[Config, str]:
     kernel = resolve_attention(run.attention, run.precision.dtype, config.model.head_dim, platform)
     if platform.name != "gpu" or kernel.impl is Impl.XLA:
         return config, ""
-    note = (f"attention {run.attention.value} would run {kernel.impl.value} here, which is compiled only on the "
-            f"GPU itself: this plan uses XLA's attention instead (more memory: the [T, T] scores)")
+    note = (
+        f"attention {run.attention.value} would run {kernel.impl.value} here, which is compiled only on the "
+        f"GPU itself: this plan uses XLA's attention instead (more memory: the [T, T] scores)"
+    )
     return dataclasses.replace(config, execution=dataclasses.replace(run, attention=Impl.XLA)), note
 
 
@@ -290,7 +377,12 @@ def _largest(fits: Callable[[int], bool], guess: int, top: int | float = math.in
 
 
 def resolve(
-    config: Config, mesh: Mesh, memory: int | None, saved: Config | None = None, *, by_compiler: bool | None = None
+    config: Config,
+    mesh: Mesh,
+    memory: int | None,
+    saved: Config | None = None,
+    *,
+    by_compiler: bool | None = None,
 ) -> Config:
     """`config` with an `AUTO` batch size or microbatch count replaced: by the checkpoint's
     (`saved`, so a resumed run keeps its choice), else by the planner's (for `memory`, default
@@ -299,13 +391,18 @@ def resolve(
     if AUTO not in (train.batch_size, train.microbatches):
         return config
     if saved is not None:
-        train = dataclasses.replace(train, batch_size=train.batch_size or saved.train.batch_size,
-                                    microbatches=train.microbatches or saved.train.microbatches)
+        train = dataclasses.replace(
+            train,
+            batch_size=train.batch_size or saved.train.batch_size,
+            microbatches=train.microbatches or saved.train.microbatches,
+        )
     else:
         planner = Planner(config, mesh, memory or device_memory(), by_compiler=by_compiler)
         if train.batch_size == AUTO:
             if train.microbatches not in (AUTO, 1):
-                raise PlanError(f"--batch-size auto picks a batch without accumulation: drop --microbatches {train.microbatches}")
+                raise PlanError(
+                    f"--batch-size auto picks a batch without accumulation: drop --microbatches {train.microbatches}"
+                )
             train = dataclasses.replace(train, batch_size=planner.batch_size(), microbatches=1)
         else:
             train = dataclasses.replace(train, microbatches=planner.microbatches(train.batch_size))

@@ -56,4 +56,6 @@ def _any_process(flag: bool) -> jax.Array:
 def _all_devices() -> tuple[NamedSharding, jax.stages.Wrapped]:
     """One flag per device, and `any` of them replicated everywhere."""
     mesh = Mesh(np.array(jax.devices()), ("devices",))
-    return NamedSharding(mesh, P("devices")), jax.jit(jnp.any, out_shardings=NamedSharding(mesh, P()))
+    return NamedSharding(mesh, P("devices")), jax.jit(
+        jnp.any, out_shardings=NamedSharding(mesh, P())
+    )

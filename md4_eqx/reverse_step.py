@@ -17,8 +17,9 @@ def token_logits(logits: Float[Array, "*b v"], cfg: SamplerConfig) -> Float[Arra
     return top_p_filter(logits, cfg.top_p) if cfg.rule is Rule.TOP_P else logits
 
 
-def remasking(t: Float[Array, ""], alpha_t: Float[Array, ""], alpha_s: Float[Array, ""],
-              cfg: SamplerConfig) -> tuple[Float[Array, ""], Float[Array, ""]]:
+def remasking(
+    t: Float[Array, ""], alpha_t: Float[Array, ""], alpha_s: Float[Array, ""], cfg: SamplerConfig
+) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """ReMDM's posterior (Wang et al. 2025, eq. 4): a decoded token is remasked with probability
     sigma_t, and a masked one unmasks with probability (alpha_s - (1 - sigma_t) alpha_t) /
     (1 - alpha_t), which keeps q(z_s | x)'s masked fraction 1 - alpha_s. sigma_t <= sigma_max =
@@ -30,9 +31,16 @@ def remasking(t: Float[Array, ""], alpha_t: Float[Array, ""], alpha_s: Float[Arr
     return (alpha_s - (1.0 - sigma) * alpha_t) / (1.0 - alpha_t), sigma
 
 
-def reverse_step(keys: Key[Array, " b"], z: Int[Array, "b l"], generated: Bool[Array, "b l"],
-                 logits: Float[Array, "b l v"], unmask: Float[Array, " v"], remask: Float[Array, ""],
-                 mask_id: int, cfg: SamplerConfig) -> Int[Array, "b l"]:
+def reverse_step(
+    keys: Key[Array, " b"],
+    z: Int[Array, "b l"],
+    generated: Bool[Array, "b l"],
+    logits: Float[Array, "b l v"],
+    unmask: Float[Array, " v"],
+    remask: Float[Array, ""],
+    mask_id: int,
+    cfg: SamplerConfig,
+) -> Int[Array, "b l"]:
     """One step t -> s of the reverse process, given mu_theta(z_t, t) as logits over V and
     unmask[v] = (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v)) (the schedule's `unmask_probs`; ReMDM's for
     REMDM), and REMDM's remask probability of the `generated` (not given) positions (else 0)."""
@@ -56,7 +64,9 @@ def reverse_step(keys: Key[Array, " b"], z: Int[Array, "b l"], generated: Bool[A
         z0 = categorical(k_draw, logits, cfg.draws)  # (l,)
         unmasked = uniform_below(k_unmask, unmask[z0], cfg.draws)
         remasked = generated & uniform_below(k_remask, jnp.broadcast_to(remask, z.shape), cfg.draws)
-        return jnp.where(z == mask_id, jnp.where(unmasked, z0, mask_id), jnp.where(remasked, mask_id, z))
+        return jnp.where(
+            z == mask_id, jnp.where(unmasked, z0, mask_id), jnp.where(remasked, mask_id, z)
+        )
 
     if cfg.rule in (Rule.MEAN, Rule.REMDM):
         return jax.vmap(two_stage)(keys, z, generated, logits)

@@ -53,14 +53,21 @@ def time_grid(steps: int, grid: TimeGrid) -> tuple[Float[Array, " steps"], Float
     return t, s
 
 
-def guided_logits(model: MD4, z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"] | None,
-                  guidance: float) -> Float[Array, "b l v"]:
+def guided_logits(
+    model: MD4,
+    z: Int[Array, "b l"],
+    t: Float[Array, " b"],
+    labels: Int[Array, " b"] | None,
+    guidance: float,
+) -> Float[Array, "b l v"]:
     """mu_theta's logits over the full vocabulary (sampling gathers the vocabulary slices). With
     classifier-free guidance w != 0: (1 + w) logits(z, t, y) - w logits(z, t, null), the null class
     being id num_classes, in one network call on the batch doubled; w = 0: the conditional model."""
     if guidance:
         null = jnp.full_like(labels, model.config.num_classes)
-        both = model.logits(jnp.concatenate([z, z]), jnp.concatenate([t, t]), jnp.concatenate([labels, null]))
+        both = model.logits(
+            jnp.concatenate([z, z]), jnp.concatenate([t, t]), jnp.concatenate([labels, null])
+        )
         cond, uncond = jnp.split(both, 2)  # each (b, l, v_local)
         logits = (1.0 + guidance) * cond - guidance * uncond
     else:
@@ -68,8 +75,14 @@ def guided_logits(model: MD4, z: Int[Array, "b l"], t: Float[Array, " b"], label
     return vocab_all_gather(logits, model.vocab_size)
 
 
-def sample_local(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"], labels: Int[Array, " b"] | None,
-                 cfg: SamplerConfig, trajectory: bool) -> Samples:
+def sample_local(
+    model: MD4,
+    key: PRNGKeyArray,
+    template: Int[Array, "b l"],
+    labels: Int[Array, " b"] | None,
+    cfg: SamplerConfig,
+    trajectory: bool,
+) -> Samples:
     """The sampling loop on this device's examples (runs inside the mesh's shard_map)."""
     mask_id = model.mask_id
     keys = example_keys(key, example_ids(template.shape[0]))
@@ -105,7 +118,9 @@ def log_survival(schedule: MaskingSchedule, steps: int, grid: TimeGrid) -> Float
     return jnp.log(schedule.mask_prob(ss)) - jnp.log(schedule.mask_prob(ts[0]))
 
 
-def unmask_step_probs(schedule: MaskingSchedule, steps: int, grid: TimeGrid) -> Float[Array, " steps_and_final"]:
+def unmask_step_probs(
+    schedule: MaskingSchedule, steps: int, grid: TimeGrid
+) -> Float[Array, " steps_and_final"]:
     """The law of the step at which a masked position unmasks, the same for every position and
     independent of the network (MD4_MATH.md, "Reverse process"): entry i < T is
     prod_{j<i} (1 - p_j) p_i and entry T is prod_j (1 - p_j), the chance of still being masked
@@ -122,8 +137,14 @@ def expected_skip_calls(schedule: MaskingSchedule, cfg: SamplerConfig, seq_len: 
     return float(np.sum(-np.expm1(seq_len * np.log1p(-probs))))
 
 
-def sample_skip_local(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"], labels: Int[Array, " b"] | None,
-                      cfg: SamplerConfig, trajectory: bool) -> Samples:
+def sample_skip_local(
+    model: MD4,
+    key: PRNGKeyArray,
+    template: Int[Array, "b l"],
+    labels: Int[Array, " b"] | None,
+    cfg: SamplerConfig,
+    trajectory: bool,
+) -> Samples:
     """The ancestral law with network calls only where something unmasks (runs inside shard_map).
 
     Each masked position unmasks at exactly one step k in {0..T-1}, or is still masked at the end
@@ -137,7 +158,9 @@ def sample_skip_local(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"]
     steps, mask_id = cfg.steps, model.mask_id
     keys = example_keys(key, example_ids(template.shape[0]))
     step_keys, token_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
-    ts = jnp.concatenate([time_grid(steps, cfg.grid)[0], jnp.zeros(1)])  # step T: the final argmax fill at t = 0
+    ts = jnp.concatenate(
+        [time_grid(steps, cfg.grid)[0], jnp.zeros(1)]
+    )  # step T: the final argmax fill at t = 0
     energy = jax.vmap(lambda k: exponential(k, template.shape[1:], cfg.draws))(step_keys)  # (b, l)
     hazard = -log_survival(model.schedule, steps, cfg.grid)  # (T,), increasing
     drawn = jnp.searchsorted(hazard, energy).astype(template.dtype)  # (b, l) in [0, T]
@@ -149,8 +172,11 @@ def sample_skip_local(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"]
         now = jnp.min(k, axis=-1)  # (b,) each example's next step with an unmasking
         logits = guided_logits(model, z, ts[jnp.minimum(now, steps)], labels, cfg.guidance)
         draw = jax.vmap(lambda key, i, lg: categorical(jax.random.fold_in(key, i), lg, cfg.draws))
-        x = jnp.where((now == steps)[:, None], jnp.argmax(logits, axis=-1),
-                      draw(token_keys, now, token_logits(logits, cfg)))
+        x = jnp.where(
+            (now == steps)[:, None],
+            jnp.argmax(logits, axis=-1),
+            draw(token_keys, now, token_logits(logits, cfg)),
+        )
         unmask = (k == now[:, None]) & (now < done)[:, None]  # (b, l)
         return jnp.where(unmask, x.astype(z.dtype), z), jnp.where(unmask, done, k), calls + 1
 
@@ -163,8 +189,15 @@ def sample_skip_local(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"]
 
 
 @eqx.filter_jit
-def generate(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"], mesh: Mesh, cfg: SamplerConfig,
-             labels: Int[Array, " b"] | None = None, trajectory: bool = False) -> Samples:
+def generate(
+    model: MD4,
+    key: PRNGKeyArray,
+    template: Int[Array, "b l"],
+    mesh: Mesh,
+    cfg: SamplerConfig,
+    labels: Int[Array, " b"] | None = None,
+    trajectory: bool = False,
+) -> Samples:
     """Samples for every row of `template`: positions equal to the mask id V are generated, the
     others are kept (all masks: unconditional; a prompt or an infilling template otherwise).
     The batch is split over the mesh's `data` axis; the result does not depend on the mesh.
@@ -172,10 +205,15 @@ def generate(model: MD4, key: PRNGKeyArray, template: Int[Array, "b l"], mesh: M
     if cfg.guidance and labels is None:
         raise SamplingError(f"guidance {cfg.guidance} needs labels (a class-conditional model)")
     if template.shape[1] != model.config.seq_len:
-        raise SamplingError(f"template length {template.shape[1]} != seq_len {model.config.seq_len}")
+        raise SamplingError(
+            f"template length {template.shape[1]} != seq_len {model.config.seq_len}"
+        )
 
-    local = functools.partial(sample_skip_local if cfg.loop is Loop.EXACT_SKIP else sample_local,
-                              cfg=cfg, trajectory=trajectory)
+    local = functools.partial(
+        sample_skip_local if cfg.loop is Loop.EXACT_SKIP else sample_local,
+        cfg=cfg,
+        trajectory=trajectory,
+    )
     out = Samples(P(DATA), P(None, DATA) if trajectory else None, P(DATA))
     return shard_map_modules(local, mesh, batch_specs, out)(model, key, template, labels)
 
@@ -200,9 +238,16 @@ def _sample_window(model, key, tokens, start, labels, mesh, cfg):
     return jax.lax.dynamic_update_slice_in_dim(tokens, out.tokens, start, axis=1), out.calls
 
 
-def generate_long(model: MD4, key: PRNGKeyArray, template: Int[Array, "b n"], mesh: Mesh, cfg: SamplerConfig,
-                  block: int, labels: Int[Array, " b"] | None = None,
-                  on_block: Callable[[Samples], None] | None = None) -> Samples:
+def generate_long(
+    model: MD4,
+    key: PRNGKeyArray,
+    template: Int[Array, "b n"],
+    mesh: Mesh,
+    cfg: SamplerConfig,
+    block: int,
+    labels: Int[Array, " b"] | None = None,
+    on_block: Callable[[Samples], None] | None = None,
+) -> Samples:
     """Samples of any length n >= L, semi-autoregressively as MDLM (Sahoo et al. 2024, section
     4.2): the first window is `template[:, :L]`; each next one moves B = `block` positions on,
     keeps the L - B tokens it shares with the last as its prompt, and samples the B new positions
@@ -213,7 +258,9 @@ def generate_long(model: MD4, key: PRNGKeyArray, template: Int[Array, "b n"], me
     tokens, calls = template, jnp.zeros((mesh.shape[DATA],), jnp.int32)
     for i, start in enumerate(starts):
         window_key = key if i == 0 else jax.random.fold_in(key, i)
-        tokens, window_calls = _sample_window(model, window_key, tokens, jnp.int32(start), labels, mesh, cfg)
+        tokens, window_calls = _sample_window(
+            model, window_key, tokens, jnp.int32(start), labels, mesh, cfg
+        )
         calls = calls + window_calls
         if on_block is not None:
             on_block(Samples(tokens, None, window_calls))

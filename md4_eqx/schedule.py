@@ -58,7 +58,9 @@ class MaskingSchedule(eqx.Module):
         """alpha'(t) / (1 - alpha(t)) <= 0: the continuous-time NELBO's weight."""
         return self.dalpha(t) / self.mask_prob(t)
 
-    def unmask_probs(self, t: Float[Array, ""], s: Float[Array, ""], vocab_size: int) -> Float[Array, " vocab"]:
+    def unmask_probs(
+        self, t: Float[Array, ""], s: Float[Array, ""], vocab_size: int
+    ) -> Float[Array, " vocab"]:
         """P(a masked position becomes token v between t and s < t | it would be v):
         (alpha_s - alpha_t) / (1 - alpha_t), the same number for every v."""
         mask_t = self.mask_prob(t)
@@ -86,9 +88,10 @@ class LearnableSchedule(eqx.Module):
         """alpha_t for tokens whose exponent is w (broadcast against t)."""
         return 1.0 - (1.0 - self.eps) * jnp.exp(w * jnp.log(t))
 
-    def unmask_probs(self, t: Float[Array, ""], s: Float[Array, ""], vocab_size: int) -> Float[Array, " vocab"]:
+    def unmask_probs(
+        self, t: Float[Array, ""], s: Float[Array, ""], vocab_size: int
+    ) -> Float[Array, " vocab"]:
         """1 - alpha_t(v) = (1 - eps) t^(w_v), so (alpha_s(v) - alpha_t(v)) / (1 - alpha_t(v))
         = 1 - (s / t)^(w_v)."""
         ratio = jnp.maximum(s, 0.0) / t  # the cosine grid's last s is -4e-8 in float32
         return -jnp.expm1(self.w * jnp.log(ratio))
-

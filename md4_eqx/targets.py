@@ -60,18 +60,41 @@ CHIPS = {
     "v6e": Tpu(32 * GIB, dims=2),
     "v5p": Tpu(95 * GIB, dims=3, megacore=True),
     "v4": Tpu(32 * GIB, dims=3, megacore=True),
-    "h100": Gpu("NVIDIA H100 80GB HBM3", 84_942_979_072, (9, 0), sms=132, fp32_per_sm=128, clock_ghz=1.98,
-                memory_bandwidth=3_352_320_000_000, l2_cache=50 * 2**20, shared_memory_per_sm=228 * 2**10,
-                shared_memory_per_block=227 * 2**10),
-    "a100-40gb": Gpu("NVIDIA A100-SXM4-40GB", 42_298_834_944, (8, 0), sms=108, fp32_per_sm=64, clock_ghz=1.41,
-                     memory_bandwidth=1_555_200_000_000, l2_cache=40 * 2**20, shared_memory_per_sm=164 * 2**10,
-                     shared_memory_per_block=163 * 2**10),
+    "h100": Gpu(
+        "NVIDIA H100 80GB HBM3",
+        84_942_979_072,
+        (9, 0),
+        sms=132,
+        fp32_per_sm=128,
+        clock_ghz=1.98,
+        memory_bandwidth=3_352_320_000_000,
+        l2_cache=50 * 2**20,
+        shared_memory_per_sm=228 * 2**10,
+        shared_memory_per_block=227 * 2**10,
+    ),
+    "a100-40gb": Gpu(
+        "NVIDIA A100-SXM4-40GB",
+        42_298_834_944,
+        (8, 0),
+        sms=108,
+        fp32_per_sm=64,
+        clock_ghz=1.41,
+        memory_bandwidth=1_555_200_000_000,
+        l2_cache=40 * 2**20,
+        shared_memory_per_sm=164 * 2**10,
+        shared_memory_per_block=163 * 2**10,
+    ),
 }
 # The same chips with more, faster memory: the H200 is an H100 die with 141 GB of HBM3e.
-CHIPS["h200"] = dataclasses.replace(CHIPS["h100"], name="NVIDIA H200", memory=151_397_597_184,
-                                    memory_bandwidth=4_800_000_000_000)
-CHIPS["a100-80gb"] = dataclasses.replace(CHIPS["a100-40gb"], name="NVIDIA A100-SXM4-80GB", memory=85_100_068_864,
-                                         memory_bandwidth=2_039_040_000_000)
+CHIPS["h200"] = dataclasses.replace(
+    CHIPS["h100"], name="NVIDIA H200", memory=151_397_597_184, memory_bandwidth=4_800_000_000_000
+)
+CHIPS["a100-80gb"] = dataclasses.replace(
+    CHIPS["a100-40gb"],
+    name="NVIDIA A100-SXM4-80GB",
+    memory=85_100_068_864,
+    memory_bandwidth=2_039_040_000_000,
+)
 # Where a grid smaller than one host's chips (2x2x1 on every generation here) has to say so.
 HOST_CHIPS = (2, 2, 1)
 
@@ -97,24 +120,37 @@ class Target:
     def devices(self) -> list[jax.Device]:
         """The target's abstract devices, one per chip (TargetError if its compiler, the module of
         the project's pip extra, is not installed: it is not loaded to find out)."""
-        module, extra = ("libtpu", "tpu") if self.platform == "tpu" else ("jax_cuda12_plugin", "cuda")
+        module, extra = (
+            ("libtpu", "tpu") if self.platform == "tpu" else ("jax_cuda12_plugin", "cuda")
+        )
         if importlib.util.find_spec(module) is None:
-            raise TargetError(f"--target {self.name}: its compiler is not installed: pip install -e \".[{extra}]\"")
+            raise TargetError(
+                f'--target {self.name}: its compiler is not installed: pip install -e ".[{extra}]"'
+            )
         if isinstance(self.chip, Tpu):
             quiet_libtpu()
             options = {"chip_config_name": "megacore"} if self.chip.megacore else {}
             grid3 = (*self.grid, 1, 1)[:3]
             if any(g < h for g, h in zip(grid3, HOST_CHIPS)):  # a slice of less than one host
-                options.update(chips_per_host_bounds=tuple(map(min, grid3, HOST_CHIPS)), wrap=(False, False, False))
+                options.update(
+                    chips_per_host_bounds=tuple(map(min, grid3, HOST_CHIPS)),
+                    wrap=(False, False, False),
+                )
             options.update(topology_name=self.name.lower(), platform="tpu")  # as parse() checked it
         else:
-            options = dict(topology_name="", platform="cuda", target_config=_gpu_config(self.chip),
-                           topology=f"1x1x{self.chips}")
+            options = dict(
+                topology_name="",
+                platform="cuda",
+                target_config=_gpu_config(self.chip),
+                topology=f"1x1x{self.chips}",
+            )
         try:
             return topologies.get_topology_desc(**options).devices
         except NotImplementedError as e:  # the CUDA plugin is installed but did not register
-            raise TargetError(f"--target {self.name}: the CUDA plugin did not register its platform; "
-                              f"run with JAX_PLATFORMS=cpu on a machine without a GPU") from e
+            raise TargetError(
+                f"--target {self.name}: the CUDA plugin did not register its platform; "
+                f"run with JAX_PLATFORMS=cpu on a machine without a GPU"
+            ) from e
         except jax.errors.JaxRuntimeError as e:  # e.g. a grid the generation has no slice of
             raise TargetError(f"--target {self.name}: {str(e).splitlines()[0]}") from e
 
@@ -123,12 +159,18 @@ def parse(name: str) -> Target:
     """The target `name` names (`v5e:2x4`, `h100:8`, `a100-40gb`); TargetError lists the known."""
     chip_name, _, shape = name.lower().partition(":")
     chip = CHIPS.get(chip_name)
-    if isinstance(chip, Tpu) and re.fullmatch(r"[1-9][0-9]*(x[1-9][0-9]*)*", shape) and shape.count("x") == chip.dims - 1:
+    if (
+        isinstance(chip, Tpu)
+        and re.fullmatch(r"[1-9][0-9]*(x[1-9][0-9]*)*", shape)
+        and shape.count("x") == chip.dims - 1
+    ):
         return Target(name, chip, tuple(int(n) for n in shape.split("x")))
     if isinstance(chip, Gpu) and re.fullmatch(r"([1-9][0-9]*)?", shape):
         return Target(name, chip, (int(shape or 1),))
-    known = [f"{n}:{'x'.join('AB' if c.dims == 2 else 'ABC')}" if isinstance(c, Tpu) else f"{n}[:N]"
-             for n, c in CHIPS.items()]
+    known = [
+        f"{n}:{'x'.join('AB' if c.dims == 2 else 'ABC')}" if isinstance(c, Tpu) else f"{n}[:N]"
+        for n, c in CHIPS.items()
+    ]
     raise TargetError(f"unknown target {name!r}; known: {', '.join(known)}")
 
 

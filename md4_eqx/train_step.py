@@ -26,7 +26,16 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 from md4_eqx.config import Config, OptimConfig
 from md4_eqx.loss import losses
 from md4_eqx.model import MD4
-from md4_eqx.parallel import DATA, example_ids, global_norm, param_specs, psum, pvary, shard_map_modules, shardings
+from md4_eqx.parallel import (
+    DATA,
+    example_ids,
+    global_norm,
+    param_specs,
+    psum,
+    pvary,
+    shard_map_modules,
+    shardings,
+)
 
 
 class TrainState(eqx.Module):
@@ -54,11 +63,14 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     hyperparameters live in its state (`optax.inject_hyperparams`), so the step can report its lr."""
 
     def decay_mask(params):
-        return jax.tree.map_with_path(lambda path, _: getattr(path[-1], "name", None) == "weight", params)
+        return jax.tree.map_with_path(
+            lambda path, _: getattr(path[-1], "name", None) == "weight", params
+        )
 
     warmup = min(cfg.warmup, max(1, total_steps // 10))
-    lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(total_steps, warmup + 1),
-                                            cfg.lr * cfg.min_lr_ratio)
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, warmup, max(total_steps, warmup + 1), cfg.lr * cfg.min_lr_ratio
+    )
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))
     return adamw(lr, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
 
@@ -68,17 +80,26 @@ def init_state(config: Config, optimizer: optax.GradientTransformation, mesh: Me
     device computes only its own slices, so a mesh over several processes needs nothing more."""
 
     def fresh() -> TrainState:
-        model = MD4(config.model, config.diffusion, config.execution, key=jax.random.key(config.train.seed))
+        model = MD4(
+            config.model, config.diffusion, config.execution, key=jax.random.key(config.train.seed)
+        )
         with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
             opt_state = optimizer.init(eqx.filter(model, eqx.is_array))
         ema = jax.tree.map(jnp.copy, model)  # its own buffers: the step donates both
-        return TrainState(step=jnp.zeros((), jnp.int32), model=model, ema=ema, opt_state=opt_state,
-                          key=jax.random.key(config.train.seed + 1))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            model=model,
+            ema=ema,
+            opt_state=opt_state,
+            key=jax.random.key(config.train.seed + 1),
+        )
 
     abstract = eqx.filter_eval_shape(fresh)
     out_shardings = shardings(mesh, state_specs(abstract, optimizer))
     arrays = jax.jit(lambda: eqx.filter(fresh(), eqx.is_array), out_shardings=out_shardings)()
-    return eqx.combine(arrays, abstract)  # the arrays, and abstract's static fields where they have none
+    return eqx.combine(
+        arrays, abstract
+    )  # the arrays, and abstract's static fields where they have none
 
 
 def state_specs(state: TrainState, optimizer: optax.GradientTransformation) -> PyTree:
@@ -87,15 +108,28 @@ def state_specs(state: TrainState, optimizer: optax.GradientTransformation) -> P
     arrays = eqx.filter(state, lambda x: eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct))
     params = param_specs(arrays.model)
     with jax.numpy_dtype_promotion("standard"):  # it calls optimizer.init: see init_state
-        opt = optax.tree_map_params(optimizer, lambda _, spec: spec, arrays.opt_state, params,
-                                    transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+        opt = optax.tree_map_params(
+            optimizer,
+            lambda _, spec: spec,
+            arrays.opt_state,
+            params,
+            transform_non_params=lambda _: P(),
+            is_leaf=lambda x: isinstance(x, P),
+        )
     # Built by tree maps, not TrainState(...): its fields are typed as arrays, these are specs.
     specs = jax.tree.map(lambda _: P(), arrays)
     return eqx.tree_at(lambda s: (s.model, s.ema, s.opt_state), specs, (params, params, opt))
 
 
-def make_train_step(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh, *, microbatches: int = 1,
-                    clip: float, ema: float):
+def make_train_step(
+    state: TrainState,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    *,
+    microbatches: int = 1,
+    clip: float,
+    ema: float,
+):
     """The jitted step `(state, tokens, labels) -> (state, metrics)`; it donates `state`.
 
     `tokens` is the global batch [B, L] (B divisible by the mesh's `data` size times `microbatches`,
@@ -112,12 +146,18 @@ def make_train_step(state: TrainState, optimizer: optax.GradientTransformation, 
         params, static = eqx.partition(state.model, eqx.is_array)
 
         def loss_fn(params, x, y, ids):
-            terms = losses(eqx.combine(params, static), x, y, ids, key, global_batch=global_batch, train=True)
+            terms = losses(
+                eqx.combine(params, static), x, y, ids, key, global_batch=global_batch, train=True
+            )
             norm = global_batch * seq_len
             return jnp.sum(terms.objective) / norm, jnp.sum(terms.nelbo) / norm
 
         def chunks(a):  # (b, ...) -> (microbatches, b / microbatches, ...)
-            return None if a is None else a.reshape(microbatches, a.shape[0] // microbatches, *a.shape[1:])
+            return (
+                None
+                if a is None
+                else a.reshape(microbatches, a.shape[0] // microbatches, *a.shape[1:])
+            )
 
         # Parameters marked as varying over `data` keep each device's gradient local: replicated
         # ones would have their cotangents summed over `data` in every microbatch's backward pass.
@@ -128,8 +168,13 @@ def make_train_step(state: TrainState, optimizer: optax.GradientTransformation, 
             (_, nll), g = jax.value_and_grad(loss_fn, has_aux=True)(local_params, *batch)
             return (jax.tree.map(jnp.add, grads, g), nelbo + nll), None
 
-        zero = (jax.tree.map(jnp.zeros_like, local_params), pvary(jnp.zeros(()), DATA))  # per-device sums
-        (grads, nelbo), _ = lax.scan(accumulate, zero, (chunks(tokens), chunks(labels), chunks(ids)))
+        zero = (
+            jax.tree.map(jnp.zeros_like, local_params),
+            pvary(jnp.zeros(()), DATA),
+        )  # per-device sums
+        (grads, nelbo), _ = lax.scan(
+            accumulate, zero, (chunks(tokens), chunks(labels), chunks(ids))
+        )
         grads, nelbo = psum((grads, nelbo), DATA)
 
         grad_norm = global_norm(grads, specs.model)
@@ -141,9 +186,16 @@ def make_train_step(state: TrainState, optimizer: optax.GradientTransformation, 
         # EMA decay warmed up as min(decay, (1 + step) / (10 + step)), so short runs are not all init.
         step = state.step.astype(jnp.float32)
         decay = jnp.minimum(ema, (1.0 + step) / (10.0 + step))
-        ema_params = optax.incremental_update(params, eqx.filter(state.ema, eqx.is_array), 1.0 - decay)
-        updated = TrainState(step=state.step + 1, model=eqx.combine(params, static),
-                             ema=eqx.combine(ema_params, static), opt_state=opt_state, key=state.key)
+        ema_params = optax.incremental_update(
+            params, eqx.filter(state.ema, eqx.is_array), 1.0 - decay
+        )
+        updated = TrainState(
+            step=state.step + 1,
+            model=eqx.combine(params, static),
+            ema=eqx.combine(ema_params, static),
+            opt_state=opt_state,
+            key=state.key,
+        )
         # A non-finite loss or gradient norm keeps every array of the old state but the counter
         # (`where`, not `cond`: both sides are computed anyway, and NaNs in the unused side vanish).
         skipped = ~(jnp.isfinite(nelbo) & jnp.isfinite(grad_norm))
@@ -155,7 +207,9 @@ def make_train_step(state: TrainState, optimizer: optax.GradientTransformation, 
     def in_specs(batch, state):  # P(DATA) covers the batch's labels when they are None, too
         return P(DATA), specs
 
-    step = eqx.filter_jit(shard_map_modules(local_step, mesh, in_specs, (specs, P())), donate="all-except-first")
+    step = eqx.filter_jit(
+        shard_map_modules(local_step, mesh, in_specs, (specs, P())), donate="all-except-first"
+    )
 
     def train_step(state: TrainState, tokens, labels=None):
         return step((tokens, labels), state)

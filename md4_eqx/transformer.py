@@ -20,7 +20,17 @@ from jax import lax
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
 from md4_eqx.config import ExecutionConfig, ModelConfig
-from md4_eqx.layers import MLP, Attention, Conditioning, Embedding, Linear, activation, ada_norm, dropout, layer_keys
+from md4_eqx.layers import (
+    MLP,
+    Attention,
+    Conditioning,
+    Embedding,
+    Linear,
+    activation,
+    ada_norm,
+    dropout,
+    layer_keys,
+)
 from md4_eqx.parallel import Split
 
 
@@ -45,7 +55,9 @@ class Block(eqx.Module):
         ka, km, kd = jax.random.split(key, 3)
         self.ada = Linear(cfg.cond_dim, 6 * cfg.width, key=kd, zero=True, bias=True)
         self.attn = Attention(cfg.width, cfg.num_heads, key=ka, rope_theta=cfg.rope_theta)
-        self.mlp = MLP(cfg.width, cfg.hidden, cfg.mlp, key=km, scale=2.0 / cfg.num_layers)  # depth-scaled init
+        self.mlp = MLP(
+            cfg.width, cfg.hidden, cfg.mlp, key=km, scale=2.0 / cfg.num_layers
+        )  # depth-scaled init
         self.cfg, self.run = cfg, run
 
     def __call__(
@@ -58,9 +70,13 @@ class Block(eqx.Module):
         a = self.attn(ada_norm(x, shift_a, scale_a, dtype), self.run.attention)  # (b, l, d), dtype
 
         @jax.checkpoint
-        def mlp_half(x, gate_a, a, shift_m, scale_m, mlp):  # h, its norm and the MLP's hidden units are recomputed
+        def mlp_half(
+            x, gate_a, a, shift_m, scale_m, mlp
+        ):  # h, its norm and the MLP's hidden units are recomputed
             h = x + gate_a * a.astype(jnp.float32)
-            return h, mlp(ada_norm(h, shift_m, scale_m, dtype))  # (b, l, d) float32, (b, l, d) dtype
+            return h, mlp(
+                ada_norm(h, shift_m, scale_m, dtype)
+            )  # (b, l, d) float32, (b, l, d) dtype
 
         h, m = mlp_half(x, gate_a, dropout(a, self.cfg.dropout, ka), shift_m, scale_m, self.mlp)
         return h + gate_m * dropout(m, self.cfg.dropout, km).astype(jnp.float32)
@@ -82,20 +98,30 @@ class Transformer(eqx.Module):
         ke, kc, kb, kf, kh = jax.random.split(key, 5)
         self.embed = Embedding(cfg.padded_vocab, cfg.width, key=ke)
         self.cond = Conditioning(cfg.cond_dim, cfg.num_classes, key=kc)
-        self.blocks = eqx.filter_vmap(lambda k: Block(cfg, run, key=k))(jax.random.split(kb, cfg.num_layers))
+        self.blocks = eqx.filter_vmap(lambda k: Block(cfg, run, key=k))(
+            jax.random.split(kb, cfg.num_layers)
+        )
         self.final_ada = Linear(cfg.cond_dim, 2 * cfg.width, key=kf, zero=True, bias=True)
         self.head = Linear(cfg.width, cfg.padded_vocab, key=kh, split=Split.COLUMN, zero=True)
         self.cfg, self.run = cfg, run
 
     def __call__(
-        self, z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"] | None = None,
-        *, keys: Key[Array, " b"] | None = None,
+        self,
+        z: Int[Array, "b l"],
+        t: Float[Array, " b"],
+        labels: Int[Array, " b"] | None = None,
+        *,
+        keys: Key[Array, " b"] | None = None,
     ) -> Float[Array, "b l v_local"]:
         return self.head(self.features(z, t, labels, keys=keys))  # (b, l, padded_vocab / M)
 
     def features(
-        self, z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"] | None = None,
-        *, keys: Key[Array, " b"] | None = None,
+        self,
+        z: Int[Array, "b l"],
+        t: Float[Array, " b"],
+        labels: Int[Array, " b"] | None = None,
+        *,
+        keys: Key[Array, " b"] | None = None,
     ) -> Float[Array, "b l d"]:
         """What the head reads: the last block's output after the final adaLN, in compute dtype."""
         c = self.cond(t, labels)  # (b, cond)
@@ -110,5 +136,7 @@ class Transformer(eqx.Module):
             layer = jax.checkpoint(layer)
         unroll = self.run.unroll_layers and not self.run.remat  # see the module docstring
         x, _ = lax.scan(layer, x, (params, jnp.arange(self.cfg.num_layers)), unroll=unroll)
-        shift, scale = jnp.split(self.final_ada(activation(self.cfg.mlp)(c))[:, None, :], 2, axis=-1)
+        shift, scale = jnp.split(
+            self.final_ada(activation(self.cfg.mlp)(c))[:, None, :], 2, axis=-1
+        )
         return ada_norm(x, shift, scale, self.run.precision.dtype)

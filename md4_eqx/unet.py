@@ -26,19 +26,43 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
-from md4_eqx.config import UNET_CHANNELS as CHANNELS, UNET_GROUPS as GROUPS, ExecutionConfig, ModelConfig
+from md4_eqx.config import (
+    UNET_CHANNELS as CHANNELS,
+)
+from md4_eqx.config import (
+    UNET_GROUPS as GROUPS,
+)
+from md4_eqx.config import (
+    ExecutionConfig,
+    ModelConfig,
+)
 from md4_eqx.kernels import attention
-from md4_eqx.layers import Conditioning, Linear, dropout, embedding_table, layer_keys, truncated_normal
+from md4_eqx.layers import (
+    Conditioning,
+    Linear,
+    dropout,
+    embedding_table,
+    layer_keys,
+    truncated_normal,
+)
 from md4_eqx.parallel import MODEL, vocab_offset
 
 
-def conv2d(in_channels: int, out_channels: int, kernel: int, *, key: PRNGKeyArray, zero: bool = False) -> eqx.nn.Conv2d:
+def conv2d(
+    in_channels: int, out_channels: int, kernel: int, *, key: PRNGKeyArray, zero: bool = False
+) -> eqx.nn.Conv2d:
     """A 'same'-padded conv initialised as Flax's nn.Conv (LeCun normal kernel, zero bias), or all
     zeros (`zero`), the reference's init for the last conv of a block and of the network."""
     # Only the layer's structure: its own (uniform) init would be drawn and thrown away.
-    conv = eqx.filter_eval_shape(eqx.nn.Conv2d, in_channels, out_channels, kernel, padding="SAME", key=key)
+    conv = eqx.filter_eval_shape(
+        eqx.nn.Conv2d, in_channels, out_channels, kernel, padding="SAME", key=key
+    )
     shape = conv.weight.shape  # (out, in, k, k)
-    weight = jnp.zeros(shape) if zero else truncated_normal(key, shape, fan_in=in_channels * kernel * kernel)
+    weight = (
+        jnp.zeros(shape)
+        if zero
+        else truncated_normal(key, shape, fan_in=in_channels * kernel * kernel)
+    )
     return eqx.tree_at(lambda c: (c.weight, c.bias), conv, (weight, jnp.zeros(conv.bias.shape)))
 
 
@@ -65,7 +89,9 @@ class ResBlock(eqx.Module):
     cfg: ModelConfig = eqx.field(static=True)
     run: ExecutionConfig = eqx.field(static=True)
 
-    def __init__(self, cfg: ModelConfig, run: ExecutionConfig, in_channels: int, *, key: PRNGKeyArray):
+    def __init__(
+        self, cfg: ModelConfig, run: ExecutionConfig, in_channels: int, *, key: PRNGKeyArray
+    ):
         k1, kc, k2, ks = jax.random.split(key, 4)
         width = cfg.width
         self.norm1 = group_norm(in_channels)
@@ -101,7 +127,9 @@ class SelfAttention(eqx.Module):
     def __init__(self, cfg: ModelConfig, run: ExecutionConfig, *, key: PRNGKeyArray):
         self.norm = group_norm(cfg.width)
         keys = jax.random.split(key, 4)
-        self.wq, self.wk, self.wv, self.wo = (Linear(cfg.width, cfg.width, key=k, bias=True) for k in keys)
+        self.wq, self.wk, self.wv, self.wo = (
+            Linear(cfg.width, cfg.width, key=k, bias=True) for k in keys
+        )
         self.cfg, self.run = cfg, run
 
     def __call__(self, x: Float[Array, "b d h w"]) -> Float[Array, "b d h w"]:
@@ -142,8 +170,12 @@ class UNet(eqx.Module):
         self.cond = Conditioning(cfg.cond_dim, cfg.num_classes, key=kc)
         self.conv_in = conv2d(CHANNELS * width, width, 3, key=ki)
 
-        def stack(in_channels: int, key: PRNGKeyArray, count: int) -> ResBlock:  # on a leading [count] axis
-            return eqx.filter_vmap(lambda k: ResBlock(cfg, run, in_channels, key=k))(jax.random.split(key, count))
+        def stack(
+            in_channels: int, key: PRNGKeyArray, count: int
+        ) -> ResBlock:  # on a leading [count] axis
+            return eqx.filter_vmap(lambda k: ResBlock(cfg, run, in_channels, key=k))(
+                jax.random.split(key, count)
+            )
 
         self.down = stack(width, kd, cfg.num_layers)
         self.mid1 = ResBlock(cfg, run, width, key=k1)
@@ -155,8 +187,13 @@ class UNet(eqx.Module):
         self.cfg, self.run = cfg, run
 
     def _blocks(
-        self, blocks: ResBlock, h: Float[Array, "b d hh ww"], skips: Float[Array, "n b d hh ww"] | None,
-        c: Float[Array, "b cond"], keys: Key[Array, " b"] | None, first: int,
+        self,
+        blocks: ResBlock,
+        h: Float[Array, "b d hh ww"],
+        skips: Float[Array, "n b d hh ww"] | None,
+        c: Float[Array, "b cond"],
+        keys: Key[Array, " b"] | None,
+        first: int,
     ) -> Float[Array, "n b d hh ww"]:
         """Run the n stacked blocks in turn (block i gets dropout keys `first + i`); with `skips`, block i
         takes [h, skips[i]] concatenated over channels. Returns every block's output.
@@ -178,18 +215,26 @@ class UNet(eqx.Module):
         return lax.scan(layer, h, (params, skips, jnp.arange(count)), unroll=not self.run.remat)[1]
 
     def __call__(
-        self, z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"] | None = None,
-        *, keys: Key[Array, " b"] | None = None,
+        self,
+        z: Int[Array, "b l"],
+        t: Float[Array, " b"],
+        labels: Int[Array, " b"] | None = None,
+        *,
+        keys: Key[Array, " b"] | None = None,
     ) -> Float[Array, "b l v_local"]:
         cfg, dtype = self.cfg, self.run.precision.dtype
         side = math.isqrt(cfg.seq_len // CHANNELS)  # ModelConfig checks seq_len = 3 side^2
         b, num = z.shape[0], cfg.num_layers
         c = self.cond(t, labels)  # (b, cond)
-        x = self.embed[z].reshape(b, side, side, CHANNELS * cfg.width)  # (b, h, w, 3 d), (h, w, c) order
+        x = self.embed[z].reshape(
+            b, side, side, CHANNELS * cfg.width
+        )  # (b, h, w, 3 d), (h, w, c) order
         h0 = apply(self.conv_in, x.transpose(0, 3, 1, 2), dtype)  # (b, d, h, w)
         down = self._blocks(self.down, h0, None, c, keys, first=0)  # (num, b, d, h, w)
         skips = jnp.concatenate([h0[None], down])
-        h = self.attn(self.mid1(skips[-1], c, layer_keys(keys, num)))  # the middle: block, attention, block
+        h = self.attn(
+            self.mid1(skips[-1], c, layer_keys(keys, num))
+        )  # the middle: block, attention, block
         h = self.mid2(h, c, layer_keys(keys, num + 1))
         # The up path takes the skips last-in first-out, ending with the input conv's output.
         h = self._blocks(self.up, h, skips[::-1], c, keys, first=num + 2)[-1]

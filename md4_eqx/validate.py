@@ -20,27 +20,40 @@ def validate(config: Config, mesh: Mesh, batch: int | None = None) -> None:
     model, execution = config.model, config.execution
     resolve(execution.attention, execution.precision.dtype, model.head_dim, platform_of(mesh))
     if execution.head_chunk and model.backbone is Backbone.UNET:
-        raise ConfigError("head_chunk", "head_chunk is the transformer's: the U-Net's head is a convolution")
+        raise ConfigError(
+            "head_chunk", "head_chunk is the transformer's: the U-Net's head is a convolution"
+        )
     check_model_split(model, mesh.shape[MODEL])
     check_sampler(config.sampler, per_token_schedule=config.diffusion.learnable)
     if config.sampler.guidance and not model.num_classes:
-        raise ConfigError("guidance", f"guidance={config.sampler.guidance} needs a class-conditional model "
-                                      f"(num_classes > 0); this one has no classes")
+        raise ConfigError(
+            "guidance",
+            f"guidance={config.sampler.guidance} needs a class-conditional model "
+            f"(num_classes > 0); this one has no classes",
+        )
     microbatches = 1 if batch is not None else config.train.microbatches or 1
     batch = config.train.batch_size if batch is None else batch
     if batch != AUTO and batch % (mesh.shape[DATA] * microbatches):
         chunks = f" x {microbatches} microbatches" if microbatches > 1 else ""
-        raise ConfigError("batch_size", f"batch_size={batch} must be a multiple of the {mesh.shape[DATA]} "
-                                        f"devices on the data axis{chunks}")
+        raise ConfigError(
+            "batch_size",
+            f"batch_size={batch} must be a multiple of the {mesh.shape[DATA]} "
+            f"devices on the data axis{chunks}",
+        )
 
 
 def check_sampler(cfg: SamplerConfig, per_token_schedule: bool) -> None:
     """Raise for a (rule, loop) pair that does not sample the model's law (md4_eqx.sampling's
     docstring says which pairs do)."""
     if cfg.loop is Loop.EXACT_SKIP and per_token_schedule:
-        raise ConfigError("loop", "the exact_skip loop needs unmask steps that do not depend on the tokens; "
-                                  "GenMD4's learned per-token schedule makes them depend: use the every_step loop")
+        raise ConfigError(
+            "loop",
+            "the exact_skip loop needs unmask steps that do not depend on the tokens; "
+            "GenMD4's learned per-token schedule makes them depend: use the every_step loop",
+        )
     if cfg.rule is Rule.REMDM and (cfg.loop is Loop.EXACT_SKIP or per_token_schedule):
-        raise ConfigError("loop" if cfg.loop is Loop.EXACT_SKIP else "rule",
-                          "the remdm rule runs on the every_step loop under MD4's schedule: remasking lets a "
-                          "position unmask more than once, and its formulas need one alpha_t for every token")
+        raise ConfigError(
+            "loop" if cfg.loop is Loop.EXACT_SKIP else "rule",
+            "the remdm rule runs on the every_step loop under MD4's schedule: remasking lets a "
+            "position unmask more than once, and its formulas need one alpha_t for every token",
+        )

@@ -17,16 +17,18 @@ COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44))  # one per series of a 
 GRID_GREY = (225, 225, 225)
 
 
-def to_images(tokens: Integer[np.ndarray, "n l"], shape: tuple[int, int, int],
-              mask_id: int) -> UInt8[np.ndarray, "n h w c"]:
+def to_images(
+    tokens: Integer[np.ndarray, "n l"], shape: tuple[int, int, int], mask_id: int
+) -> UInt8[np.ndarray, "n h w c"]:
     """[n, H*W*C] sub-pixel tokens -> [n, H, W, C] uint8 images, masks mid-grey."""
     tokens = np.asarray(tokens)
     pixels = np.where(tokens == mask_id, MASK_GREY, tokens).astype(np.uint8)
     return pixels.reshape(tokens.shape[0], *shape)
 
 
-def image_grid(images: UInt8[np.ndarray, "n h w c"], columns: int | None = None, scale: int = 2,
-               pad: int = 2) -> Image.Image:
+def image_grid(
+    images: UInt8[np.ndarray, "n h w c"], columns: int | None = None, scale: int = 2, pad: int = 2
+) -> Image.Image:
     """A grid of images, `columns` wide (default: about square), each scaled up `scale` times."""
     n, h, w, c = images.shape
     columns = columns or int(np.ceil(np.sqrt(n)))
@@ -45,28 +47,47 @@ def frame_indices(steps: int, frames: int) -> list[int]:
     return sorted({round(i * (steps - 1) / max(frames - 1, 1)) for i in range(frames)})
 
 
-def trajectory_strip(trajectory: Integer[np.ndarray, "steps n l"], shape: tuple[int, int, int], mask_id: int,
-                     frames: int = 10) -> Image.Image:
+def trajectory_strip(
+    trajectory: Integer[np.ndarray, "steps n l"],
+    shape: tuple[int, int, int],
+    mask_id: int,
+    frames: int = 10,
+) -> Image.Image:
     """One row per sample, one column per chosen step: how each image unmasked."""
     picked = frame_indices(trajectory.shape[0], frames)
-    images = np.stack([to_images(trajectory[i], shape, mask_id) for i in picked], axis=1)  # [n, f, ...]
+    images = np.stack(
+        [to_images(trajectory[i], shape, mask_id) for i in picked], axis=1
+    )  # [n, f, ...]
     return image_grid(images.reshape(-1, *images.shape[2:]), columns=len(picked))
 
 
-def trajectory_gif(trajectory: Integer[np.ndarray, "steps n l"], shape: tuple[int, int, int], mask_id: int,
-                   path: str | Path, frames: int = 50, ms_per_frame: int = 80) -> None:
+def trajectory_gif(
+    trajectory: Integer[np.ndarray, "steps n l"],
+    shape: tuple[int, int, int],
+    mask_id: int,
+    path: str | Path,
+    frames: int = 50,
+    ms_per_frame: int = 80,
+) -> None:
     """An animated GIF of the grid of samples unmasking, holding the final frame for a second."""
-    grids = [image_grid(to_images(trajectory[i], shape, mask_id)) for i in frame_indices(trajectory.shape[0], frames)]
+    grids = [
+        image_grid(to_images(trajectory[i], shape, mask_id))
+        for i in frame_indices(trajectory.shape[0], frames)
+    ]
     durations = [ms_per_frame] * (len(grids) - 1) + [1000]
     grids[0].save(path, save_all=True, append_images=grids[1:], duration=durations, loop=0)
 
 
-def render_text(tokens: Integer[np.ndarray, " l"], decode: Callable[[np.ndarray], str], mask_id: int) -> str:
+def render_text(
+    tokens: Integer[np.ndarray, " l"], decode: Callable[[np.ndarray], str], mask_id: int
+) -> str:
     """Decoded text with each masked token shown as `MASK_CHAR`; runs of unmasked tokens are
     decoded together so multi-token characters survive."""
     tokens = np.asarray(tokens)
     runs = np.split(tokens, np.flatnonzero(np.diff(tokens == mask_id)) + 1)  # all masked or all not
-    return "".join(MASK_CHAR * run.size if run[0] == mask_id else decode(run) for run in runs if run.size)
+    return "".join(
+        MASK_CHAR * run.size if run[0] == mask_id else decode(run) for run in runs if run.size
+    )
 
 
 def ticks(lo: float, hi: float, count: int = 6) -> np.ndarray:
@@ -77,8 +98,12 @@ def ticks(lo: float, hi: float, count: int = 6) -> np.ndarray:
     return np.arange(np.ceil(lo / step), np.floor(hi / step) + 1) * step
 
 
-def line_chart(series: dict[str, tuple[Real[np.ndarray, " _"], Real[np.ndarray, " _"]]], xlabel: str, ylabel: str,
-               size: tuple[int, int] = (720, 420)) -> Image.Image:
+def line_chart(
+    series: dict[str, tuple[Real[np.ndarray, " _"], Real[np.ndarray, " _"]]],
+    xlabel: str,
+    ylabel: str,
+    size: tuple[int, int] = (720, 420),
+) -> Image.Image:
     """Named (x, y) series on shared axes, with round ticks, a grid and a legend (training curves
     without a plotting library). The y range spans the values; a series of up to 50 points also
     marks each one with a dot."""
@@ -91,8 +116,10 @@ def line_chart(series: dict[str, tuple[Real[np.ndarray, " _"], Real[np.ndarray, 
     y0, y1 = ys.min() - pad, ys.max() + pad
 
     def at(x, y):  # data -> pixel
-        return (left + (x - x0) / (x1 - x0) * (width - left - right),
-                top + (y1 - y) / (y1 - y0) * (height - top - bottom))
+        return (
+            left + (x - x0) / (x1 - x0) * (width - left - right),
+            top + (y1 - y) / (y1 - y0) * (height - top - bottom),
+        )
 
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
@@ -106,12 +133,16 @@ def line_chart(series: dict[str, tuple[Real[np.ndarray, " _"], Real[np.ndarray, 
         draw.line([(left, py), (width - right, py)], fill=GRID_GREY)
         draw.text((left - 4, py), f"{y:g}", fill="black", font=font, anchor="rm")
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    draw.text(((left + width - right) / 2, height - 4), xlabel, fill="black", font=font, anchor="md")
+    draw.text(
+        ((left + width - right) / 2, height - 4), xlabel, fill="black", font=font, anchor="md"
+    )
     draw.text((left, top - 4), ylabel, fill="black", font=font, anchor="ld")
     for row, (colour, (name, (x, y))) in enumerate(zip(COLOURS, series.items(), strict=False)):
         points = [at(a, b) for a, b in zip(x, y, strict=True)]
         draw.line(points, fill=colour, width=2)
         for px, py in points if len(points) <= 50 else ():
             draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
-        draw.text((width - right - 8, top + 8 + 16 * row), name, fill=colour, font=font, anchor="ra")
+        draw.text(
+            (width - right - 8, top + 8 + 16 * row), name, fill=colour, font=font, anchor="ra"
+        )
     return image

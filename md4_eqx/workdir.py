@@ -32,7 +32,9 @@ def _agree(error: str | None) -> None:
     """Raises on every process if process 0 found `error` (a collective in a multi-process run)."""
     if jax.process_count() > 1:
         failed = bool(np.any(multihost_utils.process_allgather(np.asarray(error is not None))))
-        error = error or ("process 0 cannot use the workdir (its error says why)" if failed else None)
+        error = error or (
+            "process 0 cannot use the workdir (its error says why)" if failed else None
+        )
     if error:
         raise WorkdirError(error)
 

@@ -20,14 +20,22 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # that with `--dist loadfile --no-loadscope-reorder` (.ci/run) the two workers share out the
 # short files last and finish together.
 SLOWEST_FIRST = (
-    "test_parallel.py", "test_train.py", "test_sampling.py", "test_ground_truth.py", "test_data.py",
-    "test_plan.py", "test_loss.py", "test_attention.py",
+    "test_parallel.py",
+    "test_train.py",
+    "test_sampling.py",
+    "test_ground_truth.py",
+    "test_data.py",
+    "test_plan.py",
+    "test_loss.py",
+    "test_attention.py",
 )
 
 
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep their order
+    items.sort(
+        key=lambda item: rank.get(item.path.name, len(rank))
+    )  # stable: files keep their order
 
 
 @pytest.fixture

@@ -30,7 +30,9 @@ from md4_eqx.parallel import make_mesh
 from md4_eqx.plan import lowered_step
 from md4_eqx.train_step import init_state, make_optimizer, make_train_step
 
-attention_module = importlib.import_module("md4_eqx.kernels.attention")  # the package exports the function
+attention_module = importlib.import_module(
+    "md4_eqx.kernels.attention"
+)  # the package exports the function
 
 # Tolerance on max |error| / max |reference|, per input dtype.
 # float32: the kernel differs from the float64 reference only by float32 rounding in sums of
@@ -147,7 +149,10 @@ def test_pallas_inside_shard_map():
 
     per_shard = jax.shard_map(
         lambda *args: output_and_gradients(fn, *args),
-        mesh=mesh, in_specs=(spec,) * 4, out_specs=(spec,) * 4, check_vma=True,
+        mesh=mesh,
+        in_specs=(spec,) * 4,
+        out_specs=(spec,) * 4,
+        check_vma=True,
     )
     assert_matches(jax.jit(per_shard)(*sharded), reference_float64(*inputs), jnp.float32)
 
@@ -186,7 +191,9 @@ def test_training_step_with_hopper_kernel_lowers(monkeypatch, remat):
     monkeypatch.setattr(attention_module, "resolve", lambda *args, **kwargs: row)
     cfg = preset("tiny")
     model = dataclasses.replace(cfg.model, width=256, num_heads=4, seq_len=200)
-    execution = dataclasses.replace(cfg.execution, precision=Precision.BFLOAT16, remat=remat, unroll_layers=not remat)
+    execution = dataclasses.replace(
+        cfg.execution, precision=Precision.BFLOAT16, remat=remat, unroll_layers=not remat
+    )
     cfg = dataclasses.replace(cfg, model=model, execution=execution)
     mesh = make_mesh(2, 2, jax.devices("cpu")[:4])
     text = lowered_step(cfg, mesh, batch=8, microbatches=1, platform="cuda").as_text()
@@ -212,8 +219,11 @@ def test_auto_picks_per_platform():
     ("impl", "message"),
     [
         ("cudnn", "'cudnn' needs a GPU, this is cpu"),
-        ("pallas", "'pallas' compiles only for TPU, this is cpu; use 'pallas-interpret' to run it here; "
-                   "compiles only for Hopper GPUs, this is cpu"),
+        (
+            "pallas",
+            "'pallas' compiles only for TPU, this is cpu; use 'pallas-interpret' to run it here; "
+            "compiles only for Hopper GPUs, this is cpu",
+        ),
     ],
 )
 def test_attention_rejects_bad_impl(impl, message):
@@ -251,7 +261,9 @@ def test_tiny_model_trains_the_same_with_pallas_as_with_xla():
     tokens = jax.random.randint(jax.random.key(3), (4, 4, 48), 0, vocab, jnp.int32)  # 4 steps
 
     def train(impl: Impl):
-        cfg = dataclasses.replace(config, execution=dataclasses.replace(config.execution, attention=impl))
+        cfg = dataclasses.replace(
+            config, execution=dataclasses.replace(config.execution, attention=impl)
+        )
         optimizer = make_optimizer(cfg.optim, cfg.train.steps)
         state = init_state(cfg, optimizer, mesh)
         step = make_train_step(state, optimizer, mesh, clip=cfg.optim.clip, ema=cfg.optim.ema)

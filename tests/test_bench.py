@@ -11,7 +11,15 @@ from pathlib import Path
 
 import jax
 
-from md4_eqx.config import Config, ExecutionConfig, Impl, ModelConfig, Precision, TrainConfig, preset
+from md4_eqx.config import (
+    Config,
+    ExecutionConfig,
+    Impl,
+    ModelConfig,
+    Precision,
+    TrainConfig,
+    preset,
+)
 from md4_eqx.parallel import make_mesh
 from md4_eqx.plan import lowered_step
 
@@ -46,8 +54,22 @@ def test_step_time_and_tokens_per_s_match_the_tests_own_clock(tmp_path, capsys, 
 
     monkeypatch.setattr(bench, "build", timed_build)
     out = tmp_path / "bench.json"
-    bench.main(["--preset", "tiny", "--batch", "4", "--precision", "float32", "--steps", "3",
-                "--warmup", "1", "--json", str(out)])
+    bench.main(
+        [
+            "--preset",
+            "tiny",
+            "--batch",
+            "4",
+            "--precision",
+            "float32",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     table = capsys.readouterr().out
     assert "| 4 | xla | float32 |" in table and "JAX" in table
     (case,) = json.loads(out.read_text())["cases"]
@@ -69,16 +91,27 @@ def test_flops_per_token_matches_xlas_count_of_the_compiled_step():
     counted as 6 x layers x seq x width (forward only twice), a GLU MLP as two matrices, no
     output head, no attention term, or 4 x parameters (forward and one backward product)."""
     model = ModelConfig(width=128, num_layers=2, num_heads=4, seq_len=256, vocab_size=1024)
-    execution = ExecutionConfig(precision=Precision.FLOAT32, attention=Impl.XLA, remat=False, unroll_layers=True)
-    config = Config(model=model, execution=execution, train=TrainConfig(batch_size=2, microbatches=1))
-    compiled = lowered_step(config, make_mesh(1, 1, jax.devices()[:1]), batch=2, microbatches=1).compile()
+    execution = ExecutionConfig(
+        precision=Precision.FLOAT32, attention=Impl.XLA, remat=False, unroll_layers=True
+    )
+    config = Config(
+        model=model, execution=execution, train=TrainConfig(batch_size=2, microbatches=1)
+    )
+    compiled = lowered_step(
+        config, make_mesh(1, 1, jax.devices()[:1]), batch=2, microbatches=1
+    ).compile()
     xla = compiled.cost_analysis()["flops"] / (2 * model.seq_len)
     assert 1.0 <= xla / bench.flops_per_token(config) <= 1.08, (xla, bench.flops_per_token(config))
 
 
 def test_bad_attention_is_one_line_error():
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--attention", "cudnn"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_step.py"), "--attention", "cudnn"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "does not run here" in proc.stderr

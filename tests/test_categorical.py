@@ -44,8 +44,12 @@ def test_zipf_tail_mass():
     float32_mass = np.sum(probs[tail] * np.exp(-np.exp(-cap) / probs[tail]))
     assert float32_mass < 0.75 * true_mass
     expected_hits = DRAWS * float32_mass  # what the float32 path draws on average
-    assert stats.chisquare([expected_hits, DRAWS - expected_hits],
-                           [DRAWS * true_mass, DRAWS * (1 - true_mass)]).pvalue < 1e-30
+    assert (
+        stats.chisquare(
+            [expected_hits, DRAWS - expected_hits], [DRAWS * true_mass, DRAWS * (1 - true_mass)]
+        ).pvalue
+        < 1e-30
+    )
 
 
 @pytest.mark.parametrize("draws", list(Draws), ids=lambda d: d.value)

@@ -18,8 +18,25 @@ import sample
 import train
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--seq-len", "32", "--batch-size", "8",
-         "--eval-batches", "2", "--sampler.steps", "4", "--num-samples", "2", "--no-progress"]
+SMALL = [
+    "--width",
+    "32",
+    "--num-layers",
+    "1",
+    "--num-heads",
+    "2",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "8",
+    "--eval-batches",
+    "2",
+    "--sampler.steps",
+    "4",
+    "--num-samples",
+    "2",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +111,9 @@ def assert_one_line(code: int, err: str, needle: str) -> None:
 def test_train(argv, needle, data, tmp_path, capsys):
     flags, tmp = data
     argv = [a.format(tmp=tmp) for a in argv]
-    code, err = exit_and_stderr(train.main, ["--workdir", str(tmp_path / "run"), *flags, *SMALL, *argv], capsys)
+    code, err = exit_and_stderr(
+        train.main, ["--workdir", str(tmp_path / "run"), *flags, *SMALL, *argv], capsys
+    )
     assert_one_line(code, err, needle)
     # No file written (a split too small is found once the run holds its workdir: the lock only).
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"]
@@ -103,9 +122,21 @@ def test_train(argv, needle, data, tmp_path, capsys):
 def test_train_through_its_entry_point(tmp_path):
     """The command the issue tried, as a user runs it: no traceback, whatever JAX prints."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--attention", "cudnn",
-                           "--workdir", str(tmp_path / "never")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--attention",
+            "cudnn",
+            "--workdir",
+            str(tmp_path / "never"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_one_line(proc.returncode, proc.stderr, "needs a GPU")
     assert not (tmp_path / "never").exists()
 

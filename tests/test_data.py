@@ -41,8 +41,13 @@ def bpe_dir(tmp_path_factory) -> Path:
     """A byte-level BPE in GPT-2's on-disk format (vocab.json, merges.txt, config.json)."""
     out = tmp_path_factory.mktemp("bpe")
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_documents(0, 300), vocab_size=400, min_frequency=2,
-                            special_tokens=["<|endoftext|>"], show_progress=False)
+    bpe.train_from_iterator(
+        _documents(0, 300),
+        vocab_size=400,
+        min_frequency=2,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
     bpe.save_model(str(out))
     (out / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     return out
@@ -84,8 +89,14 @@ OWT_ARGS = dict(seq_len=16, progress=False)
 @pytest.fixture(scope="module")
 def owt(tmp_path_factory, owt_dir, bpe_dir):
     """OpenWebText's pipeline on the local stand-ins, in one process."""
-    return load("owt", cache_dir=tmp_path_factory.mktemp("cache"), tokenizer=str(bpe_dir),
-                num_proc=1, data_path=str(owt_dir[0]), **OWT_ARGS)
+    return load(
+        "owt",
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        tokenizer=str(bpe_dir),
+        num_proc=1,
+        data_path=str(owt_dir[0]),
+        **OWT_ARGS,
+    )
 
 
 def test_owt_pipeline_matches_gpt2_tokenizer(owt, owt_dir, bpe_dir):
@@ -103,17 +114,31 @@ def test_owt_pipeline_matches_gpt2_tokenizer(owt, owt_dir, bpe_dir):
 
 
 def test_owt_worker_processes_match_one_process(tmp_path, owt, owt_dir, bpe_dir):
-    two = load("owt", cache_dir=tmp_path, tokenizer=str(bpe_dir), num_proc=2,
-               data_path=str(owt_dir[0]), **OWT_ARGS)
+    two = load(
+        "owt",
+        cache_dir=tmp_path,
+        tokenizer=str(bpe_dir),
+        num_proc=2,
+        data_path=str(owt_dir[0]),
+        **OWT_ARGS,
+    )
     assert (owt.path / "all.bin").read_bytes() == (two.path / "all.bin").read_bytes()
 
 
 def test_hub_text_column_is_detected(tmp_path, bpe_dir):
     docs = _documents(2, 200)
     (tmp_path / "hub").mkdir()
-    pq.write_table(pa.table({"id": np.arange(200), "content": docs}), tmp_path / "hub" / "train.parquet")
-    ds = load(f"hf:{tmp_path / 'hub'}", seq_len=8, cache_dir=tmp_path / "cache", tokenizer=str(bpe_dir),
-              num_proc=1, progress=False)
+    pq.write_table(
+        pa.table({"id": np.arange(200), "content": docs}), tmp_path / "hub" / "train.parquet"
+    )
+    ds = load(
+        f"hf:{tmp_path / 'hub'}",
+        seq_len=8,
+        cache_dir=tmp_path / "cache",
+        tokenizer=str(bpe_dir),
+        num_proc=1,
+        progress=False,
+    )
     stream = _expected_stream(_gpt2(bpe_dir), docs)
     train, valid = ds.split("train"), ds.split("valid")
     assert (train.num_examples + valid.num_examples) * 8 == stream.size // 8 * 8
@@ -133,8 +158,15 @@ def test_cifar10_pipeline(tmp_path):
         images = [PILImage.fromarray(p) for p in pixels[rows]]
         table = Dataset.from_dict({"img": images, "label": labels[rows]}, features=features)
         table.to_parquet(hub / f"{name}.parquet")
-    ds = load("cifar10", cache_dir=tmp_path / "cache", num_proc=1, progress=False, data_path=str(hub))
-    assert (ds.seq_len, ds.image_shape, ds.num_classes, ds.vocab_size) == (3072, (32, 32, 3), 10, 256)
+    ds = load(
+        "cifar10", cache_dir=tmp_path / "cache", num_proc=1, progress=False, data_path=str(hub)
+    )
+    assert (ds.seq_len, ds.image_shape, ds.num_classes, ds.vocab_size) == (
+        3072,
+        (32, 32, 3),
+        10,
+        256,
+    )
     tokens, got = ds.split("valid").get(np.array([2, 0]))
     np.testing.assert_array_equal(tokens, pixels[[8, 6]].reshape(2, -1))  # row-major H, W, C
     np.testing.assert_array_equal(got, [5, 2])
@@ -149,18 +181,60 @@ def test_cifar10_pipeline(tmp_path):
     # The cifar10 preset trains its U-Net on it (made small by flags): unconditional, as the
     # paper's, a fresh model's ~8 bits per dimension, a PNG of samples. One device, XLA:CPU.
     run = tmp_path / "run"
-    small = ["--width", "32", "--num-layers", "1", "--cond-dim", "32", "--batch-size", "2", "--steps", "2",
-             "--eval-every", "2", "--eval-batches", "1", "--eval-draws", "1", "--sampler.steps", "2",
-             "--num-samples", "1", "--no-progress"]
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--preset", "cifar10", "--data-path", str(hub),
-                           "--cache-dir", str(tmp_path / "cache"), "--workdir", str(run), *small],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    small = [
+        "--width",
+        "32",
+        "--num-layers",
+        "1",
+        "--cond-dim",
+        "32",
+        "--batch-size",
+        "2",
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--eval-draws",
+        "1",
+        "--sampler.steps",
+        "2",
+        "--num-samples",
+        "1",
+        "--no-progress",
+    ]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "--preset",
+            "cifar10",
+            "--data-path",
+            str(hub),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--workdir",
+            str(run),
+            *small,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert proc.returncode == 0, proc.stderr
     saved = checkpoint.read_meta(run)[1].model
     assert (saved.backbone, saved.num_classes, saved.seq_len) == (Backbone.UNET, 0, 3072)
-    evals = [e for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_bpt" in e]
-    assert evals and 7.5 < evals[-1]["eval_bpt"] < 8.5  # two steps at lr 2e-4 x warmup: still ~8 bits
+    evals = [
+        e
+        for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if "eval_bpt" in e
+    ]
+    assert (
+        evals and 7.5 < evals[-1]["eval_bpt"] < 8.5
+    )  # two steps at lr 2e-4 x warmup: still ~8 bits
     assert list((run / "samples").glob("*.png"))
 
 
@@ -176,9 +250,13 @@ def test_pystdlib_is_fast_deterministic_and_bytes(tmp_path):
         assert (ds.path / f"{split}.bin").read_bytes() == (again.path / f"{split}.bin").read_bytes()
     source = PyStdlib()
     files = source.files()
-    assert not any(part in f.split("/") for f in files for part in ("test", "tests", "site-packages"))
+    assert not any(
+        part in f.split("/") for f in files for part in ("test", "tests", "site-packages")
+    )
     valid = [f for f in files if zlib.crc32(f.encode()) % 20 == 0]
-    assert ds.meta["streams"]["valid"]["tokens"] == sum((source.root / f).stat().st_size for f in valid)
+    assert ds.meta["streams"]["valid"]["tokens"] == sum(
+        (source.root / f).stat().st_size for f in valid
+    )
     assert 5_000_000 < ds.meta["streams"]["train"]["tokens"] < 40_000_000
     text = "def f(x):\n    return 'héllo ✓'\n"
     assert ds.decode(ds.tokenizer.encode(text)) == text
@@ -199,14 +277,28 @@ def test_file_bytes_hold_out_the_tail(tmp_path):
 def test_file_with_bpe_tokenizer(tmp_path, bpe_dir):
     path = tmp_path / "input.txt"
     path.write_text(" ".join(_documents(3, 50)))
-    ds = load(f"file:{path}", seq_len=4, cache_dir=tmp_path / "cache", tokenizer=str(bpe_dir),
-              num_proc=1, progress=False)
+    ds = load(
+        f"file:{path}",
+        seq_len=4,
+        cache_dir=tmp_path / "cache",
+        tokenizer=str(bpe_dir),
+        num_proc=1,
+        progress=False,
+    )
     train = np.fromfile(ds.path / "train.bin", np.uint16)
-    assert ds.decode(train) + ds.decode(np.fromfile(ds.path / "valid.bin", np.uint16)) == path.read_text()
+    assert (
+        ds.decode(train) + ds.decode(np.fromfile(ds.path / "valid.bin", np.uint16))
+        == path.read_text()
+    )
     path.write_bytes(b"\xff\xfe not utf-8")
     with pytest.raises(DataError, match="not UTF-8"):
-        load(f"file:{path}", cache_dir=tmp_path / "cache", tokenizer=str(bpe_dir), num_proc=1,
-             progress=False)
+        load(
+            f"file:{path}",
+            cache_dir=tmp_path / "cache",
+            tokenizer=str(bpe_dir),
+            num_proc=1,
+            progress=False,
+        )
 
 
 def test_every_row_of_the_sources_table_is_parsed_helped_and_listed(tmp_path):
@@ -214,7 +306,9 @@ def test_every_row_of_the_sources_table_is_parsed_helped_and_listed(tmp_path):
     path.write_text("x")
     specs = {"file": f"file:{path}", "hf": "hf:org/name"}
     for entry in SOURCES:
-        source = parse(specs.get(entry.kind, entry.kind), tokenizer=None, data_path=None, cache_dir=tmp_path)
+        source = parse(
+            specs.get(entry.kind, entry.kind), tokenizer=None, data_path=None, cache_dir=tmp_path
+        )
         assert isinstance(source, Source) and entry.usage in dataset_help()
     for spec in ("imagenet", "file:", "text8:"):  # an argument only where the row takes one
         with pytest.raises(DataError, match="unknown dataset") as error:
@@ -231,12 +325,17 @@ def _text8_zip(path: Path, text: bytes) -> Path:
 def test_text8_on_a_tiny_zip(tmp_path):
     text = " ".join(_documents(4, 60)).lower().replace(".", "").encode()
     zip_path = _text8_zip(tmp_path / "text8.zip", text)
-    ds = load("text8", seq_len=8, cache_dir=tmp_path / "cache", progress=False, data_path=str(zip_path))
+    ds = load(
+        "text8", seq_len=8, cache_dir=tmp_path / "cache", progress=False, data_path=str(zip_path)
+    )
     n = len(text)
     streams = ds.meta["streams"]
     assert ds.vocab_size == 27 and ds.splits == ("train", "valid", "test")
-    assert [streams[s]["tokens"] for s in ds.splits] == [n * 9 // 10, n * 95 // 100 - n * 9 // 10,
-                                                          n - n * 95 // 100]
+    assert [streams[s]["tokens"] for s in ds.splits] == [
+        n * 9 // 10,
+        n * 95 // 100 - n * 9 // 10,
+        n - n * 95 // 100,
+    ]
     assert ds.decode(ds.split("train").get(np.array([0]))[0][0]) == text[:8].decode()
     assert ds.tokenizer.encode("a z").tolist() == [1, 0, 26]
     bad = _text8_zip(tmp_path / "bad.zip", b"hello World")
@@ -248,8 +347,9 @@ def test_holdout_layout_partitions_the_chunks():
     tokens = np.arange(1000 * 3, dtype=np.uint16)  # 1000 chunks of 3
     train = Subset("train", tokens, None, 3, Layout("all", 50, held_out=False))
     valid = Subset("valid", tokens, None, 3, Layout("all", 50, held_out=True))
-    chunks = np.concatenate([train.chunks(np.arange(train.num_examples)),
-                             valid.chunks(np.arange(valid.num_examples))])
+    chunks = np.concatenate(
+        [train.chunks(np.arange(train.num_examples)), valid.chunks(np.arange(valid.num_examples))]
+    )
     np.testing.assert_array_equal(np.sort(chunks), np.arange(1000))
     assert valid.num_examples == 20 and set(valid.chunks(np.arange(20)) % 50) == {49}
 
@@ -290,8 +390,10 @@ def test_loader_resumes_from_saved_state(labelled_split):
 
 def test_process_slices_partition_the_global_batch(labelled_split):
     whole = BatchLoader(labelled_split, batch_size=12, seed=5)
-    parts = [BatchLoader(labelled_split, batch_size=12, seed=5, process_index=p, process_count=4)
-             for p in range(4)]
+    parts = [
+        BatchLoader(labelled_split, batch_size=12, seed=5, process_index=p, process_count=4)
+        for p in range(4)
+    ]
     for _ in range(20):
         expected = next(whole)
         got = [next(part) for part in parts]
@@ -301,8 +403,13 @@ def test_process_slices_partition_the_global_batch(labelled_split):
 
 
 def test_loader_rejects_bad_arguments_and_is_collectable(labelled_split):
-    for kwargs in (dict(batch_size=0), dict(batch_size=200), dict(batch_size=10, process_count=3),
-                   dict(batch_size=10, process_index=2, process_count=2), dict(batch_size=10, prefetch=-1)):
+    for kwargs in (
+        dict(batch_size=0),
+        dict(batch_size=200),
+        dict(batch_size=10, process_count=3),
+        dict(batch_size=10, process_index=2, process_count=2),
+        dict(batch_size=10, prefetch=-1),
+    ):
         with pytest.raises(DataError):
             BatchLoader(labelled_split, **kwargs)
     loader = BatchLoader(labelled_split, batch_size=10)
@@ -315,8 +422,14 @@ def test_loader_rejects_bad_arguments_and_is_collectable(labelled_split):
 
 def _cli(*args: str, cache: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "MD4_CACHE": str(cache)}
-    return subprocess.run([sys.executable, str(REPO / "data.py"), *args], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "data.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def test_cli_prepares_and_summarises(tmp_path):
@@ -364,14 +477,24 @@ def test_two_processes_preparing_at_once_make_one_cache(tmp_path):
     path.write_bytes(Path(json.__file__).read_bytes() * 20)
     cache = tmp_path / "cache"
     code = f"from md4_eqx.data import load; print(load('file:{path}', cache_dir={str(cache)!r}, progress=False).path)"
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     entry = Path(outputs[0][0].strip())
     assert outputs[1][0].strip() == str(entry)
     assert sorted(p.name for p in cache.iterdir()) == [entry.name, f"{entry.name}.lock"]
-    assert (entry / "train.bin").read_bytes() + (entry / "valid.bin").read_bytes() == path.read_bytes()
+    assert (entry / "train.bin").read_bytes() + (
+        entry / "valid.bin"
+    ).read_bytes() == path.read_bytes()
 
     for f in entry.iterdir():  # as if killed halfway: a temporary directory, no entry
         f.unlink()

@@ -15,8 +15,12 @@ from md4_eqx.train_step import Metrics, init_state, make_optimizer, make_train_s
 
 
 def arrays(tree) -> list[np.ndarray]:
-    return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
-            for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array))]
+    return [
+        np.asarray(
+            jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+        )
+        for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array))
+    ]
 
 
 def test_non_finite_step_keeps_the_state_and_a_finite_one_updates_it():
@@ -60,7 +64,12 @@ def metrics(skipped: bool) -> Metrics:
 def test_bad_steps_count_streaks_and_stop_at_the_limit():
     bad = BadSteps(limit=3)
     assert bad.observe(1, metrics(False)) is None
-    assert bad.observe(2, metrics(True)) == {"step": 2, "skipped": 1, "train_bpt": "nan", "grad_norm": "nan"}
+    assert bad.observe(2, metrics(True)) == {
+        "step": 2,
+        "skipped": 1,
+        "train_bpt": "nan",
+        "grad_norm": "nan",
+    }
     assert bad.observe(3, metrics(True))["skipped"] == 2
     bad.check()
     assert bad.observe(4, metrics(False)) is None and bad.streak == 0  # a good step ends the streak

@@ -12,7 +12,14 @@ import pytest
 
 import evaluate
 from md4_eqx import checkpoint
-from md4_eqx.config import Config, DiffusionConfig, ExecutionConfig, ModelConfig, Precision, TrainConfig
+from md4_eqx.config import (
+    Config,
+    DiffusionConfig,
+    ExecutionConfig,
+    ModelConfig,
+    Precision,
+    TrainConfig,
+)
 from md4_eqx.data import load
 from md4_eqx.evaluate import NelboEstimate, nelbo, nelbo_draws
 from md4_eqx.genppl import unigram_entropy
@@ -27,7 +34,9 @@ UNIFORM_BITS = math.log2(V) * (1 - DiffusionConfig().eps)
 
 def tiny_config(dataset: str = "pystdlib") -> Config:
     return Config(
-        model=ModelConfig(vocab_size=V, seq_len=L, width=32, num_layers=1, num_heads=2, cond_dim=16),
+        model=ModelConfig(
+            vocab_size=V, seq_len=L, width=32, num_layers=1, num_heads=2, cond_dim=16
+        ),
         execution=ExecutionConfig(precision=Precision.FLOAT32),
         train=TrainConfig(dataset=dataset, batch_size=8, steps=10),
     )
@@ -80,13 +89,29 @@ def test_standard_error_covers_the_known_nelbo(getkey):
     assert 0 < est.mc_stderr < 0.2 and 0 < est.stderr < 0.2
     assert abs(est.bits_per_token - UNIFORM_BITS) < 4 * est.mc_stderr
     assert est.perplexity == pytest.approx(2**est.bits_per_token)
-    assert math.isnan(NelboEstimate.from_nats(np.ones((1, 3)), L).mc_stderr)  # one draw: no error bar
-    assert NelboEstimate.from_nats(np.full((1, 3), 1e6), L).perplexity == math.inf  # 2^(45,000 bits)
+    assert math.isnan(
+        NelboEstimate.from_nats(np.ones((1, 3)), L).mc_stderr
+    )  # one draw: no error bar
+    assert (
+        NelboEstimate.from_nats(np.full((1, 3), 1e6), L).perplexity == math.inf
+    )  # 2^(45,000 bits)
 
 
 def test_nelbo_command(workdir, capsys):
-    argv = ["nelbo", "--workdir", str(workdir / "run"), "--draws", "8", "--batches", "2", "--batch-size", "16",
-            "--cache-dir", str(workdir / "cache"), "--no-progress"]
+    argv = [
+        "nelbo",
+        "--workdir",
+        str(workdir / "run"),
+        "--draws",
+        "8",
+        "--batches",
+        "2",
+        "--batch-size",
+        "16",
+        "--cache-dir",
+        str(workdir / "cache"),
+        "--no-progress",
+    ]
     code, out, err = run(argv + ["--json"], capsys)
     assert code == 0, err
     r = json.loads(out)
@@ -94,10 +119,14 @@ def test_nelbo_command(workdir, capsys):
     assert abs(r["bits_per_token"] - UNIFORM_BITS) < 5 * r["mc_stderr"]
     assert r["perplexity"] == pytest.approx(2 ** r["bits_per_token"])
     # The whole split, with a last batch that is filled up and trimmed: every sequence once.
-    code, out, err = run(argv[:5] + ["--draws", "1", "--batch-size", "40"] + argv[9:] + ["--json"], capsys)
+    code, out, err = run(
+        argv[:5] + ["--draws", "1", "--batch-size", "40"] + argv[9:] + ["--json"], capsys
+    )
     assert code == 0, err
     r = json.loads(out)
-    valid = load(f"file:{workdir / 'corpus.txt'}", seq_len=L, cache_dir=workdir / "cache", progress=False)
+    valid = load(
+        f"file:{workdir / 'corpus.txt'}", seq_len=L, cache_dir=workdir / "cache", progress=False
+    )
     assert r["sequences"] == valid.split("valid").num_examples and r["mc_stderr"] is None
     code, out, _ = run(argv, capsys)
     assert code == 0 and out.splitlines()[2].startswith("NELBO ") and "Monte Carlo (8 draws)" in out
@@ -115,7 +144,14 @@ def test_nelbo_command(workdir, capsys):
     ids=["draws", "batch", "split", "step", "model-parallel"],
 )
 def test_nelbo_bad_input(workdir, capsys, argv, message):
-    base = ["nelbo", "--workdir", str(workdir / "run"), "--cache-dir", str(workdir / "cache"), "--no-progress"]
+    base = [
+        "nelbo",
+        "--workdir",
+        str(workdir / "run"),
+        "--cache-dir",
+        str(workdir / "cache"),
+        "--no-progress",
+    ]
     code, out, err = run(base + argv, capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not out
 
@@ -127,7 +163,9 @@ def test_unigram_entropy():
 
 
 def write_samples(path, rows: list[list[int]]) -> None:
-    path.write_text("".join(json.dumps({"text": bytes(r).decode("latin-1"), "tokens": r}) + "\n" for r in rows))
+    path.write_text(
+        "".join(json.dumps({"text": bytes(r).decode("latin-1"), "tokens": r}) + "\n" for r in rows)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +178,21 @@ def causal_lm(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=290, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=290, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(root)
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=300, n_positions=24, n_embd=32, n_layer=1, n_head=2,
-                        bos_token_id=299, eos_token_id=299)
+    config = GPT2Config(
+        vocab_size=300,
+        n_positions=24,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=299,
+        eos_token_id=299,
+    )
     GPT2LMHeadModel(config).save_pretrained(root)
     return root
 
@@ -171,8 +217,17 @@ def test_generative_perplexity_of_token_ids(causal_lm, tmp_path, capsys):
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, 256, size=n).tolist() for n in (40, 40, 10, 23)]  # windows of 23 + BOS
     write_samples(tmp_path / "s.jsonl", rows)
-    argv = ["samples", "--file", str(tmp_path / "s.jsonl"), "--model", str(causal_lm), "--tokens",
-            "--batch-size", "3", "--json"]
+    argv = [
+        "samples",
+        "--file",
+        str(tmp_path / "s.jsonl"),
+        "--model",
+        str(causal_lm),
+        "--tokens",
+        "--batch-size",
+        "3",
+        "--json",
+    ]
     code, out, err = run(argv, capsys)
     assert code == 0, err
     r = json.loads(out)
@@ -188,8 +243,12 @@ def test_generative_perplexity_of_text(causal_lm, tmp_path, capsys):
     from transformers import AutoTokenizer
 
     texts = ["the quick brown fox", "jumps over the lazy dog the end"]
-    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"text": t, "tokens": list(t.encode())}) + "\n" for t in texts))
-    code, out, err = run(["samples", "--file", str(tmp_path / "s.jsonl"), "--model", str(causal_lm)], capsys)
+    (tmp_path / "s.jsonl").write_text(
+        "".join(json.dumps({"text": t, "tokens": list(t.encode())}) + "\n" for t in texts)
+    )
+    code, out, err = run(
+        ["samples", "--file", str(tmp_path / "s.jsonl"), "--model", str(causal_lm)], capsys
+    )
     assert code == 0, err
     tokenizer = AutoTokenizer.from_pretrained(causal_lm)
     scored = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
@@ -200,8 +259,12 @@ def test_generative_perplexity_of_text(causal_lm, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "content, message",
-    [("", "has no samples"), ("{\"text\": \"a\"}\n", ":1: expected a JSON object"),
-     ("{\"text\": \"a\", \"tokens\": [\"x\"]}\n", "a list of integers"), ("not json\n", ":1: expected")],
+    [
+        ("", "has no samples"),
+        ('{"text": "a"}\n', ":1: expected a JSON object"),
+        ('{"text": "a", "tokens": ["x"]}\n', "a list of integers"),
+        ("not json\n", ":1: expected"),
+    ],
     ids=["empty", "no-tokens", "bad-tokens", "not-json"],
 )
 def test_samples_bad_file(tmp_path, capsys, content, message):
@@ -220,5 +283,7 @@ def test_samples_without_torch(tmp_path, capsys, monkeypatch):
 def test_samples_unknown_model(tmp_path, capsys):
     pytest.importorskip("torch")
     write_samples(tmp_path / "s.jsonl", [[1, 2, 3]])
-    code, _, err = run(["samples", "--file", str(tmp_path / "s.jsonl"), "--model", str(tmp_path / "none")], capsys)
+    code, _, err = run(
+        ["samples", "--file", str(tmp_path / "s.jsonl"), "--model", str(tmp_path / "none")], capsys
+    )
     assert code == 2 and "cannot load the causal LM" in err and len(err.strip().splitlines()) == 1

@@ -21,7 +21,14 @@ from jaxtyping import Array, Float, Int
 from scipy import stats
 
 from md4_eqx.config import (
-    Config, DiffusionConfig, ExecutionConfig, ModelConfig, Loop, Precision, SamplerConfig, TimeGrid,
+    Config,
+    DiffusionConfig,
+    ExecutionConfig,
+    Loop,
+    ModelConfig,
+    Precision,
+    SamplerConfig,
+    TimeGrid,
 )
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh, vocab_offset
@@ -46,7 +53,11 @@ class KnownNet(eqx.Module):
     def __call__(self, z: Int[Array, "b l"], t: Float[Array, " b"], labels=None, *, keys=None):
         counts = jnp.sum(jax.nn.one_hot(z, V, dtype=jnp.float32), axis=1)  # (b, V); masks count 0
         t = jnp.minimum(t + self.delay, 1.0)
-        logits = self.base[None] + self.time[None, None] * t[:, None, None] + self.herd * counts[:, None, :]
+        logits = (
+            self.base[None]
+            + self.time[None, None] * t[:, None, None]
+            + self.herd * counts[:, None, :]
+        )
         full = jnp.pad(logits, ((0, 0), (0, 0), (0, self.padded_vocab - V)))  # (b, l, padded)
         v_local = self.padded_vocab // jax.lax.axis_size("model")
         return jax.lax.dynamic_slice_in_dim(full, vocab_offset(v_local), v_local, axis=-1)
@@ -61,9 +72,13 @@ def known_model(delay: float = 0.0) -> MD4:
         diffusion=DiffusionConfig(eps=0.05),
     )
     model = MD4(config.model, config.diffusion, config.execution, key=jax.random.key(0))
-    ramp = jnp.arange(L, dtype=jnp.float32)[:, None] * jnp.eye(V)[1][None]  # token 1 likelier along l
+    ramp = (
+        jnp.arange(L, dtype=jnp.float32)[:, None] * jnp.eye(V)[1][None]
+    )  # token 1 likelier along l
     base = jnp.log(jnp.array([0.1, 0.2, 0.3, 0.4]))[None] + 0.3 * ramp  # (L, V)
-    net = KnownNet(base, jnp.array([3.0, 0.0, -3.0, 0.0]), jnp.array(delay), 0.7, config.model.padded_vocab)
+    net = KnownNet(
+        base, jnp.array([3.0, 0.0, -3.0, 0.0]), jnp.array(delay), 0.7, config.model.padded_vocab
+    )
     return eqx.tree_at(lambda m: m.net, model, net)
 
 
@@ -78,9 +93,13 @@ def run(model: MD4, loop: Loop, seed: int, mesh_shape: tuple[int, int] = (4, 2))
     """N all-mask sequences, their unmask steps read off the trajectory."""
     template = jnp.full((N, L), model.mask_id, jnp.int32)
     cfg = SamplerConfig(loop=loop, steps=T)
-    out = generate(model, jax.random.key(seed), template, make_mesh(*mesh_shape), cfg, trajectory=True)
+    out = generate(
+        model, jax.random.key(seed), template, make_mesh(*mesh_shape), cfg, trajectory=True
+    )
     unmasked = np.asarray(out.trajectory) != model.mask_id  # (T, N, L)
-    step = np.where(unmasked[-1], T - unmasked.sum(0), T)  # the first step after which it is unmasked
+    step = np.where(
+        unmasked[-1], T - unmasked.sum(0), T
+    )  # the first step after which it is unmasked
     distinct = np.array([np.unique(row).size for row in step])
     return Run(np.asarray(out.tokens), step, distinct, np.asarray(out.calls))
 
@@ -134,7 +153,9 @@ def test_network_calls(ancestral, skip):
 
 
 def test_skip_is_mesh_invariant(skip):
-    np.testing.assert_array_equal(run(known_model(), Loop.EXACT_SKIP, 2, (8, 1)).tokens, skip.tokens)
+    np.testing.assert_array_equal(
+        run(known_model(), Loop.EXACT_SKIP, 2, (8, 1)).tokens, skip.tokens
+    )
 
 
 def test_unmask_step_law_telescopes():
@@ -155,8 +176,12 @@ def test_unmask_step_law_telescopes():
 
 
 def test_transformer_on_a_mesh_keeps_the_prompt():
-    config = Config(model=ModelConfig(vocab_size=50, seq_len=16, width=32, num_layers=1, num_heads=2, cond_dim=16),
-                    execution=ExecutionConfig(precision=Precision.FLOAT32))
+    config = Config(
+        model=ModelConfig(
+            vocab_size=50, seq_len=16, width=32, num_layers=1, num_heads=2, cond_dim=16
+        ),
+        execution=ExecutionConfig(precision=Precision.FLOAT32),
+    )
     model = MD4(config.model, config.diffusion, config.execution, key=jax.random.key(0))
     rng = np.random.default_rng(0)  # a random head and adaLN: a fresh model's are zero
     model = jax.tree.map(lambda x: x + rng.normal(0.0, 0.2, x.shape).astype(np.float32), model)

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
+from test_attention import assert_matches, output_and_gradients, random_inputs, reference_float64
 
 from md4_eqx.kernels.flash_attention_gpu import BlockSizes, flash_attention_gpu
-from test_attention import assert_matches, output_and_gradients, random_inputs, reference_float64
 
 needs_interpreter = pytest.mark.skipif(
     importlib.util.find_spec("jax._src.pallas.mosaic_gpu.interpret") is None,
@@ -102,7 +102,9 @@ def test_block_sizes_must_suit_wgmma():
     assert (BlockSizes().q_multiple, BlockSizes().kv_multiple) == (128, 128)
 
 
-@pytest.mark.parametrize("head_dim, dtype", [(64, jnp.bfloat16), (128, jnp.float16)], ids=["d64-bf16", "d128-f16"])
+@pytest.mark.parametrize(
+    "head_dim, dtype", [(64, jnp.bfloat16), (128, jnp.float16)], ids=["d64-bf16", "d128-f16"]
+)
 def test_compiled_form_lowers_for_hopper(head_dim, dtype):
     """Forward, dq and dk/dv in their compiled form (layouts, transposed SMEM operands,
     register left operands, in-place accumulators: the spots the interpreter cannot run) at a

@@ -6,14 +6,21 @@ fresh U-Net's exact 8 bits per dimension through the real loss."""
 import dataclasses
 import math
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
 from md4_eqx.config import (
-    Backbone, Config, DiffusionConfig, ExecutionConfig, ModelConfig, OptimConfig, Precision, SamplerConfig, TrainConfig,
+    Backbone,
+    Config,
+    DiffusionConfig,
+    ExecutionConfig,
+    ModelConfig,
+    OptimConfig,
+    Precision,
+    SamplerConfig,
+    TrainConfig,
 )
 from md4_eqx.evaluate import nelbo
 from md4_eqx.loss import bits_per_token
@@ -29,7 +36,9 @@ ENTROPY_BITS = float(-(PROBS * np.log2(PROBS)).sum())  # 2.33 bits
 
 def config(learnable: bool) -> Config:
     return Config(
-        model=ModelConfig(vocab_size=len(PROBS), seq_len=32, width=32, num_layers=1, num_heads=2, cond_dim=16),
+        model=ModelConfig(
+            vocab_size=len(PROBS), seq_len=32, width=32, num_layers=1, num_heads=2, cond_dim=16
+        ),
         execution=FLOAT32,
         diffusion=DiffusionConfig(learnable=learnable),
         optim=OptimConfig(lr=3e-3, warmup=20, ema=0.99),
@@ -38,7 +47,9 @@ def config(learnable: bool) -> Config:
 
 
 def draw(key, shape):
-    return jax.random.categorical(key, jnp.log(jnp.asarray(PROBS, jnp.float32)), shape=shape).astype(jnp.int32)
+    return jax.random.categorical(
+        key, jnp.log(jnp.asarray(PROBS, jnp.float32)), shape=shape
+    ).astype(jnp.int32)
 
 
 def train(cfg: Config, mesh, key, data=draw):
@@ -50,13 +61,17 @@ def train(cfg: Config, mesh, key, data=draw):
     return state, metrics
 
 
-def held_out_bpt(state, mesh, key, data=draw, rows: int = 8192, batches: int = 4) -> tuple[float, float]:
+def held_out_bpt(
+    state, mesh, key, data=draw, rows: int = 8192, batches: int = 4
+) -> tuple[float, float]:
     """Mean NELBO in bits per token over `batches` x `rows` fresh sequences, and its standard error."""
     seq_len = state.model.config.seq_len
-    bpt = jnp.concatenate([
-        bits_per_token(nelbo(state.ema, k2, data(k1, (rows, seq_len)), mesh), seq_len)
-        for k1, k2 in jax.random.split(key, (batches, 2))
-    ])
+    bpt = jnp.concatenate(
+        [
+            bits_per_token(nelbo(state.ema, k2, data(k1, (rows, seq_len)), mesh), seq_len)
+            for k1, k2 in jax.random.split(key, (batches, 2))
+        ]
+    )
     return float(jnp.mean(bpt)), float(jnp.std(bpt)) / math.sqrt(bpt.size)
 
 
@@ -89,12 +104,23 @@ def test_genmd4_nelbo_approaches_entropy(getkey):
 # ---------------------------------------------------------------------------------------------
 # The U-Net on 4x4 RGB images: each sub-pixel i.i.d. from its channel's distribution over 8 values.
 
-CHANNEL_PROBS = np.stack([PROBS, PROBS[::-1], np.array([0.3, 0.3, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05])])
-IMAGE_ENTROPY_BITS = float(-(CHANNEL_PROBS * np.log2(CHANNEL_PROBS)).sum(-1).mean())  # 2.46 bits/dim
+CHANNEL_PROBS = np.stack(
+    [PROBS, PROBS[::-1], np.array([0.3, 0.3, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05])]
+)
+IMAGE_ENTROPY_BITS = float(
+    -(CHANNEL_PROBS * np.log2(CHANNEL_PROBS)).sum(-1).mean()
+)  # 2.46 bits/dim
 # Small: width 32 (one channel per GroupNorm group, which removes the time conditioning; the
 # ideal denoiser here is the per-channel marginal whatever t, so it needs none) and 2 blocks.
-UNET = ModelConfig(backbone=Backbone.UNET, vocab_size=8, seq_len=4 * 4 * 3, width=32, num_layers=2,
-                   num_heads=1, cond_dim=32)
+UNET = ModelConfig(
+    backbone=Backbone.UNET,
+    vocab_size=8,
+    seq_len=4 * 4 * 3,
+    width=32,
+    num_layers=2,
+    num_heads=1,
+    cond_dim=32,
+)
 
 
 def draw_images(key, shape):
@@ -110,11 +136,15 @@ def test_fresh_unet_scores_8_bits_per_dimension(getkey):
     and its mean over 2048 images is 8 (1 - eps) bits per dimension within its standard error."""
     mesh = make_mesh(1, 1, jax.devices()[:1])
     cfg = dataclasses.replace(UNET, vocab_size=256)
-    unet, transformer = (MD4(dataclasses.replace(cfg, backbone=b), execution=FLOAT32, key=getkey()) for b in Backbone)
+    unet, transformer = (
+        MD4(dataclasses.replace(cfg, backbone=b), execution=FLOAT32, key=getkey()) for b in Backbone
+    )
     x = jax.random.randint(getkey(), (1024, cfg.seq_len), 0, 256)
     keys = jax.random.split(getkey(), 4)
     bpt = np.concatenate([bits_per_token(nelbo(unet, k, x, mesh), cfg.seq_len) for k in keys])
-    reference = np.concatenate([bits_per_token(nelbo(transformer, k, x, mesh), cfg.seq_len) for k in keys])
+    reference = np.concatenate(
+        [bits_per_token(nelbo(transformer, k, x, mesh), cfg.seq_len) for k in keys]
+    )
     np.testing.assert_allclose(bpt, reference, rtol=1e-6)  # the same float32 sums of zero logits
     expected = 8.0 * (1 - DiffusionConfig().eps)
     assert abs(bpt.mean() - expected) < 4 * bpt.std() / math.sqrt(bpt.size), (bpt.mean(), expected)
@@ -122,8 +152,12 @@ def test_fresh_unet_scores_8_bits_per_dimension(getkey):
 
 def test_unet_nelbo_approaches_entropy_and_samples_match(getkey):
     mesh = make_mesh(1, 1, jax.devices()[:1])
-    cfg = Config(model=UNET, execution=FLOAT32, optim=OptimConfig(lr=3e-3, warmup=10, ema=0.9),
-                 train=TrainConfig(batch_size=32, steps=100))
+    cfg = Config(
+        model=UNET,
+        execution=FLOAT32,
+        optim=OptimConfig(lr=3e-3, warmup=10, ema=0.9),
+        train=TrainConfig(batch_size=32, steps=100),
+    )
     state, metrics = train(cfg, mesh, getkey(), draw_images)
     assert np.isfinite(float(metrics.bpt))
 
@@ -133,7 +167,9 @@ def test_unet_nelbo_approaches_entropy_and_samples_match(getkey):
     assert mean >= IMAGE_ENTROPY_BITS - 4 * stderr, (mean, IMAGE_ENTROPY_BITS, stderr)
 
     template = jnp.full((64, cfg.model.seq_len), cfg.model.vocab_size)
-    samples = np.asarray(generate(state.ema, getkey(), template, mesh, SamplerConfig(steps=16)).tokens)
+    samples = np.asarray(
+        generate(state.ema, getkey(), template, mesh, SamplerConfig(steps=16)).tokens
+    )
     for channel, probs in enumerate(CHANNEL_PROBS):
         counts = np.bincount(samples[:, channel::3].ravel(), minlength=len(probs))
         # 1,024 draws per channel: a wrong distribution (e.g. another channel's) gives p ~ 0.

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import randomised
 from jax.sharding import PartitionSpec as P
 
 from md4_eqx.config import Backbone, ExecutionConfig, ModelConfig, Precision, SamplerConfig
@@ -16,16 +17,30 @@ from md4_eqx.loss import LABEL_STREAM, drop_labels, losses
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
 from md4_eqx.sampling import generate, guided_logits
-from conftest import randomised
 
 MESH = make_mesh(1, 1, jax.devices()[:1])
 CLASSES = 3
 CONFIGS = {
-    Backbone.TRANSFORMER: ModelConfig(vocab_size=20, seq_len=12, width=32, num_layers=1, num_heads=2, cond_dim=16,
-                                      num_classes=CLASSES),
+    Backbone.TRANSFORMER: ModelConfig(
+        vocab_size=20,
+        seq_len=12,
+        width=32,
+        num_layers=1,
+        num_heads=2,
+        cond_dim=16,
+        num_classes=CLASSES,
+    ),
     # Width 64: two channels per GroupNorm group (with one, the norm after the conditioning removes it).
-    Backbone.UNET: ModelConfig(backbone=Backbone.UNET, vocab_size=20, seq_len=12, width=64, num_layers=1,
-                               num_heads=1, cond_dim=16, num_classes=CLASSES),
+    Backbone.UNET: ModelConfig(
+        backbone=Backbone.UNET,
+        vocab_size=20,
+        seq_len=12,
+        width=64,
+        num_layers=1,
+        num_heads=1,
+        cond_dim=16,
+        num_classes=CLASSES,
+    ),
 }
 RUN = ExecutionConfig(precision=Precision.FLOAT32)
 
@@ -43,12 +58,14 @@ def test_drop_labels_rate_and_keys(getkey):
     labels = jnp.asarray(np.random.default_rng(0).integers(0, CLASSES, n), jnp.int32)
     out = np.asarray(drop_labels(key, ids, labels, CLASSES, rate))
     dropped = out == CLASSES
-    np.testing.assert_array_equal(out[~dropped], np.asarray(labels)[~dropped])  # kept labels unchanged
+    np.testing.assert_array_equal(
+        out[~dropped], np.asarray(labels)[~dropped]
+    )  # kept labels unchanged
     # Binomial(20000, 0.25): standard deviation 0.31% of the rate's 25%; 4 sigma.
     assert abs(dropped.mean() - rate) < 4 * np.sqrt(rate * (1 - rate) / n)
     # Keyed by the global index: any split of the batch drops the same examples.
-    half = np.asarray(drop_labels(key, ids[n // 2:], labels[n // 2:], CLASSES, rate))
-    np.testing.assert_array_equal(half, out[n // 2:])
+    half = np.asarray(drop_labels(key, ids[n // 2 :], labels[n // 2 :], CLASSES, rate))
+    np.testing.assert_array_equal(half, out[n // 2 :])
 
 
 def test_training_loss_sees_the_dropped_labels(getkey):
@@ -65,8 +82,12 @@ def test_training_loss_sees_the_dropped_labels(getkey):
     dropped = drop_labels(jax.random.fold_in(key, LABEL_STREAM), ids, labels, CLASSES, 0.5)
     assert 0 < int(jnp.sum(dropped == CLASSES)) < 16  # some, not all, dropped
     trained = on_mesh(lambda *a: loss(*a, train=True), model, x, labels, key)
-    np.testing.assert_array_equal(trained, on_mesh(lambda *a: loss(*a, train=False), model, x, dropped, key))
-    assert not np.allclose(trained, on_mesh(lambda *a: loss(*a, train=False), model, x, labels, key))
+    np.testing.assert_array_equal(
+        trained, on_mesh(lambda *a: loss(*a, train=False), model, x, dropped, key)
+    )
+    assert not np.allclose(
+        trained, on_mesh(lambda *a: loss(*a, train=False), model, x, labels, key)
+    )
 
 
 @pytest.mark.parametrize("backbone", list(Backbone), ids=lambda b: b.value)
@@ -79,9 +100,13 @@ def test_guided_logits(getkey, backbone):
 
     def parts(model, z, t, labels):  # guided, and both halves unguided (two traces, not three)
         double = (jnp.concatenate([z, z]), jnp.concatenate([t, t]), jnp.concatenate([labels, null]))
-        return guided_logits(model, z, t, labels, 1.5), jnp.split(guided_logits(model, *double, 0.0), 2)
+        return guided_logits(model, z, t, labels, 1.5), jnp.split(
+            guided_logits(model, *double, 0.0), 2
+        )
 
-    guided, (cond, uncond) = jax.tree.map(lambda a: np.asarray(a, np.float64), on_mesh(parts, model, z, t, labels))
+    guided, (cond, uncond) = jax.tree.map(
+        lambda a: np.asarray(a, np.float64), on_mesh(parts, model, z, t, labels)
+    )
     assert guided.shape == (4, cfg.seq_len, cfg.vocab_size)
     assert np.std(cond - uncond) > 0.1  # the label matters
     # The same doubled batch combined inside or outside: float32 rounding of logits of scale ~3.
@@ -89,7 +114,11 @@ def test_guided_logits(getkey, backbone):
 
 
 def test_guidance_needs_labels(getkey):
-    model = MD4(dataclasses.replace(CONFIGS[Backbone.TRANSFORMER], num_classes=0), execution=RUN, key=getkey())
+    model = MD4(
+        dataclasses.replace(CONFIGS[Backbone.TRANSFORMER], num_classes=0),
+        execution=RUN,
+        key=getkey(),
+    )
     template = jnp.full((2, model.config.seq_len), model.mask_id)
     with pytest.raises(SamplingError, match="needs labels"):
         generate(model, getkey(), template, MESH, SamplerConfig(steps=2, guidance=1.0))

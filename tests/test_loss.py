@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from md4_eqx.config import Config, DiffusionConfig, ExecutionConfig, ModelConfig, Precision, Schedule
+from md4_eqx.config import (
+    Config,
+    DiffusionConfig,
+    ExecutionConfig,
+    ModelConfig,
+    Precision,
+    Schedule,
+)
 from md4_eqx.evaluate import nelbo
 from md4_eqx.loss import bits_per_token, genmd4_integrand, genmd4_token_terms, log_probs_at, losses
 from md4_eqx.model import MD4
@@ -22,7 +29,9 @@ MESH = make_mesh(1, 1, jax.devices()[:1])
 
 
 def small(vocab: int, seq: int, **diffusion) -> Config:
-    model = ModelConfig(vocab_size=vocab, seq_len=seq, width=32, num_layers=1, num_heads=2, cond_dim=16)
+    model = ModelConfig(
+        vocab_size=vocab, seq_len=seq, width=32, num_layers=1, num_heads=2, cond_dim=16
+    )
     execution = ExecutionConfig(precision=Precision.FLOAT32)
     return Config(model=model, execution=execution, diffusion=DiffusionConfig(**diffusion))
 
@@ -39,7 +48,9 @@ def on_mesh(fn, *args):
 def perturbed(model: MD4, key, scale: float = 0.5) -> MD4:
     """A model whose output head is not zero, so its predictions depend on z_t and t."""
     head = model.net.head.weight
-    return eqx.tree_at(lambda m: m.net.head.weight, model, scale * jax.random.normal(key, head.shape))
+    return eqx.tree_at(
+        lambda m: m.net.head.weight, model, scale * jax.random.normal(key, head.shape)
+    )
 
 
 def test_fresh_model_scores_log2_vocab(getkey):
@@ -101,7 +112,9 @@ def test_genmd4_equal_exponents_is_md4_poly(getkey):
     masked = jax.random.bernoulli(getkey(), 0.5, (b, l))
     w = jnp.zeros((padded,)).at[:vocab].set(k)
 
-    gen = on_mesh(lambda lg: genmd4_integrand(*genmd4_token_terms(lg, x, w, vocab), w[x], t, masked), logits)
+    gen = on_mesh(
+        lambda lg: genmd4_integrand(*genmd4_token_terms(lg, x, w, vocab), w[x], t, masked), logits
+    )
     logp = on_mesh(lambda lg: log_probs_at(lg, x, vocab), logits)
     md4 = -k / t * jnp.sum(jnp.where(masked, logp, 0.0), axis=-1)
     np.testing.assert_allclose(gen, md4, rtol=1e-5)  # float32 sums of ~16 terms
@@ -136,14 +149,24 @@ def test_head_chunks_change_the_memory_not_the_loss(getkey):
     results, temp = [], []
     for chunk in (0, 7):  # 7 divides no part of the 96 tokens: the last chunk is padded
         cfg = small(vocab, seq)
-        cfg = dataclasses.replace(cfg, execution=dataclasses.replace(cfg.execution, head_chunk=chunk))
+        cfg = dataclasses.replace(
+            cfg, execution=dataclasses.replace(cfg.execution, head_chunk=chunk)
+        )
         model = perturbed(build(cfg, key), head_key)
         params, static = eqx.partition(model, eqx.is_array)
 
         def loss(params):
             def per_example(params):
-                return losses(eqx.combine(params, static), x, None, jnp.arange(batch), noise_key,
-                              global_batch=batch, train=True).objective
+                return losses(
+                    eqx.combine(params, static),
+                    x,
+                    None,
+                    jnp.arange(batch),
+                    noise_key,
+                    global_batch=batch,
+                    train=True,
+                ).objective
+
             return jnp.mean(on_mesh(per_example, params))
 
         compiled = jax.jit(jax.value_and_grad(loss)).lower(params).compile()

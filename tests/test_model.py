@@ -37,14 +37,18 @@ def logits_fn(model: MD4, z, t, labels=None, keys=None):
         return model.logits(z, t, labels, keys=keys)
 
     logits_spec = P(None, None, MODEL)  # the vocabulary is split over `model`
-    return eqx.filter_jit(shard_map_modules(fn, MESH, specs, logits_spec))(model, z, t, labels, keys)
+    return eqx.filter_jit(shard_map_modules(fn, MESH, specs, logits_spec))(
+        model, z, t, labels, keys
+    )
 
 
 def with_random_head(model: MD4, key) -> MD4:
     """Fill the zero-initialised weights (adaLN and head) so that t, labels and dropout matter."""
     where = lambda m: (m.net.head.weight, m.net.final_ada.weight, m.net.blocks.ada.weight)  # noqa: E731
     keys = jax.random.split(key, 3)
-    return eqx.tree_at(where, model, [0.3 * jax.random.normal(k, w.shape) for k, w in zip(keys, where(model))])
+    return eqx.tree_at(
+        where, model, [0.3 * jax.random.normal(k, w.shape) for k, w in zip(keys, where(model))]
+    )
 
 
 def test_paper_sizes():
@@ -70,9 +74,13 @@ def test_bfloat16_compute_matches_float32(getkey):
     t = jnp.array([0.3, 0.8])
     out = {}
     for precision in Precision:
-        model = with_random_head(MD4(small(), execution=run(precision=precision), key=key), head_key)
+        model = with_random_head(
+            MD4(small(), execution=run(precision=precision), key=key), head_key
+        )
         out[precision] = logits_fn(model, z, t)
-        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+        assert all(
+            leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array))
+        )
     f32, bf16 = out[Precision.FLOAT32], out[Precision.BFLOAT16]
     # bfloat16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); a few roundings through 2
     # blocks and a 32-wide head of unit-variance weights: a few percent of the logits' scale.

@@ -24,7 +24,15 @@ from jax.sharding import PartitionSpec as P
 
 from md4_eqx import checkpoint
 from md4_eqx.config import (
-    Config, DiffusionConfig, ExecutionConfig, ModelConfig, OptimConfig, Precision, SamplerConfig, TrainConfig, preset,
+    Config,
+    DiffusionConfig,
+    ExecutionConfig,
+    ModelConfig,
+    OptimConfig,
+    Precision,
+    SamplerConfig,
+    TrainConfig,
+    preset,
 )
 from md4_eqx.distributed import batch_part, gather, global_batch, initialize
 from md4_eqx.evaluate import nelbo
@@ -38,8 +46,15 @@ from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_trai
 # padded vocabulary 256 all divide by model=8.
 CONFIG = Config(
     model=ModelConfig(
-        vocab_size=200, seq_len=32, width=64, num_layers=2, num_heads=8, mlp_hidden=128,
-        cond_dim=32, num_classes=4, dropout=0.1,
+        vocab_size=200,
+        seq_len=32,
+        width=64,
+        num_layers=2,
+        num_heads=8,
+        mlp_hidden=128,
+        cond_dim=32,
+        num_classes=4,
+        dropout=0.1,
     ),
     execution=ExecutionConfig(precision=Precision.FLOAT32),
     diffusion=DiffusionConfig(learnable=True),
@@ -83,8 +98,11 @@ def train(mesh, state, optimizer, steps: int = STEPS):
     step = make_train_step(state, optimizer, mesh, clip=CONFIG.optim.clip, ema=CONFIG.optim.ema)
     metrics = []
     for tokens, labels in batches(steps):
-        state, m = step(state, global_batch(local_rows(tokens, mesh), mesh),
-                        global_batch(local_rows(labels, mesh), mesh))
+        state, m = step(
+            state,
+            global_batch(local_rows(tokens, mesh), mesh),
+            global_batch(local_rows(labels, mesh), mesh),
+        )
         metrics.append([float(v) for v in m])
     return state, step, optimizer, np.asarray(metrics)
 
@@ -116,7 +134,11 @@ def eval_inputs():
 def place(state: TrainState, optimizer, mesh) -> TrainState:
     """Every array of `state` (held by this process) moved onto `mesh` with its sharding."""
     arrays, static = eqx.partition(state, eqx.is_array)
-    specs = eqx.filter(state_specs(state, optimizer), lambda s: isinstance(s, P), is_leaf=lambda s: isinstance(s, P))
+    specs = eqx.filter(
+        state_specs(state, optimizer),
+        lambda s: isinstance(s, P),
+        is_leaf=lambda s: isinstance(s, P),
+    )
     return eqx.combine(jax.device_put(arrays, shardings(mesh, specs)), static)
 
 
@@ -130,11 +152,20 @@ def runs():
     the same fresh state (made once and moved: `init_state` compiles for each mesh)."""
     optimizer = make_optimizer(CONFIG.optim, CONFIG.train.steps)
     fresh = init_state(CONFIG, optimizer, mesh_of(REFERENCE))
-    chunked = init_state(dataclasses.replace(CONFIG, execution=dataclasses.replace(CONFIG.execution, head_chunk=24)),
-                         optimizer, mesh_of(REFERENCE))  # the same arrays, another static config
+    chunked = init_state(
+        dataclasses.replace(CONFIG, execution=dataclasses.replace(CONFIG.execution, head_chunk=24)),
+        optimizer,
+        mesh_of(REFERENCE),
+    )  # the same arrays, another static config
     # Copies first: training donates its state, and a moved array may share the original's buffer.
-    starts = {shape: place(jax.tree.map(jnp.copy, chunked if shape == CHUNKED else fresh), optimizer,
-                           mesh_of(shape)) for shape in MESHES}
+    starts = {
+        shape: place(
+            jax.tree.map(jnp.copy, chunked if shape == CHUNKED else fresh),
+            optimizer,
+            mesh_of(shape),
+        )
+        for shape in MESHES
+    }
     starts[REFERENCE] = fresh
     return {shape: train(mesh_of(shape), start, optimizer) for shape, start in starts.items()}
 
@@ -151,7 +182,10 @@ def test_sharded_step_equals_single_device(runs, shape):
     assert int(state.step) == STEPS
     # The model-split parameters really are split: one vocabulary slice per `model` device.
     table = state.model.net.embed.weight
-    assert table.addressable_shards[0].data.shape == (CONFIG.model.padded_vocab // shape[1], CONFIG.model.width)
+    assert table.addressable_shards[0].data.shape == (
+        CONFIG.model.padded_vocab // shape[1],
+        CONFIG.model.width,
+    )
 
 
 def test_evaluation_and_sampling_do_not_depend_on_the_mesh(runs):
@@ -187,8 +221,11 @@ def test_vocab_parallel_log_softmax_matches_float64():
         local_shapes.append(logits.shape)
         return log_probs_at(logits, x, v), vocab_log_normaliser(logits, v)
 
-    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(DATA, None, MODEL), P(DATA)),
-                               out_specs=(P(DATA), P(DATA))))
+    fn = jax.jit(
+        jax.shard_map(
+            local, mesh=mesh, in_specs=(P(DATA, None, MODEL), P(DATA)), out_specs=(P(DATA), P(DATA))
+        )
+    )
     logp, log_norm = fn(logits, x)
     assert local_shapes == [(2, 8, v_pad // 4)]
     real = np.asarray(logits, np.float64)[..., :v]
@@ -249,8 +286,11 @@ def test_no_device_holds_full_vocabulary_logits(runs, shape):
     tokens, labels = batches(1)[0]
     jaxpr = eqx.filter_make_jaxpr(step)(state, jnp.asarray(tokens), jnp.asarray(labels))[0]
     m = CONFIG.model
-    vocab_sized = [s for s in shard_map_avals(jaxpr.jaxpr)
-                   if len(s) >= 2 and {m.vocab_size, m.vocab_size + 1, m.padded_vocab} & set(s)]
+    vocab_sized = [
+        s
+        for s in shard_map_avals(jaxpr.jaxpr)
+        if len(s) >= 2 and {m.vocab_size, m.vocab_size + 1, m.padded_vocab} & set(s)
+    ]
     if shape == REFERENCE:
         assert (CONFIG.train.batch_size, m.seq_len, m.padded_vocab) in vocab_sized
     else:
@@ -274,8 +314,11 @@ def test_state_memory_per_device_falls_as_one_over_m(runs):
     total = sum(state_bytes_per_device(ref).values())
     specs = param_specs(eqx.filter(ref.model, eqx.is_array))
     split = 4 * sum(  # model, EMA, Adam's two moments
-        x.nbytes for x, s in zip(jax.tree.leaves(eqx.filter(ref.model, eqx.is_array)),
-                                 jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)))
+        x.nbytes
+        for x, s in zip(
+            jax.tree.leaves(eqx.filter(ref.model, eqx.is_array)),
+            jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)),
+        )
         if MODEL in s
     )
     for shape in [(8, 1), (4, 2), (2, 4), (1, 8)]:
@@ -290,8 +333,10 @@ def test_state_memory_per_device_falls_as_one_over_m(runs):
 
     def md4s_bytes(model: int) -> int:  # shard shapes of the MD4-S state, nothing allocated
         mesh = mesh_of((1, model))
-        return sum(math.prod(NamedSharding(mesh, s).shard_shape(x.shape)) * x.dtype.itemsize
-                   for x, s in zip(leaves, specs, strict=True))
+        return sum(
+            math.prod(NamedSharding(mesh, s).shard_shape(x.shape)) * x.dtype.itemsize
+            for x, s in zip(leaves, specs, strict=True)
+        )
 
     full = md4s_bytes(1)
     for model in (2, 4, 8):
@@ -312,7 +357,8 @@ def test_checkpoint_saved_on_one_mesh_restores_on_others(runs, tmp_path):
             for got, want in zip(host(state), host(saved), strict=True):
                 np.testing.assert_array_equal(got, want)
             assert state.model.net.embed.weight.sharding.is_equivalent_to(
-                NamedSharding(mesh, P(MODEL, None)), 2)
+                NamedSharding(mesh, P(MODEL, None)), 2
+            )
             restored[shape] = state
     tokens, labels = batches(STEPS + 1)[-1]
 
@@ -341,8 +387,13 @@ def test_two_processes_match_one(runs, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)
     procs = [
-        subprocess.Popen([sys.executable, __file__, "worker", str(i), str(port), str(tmp_path)],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, __file__, "worker", str(i), str(port), str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
@@ -380,8 +431,13 @@ def worker(process_id: int, port: int, out: Path) -> None:
         checkpoints.save(state, {"seed": 0, "epoch": 0, "position": 48}, CONFIG)
         restored, _ = checkpoints.restore(spanning, optimizer, CONFIG)
     key, tokens, labels = eval_inputs()
-    nll = nelbo(restored.ema, key, global_batch(local_rows(np.asarray(tokens), spanning), spanning),
-                spanning, global_batch(local_rows(np.asarray(labels), spanning), spanning))
+    nll = nelbo(
+        restored.ema,
+        key,
+        global_batch(local_rows(np.asarray(tokens), spanning), spanning),
+        spanning,
+        global_batch(local_rows(np.asarray(labels), spanning), spanning),
+    )
     result = {f"p{i}": p for i, p in enumerate(host(state.model))}
     result.update(metrics=metrics, nelbo=gather(nll))
     if jax.process_index() == 0:

@@ -7,14 +7,15 @@ config and mesh (step_memory caches its compilations).
 import jax
 import pytest
 
+import train
 from md4_eqx.config import AUTO, Config, ExecutionConfig, ModelConfig, Precision
 from md4_eqx.parallel import make_mesh
-from md4_eqx.plan import MARGIN, Planner, PlanError, parse_size, step_memory
+from md4_eqx.plan import MARGIN, PlanError, Planner, parse_size, step_memory
 
-import train
-
-CONFIG = Config(model=ModelConfig(vocab_size=32, seq_len=16, width=32, num_layers=1, num_heads=2, cond_dim=8),
-                execution=ExecutionConfig(precision=Precision.FLOAT32))
+CONFIG = Config(
+    model=ModelConfig(vocab_size=32, seq_len=16, width=32, num_layers=1, num_heads=2, cond_dim=8),
+    execution=ExecutionConfig(precision=Precision.FLOAT32),
+)
 BATCH = 16  # global: 8 per device on data=2
 
 
@@ -23,10 +24,18 @@ def mesh():
     return make_mesh(2, 1, jax.devices()[:2])
 
 
-@pytest.mark.parametrize(("text", "size"), [
-    ("80GiB", 80 * 2**30), ("40GB", 40 * 10**9), ("16 gib", 16 * 2**30), ("512MiB", 512 * 2**20),
-    ("1.5KiB", 1536), ("1e9", 10**9), ("100", 100),
-])
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("80GiB", 80 * 2**30),
+        ("40GB", 40 * 10**9),
+        ("16 gib", 16 * 2**30),
+        ("512MiB", 512 * 2**20),
+        ("1.5KiB", 1536),
+        ("1e9", 10**9),
+        ("100", 100),
+    ],
+)
 def test_parse_size(text, size):
     assert parse_size(text) == size
 
@@ -71,8 +80,11 @@ def test_batch_size_auto_is_the_largest_that_fits(mesh):
 
 def test_nothing_fits_names_the_numbers(mesh):
     planner = Planner(CONFIG, mesh, 2**10)
-    with pytest.raises(PlanError, match=r"one example per device needs [0-9.]+ MiB \([0-9.]+ MiB with --remat true\), "
-                                        r"the budget is 0.0 MiB"):
+    with pytest.raises(
+        PlanError,
+        match=r"one example per device needs [0-9.]+ MiB \([0-9.]+ MiB with --remat true\), "
+        r"the budget is 0.0 MiB",
+    ):
         planner.microbatches(BATCH)
 
 

@@ -14,7 +14,15 @@ from PIL import Image
 import sample
 from md4_eqx.metrics_log import MetricsLog
 from md4_eqx.visualize import (
-    COLOURS, MASK_CHAR, frame_indices, image_grid, line_chart, render_text, ticks, to_images, trajectory_gif,
+    COLOURS,
+    MASK_CHAR,
+    frame_indices,
+    image_grid,
+    line_chart,
+    render_text,
+    ticks,
+    to_images,
+    trajectory_gif,
     trajectory_strip,
 )
 
@@ -28,14 +36,52 @@ def workdir(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("sample")
     data = tmp / "code.py"
     data.write_text(Path(json.__file__).read_text() * 4)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+    }
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp / "run"), "--dataset", f"file:{data}",
-         "--cache-dir", str(tmp / "cache"), "--mesh", "data=2,model=2", "--width", "32", "--num-layers", "1",
-         "--num-heads", "2", "--seq-len", str(SEQ), "--batch-size", "8", "--steps", "4", "--eval-every", "4",
-         "--checkpoint-every", "2", "--eval-batches", "1", "--sampler.steps", "4", "--num-samples", "2",
-         "--no-progress"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--workdir",
+            str(tmp / "run"),
+            "--dataset",
+            f"file:{data}",
+            "--cache-dir",
+            str(tmp / "cache"),
+            "--mesh",
+            "data=2,model=2",
+            "--width",
+            "32",
+            "--num-layers",
+            "1",
+            "--num-heads",
+            "2",
+            "--seq-len",
+            str(SEQ),
+            "--batch-size",
+            "8",
+            "--steps",
+            "4",
+            "--eval-every",
+            "4",
+            "--checkpoint-every",
+            "2",
+            "--eval-batches",
+            "1",
+            "--sampler.steps",
+            "4",
+            "--num-samples",
+            "2",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     return tmp / "run"
@@ -58,9 +104,21 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
 def test_cli_writes_jsonl_from_a_checkpoint_of_another_mesh(workdir, tmp_path):
     out = tmp_path / "s.jsonl"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "sample.py"), *cache_flags(workdir), "--num-samples", "3", "--steps", "8",
-         "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,  # one device: restored from (2, 2)
+        [
+            sys.executable,
+            str(ROOT / "sample.py"),
+            *cache_flags(workdir),
+            "--num-samples",
+            "3",
+            "--steps",
+            "8",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,  # one device: restored from (2, 2)
     )
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -73,17 +131,25 @@ def test_cli_writes_jsonl_from_a_checkpoint_of_another_mesh(workdir, tmp_path):
 def test_prompt_infill_and_trajectory(workdir, tmp_path, capsys):
     out = tmp_path / "p.jsonl"
     flags = [*cache_flags(workdir), "--num-samples", "2", "--steps", "6", "--out", str(out)]
-    code, stdout, _ = run_main([*flags, "--prompt", "def ", "--step", "2", "--top-p", "0.9"], capsys)
+    code, stdout, _ = run_main(
+        [*flags, "--prompt", "def ", "--step", "2", "--top-p", "0.9"], capsys
+    )
     assert code == 0 and "(step 2)" in stdout
     for r in map(json.loads, out.read_text().splitlines()):
         assert r["tokens"][:4] == list(b"def ")
 
     template = "x = [MASK:3]\nreturn [MASK:2]!"
-    code, stdout, _ = run_main([*flags, "--infill", template, "--trajectory", "--seed", "3"], capsys)
+    code, stdout, _ = run_main(
+        [*flags, "--infill", template, "--trajectory", "--seed", "3"], capsys
+    )
     assert code == 0 and "after step 6/6" in stdout
     for r in map(json.loads, out.read_text().splitlines()):
         tokens = r["tokens"]
-        assert tokens[:4] == list(b"x = ") and tokens[7:15] == list(b"\nreturn ") and tokens[17] == ord("!")
+        assert (
+            tokens[:4] == list(b"x = ")
+            and tokens[7:15] == list(b"\nreturn ")
+            and tokens[17] == ord("!")
+        )
         snapshots = r["trajectory"]
         assert snapshots[-1]["text"] == r["text"] and MASK_CHAR in snapshots[0]["text"]
         assert snapshots[0]["text"].startswith("x = ")  # given tokens are never masked
@@ -93,8 +159,25 @@ def test_long_samples_keep_a_long_prompt_and_record_their_settings(workdir, tmp_
     """--length 80 past SEQ = 32 in windows of 8 new tokens, a 40-token prompt (longer than a
     window) kept exactly; every record says how to reproduce it; a bar counts the windows."""
     out, prompt = tmp_path / "long.jsonl", "def load(path):\n    return json.load(path)\n"[:40]
-    argv = [*cache_flags(workdir), "--num-samples", "2", "--steps", "3", "--length", "80", "--block", "8",
-            "--prompt", prompt, "--seed", "5", "--sampler", "remdm", "--out", str(out)]
+    argv = [
+        *cache_flags(workdir),
+        "--num-samples",
+        "2",
+        "--steps",
+        "3",
+        "--length",
+        "80",
+        "--block",
+        "8",
+        "--prompt",
+        prompt,
+        "--seed",
+        "5",
+        "--sampler",
+        "remdm",
+        "--out",
+        str(out),
+    ]
     code, stdout, stderr = run_main(argv, capsys)
     assert code == 0, stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -102,10 +185,26 @@ def test_long_samples_keep_a_long_prompt_and_record_their_settings(workdir, tmp_
     for i, r in enumerate(records):
         assert len(r["tokens"]) == 80 and r["tokens"][:40] == list(prompt.encode())
         assert all(0 <= t < 256 for t in r["tokens"])
-        assert (r["index"], r["seed"], r["checkpoint_step"], r["length"], r["block"]) == (i, 5, 4, 80, 8)
-        assert r["sampler"] == {"rule": "remdm", "loop": "every_step", "steps": 3, "grid": "cosine", "top_p": 0.8,
-                                "draws": "exact", "remask": "cap", "eta": 0.02, "remask_from": 1.0,
-                                "remask_until": 0.0, "guidance": 0.0}
+        assert (r["index"], r["seed"], r["checkpoint_step"], r["length"], r["block"]) == (
+            i,
+            5,
+            4,
+            80,
+            8,
+        )
+        assert r["sampler"] == {
+            "rule": "remdm",
+            "loop": "every_step",
+            "steps": 3,
+            "grid": "cosine",
+            "top_p": 0.8,
+            "draws": "exact",
+            "remask": "cap",
+            "eta": 0.02,
+            "remask_from": 1.0,
+            "remask_until": 0.0,
+            "guidance": 0.0,
+        }
     # windows start at 0, 8, ..., 40 and 48: 7 windows of 3 steps + the final fill each
     assert "7/7" in stderr and "calls=28" in stderr and "steps=3" in stderr
 
@@ -147,8 +246,13 @@ def test_missing_or_corrupt_checkpoint(workdir, tmp_path, capsys):
     for f in (broken / "checkpoints" / "4" / "ema").rglob("*"):
         if f.is_file() and f.parent.name == "d":
             f.write_bytes(b"not an array")
-    proc = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--workdir", str(broken)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), "--workdir", str(broken)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "unreadable" in proc.stderr
 
@@ -163,10 +267,12 @@ def test_image_grid_strip_and_gif(tmp_path):
     assert grid.size == ((3 * 6 + 1) * 2, (2 * 5 + 1) * 2)  # (width, height)
 
     steps = 7
-    traj = np.where(rng.random((steps, 2, 60)) < np.linspace(1, 0, steps)[:, None, None], 256, tokens[:2])
-    assert to_images(traj[0], shape, 256)[traj[0].reshape(2, *shape) == 256].tolist() == [128] * int(
-        (traj[0] == 256).sum()
+    traj = np.where(
+        rng.random((steps, 2, 60)) < np.linspace(1, 0, steps)[:, None, None], 256, tokens[:2]
     )
+    assert to_images(traj[0], shape, 256)[traj[0].reshape(2, *shape) == 256].tolist() == [
+        128
+    ] * int((traj[0] == 256).sum())
     strip = trajectory_strip(traj, shape, 256, frames=4)
     assert strip.size == ((4 * 7 + 2) * 2, (2 * 6 + 2) * 2)
     gif = tmp_path / "t.gif"
@@ -190,7 +296,9 @@ def test_ticks_are_round_evenly_spaced_and_inside():
     for lo, span in zip(rng.normal(0, 100, 200), 10.0 ** rng.uniform(-4, 6, 200), strict=True):
         got = ticks(lo, lo + span)
         step = np.diff(got)
-        assert 3 <= got.size <= 13 and got[0] >= lo - 1e-9 * span and got[-1] <= lo + span * (1 + 1e-9)
+        assert (
+            3 <= got.size <= 13 and got[0] >= lo - 1e-9 * span and got[-1] <= lo + span * (1 + 1e-9)
+        )
         np.testing.assert_allclose(step, step[0], rtol=1e-6)
         mantissa = step[0] / 10 ** np.floor(np.log10(step[0]) + 1e-6)
         assert min(abs(mantissa - m) for m in (1, 2, 5)) < 1e-6
@@ -199,12 +307,21 @@ def test_ticks_are_round_evenly_spaced_and_inside():
 def test_line_chart_draws_each_series_where_its_values_are():
     # Blue falls from 8 to 3 over the steps, red stays at 5.5; the legend sits top right.
     steps = np.arange(0, 101, 10)
-    chart = line_chart({"falls": (steps, np.linspace(8, 3, steps.size)), "flat": (steps, np.full(steps.size, 5.5))},
-                       "step", "bits", size=(400, 300))
+    chart = line_chart(
+        {
+            "falls": (steps, np.linspace(8, 3, steps.size)),
+            "flat": (steps, np.full(steps.size, 5.5)),
+        },
+        "step",
+        "bits",
+        size=(400, 300),
+    )
     assert chart.size == (400, 300)
     pixels = np.array(chart)
     pixels[:70, 300:] = 255  # the legend's corner
-    (fall_y, fall_x), (flat_y, flat_x) = (np.nonzero((pixels == colour).all(-1)) for colour in COLOURS[:2])
+    (fall_y, fall_x), (flat_y, flat_x) = (
+        np.nonzero((pixels == colour).all(-1)) for colour in COLOURS[:2]
+    )
     assert fall_x.min() < 70 and fall_x.max() > 370 and flat_x.min() < 70 and flat_x.max() > 370
     assert np.ptp(flat_y) <= 5  # one horizontal line, its dots included
     left, right = fall_y[fall_x < 80].mean(), fall_y[fall_x > 360].mean()
@@ -220,7 +337,13 @@ def test_curves_leave_out_skipped_steps_and_non_finite_values(tmp_path):
     log.write(step=4, eval_bpt=float("nan"))
     log.write(step=5, eval_bpt=5.5)
     log.plot()
-    expected = line_chart({"train": (np.array([1.0, 3.0]), np.array([7.5, 6.0])),
-                           "eval (EMA model)": (np.array([0.0, 5.0]), np.array([8.0, 5.5]))}, "step", "bits per token")
+    expected = line_chart(
+        {
+            "train": (np.array([1.0, 3.0]), np.array([7.5, 6.0])),
+            "eval (EMA model)": (np.array([0.0, 5.0]), np.array([8.0, 5.5])),
+        },
+        "step",
+        "bits per token",
+    )
     with Image.open(tmp_path / "curves.png") as png:
         np.testing.assert_array_equal(np.asarray(png), np.asarray(expected))

@@ -8,13 +8,22 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from md4_eqx.categorical import top_p_filter
 from md4_eqx.config import (
-    Config, DiffusionConfig, ExecutionConfig, ModelConfig, Loop, Precision, Remask, Rule, SamplerConfig, TimeGrid,
+    Config,
+    DiffusionConfig,
+    ExecutionConfig,
+    Loop,
+    ModelConfig,
+    Precision,
+    Remask,
+    Rule,
+    SamplerConfig,
+    TimeGrid,
 )
+from md4_eqx.errors import ConfigError, SamplingError
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
-from md4_eqx.categorical import top_p_filter
-from md4_eqx.errors import ConfigError, SamplingError
 from md4_eqx.sampling import block_starts, generate, generate_long, time_grid
 from md4_eqx.validate import check_sampler
 
@@ -22,19 +31,36 @@ MESH = make_mesh(1, 1, jax.devices()[:1])
 PROBS = np.array([0.4, 0.25, 0.15, 0.1, 0.07, 0.03])
 
 
-def fixed_output_model(probs: np.ndarray, seq: int, num_classes: int = 0, learnable: bool = False) -> MD4:
+def fixed_output_model(
+    probs: np.ndarray, seq: int, num_classes: int = 0, learnable: bool = False
+) -> MD4:
     """An MD4 whose mu_theta(z_t, t) is `probs` at every position, whatever z_t and t: the final
     adaLN gets scale = -1 and shift = e_0, so the head sees e_0, and head row 0 holds log probs."""
     vocab = len(probs)
-    cfg = Config(model=ModelConfig(
-        vocab_size=vocab, seq_len=seq, width=16, num_layers=1, num_heads=2, cond_dim=16,
-        num_classes=num_classes,
-    ), execution=ExecutionConfig(precision=Precision.FLOAT32), diffusion=DiffusionConfig(learnable=learnable))
+    cfg = Config(
+        model=ModelConfig(
+            vocab_size=vocab,
+            seq_len=seq,
+            width=16,
+            num_layers=1,
+            num_heads=2,
+            cond_dim=16,
+            num_classes=num_classes,
+        ),
+        execution=ExecutionConfig(precision=Precision.FLOAT32),
+        diffusion=DiffusionConfig(learnable=learnable),
+    )
     model = MD4(cfg.model, cfg.diffusion, cfg.execution, key=jax.random.key(0))
     width = cfg.model.width
     shift = jnp.zeros(width).at[0].set(1.0)
-    model = eqx.tree_at(lambda m: m.net.final_ada.bias, model, jnp.concatenate([shift, -jnp.ones(width)]))
-    head = jnp.zeros_like(model.net.head.weight).at[0, :vocab].set(jnp.log(jnp.asarray(probs, jnp.float32)))
+    model = eqx.tree_at(
+        lambda m: m.net.final_ada.bias, model, jnp.concatenate([shift, -jnp.ones(width)])
+    )
+    head = (
+        jnp.zeros_like(model.net.head.weight)
+        .at[0, :vocab]
+        .set(jnp.log(jnp.asarray(probs, jnp.float32)))
+    )
     return eqx.tree_at(lambda m: m.net.head.weight, model, head)
 
 
@@ -81,9 +107,13 @@ def test_genmd4_sampler_follows_its_per_token_schedule():
     seq, steps = 64, 8
     w = np.array([3.0, 0.3, 1.0, 1.0, 0.5, 2.0])
     model = fixed_output_model(PROBS, seq, learnable=True)
-    model = eqx.tree_at(lambda m: m.schedule.theta, model, jnp.asarray(np.log(np.expm1(w)), jnp.float32))
+    model = eqx.tree_at(
+        lambda m: m.schedule.theta, model, jnp.asarray(np.log(np.expm1(w)), jnp.float32)
+    )
     cfg = SamplerConfig(steps=steps, grid=TimeGrid.UNIFORM)
-    tokens = generate(model, jax.random.key(2), jnp.full((64, seq), model.mask_id), MESH, cfg).tokens
+    tokens = generate(
+        model, jax.random.key(2), jnp.full((64, seq), model.mask_id), MESH, cfg
+    ).tokens
 
     t = (steps - np.arange(steps)) / steps
     unmask = 1 - (np.maximum(t - 1 / steps, 0)[:, None] / t[:, None]) ** w[None, :]  # (T, V)
@@ -96,15 +126,18 @@ def test_genmd4_sampler_follows_its_per_token_schedule():
     assert stats.chisquare(counts, counts.sum() * law).pvalue > 1e-4, (counts / counts.sum(), law)
     assert stats.chisquare(counts, counts.sum() * PROBS).pvalue < 1e-10
     with pytest.raises(ConfigError, match="exact_skip"):
-        check_sampler(SamplerConfig(loop=Loop.EXACT_SKIP), per_token_schedule=model.schedule.per_token)
+        check_sampler(
+            SamplerConfig(loop=Loop.EXACT_SKIP), per_token_schedule=model.schedule.per_token
+        )
 
 
 def test_wrong_distribution_is_detected():
     """The chi-square check above has power: the same samples fail against shuffled probabilities."""
     seq = 64
     model = fixed_output_model(PROBS, seq)
-    tokens = generate(model, jax.random.key(1), jnp.full((64, seq), model.mask_id), MESH,
-                      SamplerConfig(steps=32)).tokens
+    tokens = generate(
+        model, jax.random.key(1), jnp.full((64, seq), model.mask_id), MESH, SamplerConfig(steps=32)
+    ).tokens
     counts = token_counts(tokens, model.vocab_size)
     assert stats.chisquare(counts, counts.sum() * PROBS[::-1]).pvalue < 1e-10
 
@@ -119,8 +152,12 @@ def test_infilling_keeps_given_tokens(getkey, rule, loop):
     template = jnp.where(given, values, model.mask_id)
     if rule is Rule.REMDM and loop is Loop.EXACT_SKIP:
         return  # rejected: see test_token_frequencies_match_the_model
-    out = generate(model, getkey(), template, MESH, SamplerConfig(rule=rule, loop=loop, steps=16, eta=0.3)).tokens
-    np.testing.assert_array_equal(np.asarray(out)[np.asarray(given)], np.asarray(values)[np.asarray(given)])
+    out = generate(
+        model, getkey(), template, MESH, SamplerConfig(rule=rule, loop=loop, steps=16, eta=0.3)
+    ).tokens
+    np.testing.assert_array_equal(
+        np.asarray(out)[np.asarray(given)], np.asarray(values)[np.asarray(given)]
+    )
     assert int(jnp.max(out)) < model.vocab_size
 
 
@@ -129,12 +166,16 @@ def test_class_conditional_sampling_and_trajectory(getkey):
     model = fixed_output_model(PROBS, seq, num_classes=3)
     template = jnp.full((4, seq), model.mask_id)
     labels = jnp.array([0, 1, 2, 0])
-    out = generate(model, getkey(), template, MESH, SamplerConfig(steps=steps), labels=labels, trajectory=True)
+    out = generate(
+        model, getkey(), template, MESH, SamplerConfig(steps=steps), labels=labels, trajectory=True
+    )
     traj = np.asarray(out.trajectory)
     assert traj.shape == (steps, 4, seq)
     masked = (traj == model.mask_id).sum(axis=(1, 2))
     assert np.all(np.diff(masked) <= 0)  # tokens are only ever unmasked
-    np.testing.assert_array_equal(np.where(traj[-1] == model.mask_id, out.tokens, traj[-1]), out.tokens)
+    np.testing.assert_array_equal(
+        np.where(traj[-1] == model.mask_id, out.tokens, traj[-1]), out.tokens
+    )
     with pytest.raises(ValueError, match="class-conditional"):
         generate(model, getkey(), template, MESH, SamplerConfig(steps=steps))
 
@@ -157,7 +198,6 @@ def test_top_p_filter_keeps_smallest_reaching_set():
     assert np.isfinite(np.asarray(top_p_filter(logits, 0.3))).sum() == 1
 
 
-
 @pytest.mark.parametrize("remask", list(Remask), ids=lambda r: r.value)
 def test_remdm_keeps_the_forward_marginal(remask):
     """ReMDM's posterior keeps q(z_s | x): after each step t -> s a generated position is masked
@@ -166,7 +206,9 @@ def test_remdm_keeps_the_forward_marginal(remask):
     seq, steps, n = 32, 16, 256
     model = fixed_output_model(PROBS, seq)
     cfg = SamplerConfig(rule=Rule.REMDM, remask=remask, eta=0.5, steps=steps, grid=TimeGrid.UNIFORM)
-    out = generate(model, jax.random.key(4), jnp.full((n, seq), model.mask_id), MESH, cfg, trajectory=True)
+    out = generate(
+        model, jax.random.key(4), jnp.full((n, seq), model.mask_id), MESH, cfg, trajectory=True
+    )
     is_mask = np.asarray(out.trajectory) == model.mask_id  # (T, n, seq)
     masked = is_mask.reshape(steps, -1).sum(1)  # (T,)
     s = (steps - 1 - np.arange(steps)) / steps
@@ -178,8 +220,12 @@ def test_remdm_keeps_the_forward_marginal(remask):
 
 def random_model(seq: int, vocab: int = 11) -> MD4:
     """A freshly initialised MD4: its predictions depend on every token of the window."""
-    cfg = Config(model=ModelConfig(vocab_size=vocab, seq_len=seq, width=16, num_layers=1, num_heads=2, cond_dim=16),
-                 execution=ExecutionConfig(precision=Precision.FLOAT32))
+    cfg = Config(
+        model=ModelConfig(
+            vocab_size=vocab, seq_len=seq, width=16, num_layers=1, num_heads=2, cond_dim=16
+        ),
+        execution=ExecutionConfig(precision=Precision.FLOAT32),
+    )
     return MD4(cfg.model, cfg.diffusion, cfg.execution, key=jax.random.key(5))
 
 
@@ -193,23 +239,37 @@ def test_generate_long_is_generate_window_by_window():
     template[:, :10] = np.arange(10) % model.vocab_size  # a prompt longer than L: 10 > 8 tokens
     template[:, 12] = 4  # a given token inside a later block
     seen = []
-    out = generate_long(model, key, jnp.asarray(template), mesh, cfg, block,
-                        on_block=lambda s: seen.append(np.asarray(s.calls)))
+    out = generate_long(
+        model,
+        key,
+        jnp.asarray(template),
+        mesh,
+        cfg,
+        block,
+        on_block=lambda s: seen.append(np.asarray(s.calls)),
+    )
     assert out.tokens.shape == (b, length) and len(seen) == 4
     np.testing.assert_array_equal(out.calls, np.sum(seen, axis=0))
 
     expected = template.copy()
     for i, start in enumerate([0, 3, 6, 7]):
         window_key = key if i == 0 else jax.random.fold_in(key, i)
-        window = generate(model, window_key, jnp.asarray(expected[:, start : start + seq]), mesh, cfg)
+        window = generate(
+            model, window_key, jnp.asarray(expected[:, start : start + seq]), mesh, cfg
+        )
         expected[:, start : start + seq] = np.asarray(window.tokens)
     np.testing.assert_array_equal(out.tokens, expected)
     np.testing.assert_array_equal(np.asarray(out.tokens)[:, :10], template[:, :10])
-    assert np.all(np.asarray(out.tokens)[:, 12] == 4) and int(jnp.max(out.tokens)) < model.vocab_size
+    assert (
+        np.all(np.asarray(out.tokens)[:, 12] == 4) and int(jnp.max(out.tokens)) < model.vocab_size
+    )
 
 
 def test_generate_long_of_one_window_is_generate():
-    model, cfg = random_model(8), SamplerConfig(rule=Rule.TOP_P, loop=Loop.EXACT_SKIP, steps=5, top_p=0.9)
+    model, cfg = (
+        random_model(8),
+        SamplerConfig(rule=Rule.TOP_P, loop=Loop.EXACT_SKIP, steps=5, top_p=0.9),
+    )
     template = jnp.full((2, 8), model.mask_id, jnp.int32).at[:, 0].set(1)
     plain = generate(model, jax.random.key(7), template, MESH, cfg)
     long = generate_long(model, jax.random.key(7), template, MESH, cfg, block=3)
@@ -225,7 +285,14 @@ def test_generate_long_of_one_window_is_generate():
 def test_generate_long_rejects_bad_windows(length, block, message):
     model = random_model(8)
     with pytest.raises(SamplingError, match=message):
-        generate_long(model, jax.random.key(0), jnp.full((1, length), model.mask_id), MESH, SamplerConfig(steps=2), block)
+        generate_long(
+            model,
+            jax.random.key(0),
+            jnp.full((1, length), model.mask_id),
+            MESH,
+            SamplerConfig(steps=2),
+            block,
+        )
 
 
 def test_block_starts():

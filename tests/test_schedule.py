@@ -50,8 +50,14 @@ def test_weight_matches_float64_formula(schedule):
     t = np.linspace(0.02, 0.98, 49)
     a, da = {
         Schedule.LINEAR: (1 - t, -np.ones_like(t)),
-        Schedule.COSINE: (1 - np.cos(np.pi / 2 * (1 - t)), -np.pi / 2 * np.sin(np.pi / 2 * (1 - t))),
-        Schedule.POLY: (1 - t**schedule.exponent, -schedule.exponent * t ** (schedule.exponent - 1)),
+        Schedule.COSINE: (
+            1 - np.cos(np.pi / 2 * (1 - t)),
+            -np.pi / 2 * np.sin(np.pi / 2 * (1 - t)),
+        ),
+        Schedule.POLY: (
+            1 - t**schedule.exponent,
+            -schedule.exponent * t ** (schedule.exponent - 1),
+        ),
     }[schedule.kind]
     eps = schedule.eps
     expected = (1 - 2 * eps) * da / (1 - ((1 - 2 * eps) * a + eps))

@@ -18,6 +18,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import train
 from md4_eqx import targets
 from md4_eqx.config import Impl, preset
 from md4_eqx.errors import TargetError
@@ -26,16 +27,18 @@ from md4_eqx.kernels.flash_attention_tpu import flash_attention
 from md4_eqx.parallel import make_mesh
 from md4_eqx.plan import Planner, lowered_step
 
-import train
-
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason='the TPU compiler is not installed: pip install -e ".[tpu]"')
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason='the TPU compiler is not installed: pip install -e ".[tpu]"',
+)
 
 
 def compile_for(target: str, fn, *shapes: jax.ShapeDtypeStruct) -> jax.stages.Compiled:
     """jit(fn) compiled for one chip of `target`, on inputs of `shapes` placed there."""
     mesh = Mesh(np.asarray(targets.parse(target).devices()[:1]).reshape(1, 1), ("data", "model"))
-    placed = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, P())) for s in shapes]
+    placed = [
+        jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, P())) for s in shapes
+    ]
     return jax.jit(fn).trace(*placed).lower().compile()
 
 
@@ -47,15 +50,22 @@ def test_parse_names():
     assert targets.parse("a100-40gb").chips == 1
 
 
-@pytest.mark.parametrize("name", ["v5e", "v5e:2x2x1", "v4:2x2", "h100:0", "tpu-v5e:2x4", "v5litepod-8"])
+@pytest.mark.parametrize(
+    "name", ["v5e", "v5e:2x2x1", "v4:2x2", "h100:0", "tpu-v5e:2x4", "v5litepod-8"]
+)
 def test_unknown_target_lists_the_known(name):
-    with pytest.raises(TargetError, match=r"^unknown target .*; known: v5e:AxB, v6e:AxB, v5p:AxBxC, v4:AxBxC, h100\[:N\]"):
+    with pytest.raises(
+        TargetError,
+        match=r"^unknown target .*; known: v5e:AxB, v6e:AxB, v5p:AxBxC, v4:AxBxC, h100\[:N\]",
+    ):
         targets.parse(name)
 
 
 @needs_libtpu
 @pytest.mark.parametrize("target", ["v5e:1x1", "v6e:1x1"])
-@pytest.mark.parametrize(("head_dim", "dtype"), [(64, jnp.bfloat16), (128, jnp.float32)], ids=["d64-bf16", "d128-f32"])
+@pytest.mark.parametrize(
+    ("head_dim", "dtype"), [(64, jnp.bfloat16), (128, jnp.float32)], ids=["d64-bf16", "d128-f32"]
+)
 def test_tpu_kernel_compiles(target, head_dim, dtype):
     """Forward and backward, compiled by Mosaic with the TPU's default blocks (512 forward, 256
     backward), a ragged length (600: the last block part padding), counted by XLA's cost analysis."""
@@ -79,8 +89,11 @@ def test_compiler_refuses_a_kernel_over_vmem():
         o_ref[...] = x_ref[...] + scratch[:8, :]
 
     def fn(x):
-        return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-                              scratch_shapes=[pltpu.VMEM((512 * 1024, 128), jnp.float32)])(x)
+        return pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+            scratch_shapes=[pltpu.VMEM((512 * 1024, 128), jnp.float32)],
+        )(x)
 
     with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
         compile_for("v5e:1x1", fn, jax.ShapeDtypeStruct((8, 128), jnp.float32))
@@ -92,7 +105,9 @@ def test_training_step_with_pallas_compiles_for_v5e_2x2():
     inside the (data, model) shard_map, heads split over `model`, chosen for the mesh's
     devices (no TPU in this process), and compiled with them."""
     cfg = preset("tiny")
-    cfg = dataclasses.replace(cfg, execution=dataclasses.replace(cfg.execution, attention=Impl.PALLAS))
+    cfg = dataclasses.replace(
+        cfg, execution=dataclasses.replace(cfg.execution, attention=Impl.PALLAS)
+    )
     mesh = make_mesh(2, 2, targets.parse("v5e:2x2").devices())
     assert platform_of(mesh) == Platform("tpu", "TPU v5 lite")
     compiled = lowered_step(cfg, mesh, batch=8, microbatches=1).compile()
@@ -101,14 +116,39 @@ def test_training_step_with_pallas_compiles_for_v5e_2x2():
 
 # One layer of width 64 and a 300,000-token head over 6,144 positions: the logits make one or
 # two examples fill a v5e chip, so the search ends after four compiles (two of them refusals).
-BIG_HEAD = ["--preset", "tiny", "--width", "64", "--num-layers", "1", "--num-heads", "2", "--vocab-size", "300000"]
+BIG_HEAD = [
+    "--preset",
+    "tiny",
+    "--width",
+    "64",
+    "--num-layers",
+    "1",
+    "--num-heads",
+    "2",
+    "--vocab-size",
+    "300000",
+]
 
 
 @needs_libtpu
 def test_plan_for_a_target(capsys):
     """`train.py --plan --target v5e:1x1`: compiled for the chip by its own compiler, the largest
     batch is where that compiler stops accepting the step."""
-    assert train.main([*BIG_HEAD, "--seq-len", "6144", "--plan", "--target", "v5e:1x1", "--batch-size", "auto"]) == 0
+    assert (
+        train.main(
+            [
+                *BIG_HEAD,
+                "--seq-len",
+                "6144",
+                "--plan",
+                "--target",
+                "v5e:1x1",
+                "--batch-size",
+                "auto",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "of TPU v5 lite" in out and "a batch fits when the TPU compiler accepts it" in out
     assert out.count("largest microbatch") == 1 and "TFLOP per step" in out
@@ -122,7 +162,9 @@ def test_plan_for_a_target_that_holds_no_example(capsys):
     the one line."""
     assert train.main([*BIG_HEAD, "--seq-len", "12288", "--plan", "--target", "v5e:1x1"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "one example per device does not fit: the TPU compiler says" in err
+    assert (
+        err.count("\n") == 1 and "one example per device does not fit: the TPU compiler says" in err
+    )
     assert "HBM" in err
 
 
@@ -130,7 +172,11 @@ def test_plan_for_a_target_that_holds_no_example(capsys):
 def test_tpu_compiler_refusal_marks_a_batch_too_big():
     """On a TPU the compiler's own HBM check decides: a batch it refuses does not fit, and the
     refusal is kept (a VMEM refusal or any other error would be raised)."""
-    planner = Planner(preset("tiny"), make_mesh(1, 1, targets.parse("v5e:1x1").devices()), targets.CHIPS["v5e"].memory)
+    planner = Planner(
+        preset("tiny"),
+        make_mesh(1, 1, targets.parse("v5e:1x1").devices()),
+        targets.CHIPS["v5e"].memory,
+    )
     assert planner.by_compiler and planner.fits(False, 1)
     assert not planner.fits(False, 8192)  # ~25 GiB of temporaries against 15.75 GiB
     assert "memory" in planner.step(False, 8192).refused.lower()
@@ -142,8 +188,10 @@ def test_unknown_target_is_one_line_and_status_2(capsys):
     assert err.count("\n") == 1 and "unknown target 'v5e:3'" in err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax_cuda12_plugin") is None,
-                    reason='the GPU compiler is not installed: pip install -e ".[cuda]" (~6 GB)')
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax_cuda12_plugin") is None,
+    reason='the GPU compiler is not installed: pip install -e ".[cuda]" (~6 GB)',
+)
 def test_gpu_target_compiles_the_step():
     """Eight abstract H100s from the project's own target description; the step compiles for
     them with XLA's attention (cuDNN's and the Mosaic GPU kernel compile only on a device)."""
@@ -151,7 +199,10 @@ def test_gpu_target_compiles_the_step():
     devices = h100.devices()
     assert len(devices) == 8
     platform = platform_of(make_mesh(8, 1, devices))
-    assert resolve(Impl.PALLAS, jnp.dtype(jnp.bfloat16), 64, platform).run.__name__ == "flash_attention_gpu"
+    assert (
+        resolve(Impl.PALLAS, jnp.dtype(jnp.bfloat16), 64, platform).run.__name__
+        == "flash_attention_gpu"
+    )
     cfg = preset("tiny")
     cfg = dataclasses.replace(cfg, execution=dataclasses.replace(cfg.execution, attention=Impl.XLA))
     compiled = lowered_step(cfg, make_mesh(8, 1, devices), batch=8, microbatches=1).compile()

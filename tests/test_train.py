@@ -32,19 +32,47 @@ from md4_eqx.config import Config, ExecutionConfig, preset
 from md4_eqx.visualize import line_chart
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = ["--width", "32", "--num-layers", "1", "--num-heads", "2", "--seq-len", "32", "--batch-size", "8",
-         "--eval-batches", "2", "--sampler.steps", "4", "--num-samples", "2", "--no-progress"]
+SMALL = [
+    "--width",
+    "32",
+    "--num-layers",
+    "1",
+    "--num-heads",
+    "2",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "8",
+    "--eval-batches",
+    "2",
+    "--sampler.steps",
+    "4",
+    "--num-samples",
+    "2",
+    "--no-progress",
+]
 # The runs compile the same few programs again and again: they share a persistent compilation
 # cache, this module's own (a size limit turns on its file lock, so concurrent runs are safe).
 COMPILED = tempfile.TemporaryDirectory(prefix="md4-eqx-test-compiled-")
-ENV = {**os.environ, "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false", "JAX_PLATFORMS": "cpu",
-       "JAX_COMPILATION_CACHE_DIR": COMPILED.name, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
-       "JAX_COMPILATION_CACHE_MAX_SIZE": str(2**30)}
+ENV = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
+    "JAX_PLATFORMS": "cpu",
+    "JAX_COMPILATION_CACHE_DIR": COMPILED.name,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(2**30),
+}
 
 
 def run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env or ENV,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=ROOT,
+        env=env or ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -98,7 +126,9 @@ def wait_until_logged(workdir: Path, step: int, proc: subprocess.Popen) -> None:
     metrics = workdir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and f'"step": {step},' in metrics.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, f"the run ended before step {step}"
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            f"the run ended before step {step}"
+        )
         time.sleep(0.01)
 
 
@@ -119,15 +149,26 @@ def test_run_writes_metrics_samples_and_last_checkpoints(trained):
     assert all(0 < e["eval_bpt_stderr"] < 0.1 * e["eval_bpt"] for e in evals)
     assert evals[-1]["eval_bpt"] < evals[0]["eval_bpt"]
     assert all({"lr", "train_bpt"} <= set(e) for e in log if "train_bpt" in e)
-    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [20, 25, 30]  # keep 3
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [
+        20,
+        25,
+        30,
+    ]  # keep 3
     assert sorted(p.name for p in (workdir / "samples").iterdir()) == [
         f"step_{s:07d}.txt" for s in (0, 10, 20, 30)
     ]
     # The curves are those of the logged bits per token.
-    curves = {name: (np.array([e["step"] for e in log if key in e]), np.array([e[key] for e in log if key in e]))
-              for key, name in (("train_bpt", "train"), ("eval_bpt", "eval (EMA model)"))}
+    curves = {
+        name: (
+            np.array([e["step"] for e in log if key in e]),
+            np.array([e[key] for e in log if key in e]),
+        )
+        for key, name in (("train_bpt", "train"), ("eval_bpt", "eval (EMA model)"))
+    }
     with Image.open(workdir / "curves.png") as png:
-        np.testing.assert_array_equal(np.asarray(png), np.asarray(line_chart(curves, "step", "bits per token")))
+        np.testing.assert_array_equal(
+            np.asarray(png), np.asarray(line_chart(curves, "step", "bits per token"))
+        )
     # Rerunning the finished command does nothing.
     before = tree_digest(workdir)
     proc = run("train.py", "--workdir", str(workdir), *flags)
@@ -140,11 +181,15 @@ def test_resume_after_sigkill_matches_the_uninterrupted_run(trained, data):
     flags, full = trained
     workdir = data[1] / "killed"
     cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_until_logged(workdir, 7, proc)  # after checkpoint 5
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert 5 <= max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) < 30
+    assert (
+        5 <= max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) < 30
+    )
 
     resumed = run("train.py", "--workdir", str(workdir), *flags)
     assert resumed.returncode == 0, resumed.stderr
@@ -158,7 +203,18 @@ def test_damaged_or_different_checkpoint_is_reported_and_left_alone(trained, tmp
     # A checkpoint of another model: flags that change the network are refused (and only those
     # are named: an execution field may change).
     before = tree_digest(full)
-    proc = run("train.py", "--workdir", str(full), *flags, "--steps", "40", "--width", "64", "--remat", "true")
+    proc = run(
+        "train.py",
+        "--workdir",
+        str(full),
+        *flags,
+        "--steps",
+        "40",
+        "--width",
+        "64",
+        "--remat",
+        "true",
+    )
     assert_usage_error(proc, "different model", "model.width: 32 -> 64")
     assert "remat" not in proc.stderr
     assert tree_digest(full) == before
@@ -210,7 +266,9 @@ def test_checkpoint_of_the_old_config_layout_resumes_and_loads(trained, tmp_path
     assert resumed.returncode == 0 and "from step 20" in resumed.stdout, resumed.stderr
     assert events(workdir) == events(full)
     meta = json.loads((workdir / "checkpoints" / "30" / "meta" / "metadata").read_text())
-    assert "execution" in meta["config"] and "remat" not in meta["config"]["model"]  # written in the new layout
+    assert (
+        "execution" in meta["config"] and "remat" not in meta["config"]["model"]
+    )  # written in the new layout
 
 
 @pytest.mark.slow
@@ -226,8 +284,16 @@ def test_resume_takes_other_execution_fields(trained, tmp_path):
     step, config, _ = checkpoint.read_meta(workdir)
     saved = checkpoint.read_meta(full)[1]
     assert step == 35 and config.model == saved.model
-    assert (config.execution.remat, config.execution.head_chunk, config.execution.unroll_layers) == (True, 16, False)
-    assert all(math.isfinite(e["train_bpt"]) for e in events(workdir) if e["step"] > 30 and "train_bpt" in e)
+    assert (
+        config.execution.remat,
+        config.execution.head_chunk,
+        config.execution.unroll_layers,
+    ) == (True, 16, False)
+    assert all(
+        math.isfinite(e["train_bpt"])
+        for e in events(workdir)
+        if e["step"] > 30 and "train_bpt" in e
+    )
 
 
 @pytest.mark.slow
@@ -241,10 +307,28 @@ def test_two_processes_train_like_one_and_stop_together(trained, data):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags,
-           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-    procs = [subprocess.Popen([*cmd, "--process-id", str(i)], cwd=ROOT, env=ENV, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in (0, 1)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--workdir",
+        str(workdir),
+        *flags,
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        "2",
+    ]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--process-id", str(i)],
+            cwd=ROOT,
+            env=ENV,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in (0, 1)
+    ]
     wait_until_logged(workdir, 11, procs[1])
     procs[1].send_signal(signal.SIGTERM)
     outputs = [p.communicate(timeout=300)[0] for p in procs]
@@ -271,14 +355,44 @@ def main_exit(argv: list[str], capsys) -> tuple[int, str]:
 
 def test_config_flags_cover_every_field():
     args = train.build_parser().parse_args(
-        ["--model.num-layers", "3", "--width", "64", "--sampler.steps", "7", "--steps", "9",
-         "--schedule", "cosine", "--learnable", "true", "--optim.lr", "1e-3"]
+        [
+            "--model.num-layers",
+            "3",
+            "--width",
+            "64",
+            "--sampler.steps",
+            "7",
+            "--steps",
+            "9",
+            "--schedule",
+            "cosine",
+            "--learnable",
+            "true",
+            "--optim.lr",
+            "1e-3",
+        ]
     )
     cfg, given = make_config(args)
-    assert (cfg.model.num_layers, cfg.model.width, cfg.sampler.steps, cfg.train.steps) == (3, 64, 7, 9)
-    assert cfg.diffusion.schedule.value == "cosine" and cfg.diffusion.learnable and cfg.optim.lr == 1e-3
-    assert given == {"model.num_layers", "model.width", "sampler.steps", "train.steps",
-                     "diffusion.schedule", "diffusion.learnable", "optim.lr"}
+    assert (cfg.model.num_layers, cfg.model.width, cfg.sampler.steps, cfg.train.steps) == (
+        3,
+        64,
+        7,
+        9,
+    )
+    assert (
+        cfg.diffusion.schedule.value == "cosine"
+        and cfg.diffusion.learnable
+        and cfg.optim.lr == 1e-3
+    )
+    assert given == {
+        "model.num_layers",
+        "model.width",
+        "sampler.steps",
+        "train.steps",
+        "diffusion.schedule",
+        "diffusion.learnable",
+        "optim.lr",
+    }
     # Every field of every section has a --section.field flag.
     flags = {o for a in train.build_parser()._actions for o in a.option_strings}
     for section in dataclasses.fields(Config):
@@ -300,7 +414,9 @@ def test_classes_come_from_the_data_only_for_a_class_conditional_preset():
 
 def test_default_workdir_names():
     assert train.default_workdir("tiny", "pystdlib") == Path("runs/tiny-pystdlib")
-    assert train.default_workdir("md4-s", "hf:roneneldan/TinyStories") == Path("runs/md4-s-TinyStories")
+    assert train.default_workdir("md4-s", "hf:roneneldan/TinyStories") == Path(
+        "runs/md4-s-TinyStories"
+    )
     assert train.default_workdir("tiny", "file:/data/my code.py") == Path("runs/tiny-my-code.py")
 
 
@@ -310,9 +426,27 @@ def test_divergence_skips_steps_then_stops_with_exit_1(data):
     skipped; the third in a row stops the run, with its checkpoints from before the streak."""
     flags, tmp = data
     workdir = tmp / "diverged"
-    proc = run("train.py", "--workdir", str(workdir), *flags, *SMALL, "--steps", "20", "--lr", "1e30",
-               "--warmup", "1", "--log-every", "1", "--eval-every", "20", "--checkpoint-every", "1",
-               "--max-bad-steps", "3")
+    proc = run(
+        "train.py",
+        "--workdir",
+        str(workdir),
+        *flags,
+        *SMALL,
+        "--steps",
+        "20",
+        "--lr",
+        "1e30",
+        "--warmup",
+        "1",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "20",
+        "--checkpoint-every",
+        "1",
+        "--max-bad-steps",
+        "3",
+    )
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "3 non-finite steps in a row" in lines[0], proc.stderr
@@ -321,7 +455,9 @@ def test_divergence_skips_steps_then_stops_with_exit_1(data):
     first = skipped[0]["step"]
     assert [e["step"] for e in skipped] == [first, first + 1, first + 2]
     # Training losses are logged for the steps that updated, never a skipped step's NaN.
-    assert [e["step"] for e in events(workdir) if "train_bpt" in e and "skipped" not in e] == list(range(1, first))
+    assert [e["step"] for e in events(workdir) if "train_bpt" in e and "skipped" not in e] == list(
+        range(1, first)
+    )
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
     assert saved[-1] == first - 1  # none written during the streak
     assert checkpoint.read_meta(workdir)[0] == first - 1
@@ -334,15 +470,35 @@ def test_finite_but_huge_loss_still_saves_evaluates_and_plots(data):
     bound of inf (2^bits overflows a float), the curves are drawn and the run exits 0."""
     flags, tmp = data
     workdir = tmp / "huge"
-    proc = run("train.py", "--workdir", str(workdir), *flags, *SMALL, "--lr", "1e4", "--warmup", "1",
-               "--steps", "10", "--max-bad-steps", "5", "--log-every", "5", "--eval-every", "10",
-               "--checkpoint-every", "10")
+    proc = run(
+        "train.py",
+        "--workdir",
+        str(workdir),
+        *flags,
+        *SMALL,
+        "--lr",
+        "1e4",
+        "--warmup",
+        "1",
+        "--steps",
+        "10",
+        "--max-bad-steps",
+        "5",
+        "--log-every",
+        "5",
+        "--eval-every",
+        "10",
+        "--checkpoint-every",
+        "10",
+    )
     assert proc.returncode == 0, proc.stderr
     log = events(workdir)
     assert not [e for e in log if "skipped" in e]
     assert min(e["train_bpt"] for e in log if "train_bpt" in e) > 1024  # 2^bits > the largest float
     last = [e for e in log if "eval_bpt" in e][-1]
-    assert last["step"] == 10 and 1024 < last["eval_bpt"] < math.inf and last["eval_ppl"] == math.inf
+    assert (
+        last["step"] == 10 and 1024 < last["eval_bpt"] < math.inf and last["eval_ppl"] == math.inf
+    )
     assert checkpoint.read_meta(workdir)[0] == 10
     with Image.open(workdir / "curves.png") as png:
         assert png.size == (720, 420)
@@ -355,7 +511,9 @@ def test_sigterm_checkpoints_the_step_and_the_rerun_matches_the_uninterrupted_ru
     flags, full = trained
     workdir = data[1] / "preempted"
     cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     wait_until_logged(workdir, 11, proc)
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGINT)
@@ -380,7 +538,9 @@ def test_unwritable_or_locked_workdir_exits_2_before_training(data, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "not writable" in err, err
 
     workdir = tmp / "taken"
-    with workdir_lock.claim(workdir):  # another run's lock (flock: per open file, so also in-process)
+    with workdir_lock.claim(
+        workdir
+    ):  # another run's lock (flock: per open file, so also in-process)
         code, err = main_exit(["--workdir", str(workdir), *flags, *SMALL], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "in use by another run" in err, err
     assert sorted(p.name for p in workdir.iterdir()) == [".lock"]  # nothing written
@@ -399,9 +559,21 @@ def test_failed_save_keeps_the_newest_complete_checkpoint(trained, tmp_path):
     subprocess.run(["cp", "-r", str(full), str(workdir)], check=True)
     for step in ("25", "30"):  # as if the run had been stopped after checkpoint 20
         subprocess.run(["rm", "-r", str(workdir / "checkpoints" / step)], check=True)
-    cmd = [*LIMIT_FILE_SIZE, sys.executable, str(ROOT / "train.py"), "--workdir", str(workdir), *flags]
+    cmd = [
+        *LIMIT_FILE_SIZE,
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--workdir",
+        str(workdir),
+        *flags,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert_usage_error(proc, "checkpoint 25 could not be written", "File too large", "newest complete one is step 20")
+    assert_usage_error(
+        proc,
+        "checkpoint 25 could not be written",
+        "File too large",
+        "newest complete one is step 20",
+    )
     assert checkpoint.read_meta(workdir)[0] == 20
 
     resumed = run("train.py", "--workdir", str(workdir), *flags)

@@ -9,17 +9,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import randomised
 from jax.sharding import PartitionSpec as P
 
 from md4_eqx.config import Backbone, ConfigError, ExecutionConfig, ModelConfig, Precision
-from md4_eqx.parallel import DATA, MODEL, MeshError, check_model_split, make_mesh, param_specs, shard_map_modules
+from md4_eqx.parallel import (
+    DATA,
+    MODEL,
+    MeshError,
+    check_model_split,
+    make_mesh,
+    param_specs,
+    shard_map_modules,
+)
 from md4_eqx.unet import UNet
-from conftest import randomised
 
 # DeepMind's MD4 CIFAR-10 network (md4/configs/md4/cifar10.py): feature_dim 128, n_layers 32,
 # one attention head, the time conditioning 128 -> 512 -> 128, unconditional (classes = -1).
-FULL = ModelConfig(backbone=Backbone.UNET, vocab_size=256, seq_len=32 * 32 * 3, width=128, num_layers=32, num_heads=1,
-                   cond_dim=128, dropout=0.1)
+FULL = ModelConfig(
+    backbone=Backbone.UNET,
+    vocab_size=256,
+    seq_len=32 * 32 * 3,
+    width=128,
+    num_layers=32,
+    num_heads=1,
+    cond_dim=128,
+    dropout=0.1,
+)
 # Computed from the reference's code (google-deepmind/md4, flax 0.12.8, jax 0.10.2): the
 # parameters of `md4.models.diffusion.md4.MD4` built as md4/models/utils.py `get_model` builds
 # it from the cifar10 config, `jax.eval_shape(model.init)` on a [2, 32, 32, 3] batch, summed
@@ -33,8 +49,15 @@ REFERENCE_PARAMS_CLASSES = 28_494_464
 def small(**overrides) -> ModelConfig:
     """4 x 4 RGB images, one block each way, width 64: two channels per GroupNorm group (with
     one, the norm after the conditioning's per-channel shift would remove it)."""
-    fields = dict(backbone=Backbone.UNET, vocab_size=256, seq_len=4 * 4 * 3, width=64, num_layers=1, num_heads=1,
-                  cond_dim=32)
+    fields = dict(
+        backbone=Backbone.UNET,
+        vocab_size=256,
+        seq_len=4 * 4 * 3,
+        width=64,
+        num_layers=1,
+        num_heads=1,
+        cond_dim=32,
+    )
     return ModelConfig(**(fields | overrides))
 
 
@@ -63,7 +86,9 @@ def logits_on(mesh, net: UNet, z, t, labels=None, keys=None):
 
 def num_params(net: UNet) -> int:
     """Elements of every array (or ShapeDtypeStruct, from eval_shape) in `net`."""
-    return sum(x.size for x in jax.tree.leaves(net) if isinstance(x, jax.Array | jax.ShapeDtypeStruct))
+    return sum(
+        x.size for x in jax.tree.leaves(net) if isinstance(x, jax.Array | jax.ShapeDtypeStruct)
+    )
 
 
 SINGLE = make_mesh(1, 1, jax.devices()[:1])
@@ -78,8 +103,9 @@ def inputs(cfg: ModelConfig, key, batch: int = 4):
 def test_parameter_count_and_shape_match_the_reference(getkey):
     net = eqx.filter_eval_shape(UNet, FULL, ExecutionConfig(), key=getkey())  # nothing allocated
     assert num_params(net) == REFERENCE_PARAMS
-    classes = eqx.filter_eval_shape(UNet, dataclasses.replace(FULL, num_classes=10), ExecutionConfig(),
-                                    key=getkey())
+    classes = eqx.filter_eval_shape(
+        UNet, dataclasses.replace(FULL, num_classes=10), ExecutionConfig(), key=getkey()
+    )
     assert num_params(classes) == REFERENCE_PARAMS_CLASSES
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(net) if hasattr(x, "dtype"))
     z = jax.ShapeDtypeStruct((2, FULL.seq_len), jnp.int32)
@@ -123,10 +149,17 @@ def test_dropout_keys_matter_only_with_dropout(getkey):
     z, t = inputs(cfg, getkey())
     keys, other = jax.random.split(getkey(), 4), jax.random.split(getkey(), 4)
     plain = randomised(UNet(cfg, RUN, key=key), noise, 0.2)
-    np.testing.assert_array_equal(logits_on(SINGLE, plain, z, t, keys=keys), logits_on(SINGLE, plain, z, t))
+    np.testing.assert_array_equal(
+        logits_on(SINGLE, plain, z, t, keys=keys), logits_on(SINGLE, plain, z, t)
+    )
     dropped = randomised(UNet(small(dropout=0.5), RUN, key=key), noise, 0.2)  # the same parameters
-    train_a, train_b = logits_on(SINGLE, dropped, z, t, keys=keys), logits_on(SINGLE, dropped, z, t, keys=other)
-    np.testing.assert_array_equal(train_a, logits_on(SINGLE, dropped, z, t, keys=keys))  # keys decide
+    train_a, train_b = (
+        logits_on(SINGLE, dropped, z, t, keys=keys),
+        logits_on(SINGLE, dropped, z, t, keys=other),
+    )
+    np.testing.assert_array_equal(
+        train_a, logits_on(SINGLE, dropped, z, t, keys=keys)
+    )  # keys decide
     assert not np.allclose(train_a, logits_on(SINGLE, plain, z, t), atol=1e-3)
     assert not np.allclose(train_a, train_b, atol=1e-3)
 
@@ -143,7 +176,9 @@ def test_remat_gives_the_same_gradients_with_fewer_temporaries(getkey):
     for remat in (False, True):
         net = UNet(cfg, dataclasses.replace(RUN, remat=remat), key=key)
         params, static = eqx.partition(randomised(net, noise, 0.2), eqx.is_array)
-        loss = lambda p: jnp.sum(jnp.sin(logits_on(SINGLE, eqx.combine(p, static), z, t, keys=keys)))  # noqa: E731
+        loss = lambda p: jnp.sum(
+            jnp.sin(logits_on(SINGLE, eqx.combine(p, static), z, t, keys=keys))
+        )  # noqa: E731
         compiled = jax.jit(jax.grad(loss)).lower(params).compile()
         grads.append(jax.tree.leaves(compiled(params)))
         temp.append(compiled.memory_analysis().temp_size_in_bytes)
@@ -172,7 +207,10 @@ def test_null_class(getkey):
 def test_bfloat16_compute_matches_float32(getkey):
     key, noise = getkey(), getkey()
     z, t = inputs(small(), getkey())
-    nets = {p: randomised(UNet(small(), ExecutionConfig(precision=p), key=key), noise, 0.2) for p in Precision}
+    nets = {
+        p: randomised(UNet(small(), ExecutionConfig(precision=p), key=key), noise, 0.2)
+        for p in Precision
+    }
     out = {p: logits_on(SINGLE, net, z, t) for p, net in nets.items()}
     f32, bf16 = out[Precision.FLOAT32], out[Precision.BFLOAT16]
     # bfloat16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); the float32 residual stream

@@ -32,7 +32,9 @@ def test_a_workdir_that_cannot_be_created_is_refused(tmp_path):
 
 def test_a_disk_without_room_for_one_checkpoint_is_refused(tmp_path, monkeypatch):
     base = preset("tiny")
-    cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, width=32, num_layers=1, num_heads=2))
+    cfg = dataclasses.replace(
+        base, model=dataclasses.replace(base.model, width=32, num_layers=1, num_heads=2)
+    )
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     state = init_state(cfg, optimizer, make_mesh(1, 1, jax.devices()[:1]))
     params = sum(x.size for x in jax.tree.leaves(state.model))
@@ -41,6 +43,8 @@ def test_a_disk_without_room_for_one_checkpoint_is_refused(tmp_path, monkeypatch
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1 << 40, 0, checkpoint_bytes(state)))
     check_space(tmp_path, state)
-    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(1 << 40, 0, checkpoint_bytes(state) - 1))
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda _: usage(1 << 40, 0, checkpoint_bytes(state) - 1)
+    )
     with pytest.raises(WorkdirError, match="MiB free, a checkpoint needs"):
         check_space(tmp_path, state)

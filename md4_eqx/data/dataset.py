@@ -46,13 +46,15 @@ class Subset:
             return indices * every + (every - 1)  # chunks every-1, 2*every-1, ...
         return indices + indices // (every - 1)  # skips one chunk after every every-1 kept
 
-    def get(self, indices: Integer[np.ndarray, " n"]) -> tuple[
-        Int32[np.ndarray, "n seq_len"], Int32[np.ndarray, " n"] | None
-    ]:
+    def get(
+        self, indices: Integer[np.ndarray, " n"]
+    ) -> tuple[Int32[np.ndarray, "n seq_len"], Int32[np.ndarray, " n"] | None]:
         """Tokens [n, seq_len] (and class labels [n] for images) of the given examples."""
         indices = np.asarray(indices, np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= self.num_examples):
-            raise IndexError(f"example indices must lie in [0, {self.num_examples}) for {self.name!r}")
+            raise IndexError(
+                f"example indices must lie in [0, {self.num_examples}) for {self.name!r}"
+            )
         chunks = self.chunks(indices)
         windows = chunks[:, None] * self.seq_len + np.arange(self.seq_len)  # [n, seq_len]
         tokens = np.asarray(self.tokens[windows], np.int32)
@@ -80,31 +82,47 @@ class Dataset:
         layout = Layout(**self.meta["splits"][name])
         stream, sizes = self.path / layout.stream, self.meta["streams"][layout.stream]
         tokens = np.memmap(f"{stream}.bin", self.meta["dtype"], "r", shape=(sizes["tokens"],))
-        labels = np.memmap(f"{stream}.labels", np.int32, "r", shape=(sizes["labels"],)) if sizes["labels"] else None
+        labels = (
+            np.memmap(f"{stream}.labels", np.int32, "r", shape=(sizes["labels"],))
+            if sizes["labels"]
+            else None
+        )
         split = Subset(name, tokens, labels, self.seq_len, layout)
         if split.num_examples == 0:
-            raise DataError(f"the {name!r} split of {self.name} has {tokens.size} tokens: "
-                            f"not one example of seq_len={self.seq_len}")
+            raise DataError(
+                f"the {name!r} split of {self.name} has {tokens.size} tokens: "
+                f"not one example of seq_len={self.seq_len}"
+            )
         return split
 
     @functools.cached_property
     def tokenizer(self) -> Tokenizer:
         if self.image_shape is not None:
-            raise DataError(f"{self.name} is an image dataset: reshape tokens to {self.image_shape}")
+            raise DataError(
+                f"{self.name} is an image dataset: reshape tokens to {self.image_shape}"
+            )
         kind = self.meta["tokenizer"]["kind"]  # a Hugging Face tokenizer is saved in the entry
         return get_tokenizer(str(self.path / "tokenizer") if kind == "hf" else kind)
 
     def decode(self, tokens: Integer[np.ndarray, " n"]) -> str:
         tokens = np.asarray(tokens)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            raise DataError(f"token ids must lie in [0, {self.vocab_size}); "
-                            f"got {tokens.min()}..{tokens.max()}")
+            raise DataError(
+                f"token ids must lie in [0, {self.vocab_size}); got {tokens.min()}..{tokens.max()}"
+            )
         return self.tokenizer.decode(tokens)
 
 
-def load(spec: str, *, seq_len: int | None = None, cache_dir: str | Path | None = None,
-         tokenizer: str | None = None, num_proc: int | None = None, progress: bool = True,
-         data_path: str | None = None) -> Dataset:
+def load(
+    spec: str,
+    *,
+    seq_len: int | None = None,
+    cache_dir: str | Path | None = None,
+    tokenizer: str | None = None,
+    num_proc: int | None = None,
+    progress: bool = True,
+    data_path: str | None = None,
+) -> Dataset:
     """Prepares the dataset named by `spec` (a row of `sources.SOURCES`: "owt", "file:PATH", ...)
     or reuses its cache, and opens it at `seq_len` (None: the dataset's default, owt 1024, text8
     256, ...; images take only their flattened size, 3072). `tokenizer` ("bytes" or a Hugging Face
@@ -116,8 +134,10 @@ def load(spec: str, *, seq_len: int | None = None, cache_dir: str | Path | None 
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     source = parse(spec, tokenizer=tokenizer, data_path=data_path, cache_dir=cache_dir)
     if source.image_shape is not None and seq_len not in (None, source.default_seq_len):
-        raise DataError(f"{spec} examples are whole images of 32*32*3 = {source.default_seq_len} tokens; "
-                        f"got seq_len={seq_len}")
+        raise DataError(
+            f"{spec} examples are whole images of 32*32*3 = {source.default_seq_len} tokens; "
+            f"got seq_len={seq_len}"
+        )
     parts = source.fingerprint()
     entry = entry_dir(cache_dir, source.name, parts)
     meta = read_meta(entry)
@@ -127,6 +147,7 @@ def load(spec: str, *, seq_len: int | None = None, cache_dir: str | Path | None 
         except OSError as e:
             raise DataError(f"cannot create cache directory {cache_dir}: {e.strerror}") from None
         with preparing(entry):  # one preparer at a time: the first prepares, the others find it
-            meta = read_meta(entry) or prepare(source, entry, parts, num_proc=num_proc or os.cpu_count() or 1,
-                                               progress=progress)
+            meta = read_meta(entry) or prepare(
+                source, entry, parts, num_proc=num_proc or os.cpu_count() or 1, progress=progress
+            )
     return Dataset(entry, meta, seq_len or source.default_seq_len)

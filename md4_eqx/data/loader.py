@@ -22,10 +22,22 @@ class BatchLoader:
     """Iterator of {"tokens": int32 [batch_size // process_count, seq_len], "labels": int32 [...]}
     ("labels" for labelled datasets only)."""
 
-    def __init__(self, split: Subset, *, batch_size: int, seed: int = 0, process_index: int = 0,
-                 process_count: int = 1, state: dict | None = None, prefetch: int = 2, shuffle: bool = True):
+    def __init__(
+        self,
+        split: Subset,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        state: dict | None = None,
+        prefetch: int = 2,
+        shuffle: bool = True,
+    ):
         if not 0 < batch_size <= split.num_examples:
-            raise DataError(f"{batch_size=} must lie in [1, {split.num_examples}] (examples in {split.name!r})")
+            raise DataError(
+                f"{batch_size=} must lie in [1, {split.num_examples}] (examples in {split.name!r})"
+            )
         if process_count < 1 or batch_size % process_count:
             raise DataError(f"{batch_size=} must be a multiple of {process_count=}")
         if not 0 <= process_index < process_count:
@@ -36,10 +48,16 @@ class BatchLoader:
         if not (isinstance(state, dict) and {"seed", "epoch", "position"} <= state.keys()):
             raise DataError(f"loader state must have seed, epoch and position; got {state!r}")
         if state["seed"] != seed:
-            raise DataError(f"loader state was saved with seed={state['seed']}, but {seed=} was given")
+            raise DataError(
+                f"loader state was saved with seed={state['seed']}, but {seed=} was given"
+            )
         epoch, position = state["epoch"], state["position"]
-        if not (isinstance(epoch, int) and isinstance(position, int) and epoch >= 0
-                and 0 <= position <= split.num_examples):
+        if not (
+            isinstance(epoch, int)
+            and isinstance(position, int)
+            and epoch >= 0
+            and 0 <= position <= split.num_examples
+        ):
             raise DataError(f"loader state has a bad epoch or position: {state!r}")
         self._state = {"seed": seed, "epoch": epoch, "position": position}
         rows = batch_size // process_count  # this process's share of every global batch
@@ -68,8 +86,16 @@ class BatchLoader:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _batches(split: Subset, batch_size: int, part: slice, shuffle: bool, *, seed: int, epoch: int,
-             position: int) -> Iterator[tuple[dict, dict]]:
+def _batches(
+    split: Subset,
+    batch_size: int,
+    part: slice,
+    shuffle: bool,
+    *,
+    seed: int,
+    epoch: int,
+    position: int,
+) -> Iterator[tuple[dict, dict]]:
     """(this process's part of the next global batch, the state after it), forever. A function, not a
     method: the prefetch thread runs it and must not keep the loader alive."""
     n = split.num_examples

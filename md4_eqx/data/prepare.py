@@ -15,27 +15,36 @@ import numpy as np
 from tqdm import tqdm
 
 from md4_eqx.data.cache import FORMAT, EntryWriter
-from md4_eqx.errors import DataError
 from md4_eqx.data.sources import Source, Task
 from md4_eqx.data.tokenizers import HFTokenizer, get_tokenizer
+from md4_eqx.errors import DataError
 
 # What every task needs, set once per worker process: (source, tokenizer, parts, dtype, report).
 _worker: tuple | None = None
 
 
-def prepare(source: Source, entry: Path, fingerprint: dict, *, num_proc: int, progress: bool) -> dict:
+def prepare(
+    source: Source, entry: Path, fingerprint: dict, *, num_proc: int, progress: bool
+) -> dict:
     """Writes the cache entry for `source` (identified by `fingerprint`); returns its metadata."""
     source.fetch(progress)
     tokenizer = get_tokenizer(source.tokenizer)
-    dtype = np.min_scalar_type(tokenizer.vocab_size - 1)  # the narrowest unsigned one: GPT-2's 50257 ids fit uint16
+    dtype = np.min_scalar_type(
+        tokenizer.vocab_size - 1
+    )  # the narrowest unsigned one: GPT-2's 50257 ids fit uint16
     tasks = source.tasks()
     procs = min(num_proc, len(tasks)) if source.parallel else 1
     with EntryWriter(entry) as writer:
         parts = writer.tmp / "parts"
         parts.mkdir()
         # delay: no bar at all for work (or a bad input) done within a second.
-        with tqdm(desc=f"tokenising {source.name}", unit="tok", unit_scale=True, delay=1,
-                  disable=not progress) as bar:
+        with tqdm(
+            desc=f"tokenising {source.name}",
+            unit="tok",
+            unit_scale=True,
+            delay=1,
+            disable=not progress,
+        ) as bar:
             if procs > 1:
                 _run_pool(procs, tasks, (source, tokenizer, parts, dtype), bar)
             else:
@@ -48,10 +57,17 @@ def prepare(source: Source, entry: Path, fingerprint: dict, *, num_proc: int, pr
         if isinstance(tokenizer, HFTokenizer):
             tokenizer.save(writer.tmp / "tokenizer")
         meta = {
-            "format": FORMAT, "name": source.name, "fingerprint": fingerprint,
-            "tokenizer": tokenizer.describe(), "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
-            "dtype": dtype.name, "image_shape": source.image_shape, "num_classes": source.num_classes,
-            "default_seq_len": source.default_seq_len, "streams": streams,
+            "format": FORMAT,
+            "name": source.name,
+            "fingerprint": fingerprint,
+            "tokenizer": tokenizer.describe(),
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "dtype": dtype.name,
+            "image_shape": source.image_shape,
+            "num_classes": source.num_classes,
+            "default_seq_len": source.default_seq_len,
+            "streams": streams,
             "splits": {name: asdict(layout) for name, layout in source.layouts.items()},
         }
         writer.commit(meta)
@@ -109,8 +125,10 @@ def _join_parts(tasks: list[Task], parts: Path, out: Path, dtype: np.dtype) -> d
     streams = {}
     for name in dict.fromkeys(task.stream for task in tasks):
         labels = out / f"{name}.labels"
-        streams[name] = {"tokens": (out / f"{name}.bin").stat().st_size // dtype.itemsize,
-                         "labels": labels.stat().st_size // 4}  # int32
+        streams[name] = {
+            "tokens": (out / f"{name}.bin").stat().st_size // dtype.itemsize,
+            "labels": labels.stat().st_size // 4,
+        }  # int32
         if streams[name]["labels"] == 0:
             labels.unlink()
     return streams

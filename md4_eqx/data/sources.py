@@ -58,7 +58,9 @@ class Task:
     payload: tuple = ()
 
 
-Block = tuple[np.ndarray, np.ndarray | None]  # int32 tokens [n], and labels [n // example_len] or None
+Block = tuple[
+    np.ndarray, np.ndarray | None
+]  # int32 tokens [n], and labels [n // example_len] or None
 
 
 class Source:
@@ -106,8 +108,12 @@ class PyStdlib(Source):
     def fingerprint(self) -> dict:
         files = self.files()
         sizes = [(self.root / f).stat().st_size for f in files]
-        return {"kind": "pystdlib", "python": sys.version, "files": digest([files, sizes]),
-                "tokenizer": _tok_id(self.tokenizer)}
+        return {
+            "kind": "pystdlib",
+            "python": sys.version,
+            "files": digest([files, sizes]),
+            "tokenizer": _tok_id(self.tokenizer),
+        }
 
     def tasks(self) -> list[Task]:
         files = self.files()
@@ -143,8 +149,14 @@ class Text8(Source):
         try:
             with urllib.request.urlopen(TEXT8_URL, timeout=60) as response, open(tmp, "wb") as f:
                 size = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=size, unit="B", unit_scale=True, desc="downloading text8.zip", delay=1,
-                          disable=not progress) as bar:
+                with tqdm(
+                    total=size,
+                    unit="B",
+                    unit_scale=True,
+                    desc="downloading text8.zip",
+                    delay=1,
+                    disable=not progress,
+                ) as bar:
                     while chunk := response.read(1 << 20):
                         f.write(chunk)
                         bar.update(len(chunk))
@@ -158,7 +170,10 @@ class Text8(Source):
         with self._open() as archive:
             n = archive.getinfo("text8").file_size
         cuts = [0, n * 90 // 100, n * 95 // 100, n]
-        return [Task(split, 0, span) for split, span in zip(("train", "valid", "test"), zip(cuts, cuts[1:]))]
+        return [
+            Task(split, 0, span)
+            for split, span in zip(("train", "valid", "test"), zip(cuts, cuts[1:]))
+        ]
 
     def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
         start, stop = task.payload
@@ -186,7 +201,11 @@ class TextFile(Source):
     tokenizer: str = "bytes"
 
     def fingerprint(self) -> dict:
-        return {"kind": "file", "file": path_fingerprint(self.path), "tokenizer": _tok_id(self.tokenizer)}
+        return {
+            "kind": "file",
+            "file": path_fingerprint(self.path),
+            "tokenizer": _tok_id(self.tokenizer),
+        }
 
     def tasks(self) -> list[Task]:
         size = self.path.stat().st_size
@@ -237,20 +256,34 @@ class HubText(HubSource):
     config: str | None = None
     tokenizer: str = GPT2_TOKENIZER
     default_seq_len = 1024
-    layouts = {"train": Layout("all", HOLDOUT_EVERY), "valid": Layout("all", HOLDOUT_EVERY, held_out=True)}
+    layouts = {
+        "train": Layout("all", HOLDOUT_EVERY),
+        "valid": Layout("all", HOLDOUT_EVERY, held_out=True),
+    }
     hub_splits = {"all": "train"}
 
     def fingerprint(self) -> dict:
         local = path_fingerprint(Path(self.path)) if Path(self.path).exists() else None
-        return {"kind": "hub-text", "path": self.path, "config": self.config, "local": local,
-                "tokenizer": _tok_id(self.tokenizer)}
+        return {
+            "kind": "hub-text",
+            "path": self.path,
+            "config": self.config,
+            "local": local,
+            "tokenizer": _tok_id(self.tokenizer),
+        }
 
     def payload(self, ds) -> tuple[str]:
         """The text column: "text" if present, else the first string column."""
         features = ds.features or {}
-        strings = [k for k, v in features.items() if getattr(v, "dtype", None) in ("string", "large_string")]
+        strings = [
+            k
+            for k, v in features.items()
+            if getattr(v, "dtype", None) in ("string", "large_string")
+        ]
         if not strings:
-            raise DataError(f"dataset {self.path!r} has no text column (columns: {', '.join(features)})")
+            raise DataError(
+                f"dataset {self.path!r} has no text column (columns: {', '.join(features)})"
+            )
         return ("text" if "text" in strings else strings[0],)
 
     def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
@@ -289,9 +322,15 @@ class Cifar10(HubSource):
         for batch in self.rows(task):
             images = np.stack([np.asarray(img.convert("RGB")) for img in batch["img"]])
             labels = np.asarray(batch["label"], np.int32)
-            if images.shape[1:] != self.image_shape or labels.min() < 0 or labels.max() >= self.num_classes:
-                raise DataError(f"dataset {self.path!r} is not CIFAR-10: images {images.shape[1:]}, "
-                                f"labels {labels.min()}..{labels.max()}")
+            if (
+                images.shape[1:] != self.image_shape
+                or labels.min() < 0
+                or labels.max() >= self.num_classes
+            ):
+                raise DataError(
+                    f"dataset {self.path!r} is not CIFAR-10: images {images.shape[1:]}, "
+                    f"labels {labels.min()}..{labels.max()}"
+                )
             yield images.reshape(-1).astype(np.int32), labels  # [n * 3072], [n]
 
 
@@ -335,7 +374,12 @@ SOURCES = (
     Entry("pystdlib", lambda o: PyStdlib()),
     Entry("text8", _text8, data_path=True, fixed_vocab=True),
     Entry("owt", lambda o: HubText("owt", o.data_path or OWT_DATASET), data_path=True),
-    Entry("cifar10", lambda o: Cifar10(o.data_path or CIFAR10_DATASET), data_path=True, fixed_vocab=True),
+    Entry(
+        "cifar10",
+        lambda o: Cifar10(o.data_path or CIFAR10_DATASET),
+        data_path=True,
+        fixed_vocab=True,
+    ),
     Entry("file", lambda o: TextFile(o.spec, _readable_file(Path(o.arg).expanduser())), arg="PATH"),
     Entry("hf", _hub, arg="NAME[:CONFIG]"),
 )
@@ -350,7 +394,9 @@ def parse(spec: str, *, tokenizer: str | None, data_path: str | None, cache_dir:
     """The source named by `spec` (a row of `SOURCES`) with the options given (None: its default)."""
     kind, colon, arg = spec.partition(":")
     # "kind:ARG" with a non-empty ARG where the row takes one, the bare kind where it does not
-    entry = next((e for e in SOURCES if e.kind == kind and (arg != "" if e.arg else not colon)), None)
+    entry = next(
+        (e for e in SOURCES if e.kind == kind and (arg != "" if e.arg else not colon)), None
+    )
     if entry is None:
         raise DataError(f"unknown dataset {spec!r}: choose one of {dataset_help()}")
     if data_path is not None and not entry.data_path:
@@ -377,7 +423,11 @@ def _readable_file(path: Path) -> Path:
 
 def _tok_id(tokenizer: str) -> str:
     """A tokenizer's name, plus its files' fingerprint when it is a local directory."""
-    return f"{tokenizer}@{path_fingerprint(Path(tokenizer))}" if Path(tokenizer).exists() else tokenizer
+    return (
+        f"{tokenizer}@{path_fingerprint(Path(tokenizer))}"
+        if Path(tokenizer).exists()
+        else tokenizer
+    )
 
 
 def _char_start(f, pos: int) -> int:
@@ -396,4 +446,3 @@ def _open_stream(path: str, config: str | None, split: str):
         return datasets.load_dataset(path, config, split=split, streaming=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise DataError(f"cannot open dataset {path!r} ({split=}): {first_line(e)}") from None
-

@@ -36,7 +36,9 @@ class ByteTokenizer:
         bad = np.flatnonzero(ids < 0)  # only text8's alphabet leaves bytes out
         if bad.size:
             byte = raw[bad[0] : bad[0] + 1]
-            raise DataError(f"{where} has {byte!r} at offset {bad[0]}; text8 allows only ' ' and a-z")
+            raise DataError(
+                f"{where} has {byte!r} at offset {bad[0]}; text8 allows only ' ' and a-z"
+            )
         return ids
 
     def encode(self, text: str) -> Int32[np.ndarray, " n"]:
@@ -99,5 +101,5 @@ Tokenizer = ByteTokenizer | HFTokenizer
 
 
 def get_tokenizer(name: str) -> Tokenizer:
-    """"bytes", "text8", or a Hugging Face tokenizer's hub name or local directory."""
+    """ "bytes", "text8", or a Hugging Face tokenizer's hub name or local directory."""
     return ByteTokenizer(name) if name in ALPHABETS else HFTokenizer(name)

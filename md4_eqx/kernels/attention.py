@@ -21,13 +21,16 @@ from md4_eqx.kernels import flash_attention_gpu as hopper
 from md4_eqx.kernels.flash_attention_tpu import flash_attention
 
 
-def attention_reference(q: Float[Array, "b t h d"], k: Float[Array, "b s h d"],
-                        v: Float[Array, "b s h d"]) -> Float[Array, "b t h d"]:
+def attention_reference(
+    q: Float[Array, "b t h d"], k: Float[Array, "b s h d"], v: Float[Array, "b s h d"]
+) -> Float[Array, "b t h d"]:
     """Plain-JAX softmax(q k^T / sqrt(d)) v, accumulated in float32."""
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
     probs = jax.nn.softmax(logits, axis=-1)  # (b, h, t, s), float32
-    out = jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum(
+        "bhts,bshd->bthd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+    )
     return out.astype(q.dtype)
 
 
@@ -54,21 +57,27 @@ def platform_of(mesh: Mesh | None = None) -> Platform:
         abstract = jax.sharding.get_abstract_mesh().abstract_device
         device = abstract if abstract is not None else jax.devices()[0]
     # A jax.Device or an AbstractDevice; CUDA and ROCm devices are both "gpu".
-    return Platform("gpu" if device.platform in ("cuda", "rocm") else device.platform, device.device_kind)
+    return Platform(
+        "gpu" if device.platform in ("cuda", "rocm") else device.platform, device.device_kind
+    )
 
 
 def _cudnn_refuses(platform: Platform, dtype: jnp.dtype, head_dim: int) -> str | None:
     if platform.name != "gpu":
         return f"needs a GPU, this is {platform.name}"
     if dtype not in (jnp.float16, jnp.bfloat16) or head_dim % 8 or head_dim > 128:
-        return (f"takes float16/bfloat16 with head_dim a multiple of 8 and <= 128, "
-                f"got dtype={dtype.name} and {head_dim=}")
+        return (
+            f"takes float16/bfloat16 with head_dim a multiple of 8 and <= 128, "
+            f"got dtype={dtype.name} and {head_dim=}"
+        )
     return None
 
 
 def _tpu_refuses(platform: Platform, dtype: jnp.dtype, head_dim: int) -> str | None:
     if platform.name != "tpu":
-        return f"compiles only for TPU, this is {platform.name}; use 'pallas-interpret' to run it here"
+        return (
+            f"compiles only for TPU, this is {platform.name}; use 'pallas-interpret' to run it here"
+        )
     return None
 
 
@@ -83,8 +92,10 @@ def _hopper_refuses(platform: Platform, dtype: jnp.dtype, head_dim: int) -> str 
     if not HOPPER.search(platform.device_kind):  # wgmma is Hopper's alone
         return f"needs a Hopper GPU (H100, H200, ...), this one is {platform.device_kind!r}"
     if dtype not in hopper.DTYPES or head_dim not in hopper.HEAD_DIMS:
-        return (f"takes float16/bfloat16 with head_dim in {hopper.HEAD_DIMS}, "
-                f"got dtype={dtype.name} and {head_dim=}")
+        return (
+            f"takes float16/bfloat16 with head_dim in {hopper.HEAD_DIMS}, "
+            f"got dtype={dtype.name} and {head_dim=}"
+        )
     return None
 
 
@@ -95,7 +106,9 @@ class Kernel:
 
     impl: Impl
     run: Callable[[Array, Array, Array], Array]
-    refuses: Callable[[Platform, jnp.dtype, int], str | None] = lambda platform, dtype, head_dim: None
+    refuses: Callable[[Platform, jnp.dtype, int], str | None] = lambda platform, dtype, head_dim: (
+        None
+    )
 
 
 # In order of preference: `Impl.AUTO` takes the first compiled row that runs on the platform.
@@ -118,7 +131,9 @@ def available_impls(platform: Platform | None = None) -> tuple[Impl, ...]:
     return tuple(dict.fromkeys(runs))
 
 
-def resolve(impl: Impl, dtype: jnp.dtype, head_dim: int, platform: Platform | None = None) -> Kernel:
+def resolve(
+    impl: Impl, dtype: jnp.dtype, head_dim: int, platform: Platform | None = None
+) -> Kernel:
     """The first row of `impl` (for `Impl.AUTO`: of any compiled kernel) that runs on `platform`
     (default: `platform_of()`), or a ConfigError saying why none can run there."""
     platform = platform or platform_of()
@@ -129,7 +144,12 @@ def resolve(impl: Impl, dtype: jnp.dtype, head_dim: int, platform: Platform | No
     raise ConfigError("attention", f"'{impl.value}' {'; '.join(reasons)}")
 
 
-def attention(q: Float[Array, "b t h d"], k: Float[Array, "b s h d"], v: Float[Array, "b s h d"], *,
-              impl: Impl = Impl.AUTO) -> Float[Array, "b t h d"]:
+def attention(
+    q: Float[Array, "b t h d"],
+    k: Float[Array, "b s h d"],
+    v: Float[Array, "b s h d"],
+    *,
+    impl: Impl = Impl.AUTO,
+) -> Float[Array, "b t h d"]:
     """Bidirectional softmax(q k^T / sqrt(d)) v with the implementation `impl` picks."""
     return resolve(impl, q.dtype, q.shape[-1]).run(q, k, v)

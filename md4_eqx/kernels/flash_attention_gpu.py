@@ -39,7 +39,9 @@ DTYPES = (jnp.bfloat16, jnp.float16)
 TRANSFORMS = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a wgmma accumulator
 COLUMN = plgpu.Layout.WGMMA.reduce(0)  # one value per column
-COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
+COMPILER_PARAMS = plgpu.CompilerParams(
+    approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +245,9 @@ def _forward_kernel(
         acc, m, l = _consume(step, (acc, m, l), loaded, consumed, steps=steps, stages=stages)
         q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
         lse_smem[...] = m + jnp.log2(l)
-        _store_tiles([(q_smem, o_ref.at[rows]), (lse_smem, lse_ref.at[batch, head, pl.ds(q_start, bq)])])
+        _store_tiles(
+            [(q_smem, o_ref.at[rows]), (lse_smem, lse_ref.at[batch, head, pl.ds(q_start, bq)])]
+        )
 
     tiles = _seq_tiles((k_ref, v_ref), batch, head, bk)
     _warp_specialize(compute, tiles, (k_smem, v_smem), loaded, consumed, steps=steps, stages=stages)
@@ -306,7 +310,9 @@ def _dkv_kernel(
         k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
         kv_start = lax.axis_index("kv_blocks") * (COMPUTE_WGS * bk) + wg * bk
         rows = (batch, pl.ds(kv_start, bk), head)
-        _load_tiles([(k_ref.at[rows], k_smem), (v_ref.at[rows], v_smem)], [bars.at[wg] for bars in own_bars])
+        _load_tiles(
+            [(k_ref.at[rows], k_smem), (v_ref.at[rows], v_smem)], [bars.at[wg] for bars in own_bars]
+        )
         dk = dv = ops.layout(jnp.zeros((bk, head_dim), jnp.float32), plgpu.Layout.WGMMA)
 
         def step(slot, q_step, carry):
@@ -335,14 +341,18 @@ def _dkv_kernel(
 
 def _tiles(count: int, lead: int, rows: int, head_dim: int, dtype) -> tuple:
     """`count` (lead, rows, head_dim) SMEM buffers in the swizzled layout wgmma reads."""
-    return tuple(plgpu.SMEM((lead, rows, head_dim), dtype, transforms=TRANSFORMS) for _ in range(count))
+    return tuple(
+        plgpu.SMEM((lead, rows, head_dim), dtype, transforms=TRANSFORMS) for _ in range(count)
+    )
 
 
 def _stage(head_dim: int, lhs_rows: int, cols: int, dtype, interpret: bool) -> tuple:
     """Per-warpgroup staging buffers of the interpreted form (B^T tiles, left operands)."""
     if not interpret:
         return ()
-    return plgpu.SMEM((COMPUTE_WGS, head_dim, cols), dtype), plgpu.SMEM((COMPUTE_WGS, lhs_rows, cols), dtype)
+    return plgpu.SMEM((COMPUTE_WGS, head_dim, cols), dtype), plgpu.SMEM(
+        (COMPUTE_WGS, lhs_rows, cols), dtype
+    )
 
 
 def _barriers(count: int, num_barriers: int) -> tuple:
@@ -448,5 +458,12 @@ def flash_attention_gpu(
         raise ValueError(f"dtype={q.dtype} must be bfloat16 or float16")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"head_dim={q.shape[-1]} must be one of {HEAD_DIMS}")
-    return _flash(q, k, v, block_sizes, interpret, q_multiple=block_sizes.q_multiple,
-                  kv_multiple=block_sizes.kv_multiple)
+    return _flash(
+        q,
+        k,
+        v,
+        block_sizes,
+        interpret,
+        q_multiple=block_sizes.q_multiple,
+        kv_multiple=block_sizes.kv_multiple,
+    )

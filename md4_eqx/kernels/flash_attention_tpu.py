@@ -24,7 +24,9 @@ LANES = 128
 # Interpret mode fills every output buffer with NaN first, so an unwritten element shows.
 INTERPRET = pltpu.InterpretParams(uninitialized_memory="nan")
 # The last grid axis carries the accumulators, so it runs in order on one core.
-COMPILER_PARAMS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
+COMPILER_PARAMS = pltpu.CompilerParams(
+    dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +72,9 @@ def _nn(a: jax.Array, b: jax.Array) -> jax.Array:
     return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _scores(rows: jax.Array, cols: jax.Array, *, scale: float, block: jax.Array, length: int) -> jax.Array:
+def _scores(
+    rows: jax.Array, cols: jax.Array, *, scale: float, block: jax.Array, length: int
+) -> jax.Array:
     """rows @ cols^T * scale in float32, -inf in the columns of padding: `cols` is block number
     `block` of its sequence, and positions >= length are padding. Traced only when the sequence
     does not fill its blocks."""
@@ -81,7 +85,9 @@ def _scores(rows: jax.Array, cols: jax.Array, *, scale: float, block: jax.Array,
     return jnp.where(position < length, s, -jnp.inf)
 
 
-def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, scale, kv_len):
+def _forward_kernel(
+    q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, scale, kv_len
+):
     """One (q-block, kv-block) step of the online softmax (FlashAttention Algorithm 1)."""
     kv_index, num_kv = pl.program_id(3), pl.num_programs(3)
 
@@ -108,7 +114,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, a
         lse_ref[...] = m_scratch[...] + jnp.log(l)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scratch, *, scale, kv_len):
+def _dq_kernel(
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scratch, *, scale, kv_len
+):
     """dq for one q block, accumulated over kv blocks (FlashAttention Algorithm 2)."""
     kv_index, num_kv = pl.program_id(3), pl.num_programs(3)
 
@@ -131,7 +139,19 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scrat
 
 
 def _dkv_kernel(
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scratch, dv_scratch, *, scale, q_len
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dk_ref,
+    dv_ref,
+    dk_scratch,
+    dv_scratch,
+    *,
+    scale,
+    q_len,
 ):
     """dk and dv for one kv block, accumulated over q blocks, computed transposed so that
     lse and delta broadcast as rows (FlashAttention Algorithm 2)."""
@@ -159,14 +179,18 @@ def _dkv_kernel(
 def _rows(block: int, width: int, *, seq_axis: int) -> pl.BlockSpec:
     """Spec for a (block, width) tile of a [b, h, seq, width] array; the grid's
     `seq_axis`-th index (2 or 3) picks the block along seq."""
-    return pl.BlockSpec((None, None, block, width), lambda b, h, i, j: (b, h, (i, j)[seq_axis - 2], 0))
+    return pl.BlockSpec(
+        (None, None, block, width), lambda b, h, i, j: (b, h, (i, j)[seq_axis - 2], 0)
+    )
 
 
 def _backward_specs(bq: int, bk: int, d: int, *, q_axis: int, kv_axis: int) -> list[pl.BlockSpec]:
     """Specs for (q, k, v, do, lse rows, delta rows); q_axis and kv_axis are the grid axes
     (2 or 3) that walk the query and key blocks."""
     q_rows, kv_rows = _rows(bq, d, seq_axis=q_axis), _rows(bk, d, seq_axis=kv_axis)
-    stats = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j: (b, h, 0, (i, j)[q_axis - 2]))  # [b, h, 1, seq] rows
+    stats = pl.BlockSpec(
+        (None, None, 1, bq), lambda b, h, i, j: (b, h, 0, (i, j)[q_axis - 2])
+    )  # [b, h, 1, seq] rows
     return [q_rows, kv_rows, kv_rows, q_rows, stats, stats]
 
 
@@ -181,8 +205,11 @@ def _cost(matmuls: int, q, k, *, once: tuple, streamed: tuple, passes: int) -> p
     the axis the grid walks outside them). Padded sizes: the work the kernel does."""
     b, h, tq, d = q.shape
     tk = k.shape[2]
-    return pl.CostEstimate(flops=2 * matmuls * b * h * tq * tk * d, transcendentals=b * h * tq * tk,
-                           bytes_accessed=_nbytes(*once) + passes * _nbytes(*streamed))
+    return pl.CostEstimate(
+        flops=2 * matmuls * b * h * tq * tk * d,
+        transcendentals=b * h * tq * tk,
+        bytes_accessed=_nbytes(*once) + passes * _nbytes(*streamed),
+    )
 
 
 def _pallas_call(kernel, *, interpret: bool, **kwargs):
@@ -196,7 +223,10 @@ def _forward(q, k, v, *, kv_len, blocks, interpret):
     b, h, tq, d = q.shape
     tk = k.shape[2]
     bq, bk = blocks.block_q, blocks.block_k
-    out_shape = [out_type(q.shape, q.dtype, q, k, v), out_type((b, h, tq, LANES), jnp.float32, q, k, v)]
+    out_shape = [
+        out_type(q.shape, q.dtype, q, k, v),
+        out_type((b, h, tq, LANES), jnp.float32, q, k, v),
+    ]
     o, lse = _pallas_call(
         functools.partial(_forward_kernel, scale=d**-0.5, kv_len=kv_len),
         grid=(b, h, tq // bq, tk // bk),
@@ -222,7 +252,14 @@ def _backward(q, k, v, do, lse, delta, *, q_len, kv_len, blocks, interpret):
     tk = k.shape[2]
     bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
     scale = d**-0.5
-    operands = (q, k, v, do, lse[:, :, None], delta[:, :, None])  # lse and delta rows: (b, h, 1, tq)
+    operands = (
+        q,
+        k,
+        v,
+        do,
+        lse[:, :, None],
+        delta[:, :, None],
+    )  # lse and delta rows: (b, h, 1, tq)
 
     dq = _pallas_call(
         functools.partial(_dq_kernel, scale=scale, kv_len=kv_len),
@@ -245,7 +282,9 @@ def _backward(q, k, v, do, lse, delta, *, q_len, kv_len, blocks, interpret):
         out_shape=[out_type(k.shape, k.dtype, *operands), out_type(v.shape, v.dtype, *operands)],
         scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
         # s^T = k q^T, dv = p^T do, dp^T = v do^T, dk = ds^T q; the outputs are k's and v's sizes
-        cost_estimate=_cost(4, q, k, once=(k, v, k, v), streamed=(q, do, lse, delta), passes=tk // bk),
+        cost_estimate=_cost(
+            4, q, k, once=(k, v, k, v), streamed=(q, do, lse, delta), passes=tk // bk
+        ),
         interpret=interpret,
         name="flash_attention_dkv",
     )(*operands)
@@ -270,9 +309,20 @@ def flash_attention(
                 raise ValueError(f"{name}={value} must be a multiple of {LANES} on TPU")
     # Each block clamped to its sequence length rounded up to `align`.
     q_cap, kv_cap = _round_up(q.shape[1], align), _round_up(k.shape[1], align)
-    blocks = BlockSizes(min(block_sizes.block_q, q_cap), min(block_sizes.block_k, kv_cap),
-                        min(block_sizes.block_q_bwd, q_cap), min(block_sizes.block_k_bwd, kv_cap))
+    blocks = BlockSizes(
+        min(block_sizes.block_q, q_cap),
+        min(block_sizes.block_k, kv_cap),
+        min(block_sizes.block_q_bwd, q_cap),
+        min(block_sizes.block_k_bwd, kv_cap),
+    )
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # the kernels' (b, h, seq, d)
-    o = _flash(q, k, v, blocks, interpret, q_multiple=math.lcm(blocks.block_q, blocks.block_q_bwd),
-               kv_multiple=math.lcm(blocks.block_k, blocks.block_k_bwd))
+    o = _flash(
+        q,
+        k,
+        v,
+        blocks,
+        interpret,
+        q_multiple=math.lcm(blocks.block_q, blocks.block_q_bwd),
+        kv_multiple=math.lcm(blocks.block_k, blocks.block_k_bwd),
+    )
     return jnp.swapaxes(o, 1, 2)

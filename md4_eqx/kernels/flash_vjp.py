@@ -40,7 +40,9 @@ def flash_vjp(forward: Callable, backward: Callable, *, seq_axis: int) -> Callab
         q, k, v, o, lse = residuals
         delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # rowsum(dO * O)
         delta = jnp.moveaxis(delta, seq_axis, -1)  # (b, h, seq) in either layout
-        return backward(q, k, v, do, lse, delta, q_len=q_len, kv_len=kv_len, blocks=blocks, interpret=interpret)
+        return backward(
+            q, k, v, do, lse, delta, q_len=q_len, kv_len=kv_len, blocks=blocks, interpret=interpret
+        )
 
     padded.defvjp(padded_fwd, padded_bwd)
 
