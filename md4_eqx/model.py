@@ -5,7 +5,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, Key, PRNGKeyArray, PyTree
+from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray, PyTree
 
 from md4_eqx.config import Backbone, DiffusionConfig, ExecutionConfig, ModelConfig
 from md4_eqx.schedule import LearnableSchedule, MaskingSchedule
@@ -80,22 +80,59 @@ class MD4(eqx.Module):
         if not self.execution.head_chunk:
             return fn(self.logits(z, t, labels, keys=keys), x)
         h = self.net.features(z, t, labels, keys=keys)  # (b, l, d)
-        return token_chunks(lambda h, x: fn(self.net.head(h), x), h, x, self.execution.head_chunk)
+        everywhere = jnp.ones(x.shape, bool)
+        return selected_tokens(
+            lambda h, x: fn(self.net.head(h), x), h, everywhere, (x,), self.execution.head_chunk
+        )
 
 
-def token_chunks(
-    fn: Callable[[Float[Array, "n d"], Int[Array, " n"]], PyTree[Float[Array, " n"]]],
+def selected_tokens(
+    fn: Callable[..., PyTree[Array]],
     h: Float[Array, "b l d"],
-    x: Int[Array, "b l"],
+    where: Bool[Array, "b l"],
+    aux: tuple[Array, ...],
     size: int,
-) -> PyTree[Float[Array, "b l"]]:
-    """fn over the b l tokens, `size` at a time in a loop whose body is recomputed in the backward
-    pass (`jax.checkpoint`), so only one chunk's intermediates are ever live. The last chunk is
-    padded with zeros, whose outputs are dropped."""
-    b, l = x.shape
-    n = -(-b * l // size)
-    pad = n * size - b * l
-    hs = jnp.pad(h.reshape(b * l, -1), ((0, pad), (0, 0))).reshape(n, size, -1)  # (n, size, d)
-    xs = jnp.pad(x.reshape(b * l), (0, pad)).reshape(n, size)
-    out = jax.lax.map(jax.checkpoint(lambda chunk: fn(*chunk)), (hs, xs))  # leaves (n, size)
-    return jax.tree.map(lambda o: o.reshape(n * size)[: b * l].reshape(b, l), out)
+) -> PyTree[Array]:
+    """fn(h, *aux) evaluated only on the tokens where `where` holds: fn's value there, zeros
+    elsewhere. fn maps a chunk, h [n, d] and each aux leaf [n, ...], to a pytree of [n, ...]
+    arrays; aux leaves are [b, l, ...]. The b l tokens are compacted (a stable argsort puts the
+    selected ones first), split into chunks of `size`, and each chunk runs under a `lax.cond`
+    that skips it when it holds no selected token. The loop's body is recomputed in the backward
+    pass (`jax.checkpoint`), so only one chunk's intermediates (the head's [size, V] logits) are
+    ever live. Differentiable; with `where` all true it is the whole of fn, chunk by chunk."""
+    b, seq = where.shape
+    tokens = b * seq
+    count = -(-tokens // size)
+    pad = count * size - tokens
+    # Padding tokens are not selected, so they sort last with the unselected ones.
+    selected = jnp.pad(where.reshape(tokens), (0, pad))  # (count * size,)
+    order = jnp.argsort(~selected, stable=True)  # selected tokens first, in their order
+
+    def compact(a: Array) -> Array:  # (b, l, ...) -> (count, size, ...), in `order`
+        flat = a.reshape(tokens, *a.shape[2:])
+        flat = jnp.pad(flat, ((0, pad),) + ((0, 0),) * (a.ndim - 2))
+        return flat[order].reshape(count, size, *a.shape[2:])
+
+    hs, chosen, aux = compact(h), selected[order].reshape(count, size), tuple(map(compact, aux))
+    first = jax.tree.map(lambda a: a[0], (hs, aux))
+    shapes = jax.eval_shape(lambda h, aux: fn(h, *aux), *first)
+
+    @jax.checkpoint
+    def chunk_out(chunk):
+        h, picked, aux = chunk
+
+        def skip():
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+        return jax.lax.cond(jnp.any(picked), lambda: fn(h, *aux), skip)
+
+    out = jax.lax.map(chunk_out, (hs, chosen, aux))  # leaves (count, size, ...)
+    back = jnp.argsort(order)  # each token's place in the compacted order
+
+    def scatter(o: Array) -> Array:  # (count, size, ...) -> (b, l, ...), zeros where not selected
+        o = o.reshape(count * size, *o.shape[2:])[back][:tokens]
+        return jnp.where(where.reshape(tokens, *[1] * (o.ndim - 1)), o, 0).reshape(
+            b, seq, *o.shape[1:]
+        )
+
+    return jax.tree.map(scatter, out)

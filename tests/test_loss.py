@@ -174,4 +174,6 @@ def test_head_chunks_change_the_memory_not_the_loss(getkey):
         temp.append(compiled.memory_analysis().temp_size_in_bytes)
     for a, b in zip(*results, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(b))))
-    assert temp[1] < 0.5 * temp[0], temp
+    # The chunks' loop also holds the head's weight gradient [32, 2000] once more: the skip
+    # branch of each chunk's `lax.cond` gives it as a separate output.
+    assert temp[1] < 0.6 * temp[0], temp

@@ -10,7 +10,7 @@ from jaxtyping import TypeCheckError
 
 from md4_eqx.config import ExecutionConfig, MLPKind, ModelConfig, Precision, preset
 from md4_eqx.errors import ConfigError
-from md4_eqx.model import MD4
+from md4_eqx.model import MD4, selected_tokens
 from md4_eqx.parallel import MODEL, make_mesh, param_specs, shard_map_modules
 
 MESH = make_mesh(1, 1, jax.devices()[:1])
@@ -157,3 +157,46 @@ def test_runtime_type_checks_are_on(getkey):
 def test_config_errors_name_the_value(make, fields, message):
     with pytest.raises(ConfigError, match=message):
         make(**fields)
+
+
+@pytest.mark.parametrize("size", [5, 7, 96], ids=["size5", "size7", "one-chunk"])
+def test_selected_tokens_equal_fn_where_selected(getkey, size):
+    """fn on the selected tokens only, zeros elsewhere, and the same gradient as the dense
+    fn masked afterwards. Two examples select nothing, so whole chunks are skipped; 7 divides
+    no part of the 4 x 12 tokens, so the last chunk is padded."""
+    b, seq, d, v = 4, 12, 8, 6
+    h = jax.random.normal(getkey(), (b, seq, d))
+    w = jax.random.normal(getkey(), (d, v))
+    x = jax.random.randint(getkey(), (b, seq), 0, v)
+    where = jax.random.bernoulli(getkey(), 0.4, (b, seq)).at[1:3].set(False)
+
+    def fn(h, x, w):  # a pytree of per-token values, as the loss heads give
+        logits = h @ w  # (n, v)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), x[..., None], -1)[..., 0]
+        return logp, jnp.tanh(logits)
+
+    def sparse(h, w):
+        return selected_tokens(lambda h, x: fn(h, x, w), h, where, (x,), size)
+
+    def dense(h, w):  # every token, then masked
+        def masked(o):
+            o = o.reshape(b, seq, *o.shape[1:])
+            return jnp.where(where.reshape(b, seq, *[1] * (o.ndim - 2)), o, 0.0)
+
+        return jax.tree.map(masked, fn(h.reshape(b * seq, d), x.reshape(b * seq), w))
+
+    def total(outs):
+        logp, probs = outs
+        return jnp.sum(logp.reshape(-1)) + jnp.sum(jnp.sin(probs.reshape(-1)))
+
+    got, want = jax.jit(sparse)(h, w), dense(h, w)
+    assert got[0].shape == (b, seq) and got[1].shape == (b, seq, v)
+    for a, e in zip(got, want, strict=True):
+        # float32 values of size ~1, computed in other matmul shapes: a few ulp.
+        np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-6)
+    assert not np.any(np.asarray(got[1])[~np.asarray(where)])
+    grads = jax.jit(jax.grad(lambda h, w: total(sparse(h, w)), argnums=(0, 1)))(h, w)
+    wants = jax.grad(lambda h, w: total(dense(h, w)), argnums=(0, 1))(h, w)
+    for a, e in zip(grads, wants, strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+    assert not np.any(np.asarray(grads[0])[~np.asarray(where)])
