@@ -82,7 +82,8 @@ def ours() -> tuple[object, object]:
 
 class _Stub(types.ModuleType):
     """A missing module: its submodules are the stubs registered under their names, any other
-    attribute a placeholder class (enough for md4's module-level `class X(distrax.Distribution)`)."""
+    attribute a placeholder class (enough for md4's module-level
+    `class X(distrax.Distribution)`)."""
 
     def __getattr__(self, name: str):
         if name.startswith("__"):
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: error: need --rounds >= 1 and --steps >= 1\n")
     if not args.reference or not os.path.isdir(os.path.join(args.reference, "md4")):
         print(
-            "skipped: no reference checkout (pass --reference or set MD4_REFERENCE to a clone of google-deepmind/md4)"
+            "skipped: no reference checkout "
+            "(pass --reference or set MD4_REFERENCE to a clone of google-deepmind/md4)"
         )
         return
     md4 = import_reference(args.reference)
@@ -180,9 +182,8 @@ def main(argv: list[str] | None = None) -> None:
 
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (BATCH, SEQ)), jnp.int32)
     runs = {"md4-eqx": ours(), "reference": reference(md4)}
-    print(
-        f"parameters: md4-eqx {count(runs['md4-eqx'][0].model):,}, reference {count(runs['reference'][0][0]):,}"
-    )
+    ours_n, reference_n = count(runs["md4-eqx"][0].model), count(runs["reference"][0][0])
+    print(f"parameters: md4-eqx {ours_n:,}, reference {reference_n:,}")
     times: dict[str, list[float]] = {name: [] for name in runs}
     states = {name: state for name, (state, _) in runs.items()}
     for name, (_, step) in runs.items():  # compile and warm up
@@ -198,8 +199,9 @@ def main(argv: list[str] | None = None) -> None:
                 times[name].append(time.perf_counter() - start)
     device = jax.devices()[0]
     print(
-        f"{device.device_kind} ({device.platform}, {os.cpu_count()} cores), JAX {jax.__version__}; "
-        f"{args.rounds} rounds x {args.steps} steps each, alternating; batch {BATCH} x seq {SEQ}, float32"
+        f"{device.device_kind} ({device.platform}, {os.cpu_count()} cores), "
+        f"JAX {jax.__version__}; {args.rounds} rounds x {args.steps} steps each, alternating; "
+        f"batch {BATCH} x seq {SEQ}, float32"
     )
     print("| model | ms/step (median) | tokens/s | vs reference |")
     print("|---|---|---|---|")

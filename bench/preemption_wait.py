@@ -49,8 +49,8 @@ def worker(process_id: int, port: int) -> None:
 
     if process_id == 0:
         print(
-            f"machine: {jax.devices()[0].device_kind} ({os.cpu_count()} cores), JAX {jax.__version__}, "
-            f"2 processes of {jax.local_device_count()} device each",
+            f"machine: {jax.devices()[0].device_kind} ({os.cpu_count()} cores), "
+            f"JAX {jax.__version__}, 2 processes of {jax.local_device_count()} device each",
             flush=True,
         )
     for name, check in (
@@ -67,8 +67,8 @@ def worker(process_id: int, port: int) -> None:
             x.block_until_ready()
         if process_id == 0:
             print(
-                f"{name:38s} host waits {np.median(waits) * 1e3:7.1f} ms after a {step_s * 1e3:.0f} ms step "
-                f"(median of {REPEATS})",
+                f"{name:38s} host waits {np.median(waits) * 1e3:7.1f} ms "
+                f"after a {step_s * 1e3:.0f} ms step (median of {REPEATS})",
                 flush=True,
             )
 

@@ -39,7 +39,8 @@ BOS = 256  # the scorer's extra token, after the 256 bytes
 
 
 def train_md4(ds, steps: int, batch: int, mesh) -> tuple[MD4, float]:
-    """The tiny preset trained for `steps` at `batch`: (its EMA model, the last 20 steps' mean bits/token)."""
+    """The tiny preset trained for `steps` at `batch`: its EMA model and the mean bits/token of
+    the last 20 steps."""
     cfg = preset("tiny")
     cfg = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, steps=steps, batch_size=batch)
@@ -134,7 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         trained = f"{args.workdir} at step {step}"
     else:
         model, bpt = train_md4(ds, args.train_steps, args.batch_size, mesh)
-        trained = f"trained here {args.train_steps} steps at batch {args.batch_size} (last train NELBO {bpt:.2f} bits/token)"
+        trained = (
+            f"trained here {args.train_steps} steps at batch {args.batch_size} "
+            f"(last train NELBO {bpt:.2f} bits/token)"
+        )
     with tempfile.TemporaryDirectory() as directory:
         params, loss = train_scorer(ds, args.scorer_steps, args.batch_size, directory)
         scorer = CausalLM(directory, device="cpu")
@@ -162,8 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"MD4: tiny preset ({m.num_layers} layers, width {m.width}, seq {m.seq_len}), {trained}. "
         f"Scorer: GPT-2, 2 layers, width 128, {params / 1e6:.2f}M parameters, trained here "
-        f"{args.scorer_steps} steps at batch {args.batch_size} (last train loss {loss:.2f} nats/token). "
-        f"{args.samples} samples of {seq_len} bytes per row; {time.perf_counter() - began:.0f} s in all.\n"
+        f"{args.scorer_steps} steps at batch {args.batch_size} "
+        f"(last train loss {loss:.2f} nats/token). "
+        f"{args.samples} samples of {seq_len} bytes per row; "
+        f"{time.perf_counter() - began:.0f} s in all.\n"
     )
     print("| sampler | steps | network calls | unigram entropy (nats) | gen. perplexity |")
     print("|---|---|---|---|---|")

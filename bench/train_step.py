@@ -1,10 +1,15 @@
 """Training-step speed: tokens/s, ms/step, MFU and peak device memory of the jitted step.
 
-    python bench/train_step.py --preset tiny                        # CPU: every case of the tiny model
-    python bench/train_step.py --preset md4-s --batch 16 32 64      # GPU: MD4-S, bf16 and f32, each attention
-    python bench/train_step.py --preset md4-s --batch 64 --precision bfloat16 --attention cudnn --json out.json
-    python bench/train_step.py --preset md4-s --batch 64 --precision bfloat16 --head-chunk 2048  # the loss's head in chunks
-    python bench/train_step.py --preset cifar10 --batch 2 --precision float32 --steps 1 --warmup 0  # the U-Net
+    # CPU: every case of the tiny model
+    python bench/train_step.py --preset tiny
+    # GPU: MD4-S, bf16 and f32, each attention
+    python bench/train_step.py --preset md4-s --batch 16 32 64
+    # cuDNN's attention (bfloat16 only), the rows also written as JSON
+    python bench/train_step.py --preset md4-s --batch 64 --attention cudnn --json out.json
+    # the loss's head in chunks
+    python bench/train_step.py --preset md4-s --batch 64 --precision bfloat16 --head-chunk 2048
+    # the U-Net
+    python bench/train_step.py --preset cifar10 --batch 2 --precision float32 --steps 1 --warmup 0
 
 Every case (batch size x attention implementation x compute dtype) builds a fresh state on one
 device, compiles the step, runs --warmup steps, then times --steps steps one by one and reports
@@ -54,7 +59,8 @@ PEAK_TFLOPS = {
 def case_config(
     name: str, batch: int, attention: str, precision: Precision, head_chunk: int = 0
 ) -> Config:
-    """The preset with this case's batch size, attention implementation, compute dtype and head chunk."""
+    """The preset with this case's batch size, attention implementation, compute dtype and head
+    chunk."""
     config = preset(name)
     execution = dataclasses.replace(
         config.execution, attention=Impl(attention), precision=precision, head_chunk=head_chunk
@@ -64,7 +70,8 @@ def case_config(
 
 
 def build(config: Config) -> tuple[object, Callable]:
-    """(a fresh training state on one device, the jitted step `(state, tokens, labels) -> (state, metrics)`)."""
+    """A fresh training state on one device and the jitted step
+    `(state, tokens, labels) -> (state, metrics)`."""
     mesh = make_mesh(1, 1, devices=jax.devices()[:1])
     optimizer = make_optimizer(config.optim, config.train.steps)
     state = init_state(config, optimizer, mesh)
@@ -232,9 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     chunk = f" --head-chunk {args.head_chunk}" if args.head_chunk else ""
     header = f"`python bench/train_step.py --preset {args.preset}{chunk}`: {machine()}"
     print(header + f", median of {args.steps} steps after compile + {args.warmup}\n")
-    print(
-        "| batch | attention | compute | ms/step | tokens/s | MFU | peak GiB | planned GiB | compile s |"
-    )
+    columns = "batch | attention | compute | ms/step | tokens/s | MFU | peak GiB | planned GiB"
+    print(f"| {columns} | compile s |")
     print("|---|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for batch in batches:
@@ -254,16 +260,17 @@ def main(argv: list[str] | None = None) -> None:
                 }
                 try:
                     row |= time_case(config, args.warmup, args.steps)
-                except Exception as error:  # noqa: BLE001 - an OOM is a result; anything else is re-raised
+                except Exception as error:  # an OOM is a result; anything else is re-raised
                     if not is_out_of_memory(error):
                         raise
                     row["error"] = "out of memory"
                     print(f"| {batch} | {impl} | {name} | out of memory | | | | | |", flush=True)
                 else:
                     print(
-                        f"| {batch} | {impl} | {name} | {row['ms_per_step']:.1f} | {row['tokens_per_s']:,.0f} "
-                        f"| {fmt(row['mfu'], '.1%')} | {fmt(row['peak_memory_gib'], '.1f')} "
-                        f"| {row['planned_memory_gib']:.2f} | {row['compile_s']:.1f} |",
+                        f"| {batch} | {impl} | {name} | {row['ms_per_step']:.1f} "
+                        f"| {row['tokens_per_s']:,.0f} | {fmt(row['mfu'], '.1%')} "
+                        f"| {fmt(row['peak_memory_gib'], '.1f')} | {row['planned_memory_gib']:.2f} "
+                        f"| {row['compile_s']:.1f} |",
                         flush=True,
                     )
                 rows.append(row)

@@ -68,8 +68,8 @@ class MaskingSchedule(eqx.Module):
 
 
 class LearnableSchedule(eqx.Module):
-    """GenMD4's per-token polynomial schedule alpha_t(v) = 1 - (1 - eps) t^(w_v), w = softplus(theta),
-    initialised at w = 1 for every token (MD4_MATH.md, "GenMD4")."""
+    """GenMD4's per-token polynomial schedule alpha_t(v) = 1 - (1 - eps) t^(w_v),
+    w = softplus(theta), initialised at w = 1 for every token (MD4_MATH.md, "GenMD4")."""
 
     theta: Float[Array, " vocab"]
     eps: float = eqx.field(static=True)

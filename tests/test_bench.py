@@ -1,5 +1,6 @@
-"""bench/train_step.py runs end to end, and its figures agree with what the test measures itself:
-the step time with the test's own clock, the FLOPs per token with XLA's count of the compiled step."""
+"""bench/train_step.py runs end to end, and its figures agree with what the test measures
+itself: the step time with the test's own clock, the FLOPs per token with XLA's count of the
+compiled step."""
 
 import importlib.util
 import json
@@ -17,6 +18,7 @@ from md4_eqx.config import (
     Impl,
     ModelConfig,
     Precision,
+    Remat,
     TrainConfig,
     preset,
 )
@@ -55,20 +57,8 @@ def test_step_time_and_tokens_per_s_match_the_tests_own_clock(tmp_path, capsys, 
     monkeypatch.setattr(bench, "build", timed_build)
     out = tmp_path / "bench.json"
     bench.main(
-        [
-            "--preset",
-            "tiny",
-            "--batch",
-            "4",
-            "--precision",
-            "float32",
-            "--steps",
-            "3",
-            "--warmup",
-            "1",
-            "--json",
-            str(out),
-        ]
+        "--preset tiny --batch 4 --precision float32 --steps 3 --warmup 1 --json".split()
+        + [str(out)]
     )
     table = capsys.readouterr().out
     assert "| 4 | xla | float32 |" in table and "JAX" in table
@@ -92,7 +82,7 @@ def test_flops_per_token_matches_xlas_count_of_the_compiled_step():
     output head, no attention term, or 4 x parameters (forward and one backward product)."""
     model = ModelConfig(width=128, num_layers=2, num_heads=4, seq_len=256, vocab_size=1024)
     execution = ExecutionConfig(
-        precision=Precision.FLOAT32, attention=Impl.XLA, remat=False, unroll_layers=True
+        precision=Precision.FLOAT32, attention=Impl.XLA, remat=Remat.NONE, unroll_layers=True
     )
     config = Config(
         model=model, execution=execution, train=TrainConfig(batch_size=2, microbatches=1)

@@ -64,7 +64,8 @@ def train(cfg: Config, mesh, key, data=draw):
 def held_out_bpt(
     state, mesh, key, data=draw, rows: int = 8192, batches: int = 4
 ) -> tuple[float, float]:
-    """Mean NELBO in bits per token over `batches` x `rows` fresh sequences, and its standard error."""
+    """Mean NELBO in bits per token over `batches` x `rows` fresh sequences, and its standard
+    error."""
     seq_len = state.model.config.seq_len
     bpt = jnp.concatenate(
         [
@@ -107,9 +108,8 @@ def test_genmd4_nelbo_approaches_entropy(getkey):
 CHANNEL_PROBS = np.stack(
     [PROBS, PROBS[::-1], np.array([0.3, 0.3, 0.1, 0.1, 0.05, 0.05, 0.05, 0.05])]
 )
-IMAGE_ENTROPY_BITS = float(
-    -(CHANNEL_PROBS * np.log2(CHANNEL_PROBS)).sum(-1).mean()
-)  # 2.46 bits/dim
+# 2.46 bits/dim
+IMAGE_ENTROPY_BITS = float(-(CHANNEL_PROBS * np.log2(CHANNEL_PROBS)).sum(-1).mean())
 # Small: width 32 (one channel per GroupNorm group, which removes the time conditioning; the
 # ideal denoiser here is the per-channel marginal whatever t, so it needs none) and 2 blocks.
 UNET = ModelConfig(

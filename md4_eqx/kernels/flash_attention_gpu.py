@@ -139,7 +139,7 @@ def _stream(tiles, slots, loaded, consumed, *, steps: int, stages: int):
     the compute warpgroups have released that slot. tiles[i](step) is a GMEM ref view."""
 
     def issue(step, slot):
-        for tile, slot_ref, barrier in zip(tiles, slots, loaded):
+        for tile, slot_ref, barrier in zip(tiles, slots, loaded, strict=True):
             plgpu.copy_gmem_to_smem(tile(step), slot_ref.at[slot], barrier.at[slot])
 
     for step in range(stages):
@@ -174,7 +174,7 @@ def _consume(step_fn, carry, loaded, consumed, *, steps: int, stages: int):
 
 def _load_tiles(pairs, barriers):
     """Compute warpgroup: TMA-copies each (GMEM view, SMEM ref) pair and waits for all."""
-    for (src, dst), barrier in zip(pairs, barriers):
+    for (src, dst), barrier in zip(pairs, barriers, strict=True):
         plgpu.copy_gmem_to_smem(src, dst, barrier)
     for barrier in barriers:
         plgpu.barrier_wait(barrier)
@@ -226,25 +226,25 @@ def _forward_kernel(
         rows = (batch, pl.ds(q_start, bq), head)
         _load_tiles([(q_ref.at[rows], q_smem)], [q_bars.at[wg]])
         m = ops.layout(jnp.full((bq,), -jnp.inf, jnp.float32), ROW)  # running row max
-        l = ops.layout(jnp.zeros((bq,), jnp.float32), ROW)  # running sum of 2^(s - m)
+        ell = ops.layout(jnp.zeros((bq,), jnp.float32), ROW)  # FlashAttention's l: sum of 2^(s - m)
         acc = ops.layout(jnp.zeros((bq, head_dim), jnp.float32), plgpu.Layout.WGMMA)
 
         def step(slot, kv_step, carry):
-            acc, m, l = carry
+            acc, m, ell = carry
             s = ops.matmul_t(q_smem, k_smem.at[slot]) * logit_scale  # (bq, bk)
             s = ops.mask_columns(s, kv_step * bk, kv_len)
             # The first kv tile holds a real key, so m_next is finite from then on.
             m_next = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_next)  # rescales what was accumulated under the old max
             p = jnp.exp2(s - lax.broadcast_in_dim(m_next, s.shape, [0]))  # (bq, bk)
-            l = l * alpha + p.sum(axis=1)
+            ell = ell * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             acc = ops.matmul_add(acc, p.astype(dtype), v_smem.at[slot])  # (bq, head_dim)
-            return acc, m_next, l
+            return acc, m_next, ell
 
-        acc, m, l = _consume(step, (acc, m, l), loaded, consumed, steps=steps, stages=stages)
-        q_smem[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(dtype)
-        lse_smem[...] = m + jnp.log2(l)
+        acc, m, ell = _consume(step, (acc, m, ell), loaded, consumed, steps=steps, stages=stages)
+        q_smem[...] = (acc / lax.broadcast_in_dim(ell, acc.shape, [0])).astype(dtype)
+        lse_smem[...] = m + jnp.log2(ell)
         _store_tiles(
             [(q_smem, o_ref.at[rows]), (lse_smem, lse_ref.at[batch, head, pl.ds(q_start, bq)])]
         )
@@ -350,8 +350,9 @@ def _stage(head_dim: int, lhs_rows: int, cols: int, dtype, interpret: bool) -> t
     """Per-warpgroup staging buffers of the interpreted form (B^T tiles, left operands)."""
     if not interpret:
         return ()
-    return plgpu.SMEM((COMPUTE_WGS, head_dim, cols), dtype), plgpu.SMEM(
-        (COMPUTE_WGS, lhs_rows, cols), dtype
+    return (
+        plgpu.SMEM((COMPUTE_WGS, head_dim, cols), dtype),  # B^T tiles
+        plgpu.SMEM((COMPUTE_WGS, lhs_rows, cols), dtype),  # left operands
     )
 
 
@@ -369,9 +370,10 @@ def _call(kernel, operands, outs, scratch, *, grid: dict, interpret: bool, name:
 
         # NaN-filled fresh buffers, so an output tile the kernel never writes shows.
         interpret = InterpretGPUParams(uninitialized_memory="nan")
+    out_types = [out_type(shape, dtype, *operands) for shape, dtype in outs]
     outputs = plgpu.kernel(
-        body, out_type=[out_type(shape, dtype, *operands) for shape, dtype in outs], scratch_types=scratch,
-        grid=tuple(grid.values()), grid_names=tuple(grid), num_threads=COMPUTE_WGS + 1, thread_name="wg",
+        body, out_type=out_types, scratch_types=scratch, grid=tuple(grid.values()),
+        grid_names=tuple(grid), num_threads=COMPUTE_WGS + 1, thread_name="wg",
         compiler_params=COMPILER_PARAMS, interpret=interpret or None, kernel_name=name,
     )(*operands)  # fmt: skip
     # JAX 0.10's plgpu.kernel runs with the vma check off and drops the varying axes that
@@ -452,8 +454,9 @@ def flash_attention_gpu(
     q: Float[Array, "b t h d"], k: Float[Array, "b s h d"], v: Float[Array, "b s h d"], *,
     block_sizes: BlockSizes = BlockSizes(), interpret: bool = False,
 ) -> Float[Array, "b t h d"]:  # fmt: skip
-    """softmax(q k^T / sqrt(d)) v with the Mosaic GPU kernels, differentiable: compiled for Hopper GPUs (sm_90+), or
-    run on CPU by the Mosaic GPU interpreter with `interpret=True`. Any sequence lengths; accumulation is float32."""
+    """softmax(q k^T / sqrt(d)) v with the Mosaic GPU kernels, differentiable: compiled for
+    Hopper GPUs (sm_90+), or run on CPU by the Mosaic GPU interpreter with `interpret=True`.
+    Any sequence lengths; accumulation is float32."""
     if q.dtype not in DTYPES:
         raise ValueError(f"dtype={q.dtype} must be bfloat16 or float16")
     if q.shape[-1] not in HEAD_DIMS:
