@@ -2,7 +2,7 @@
 
     python bench/fit_tpu.py --precision bfloat16                      # bisect the largest batch
     python bench/fit_tpu.py --precision float32 --attention xla --lo 16 --hi 48
-    python bench/fit_tpu.py --precision bfloat16 --remat --head-chunk 2048 --lo 64 --hi 256
+    python bench/fit_tpu.py --precision bfloat16 --remat full --head-chunk 2048 --lo 64 --hi 256
     python bench/fit_tpu.py --precision bfloat16 --batch 8            # one compile: memory analysis
     python bench/fit_tpu.py ... --reference /path/to/google-deepmind/md4   # and DeepMind's, alike
 
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from md4_eqx.config import Impl, Precision, preset
+from md4_eqx.config import Impl, Precision, Remat, preset
 from md4_eqx.plan import lowered_step
 
 REFERENCE_PER_V5E_CHIP = 40  # DeepMind's MD4-S, float32, compiled for one v5e chip (issue 24)
@@ -156,7 +156,7 @@ def ours(args, mesh):
         config.execution,
         precision=Precision(args.precision),
         attention=Impl(args.attention),
-        remat=args.remat,
+        remat=Remat(args.remat),
         unroll_layers=not args.rolled,
         head_chunk=args.head_chunk,
     )
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", default="v5e:1x1", help="TPU topology, e.g. v5e:1x1, v6e:1x1")
     parser.add_argument("--precision", default="bfloat16", choices=[p.value for p in Precision])
     parser.add_argument("--attention", default="pallas", choices=["pallas", "xla"])
-    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--remat", default="none", choices=[r.value for r in Remat])
     parser.add_argument(
         "--rolled", action="store_true", help="keep the layer loop rolled (unroll_layers=False)"
     )

@@ -1,10 +1,10 @@
 """The README's "Will it fit?" table: MD4-S's (seq 1024) largest batch per chip, compiled by each
 target's own compiler on abstract devices (md4_eqx.targets), with no such hardware here.
 
-    python bench/plan_table.py --target v5e:1x1 --precision bfloat16 --remat false true
-    python bench/plan_table.py --target v5e:1x1 --precision float32 --remat false
+    python bench/plan_table.py --target v5e:1x1 --precision bfloat16 --remat none full
+    python bench/plan_table.py --target v5e:1x1 --precision float32 --remat none
     JAX_PLATFORMS=cpu python bench/plan_table.py --target h100 a100-40gb   # needs the [cuda] extra
-    python bench/plan_table.py --target v5e:1x1 --preset tiny --remat false  # a quick look
+    python bench/plan_table.py --target v5e:1x1 --preset tiny --remat none  # a quick look
 
 For every target x precision x remat (x --head-chunk) it runs the planner's search
 (`md4_eqx.plan.Planner.largest`): on a TPU the largest batch the compiler accepts (it
@@ -30,11 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import flops_per_token  # noqa: E402  (bench/train_step.py)
 
 from md4_eqx import plan, targets  # noqa: E402
-from md4_eqx.config import Precision, preset  # noqa: E402
+from md4_eqx.config import Precision, Remat, preset  # noqa: E402
 from md4_eqx.parallel import make_mesh  # noqa: E402
 
 
-def row(name: str, config, remat: bool) -> str:
+def row(name: str, config, remat: Remat) -> str:
     """One table row: the target's largest batch per chip for `config` with `remat`."""
     target = targets.parse(name)
     mesh = make_mesh(1, 1, target.devices()[:1])
@@ -48,7 +48,7 @@ def row(name: str, config, remat: bool) -> str:
     flops = "-" if step.flops is None else f"{step.flops / tokens / flops_per_token(config):.2f}"
     peak = "-" if step.refused else plan.show_size(step.peak)
     return (
-        f"| {name} | {run.precision.value} | {str(remat).lower()} | {run.head_chunk or '-'} | {largest} | "
+        f"| {name} | {run.precision.value} | {remat.value} | {run.head_chunk or '-'} | {largest} | "
         f"{8 * largest} | {peak} | {step.seconds:.0f} s | {searched:.0f} s | {flops} |"
         + (f" {planner.note}" if planner.note else "")
     )
@@ -66,7 +66,8 @@ def main() -> None:
         default=[p.value for p in Precision],
         choices=[p.value for p in Precision],
     )
-    parser.add_argument("--remat", nargs="+", default=["false", "true"], choices=["false", "true"])
+    remats = [r.value for r in Remat]
+    parser.add_argument("--remat", nargs="+", default=remats, choices=remats)
     parser.add_argument(
         "--head-chunk", type=int, default=0, help="the loss's head on this many tokens at a time"
     )
@@ -89,7 +90,7 @@ def main() -> None:
             )
             for remat in args.remat:
                 print(
-                    row(name, dataclasses.replace(base, execution=execution), remat == "true"),
+                    row(name, dataclasses.replace(base, execution=execution), Remat(remat)),
                     flush=True,
                 )
 

@@ -59,6 +59,16 @@ class Impl(enum.Enum):
     PALLAS_INTERPRET = "pallas-interpret"  # the same kernel run by the Pallas interpreter: any backend, slow (tests)
 
 
+class Remat(enum.Enum):
+    """What the backward pass recomputes of each block instead of keeping it (`jax.checkpoint`),
+    named as JAX's and MaxText's remat policies are: more recomputation, less memory, more work
+    per token."""
+
+    NONE = "none"  # nothing: every block keeps what its backward pass reads
+    MINIMAL = "minimal"  # each block's MLP half (its residual, norm and hidden units)
+    FULL = "full"  # the whole block, from its input
+
+
 class Rule(enum.Enum):
     """The reverse step t -> s of paper section 4 (see `md4_eqx.reverse_step`)."""
 
@@ -85,6 +95,7 @@ class Draws(enum.Enum):
 class Loop(enum.Enum):
     """Which steps of the time grid call the network (see `md4_eqx.sampling`)."""
 
+    AUTO = "auto"  # exact_skip wherever it samples the rule's law, else every_step
     EVERY_STEP = "every_step"
     EXACT_SKIP = "exact_skip"  # the same law, calling the network only on steps that unmask
 
@@ -185,14 +196,14 @@ class ExecutionConfig:
 
     precision: Precision = Precision.BFLOAT16
     attention: Impl = Impl.AUTO  # which kernel (md4_eqx/kernels/attention.py)
-    remat: bool = False  # rematerialise each block in the backward pass
-    unroll_layers: bool = True  # straight-line blocks (faster steps); False, or remat: a rolled loop (faster compiles)
-    head_chunk: int = (
-        0  # > 0: the loss runs the output head on this many tokens at a time (MD4.readout)
-    )
+    remat: Remat = Remat.NONE  # what each block recomputes in the backward pass
+    # Straight-line blocks (faster steps); False, or Remat.FULL: a rolled loop (faster compiles).
+    unroll_layers: bool = True
+    # The loss's head runs on the masked tokens this many at a time (MD4.readout); 0: HEAD_CHUNK.
+    head_chunk: int = 0
 
     def __post_init__(self):
-        _check(self, "must be 0 (off) or a token count", lambda v: v >= 0, "head_chunk")
+        _check(self, "must be 0 (the default) or a token count", lambda v: v >= 0, "head_chunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +233,7 @@ class SamplerConfig:
     """The reverse process (MD4_MATH.md, "Reverse process")."""
 
     rule: Rule = Rule.ANCESTRAL
-    loop: Loop = Loop.EVERY_STEP
+    loop: Loop = Loop.AUTO  # md4_eqx.sampling.resolve_loop
     steps: int = 1000
     grid: TimeGrid = TimeGrid.COSINE
     top_p: float = 0.98

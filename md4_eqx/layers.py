@@ -8,7 +8,6 @@ accumulate in float32; the blocks' projections return the compute dtype, so what
 pass keeps of them is that size, while the residual stream stays float32.
 """
 
-import functools
 import math
 
 import equinox as eqx
@@ -103,15 +102,13 @@ def layer_norm(x: Float[Array, "*b d"]) -> Float[Array, "*b d"]:
     return (x - mean) * lax.rsqrt(var + 1e-5)  # DeepMind's norm_eps (md4/networks/transformer.py)
 
 
-@functools.partial(jax.checkpoint, static_argnums=3)
 def ada_norm(
     x: Float[Array, "b l d"],
     shift: Float[Array, "b 1 d"],
     scale: Float[Array, "b 1 d"],
     dtype: jnp.dtype,
 ) -> Float[Array, "b l d"]:
-    """adaLN: LN(x) (1 + scale) + shift, in `dtype`. Recomputed from x in the backward pass (x is
-    kept anyway), so the float32 [b, l, d] intermediates of the norm are never stored."""
+    """adaLN: LN(x) (1 + scale) + shift, in `dtype` (MD4_MATH.md, "Network")."""
     return (layer_norm(x) * (1 + scale) + shift).astype(dtype)
 
 

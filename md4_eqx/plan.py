@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from md4_eqx.config import AUTO, Config, Impl
+from md4_eqx.config import AUTO, Config, Impl, Remat
 from md4_eqx.errors import PlanError
 from md4_eqx.kernels.attention import platform_of
 from md4_eqx.kernels.attention import resolve as resolve_attention
@@ -221,7 +221,7 @@ class Planner:
             self.config.execution.remat
         )  # what `microbatches`, `batch_size` and `report` plan for
 
-    def step(self, remat: bool, microbatch: int, microbatches: int = 1) -> StepMemory:
+    def step(self, remat: Remat, microbatch: int, microbatches: int = 1) -> StepMemory:
         """The step compiled with `microbatches` chunks of `microbatch` examples per device."""
         config = dataclasses.replace(
             self.config, execution=dataclasses.replace(self.config.execution, remat=remat)
@@ -233,19 +233,19 @@ class Planner:
             microbatches=microbatches,
         )
 
-    def fits(self, remat: bool, microbatch: int, microbatches: int = 1) -> bool:
+    def fits(self, remat: Remat, microbatch: int, microbatches: int = 1) -> bool:
         """The compiler accepts the step and, unless it alone judges, its peak is within the budget."""
         step = self.step(remat, microbatch, microbatches)
         return step.refused is None and (self.by_compiler or step.peak <= self.budget)
 
-    def line(self, remat: bool, at: tuple[int, int] = (1, 2)) -> tuple[int, int]:
+    def line(self, remat: Remat, at: tuple[int, int] = (1, 2)) -> tuple[int, int]:
         """(fixed, per_example): the peak's line through microbatches of `at` examples per device."""
         small, large = at
         low = self.step(remat, small).peak
         per_example = max((self.step(remat, large).peak - low) // (large - small), 1)
         return low - small * per_example, per_example
 
-    def guess(self, remat: bool) -> int:
+    def guess(self, remat: Remat) -> int:
         """The largest per-device microbatch that fits by the line through 1 and 2 examples (the
         cheapest compiles; at scale its slope runs 15-20% low), at least 1. A slope under a KiB
         per example says nothing (tiny models, where XLA's buffer reuse varies by more than one
@@ -256,11 +256,11 @@ class Planner:
             return 2
         return max(1, (self.budget - fixed) // per_example)
 
-    def largest(self, remat: bool) -> int:
+    def largest(self, remat: Remat) -> int:
         """The largest per-device microbatch that fits, confirmed by compiling (0: none)."""
         return _largest(lambda m: self.fits(remat, m), self.guess(remat))
 
-    def fit(self, remat: bool) -> tuple[int, int, int]:
+    def fit(self, remat: Remat) -> tuple[int, int, int]:
         """(fixed, per_example, largest): the largest per-device microbatch that fits (0: none)
         and the peak's line through it and half of it, where the slope matters (`head_chunk`'s
         chunk hides it at 1 and 2 examples). Where the compiler judges, the line through 1 and 2:
@@ -298,7 +298,11 @@ class Planner:
         step = self.step(self.remat, 1, microbatches)
         if step.refused:
             raise PlanError(f"{what} does not fit: the TPU compiler says {step.refused}")
-        extra = "" if self.remat else f" ({show_size(self.step(True, 1).peak)} with --remat true)"
+        extra = (
+            ""
+            if self.remat is Remat.FULL
+            else f" ({show_size(self.step(Remat.FULL, 1).peak)} with --remat full)"
+        )
         raise PlanError(
             f"{what} does not fit: one example per device needs {show_size(step.peak)}{extra}, "
             f"the budget is {show_size(self.budget)} ({show_size(self.memory)} less {MARGIN:.0%})"
@@ -338,11 +342,11 @@ class Planner:
             else f"{step.flops / 1e12:.3g} TFLOP"
         )
         lines.append(
-            f"  remat {str(self.remat).lower():<5}  largest microbatch {largest} per device "
+            f"  remat {self.remat.value}: largest microbatch {largest} per device "
             f"(global {largest * self.data} without accumulation): peak {show_size(step.peak)}, "
             f"{flops} per step, compiled in {step.seconds:.1f} s; line {show_size(fixed)} + "
             f"{per_example / 2**20:.1f} MiB per example{' at 1-2 examples' if self.by_compiler else ''} "
-            f"(--remat {str(not self.remat).lower()} plans the other way)"
+            "(--remat none, minimal or full: what each block recomputes)"
         )
         return "\n".join(lines)
 

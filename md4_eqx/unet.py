@@ -26,16 +26,9 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
-from md4_eqx.config import (
-    UNET_CHANNELS as CHANNELS,
-)
-from md4_eqx.config import (
-    UNET_GROUPS as GROUPS,
-)
-from md4_eqx.config import (
-    ExecutionConfig,
-    ModelConfig,
-)
+from md4_eqx.config import UNET_CHANNELS as CHANNELS
+from md4_eqx.config import UNET_GROUPS as GROUPS
+from md4_eqx.config import ExecutionConfig, ModelConfig, Remat
 from md4_eqx.kernels import attention
 from md4_eqx.layers import (
     Conditioning,
@@ -87,10 +80,10 @@ class ResBlock(eqx.Module):
     conv2: eqx.nn.Conv2d  # zero-initialised: a fresh block is the identity (or its skip)
     skip: eqx.nn.Conv2d | None
     cfg: ModelConfig = eqx.field(static=True)
-    run: ExecutionConfig = eqx.field(static=True)
+    execution: ExecutionConfig = eqx.field(static=True)
 
     def __init__(
-        self, cfg: ModelConfig, run: ExecutionConfig, in_channels: int, *, key: PRNGKeyArray
+        self, cfg: ModelConfig, execution: ExecutionConfig, in_channels: int, *, key: PRNGKeyArray
     ):
         k1, kc, k2, ks = jax.random.split(key, 4)
         width = cfg.width
@@ -100,12 +93,12 @@ class ResBlock(eqx.Module):
         self.norm2 = group_norm(width)
         self.conv2 = conv2d(width, width, 3, key=k2, zero=True)
         self.skip = conv2d(in_channels, width, 1, key=ks) if in_channels != width else None
-        self.cfg, self.run = cfg, run
+        self.cfg, self.execution = cfg, execution
 
     def __call__(
         self, x: Float[Array, "b ci h w"], c: Float[Array, "b cond"], keys: Key[Array, " b"] | None
     ) -> Float[Array, "b co h w"]:
-        dtype = self.run.precision.dtype
+        dtype = self.execution.precision.dtype
         h = apply(self.conv1, jax.nn.swish(jax.vmap(self.norm1)(x)), dtype)  # (b, width, h, w)
         h = h + self.cond(c)[:, :, None, None]
         h = dropout(jax.nn.swish(jax.vmap(self.norm2)(h)), self.cfg.dropout, keys)
@@ -122,26 +115,26 @@ class SelfAttention(eqx.Module):
     wv: Linear
     wo: Linear
     cfg: ModelConfig = eqx.field(static=True)
-    run: ExecutionConfig = eqx.field(static=True)
+    execution: ExecutionConfig = eqx.field(static=True)
 
-    def __init__(self, cfg: ModelConfig, run: ExecutionConfig, *, key: PRNGKeyArray):
+    def __init__(self, cfg: ModelConfig, execution: ExecutionConfig, *, key: PRNGKeyArray):
         self.norm = group_norm(cfg.width)
         keys = jax.random.split(key, 4)
         self.wq, self.wk, self.wv, self.wo = (
             Linear(cfg.width, cfg.width, key=k, bias=True) for k in keys
         )
-        self.cfg, self.run = cfg, run
+        self.cfg, self.execution = cfg, execution
 
     def __call__(self, x: Float[Array, "b d h w"]) -> Float[Array, "b d h w"]:
         b, d, height, width = x.shape
-        dtype = self.run.precision.dtype
+        dtype = self.execution.precision.dtype
         n = jax.vmap(self.norm)(x).reshape(b, d, -1).transpose(0, 2, 1).astype(dtype)  # (b, hw, d)
 
         def heads(proj: Linear) -> Float[Array, "b hw heads hd"]:
             return proj(n, dtype).reshape(b, height * width, self.cfg.num_heads, -1)
 
         q, k, v = heads(self.wq), heads(self.wk), heads(self.wv)
-        out = attention(q, k, v, impl=self.run.attention)  # (b, hw, heads, hd)
+        out = attention(q, k, v, impl=self.execution.attention)  # (b, hw, heads, hd)
         out = self.wo(out.reshape(b, height * width, d))  # (b, hw, d), float32
         return x + out.transpose(0, 2, 1).reshape(b, d, height, width)
 
@@ -161,9 +154,9 @@ class UNet(eqx.Module):
     norm_out: eqx.nn.GroupNorm
     conv_out: eqx.nn.Conv2d  # zero-initialised: a fresh U-Net predicts uniform logits
     cfg: ModelConfig = eqx.field(static=True)
-    run: ExecutionConfig = eqx.field(static=True)
+    execution: ExecutionConfig = eqx.field(static=True)
 
-    def __init__(self, cfg: ModelConfig, run: ExecutionConfig, *, key: PRNGKeyArray):
+    def __init__(self, cfg: ModelConfig, execution: ExecutionConfig, *, key: PRNGKeyArray):
         ke, kc, ki, kd, k1, ka, k2, ku, ko = jax.random.split(key, 9)
         width = cfg.width
         self.embed = embedding_table(ke, cfg.vocab_size + 1, width)
@@ -173,18 +166,18 @@ class UNet(eqx.Module):
         def stack(
             in_channels: int, key: PRNGKeyArray, count: int
         ) -> ResBlock:  # on a leading [count] axis
-            return eqx.filter_vmap(lambda k: ResBlock(cfg, run, in_channels, key=k))(
+            return eqx.filter_vmap(lambda k: ResBlock(cfg, execution, in_channels, key=k))(
                 jax.random.split(key, count)
             )
 
         self.down = stack(width, kd, cfg.num_layers)
-        self.mid1 = ResBlock(cfg, run, width, key=k1)
-        self.attn = SelfAttention(cfg, run, key=ka)
-        self.mid2 = ResBlock(cfg, run, width, key=k2)
+        self.mid1 = ResBlock(cfg, execution, width, key=k1)
+        self.attn = SelfAttention(cfg, execution, key=ka)
+        self.mid2 = ResBlock(cfg, execution, width, key=k2)
         self.up = stack(2 * width, ku, cfg.num_layers + 1)
         self.norm_out = group_norm(width)
         self.conv_out = conv2d(width, CHANNELS * cfg.vocab_size, 3, key=ko, zero=True)
-        self.cfg, self.run = cfg, run
+        self.cfg, self.execution = cfg, execution
 
     def _blocks(
         self,
@@ -198,9 +191,11 @@ class UNet(eqx.Module):
         """Run the n stacked blocks in turn (block i gets dropout keys `first + i`); with `skips`, block i
         takes [h, skips[i]] concatenated over channels. Returns every block's output.
 
-        Rolled only with `remat`, as the transformer's blocks (unrolled, the CIFAR-10 preset on CPU at
-        batch 8 took 5.28 GiB with remat against 5.26 GiB without); XLA's CPU backend runs a
-        convolution inside a loop body tens of times slower (0.84 s against 0.01 s for one 32x32 block)."""
+        Any recomputation (`Remat.MINIMAL` or `Remat.FULL`: a ResBlock has no MLP half to
+        recompute alone) recomputes whole blocks in the backward pass, and then the loop is rolled,
+        as the transformer's: unrolled, XLA schedules the recomputation ahead of the backward pass
+        and it saves nothing. Otherwise it is unrolled: XLA's CPU backend runs a convolution inside
+        a loop body many times slower."""
         params, static = eqx.partition(blocks, eqx.is_array)
 
         def layer(h, inputs):
@@ -209,10 +204,11 @@ class UNet(eqx.Module):
             h = eqx.combine(block_params, static)(x, c, layer_keys(keys, first + i))
             return h, h
 
-        if self.run.remat:
+        recompute = self.execution.remat is not Remat.NONE
+        if recompute:
             layer = jax.checkpoint(layer)
         count = jax.tree.leaves(params)[0].shape[0]
-        return lax.scan(layer, h, (params, skips, jnp.arange(count)), unroll=not self.run.remat)[1]
+        return lax.scan(layer, h, (params, skips, jnp.arange(count)), unroll=not recompute)[1]
 
     def __call__(
         self,
@@ -222,7 +218,7 @@ class UNet(eqx.Module):
         *,
         keys: Key[Array, " b"] | None = None,
     ) -> Float[Array, "b l v_local"]:
-        cfg, dtype = self.cfg, self.run.precision.dtype
+        cfg, dtype = self.cfg, self.execution.precision.dtype
         side = math.isqrt(cfg.seq_len // CHANNELS)  # ModelConfig checks seq_len = 3 side^2
         b, num = z.shape[0], cfg.num_layers
         c = self.cond(t, labels)  # (b, cond)

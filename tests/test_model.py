@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from jaxtyping import TypeCheckError
 
-from md4_eqx.config import ExecutionConfig, MLPKind, ModelConfig, Precision, preset
+from md4_eqx.config import ExecutionConfig, MLPKind, ModelConfig, Precision, Remat, preset
 from md4_eqx.errors import ConfigError
 from md4_eqx.model import MD4, selected_tokens
 from md4_eqx.parallel import MODEL, make_mesh, param_specs, shard_map_modules
@@ -89,7 +89,7 @@ def test_bfloat16_compute_matches_float32(getkey):
     assert not np.allclose(bf16, f32, atol=1e-6)  # it really computed in bfloat16
 
 
-@pytest.mark.parametrize("execution", [dict(remat=True), dict(unroll_layers=False)])
+@pytest.mark.parametrize("execution", [dict(remat=Remat.FULL), dict(unroll_layers=False)])
 def test_execution_fields_give_the_same_gradients(getkey, execution):
     """remat and a rolled layer loop change how the step is computed, not what it computes; remat
     computes it from fewer temporaries. (With the layers unrolled, the default, XLA had hoisted

@@ -8,7 +8,7 @@ import jax
 import pytest
 
 import train
-from md4_eqx.config import AUTO, Config, ExecutionConfig, ModelConfig, Precision
+from md4_eqx.config import AUTO, Config, ExecutionConfig, ModelConfig, Precision, Remat
 from md4_eqx.parallel import make_mesh
 from md4_eqx.plan import MARGIN, PlanError, Planner, parse_size, step_memory
 
@@ -67,11 +67,11 @@ def test_batch_size_auto_is_the_largest_that_fits(mesh):
     five = step_memory(CONFIG, mesh, batch=10, microbatches=1).peak
     planner = Planner(CONFIG, mesh, int((four + five) / 2 / (1.0 - MARGIN)))
     assert planner.batch_size() == 8
-    fixed, per_example, largest = planner.fit(remat=False)
+    fixed, per_example, largest = planner.fit(remat=Remat.NONE)
     assert largest == 4 and per_example > 0
     # The reported line runs through the answer and half of it, where the slope matters.
     for m in (2, 4):
-        assert abs(fixed + per_example * m - planner.step(False, m).peak) <= m, m
+        assert abs(fixed + per_example * m - planner.step(Remat.NONE, m).peak) <= m, m
     # At this size the peak does not grow from 1 to 2 examples per device (XLA's buffer reuse
     # varies more than an example's activations); the search still stays near the answer:
     # 4 and 5 per device above, 1 and 2 for the line, then 3 (the gallop from a guess of 2).
@@ -82,7 +82,7 @@ def test_nothing_fits_names_the_numbers(mesh):
     planner = Planner(CONFIG, mesh, 2**10)
     with pytest.raises(
         PlanError,
-        match=r"one example per device needs [0-9.]+ MiB \([0-9.]+ MiB with --remat true\), "
+        match=r"one example per device needs [0-9.]+ MiB \([0-9.]+ MiB with --remat full\), "
         r"the budget is 0.0 MiB",
     ):
         planner.microbatches(BATCH)

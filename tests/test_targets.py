@@ -152,7 +152,7 @@ def test_plan_for_a_target(capsys):
     out = capsys.readouterr().out
     assert "of TPU v5 lite" in out and "a batch fits when the TPU compiler accepts it" in out
     assert out.count("largest microbatch") == 1 and "TFLOP per step" in out
-    largest = int(out.split("remat false  largest microbatch ")[1].split()[0])
+    largest = int(out.split("remat none: largest microbatch ")[1].split()[0])
     assert largest >= 1 and f"planned: --batch-size {largest} --microbatches 1" in out
 
 

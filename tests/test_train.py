@@ -28,7 +28,7 @@ import train
 from md4_eqx import checkpoint
 from md4_eqx import workdir as workdir_lock
 from md4_eqx.cli import make_config
-from md4_eqx.config import Config, ExecutionConfig, preset
+from md4_eqx.config import Config, ExecutionConfig, Remat, preset
 from md4_eqx.visualize import line_chart
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,7 +213,7 @@ def test_damaged_or_different_checkpoint_is_reported_and_left_alone(trained, tmp
         "--width",
         "64",
         "--remat",
-        "true",
+        "full",
     )
     assert_usage_error(proc, "different model", "model.width: 32 -> 64")
     assert "remat" not in proc.stderr
@@ -278,7 +278,7 @@ def test_resume_takes_other_execution_fields(trained, tmp_path):
     flags, full = trained
     workdir = tmp_path / "execution"
     subprocess.run(["cp", "-r", str(full), str(workdir)], check=True)
-    changed = ["--remat", "true", "--head-chunk", "16", "--unroll-layers", "false"]
+    changed = ["--remat", "full", "--head-chunk", "16", "--unroll-layers", "false"]
     proc = run("train.py", "--workdir", str(workdir), *flags, "--steps", "35", *changed)
     assert proc.returncode == 0 and "from step 30" in proc.stdout, proc.stderr
     step, config, _ = checkpoint.read_meta(workdir)
@@ -288,7 +288,7 @@ def test_resume_takes_other_execution_fields(trained, tmp_path):
         config.execution.remat,
         config.execution.head_chunk,
         config.execution.unroll_layers,
-    ) == (True, 16, False)
+    ) == (Remat.FULL, 16, False)
     assert all(
         math.isfinite(e["train_bpt"])
         for e in events(workdir)

@@ -12,7 +12,14 @@ import pytest
 from conftest import randomised
 from jax.sharding import PartitionSpec as P
 
-from md4_eqx.config import Backbone, ConfigError, ExecutionConfig, ModelConfig, Precision
+from md4_eqx.config import (
+    Backbone,
+    ConfigError,
+    ExecutionConfig,
+    ModelConfig,
+    Precision,
+    Remat,
+)
 from md4_eqx.parallel import (
     DATA,
     MODEL,
@@ -173,7 +180,7 @@ def test_remat_gives_the_same_gradients_with_fewer_temporaries(getkey):
     z, t = inputs(cfg, getkey())
     keys = jax.random.split(getkey(), 4)
     grads, temp = [], []
-    for remat in (False, True):
+    for remat in (Remat.NONE, Remat.FULL):
         net = UNet(cfg, dataclasses.replace(RUN, remat=remat), key=key)
         params, static = eqx.partition(randomised(net, noise, 0.2), eqx.is_array)
         loss = lambda p: jnp.sum(
