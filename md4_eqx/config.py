@@ -95,7 +95,6 @@ class Draws(enum.Enum):
 class Loop(enum.Enum):
     """Which steps of the time grid call the network (see `md4_eqx.sampling`)."""
 
-    AUTO = "auto"  # exact_skip wherever it samples the rule's law, else every_step
     EVERY_STEP = "every_step"
     EXACT_SKIP = "exact_skip"  # the same law, calling the network only on steps that unmask
 
@@ -199,11 +198,11 @@ class ExecutionConfig:
     remat: Remat = Remat.NONE  # what each block recomputes in the backward pass
     # Straight-line blocks (faster steps); False, or Remat.FULL: a rolled loop (faster compiles).
     unroll_layers: bool = True
-    # The loss's head runs on the masked tokens this many at a time (MD4.readout); 0: HEAD_CHUNK.
+    # > 0: the loss runs the output head on this many tokens at a time (MD4.readout).
     head_chunk: int = 0
 
     def __post_init__(self):
-        _check(self, "must be 0 (the default) or a token count", lambda v: v >= 0, "head_chunk")
+        _check(self, "must be 0 (off) or a token count", lambda v: v >= 0, "head_chunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,7 +232,7 @@ class SamplerConfig:
     """The reverse process (MD4_MATH.md, "Reverse process")."""
 
     rule: Rule = Rule.ANCESTRAL
-    loop: Loop = Loop.AUTO  # md4_eqx.sampling.resolve_loop
+    loop: Loop = Loop.EVERY_STEP
     steps: int = 1000
     grid: TimeGrid = TimeGrid.COSINE
     top_p: float = 0.98
