@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command (< 8 min on one H100/H200), figures in one JSON:
 #
-#   bash bench/gpu_check.sh                      # on the lent GPU, from the repository root
-#   GPU_CHECK_TINY=1 bash bench/gpu_check.sh     # the same steps at tiny shapes, on a CPU (~5 min on 2 cores)
+#   bash bench/gpu_check.sh                   # on the lent GPU, from the repository root
+#   GPU_CHECK_TINY=1 bash bench/gpu_check.sh  # the same steps at tiny shapes, on a CPU (~5 min)
 #
 # Steps, the figures first: bench/attention.py at full shapes; bench/train_step.py on MD4-S
 # (bf16, attention auto = cuDNN inside the shard_map) at batch 16, 32, 64, 128, one process per
@@ -33,11 +33,13 @@ if [[ "${GPU_CHECK_TINY:-0}" == 1 ]]; then
   KERNEL_CASE=(--batch 4 --attention xla --precision float32)  # no Hopper kernel on a CPU
   CHUNK_CASE=(--batch 8 --head-chunk 256)
   TOKENS=200000
-  TRAIN=(--width 32 --num-layers 1 --num-heads 2 --seq-len 128 --batch-size 4 --steps 3 --log-every 1)
+  TRAIN=(--width 32 --num-layers 1 --num-heads 2 --seq-len 128 --batch-size 4 --steps 3
+    --log-every 1)
 else
   TESTS=(tests/test_attention.py tests/test_sampling.py tests/test_fast_sampler.py -m "not slow")
   ATTENTION=()
-  PRESET=md4-s; BATCHES=(16 32 64 128); STEP=(--steps 10 --warmup 2); ALL_CASES=(--batch 16 --attention xla)
+  PRESET=md4-s; BATCHES=(16 32 64 128); STEP=(--steps 10 --warmup 2)
+  ALL_CASES=(--batch 16 --attention xla)
   KERNEL_CASE=(--batch 16 --attention pallas --precision bfloat16)  # our Hopper kernel in the step
   CHUNK_CASE=(--batch 64 --head-chunk 2048)  # does 64 fit without remat, at what speed (#11)
   TOKENS=8000000
@@ -63,48 +65,57 @@ run() {  # run NAME CMD...: log to $TMP/NAME.log, record status and seconds, sho
 
 run attention "$PY" bench/attention.py "${ATTENTION[@]}"
 for b in "${BATCHES[@]}"; do
-  run "train_step_b$b" "$PY" bench/train_step.py --preset "$PRESET" --batch "$b" --attention auto \
-    --precision bfloat16 "${STEP[@]}" --json "$TMP/train_step_b$b.json"
-  [[ $b == "${BATCHES[0]}" ]] && run train_step_pallas "$PY" bench/train_step.py --preset "$PRESET" \
-    "${KERNEL_CASE[@]}" "${STEP[@]}" --json "$TMP/train_step_pallas.json"
+  run "train_step_b$b" "$PY" bench/train_step.py --preset "$PRESET" --batch "$b" \
+    --attention auto --precision bfloat16 "${STEP[@]}" --json "$TMP/train_step_b$b.json"
+  [[ $b == "${BATCHES[0]}" ]] && run train_step_pallas "$PY" bench/train_step.py \
+    --preset "$PRESET" "${KERNEL_CASE[@]}" "${STEP[@]}" --json "$TMP/train_step_pallas.json"
 done
-run train_step_chunk "$PY" bench/train_step.py --preset "$PRESET" "${CHUNK_CASE[@]}" --attention auto \
-  --precision bfloat16 "${STEP[@]}" --json "$TMP/train_step_chunk.json"
+run train_step_chunk "$PY" bench/train_step.py --preset "$PRESET" "${CHUNK_CASE[@]}" \
+  --attention auto --precision bfloat16 "${STEP[@]}" --json "$TMP/train_step_chunk.json"
 run train_step_all "$PY" bench/train_step.py --preset "$PRESET" "${ALL_CASES[@]}" "${STEP[@]}" \
   --json "$TMP/train_step_all.json"
 run owt_cache "$PY" bench/owt_cache.py "$TMP/cache" --tokens "$TOKENS"
-run train "$PY" train.py --preset md4-s --dataset owt --cache-dir "$TMP/cache" --workdir "$TMP/run" \
-  --eval-every 100000 --eval-batches 2 --sampler.steps 16 --num-samples 2 --no-progress "${TRAIN[@]}"
+run train "$PY" train.py --preset md4-s --dataset owt --cache-dir "$TMP/cache" \
+  --workdir "$TMP/run" --eval-every 100000 --eval-batches 2 --sampler.steps 16 --num-samples 2 \
+  --no-progress "${TRAIN[@]}"
 run tests "$PY" -m pytest -q -p no:cacheprovider -o addopts="" "${TESTS[@]}"
 
 "$PY" - "$TMP" "$OUT_JSON" <<'PY'
 """Collect every figure into one JSON and print the markdown table."""
-import json, re, sys
+
+import json
+import sys
 from pathlib import Path
 
 tmp, out = Path(sys.argv[1]), Path(sys.argv[2])
-steps = [dict(zip(("step", "rc", "seconds"), line.split("\t"))) for line in (tmp / "steps.tsv").read_text().splitlines()]
-result = {"steps": [{**s, "rc": int(s["rc"]), "seconds": int(s["seconds"])} for s in steps], "train_step": []}
+steps = []
+for line in (tmp / "steps.tsv").read_text().splitlines():
+    name, rc, seconds = line.split("\t")
+    steps.append({"step": name, "rc": int(rc), "seconds": int(seconds)})
+result = {"steps": steps, "train_step": []}
 for path in sorted(tmp.glob("train_step_*.json")):
     data = json.loads(path.read_text())
     result["machine"] = data["machine"]
     result["train_step"] += data["cases"]
 tests = (tmp / "tests.log").read_text().strip().splitlines()
 result["tests"] = tests[-1] if tests else ""
-result["attention_table"] = [l for l in (tmp / "attention.log").read_text().splitlines() if l.startswith("|")]
+attention = (tmp / "attention.log").read_text().splitlines()
+result["attention_table"] = [row for row in attention if row.startswith("|")]
 metrics = tmp / "run" / "metrics.jsonl"
-events = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
+events = [json.loads(e) for e in metrics.read_text().splitlines()] if metrics.exists() else []
 result["train"] = [e for e in events if "tokens_per_s" in e]
 out.write_text(json.dumps(result, indent=1))
 
+STATUS = {0: "ok", -1: "skipped (budget spent)", 124: "stopped at the deadline"}
 print(f"\n### GPU check: {result.get('machine', '?')}\n")
 print("| step | status | seconds |\n|---|---|---|")
 for s in result["steps"]:
-    status = {0: "ok", -1: "skipped (budget spent)", 124: "stopped at the deadline"}.get(s["rc"], f"FAILED rc={s['rc']}")
+    status = STATUS.get(s["rc"], f"FAILED rc={s['rc']}")
     print(f"| {s['step']} | {status} | {s['seconds']} |")
 print(f"\ntests: {result['tests']}\n")
 print("\n".join(result["attention_table"]))
-print("\n| batch | attention | compute | head chunk | ms/step | tokens/s | MFU | peak GiB | planned GiB |\n|---|---|---|---|---|---|---|---|---|")
+columns = "batch | attention | compute | head chunk | ms/step | tokens/s | MFU | peak GiB"
+print(f"\n| {columns} | planned GiB |\n|---|---|---|---|---|---|---|---|---|")
 for c in result["train_step"]:
     case = f"| {c['batch']} | {c['attention']} | {c['precision']} | {c['head_chunk'] or 'whole'} "
     if "error" in c:
@@ -112,12 +123,16 @@ for c in result["train_step"]:
         continue
     mfu = "n/a" if c["mfu"] is None else f"{c['mfu']:.1%}"
     mem = "n/a" if c["peak_memory_gib"] is None else f"{c['peak_memory_gib']:.1f}"
-    print(f"{case}| {c['ms_per_step']:.1f} "
-          f"| {c['tokens_per_s']:,.0f} | {mfu} | {mem} | {c['planned_memory_gib']:.1f} |")
+    print(
+        f"{case}| {c['ms_per_step']:.1f} "
+        f"| {c['tokens_per_s']:,.0f} | {mfu} | {mem} | {c['planned_memory_gib']:.1f} |"
+    )
 if result["train"]:
     last = result["train"][-1]
-    print(f"\ntrain.py --preset md4-s: step {last['step']}, {last['tokens_per_s']:,.0f} tokens/s "
-          f"(last log interval), train {last['train_bpt']:.3f} bits/token")
+    print(
+        f"\ntrain.py --preset md4-s: step {last['step']}, {last['tokens_per_s']:,.0f} tokens/s "
+        f"(last log interval), train {last['train_bpt']:.3f} bits/token"
+    )
 print(f"\nall figures: {out}")
 sys.exit(1 if any(s["rc"] for s in result["steps"]) else 0)
 PY
