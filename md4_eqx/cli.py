@@ -10,11 +10,12 @@ import sys
 
 from jax.sharding import Mesh
 
-from md4_eqx.config import AUTO, AUTO_FIELDS, PRESETS, Config, preset
+from md4_eqx.config import AUTO, AUTO_FIELDS, PRESETS, Config, Impl, preset
 from md4_eqx.distributed import initialize
 from md4_eqx.errors import ConfigError, Md4Error, UsageError
+from md4_eqx.kernels.attention import platform_of, resolve
 from md4_eqx.parallel import make_mesh
-from md4_eqx.targets import quiet_libtpu
+from md4_eqx.targets import keep_jax_off_absent_tpus
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -38,16 +39,30 @@ def script_parser(doc: str, **kwargs) -> ArgumentParser:
 
 
 def run_command(parser: argparse.ArgumentParser, command, argv: list[str] | None) -> int:
-    """command(parsed argv); an `Md4Error` (md4_eqx/errors.py) is one line on stderr, never a traceback,
-    and its status (2: bad input, 1: a diverged run). A `ConfigError`'s field is shown as its flag."""
+    """command(parsed argv); an `Md4Error` (md4_eqx/errors.py) is one line on stderr, never a
+    traceback, and its status (2: bad input, 1: a diverged run). A `ConfigError`'s field is shown
+    as the program's flag for it, where it has one."""
     args = parser.parse_args(argv)
-    quiet_libtpu()  # before JAX starts a backend: the [tpu] extra on a host without TPUs is silent
+    keep_jax_off_absent_tpus()  # before JAX starts a backend: see its docstring
     try:
         return command(args)
     except Md4Error as e:
-        flag = f"--{e.field.replace('_', '-')}: " if isinstance(e, ConfigError) else ""
-        print(f"{parser.prog}: error: {flag}{e}", file=sys.stderr)
+        flag = flag_of(parser, e.field) if isinstance(e, ConfigError) else None
+        print(f"{parser.prog}: error: {flag + ': ' if flag else ''}{e}", file=sys.stderr)
         return e.status
+
+
+def flag_of(parser: argparse.ArgumentParser, field: str) -> str | None:
+    """The flag of `parser` (or of one of its subcommands) that sets the config field `field`,
+    or None where the program has none (a field of a saved run's config that it does not set)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            flags = (flag_of(sub, field) for sub in action.choices.values())
+            if flag := next((f for f in flags if f), None):
+                return flag
+        elif action.option_strings and action.dest.rpartition(".")[2] == field:
+            return action.option_strings[-1]  # the short form, --field, where there is one
+    return None
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -90,13 +105,25 @@ def field_flag(kind: type, auto: str | None = None) -> dict:
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """--preset, then --section.field for every field of every section, plus --field where no
+    """--preset, then the flags of every config field (`add_field_flags`)."""
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    add_field_flags(
+        parser,
+        [s.name for s in dataclasses.fields(Config)],
+        "config fields (default: the preset's)",
+    )
+
+
+def add_field_flags(parser: argparse.ArgumentParser, sections: list[str], title: str) -> None:
+    """--section.field for every field of the named sections of `Config`, plus --field where no
     earlier section (train first) took the name. Field defaults are left out, so `args` holds
     only what was given."""
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    group = parser.add_argument_group("config fields (default: the preset's)")
+    group = parser.add_argument_group(title)
     taken = set()
-    for section in sorted(dataclasses.fields(Config), key=lambda s: s.name != "train"):
+    for section in sorted(
+        (s for s in dataclasses.fields(Config) if s.name in sections),
+        key=lambda s: s.name != "train",
+    ):
         for f in dataclasses.fields(section.type):
             flag = f.name.replace("_", "-")
             names = [f"--{section.name}.{flag}"] + ([f"--{flag}"] if flag not in taken else [])
@@ -111,21 +138,55 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             )
 
 
+def add_execution_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of every `ExecutionConfig` field, for the programs that run a saved model
+    (sample.py, evaluate.py): how the network is computed may change from run to run."""
+    add_field_flags(
+        parser, ["execution"], "how the network runs (default: the run's, if it runs here)"
+    )
+
+
+def execution_here(config: Config, args: argparse.Namespace, mesh: Mesh) -> Config:
+    """A saved run's `config` with the execution flags given, for the machine `mesh` is on.
+
+    A checkpoint samples and evaluates anywhere: a saved attention kernel that does not run here
+    (a run trained with `pallas` on a TPU, read on a CPU) gives way to the one `auto` picks here,
+    said in one line on stderr. A kernel given with --attention is kept; `validate` refuses it
+    where it cannot run."""
+    execution = replace_given(config.execution, "execution", args)
+    dtype, head_dim, platform = execution.precision.dtype, config.model.head_dim, platform_of(mesh)
+    if "execution.attention" not in vars(args):
+        try:
+            resolve(execution.attention, dtype, head_dim, platform)
+        except ConfigError as e:
+            here = resolve(Impl.AUTO, dtype, head_dim, platform).impl
+            print(
+                f"the run's attention does not run here ({e}): using '{here.value}' "
+                "(--attention chooses)",
+                file=sys.stderr,
+            )
+            execution = dataclasses.replace(execution, attention=here)
+    return dataclasses.replace(config, execution=execution)
+
+
 def make_config(args: argparse.Namespace) -> tuple[Config, set[str]]:
     """The preset with the given fields replaced, and the names ("model.width") given."""
-    given = {name: value for name, value in vars(args).items() if "." in name}
     base = preset(args.preset)
-    sections = {}
-    for section in dataclasses.fields(Config):
-        prefix = section.name + "."
-        changes = {
-            name.removeprefix(prefix): v for name, v in given.items() if name.startswith(prefix)
-        }
-        try:
-            sections[section.name] = dataclasses.replace(getattr(base, section.name), **changes)
-        except ConfigError as e:
-            raise UsageError(f"--{section.name}.{e.field.replace('_', '-')}: {e}") from e
-    return Config(**sections), set(given)
+    sections = {
+        s.name: replace_given(getattr(base, s.name), s.name, args) for s in dataclasses.fields(Config)
+    }
+    return Config(**sections), {name for name in vars(args) if "." in name}
+
+
+def replace_given(value, section: str, args: argparse.Namespace):
+    """`value`, the config section named `section`, with the fields given as flags replaced; an
+    invalid value names its flag."""
+    prefix = section + "."
+    changes = {n.removeprefix(prefix): v for n, v in vars(args).items() if n.startswith(prefix)}
+    try:
+        return dataclasses.replace(value, **changes)
+    except ConfigError as e:
+        raise UsageError(f"--{section}.{e.field.replace('_', '-')}: {e}") from e
 
 
 def parse_mesh(text: str | None, devices=None) -> Mesh:

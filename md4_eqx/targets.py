@@ -16,10 +16,12 @@ GPU, or it fails its driver check and registers nothing.
 
 import dataclasses
 import functools
+import glob
 import importlib.util
 import math
 import os
 import re
+from pathlib import Path
 
 import jax
 from jax.experimental import topologies
@@ -31,17 +33,24 @@ GIB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Tpu:
-    """A TPU generation (its name in CHIPS is its topology-name prefix): HBM per chip and the rank of its chip grid."""
+    """A TPU generation (its name in CHIPS is its topology-name prefix): HBM per chip, the rank of
+    its chip grid, and what a step-time estimate needs (md4_eqx.step_time), from Google's public
+    specifications: the clock is the bf16 peak over its MXUs' multiply-adds per cycle."""
 
+    kind: str  # the device_kind its devices report
     memory: int
     dims: int
+    clock_ghz: float
+    peak_flops: float  # bf16, per chip
+    memory_bandwidth: int  # HBM bytes per second
     megacore: bool = False  # two TensorCores per chip that JAX drives as one device (v4, v5p)
 
 
 @dataclasses.dataclass(frozen=True)
 class Gpu:
-    """An NVIDIA GPU as XLA's cost model and code generator need it (`_gpu_config`), from NVIDIA's
-    public specifications (`memory` as the device reports its total, a little under the marketed size)."""
+    """An NVIDIA GPU as XLA's cost model and code generator need it (`_gpu_config`), from
+    NVIDIA's public specifications (`memory` as the device reports its total, a little under
+    the marketed size)."""
 
     name: str  # the device_kind a real one reports
     memory: int
@@ -49,6 +58,7 @@ class Gpu:
     sms: int
     fp32_per_sm: int
     clock_ghz: float
+    peak_flops: float  # dense bf16 tensor-core flops per second
     memory_bandwidth: int  # bytes per second
     l2_cache: int
     shared_memory_per_sm: int
@@ -56,10 +66,12 @@ class Gpu:
 
 
 CHIPS = {
-    "v5e": Tpu(16 * GIB, dims=2),
-    "v6e": Tpu(32 * GIB, dims=2),
-    "v5p": Tpu(95 * GIB, dims=3, megacore=True),
-    "v4": Tpu(32 * GIB, dims=3, megacore=True),
+    # v5e: 4 MXUs x 128 x 128 multiply-adds x 1.5 GHz = 197 TF/s; v6e: 4 x 256 x 256 at 1.75 GHz.
+    "v5e": Tpu("TPU v5 lite", 16 * GIB, 2, 1.5, 197e12, 819_000_000_000),
+    "v6e": Tpu("TPU v6 lite", 32 * GIB, 2, 1.75, 918e12, 1_640_000_000_000),
+    # Megacore: two TensorCores of 4 MXUs each, driven as one device.
+    "v5p": Tpu("TPU v5", 95 * GIB, 3, 1.75, 459e12, 2_765_000_000_000, megacore=True),
+    "v4": Tpu("TPU v4", 32 * GIB, 3, 1.05, 275e12, 1_228_000_000_000, megacore=True),
     "h100": Gpu(
         "NVIDIA H100 80GB HBM3",
         84_942_979_072,
@@ -67,6 +79,7 @@ CHIPS = {
         sms=132,
         fp32_per_sm=128,
         clock_ghz=1.98,
+        peak_flops=989e12,
         memory_bandwidth=3_352_320_000_000,
         l2_cache=50 * 2**20,
         shared_memory_per_sm=228 * 2**10,
@@ -79,6 +92,7 @@ CHIPS = {
         sms=108,
         fp32_per_sm=64,
         clock_ghz=1.41,
+        peak_flops=312e12,
         memory_bandwidth=1_555_200_000_000,
         l2_cache=40 * 2**20,
         shared_memory_per_sm=164 * 2**10,
@@ -116,7 +130,8 @@ class Target:
     def chips(self) -> int:
         return math.prod(self.grid)
 
-    @functools.cache  # one set of devices per target: meshes over them compare equal
+    # One set of devices per target, so meshes over them compare equal (a few targets per process).
+    @functools.cache  # noqa: B019
     def devices(self) -> list[jax.Device]:
         """The target's abstract devices, one per chip (TargetError if its compiler, the module of
         the project's pip extra, is not installed: it is not loaded to find out)."""
@@ -131,7 +146,9 @@ class Target:
             quiet_libtpu()
             options = {"chip_config_name": "megacore"} if self.chip.megacore else {}
             grid3 = (*self.grid, 1, 1)[:3]
-            if any(g < h for g, h in zip(grid3, HOST_CHIPS)):  # a slice of less than one host
+            if any(
+                g < h for g, h in zip(grid3, HOST_CHIPS, strict=True)
+            ):  # a slice of less than one host
                 options.update(
                     chips_per_host_bounds=tuple(map(min, grid3, HOST_CHIPS)),
                     wrap=(False, False, False),
@@ -174,17 +191,47 @@ def parse(name: str) -> Target:
     raise TargetError(f"unknown target {name!r}; known: {', '.join(known)}")
 
 
-def quiet_libtpu() -> None:
-    """On a host without TPU chips, libtpu looks for its own chip when it loads, prints five lines
-    of warnings on stderr when it finds none, and (without ALLOW_MULTIPLE_LIBTPU_LOAD) lets only
-    one process on the host load it. Naming a (nominal) chip and host silences it; compile
-    targets come from the topology name, not from these. Left alone on a TPU host, or where set."""
-    from jax._src import hardware_utils
+def chip_of(device_kind: str) -> Tpu | Gpu | None:
+    """The chip record of devices that report `device_kind` (None: not one of CHIPS, e.g. a CPU)."""
+    return next(
+        (c for c in CHIPS.values() if device_kind == (c.kind if isinstance(c, Tpu) else c.name)),
+        None,
+    )
 
-    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+
+def keep_jax_off_absent_tpus() -> None:
+    """Where libtpu (the [tpu] extra) is the only accelerator plugin installed and this host has
+    no TPU chip, JAX is kept to the CPU: it would otherwise load libtpu to look for chips, which
+    prints five lines of warnings on stderr. Compile targets load libtpu themselves
+    (`quiet_libtpu`). Left alone where JAX_PLATFORMS is set, a GPU plugin is installed, or on a
+    TPU host. Call it before JAX starts a backend."""
+    if (
+        "JAX_PLATFORMS" not in os.environ
+        and importlib.util.find_spec("libtpu") is not None
+        and importlib.util.find_spec("jax_cuda12_plugin") is None
+        and not _host_has_tpu()
+    ):
+        jax.config.update("jax_platforms", "cpu")
+
+
+def quiet_libtpu() -> None:
+    """For a TPU target's compiler on a host without TPU chips: libtpu looks for its own chip
+    when it loads, prints five lines of warnings on stderr when it finds none, and (without
+    ALLOW_MULTIPLE_LIBTPU_LOAD) lets only one process on the host load it. Naming a (nominal)
+    chip and host silences it; compile targets come from the topology name, not from these.
+    Left alone on a TPU host, or where set."""
+    if not _host_has_tpu():
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def _host_has_tpu() -> bool:
+    """A TPU chip on this host's PCI bus (Google's vendor id, as libtpu looks for them)."""
+    return any(
+        Path(vendor).read_text().strip() == "0x1ae0"
+        for vendor in glob.glob("/sys/bus/pci/devices/*/vendor")
+    )
 
 
 def _gpu_config(gpu: Gpu) -> str:

@@ -1,0 +1,140 @@
+"""How long one compiled step takes on its target, as the target's compiler estimates it.
+
+XLA:TPU writes its cost model's estimate into each instruction it schedules: the
+`backend_config` of fusions, copies and reductions in `compiled.as_text()` carries
+`"estimated_cycles":"N"`. Only the instructions of sequential computations (the entry, loop
+bodies) carry them; a fusion's own computation does not, so each cycle is counted once, at the
+instruction that runs it. A while loop's body runs trip-count times: the constant its condition
+compares the counter with (or XLA's `known_trip_count` where it says). The sum, at the chip's
+clock, is the compiler's estimate of a step. Pallas TPU calls (`tpu_custom_call`) carry no
+cycles; their `cost_estimate` (`pl.CostEstimate`: flops, bytes) at the chip's peak flops and
+bandwidth is a floor for them. Collectives carry no cycles either: a multi-chip step's estimate
+leaves out its communication.
+
+GPU targets compile without a cost model's estimate: there the step time is a roofline, the
+HLO's flops and bytes (`Lowered.cost_analysis()`) at the card's peak.
+"""
+
+import dataclasses
+import enum
+import math
+import re
+
+from md4_eqx.targets import Gpu, Tpu
+
+
+class Basis(enum.Enum):
+    """Where a step time comes from."""
+
+    COST_MODEL = "the TPU compiler's cost model"
+    ROOFLINE = "a roofline of the HLO's flops and bytes at the card's peak"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepTime:
+    """One step's estimated seconds: `compiled` (the cost model's cycles, or the roofline) plus
+    `kernels` (the Pallas calls at their cost estimate's floor)."""
+
+    compiled: float
+    kernels: float
+    basis: Basis
+
+    @property
+    def seconds(self) -> float:
+        return self.compiled + self.kernels
+
+    def describe(self) -> str:
+        """The figure with what it rests on, as the plan prints it."""
+        if self.basis is Basis.ROOFLINE:
+            return f"{self.seconds * 1e3:.1f} ms ({self.basis.value})"
+        kernels = (
+            f" + {self.kernels * 1e3:.1f} ms for the Pallas kernels at their CostEstimate's floor"
+            if self.kernels
+            else ""
+        )
+        compiled = f"{self.compiled * 1e3:.1f} ms"
+        return f"{self.seconds * 1e3:.1f} ms ({self.basis.value}: {compiled}{kernels})"
+
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.-]+) .*\{$")
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%?([\w.-]+) = .*?\b([a-z][a-z0-9-]*)\(")
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_COST = re.compile(
+    r'"cost_estimate":\{"flops":"(\d+)","transcendentals":"\d+","bytes_accessed":"(\d+)"'
+)
+
+
+def tpu_step_time(hlo: str, chip: Tpu) -> StepTime:
+    """The XLA:TPU cost model's estimate of the program `hlo` (`compiled.as_text()`) on `chip`:
+    the estimated cycles of the entry computation, each loop body times its trip count (nested
+    loops multiply), at the chip's clock, plus every Pallas call's flops and bytes at the chip's
+    peak (the larger of the two: a floor)."""
+    computations: dict[str, list[str]] = {}
+    entry = None
+    for line in hlo.splitlines():
+        if match := _COMPUTATION.match(line):
+            lines = computations.setdefault(match[1], [])
+            entry = match[1] if line.startswith("ENTRY") else entry
+        elif line.startswith(" ") and computations:
+            lines.append(line)
+    if entry is None:
+        raise ValueError("no ENTRY computation in the HLO text")
+
+    def cost(name: str) -> tuple[int, float]:  # (cycles, Pallas seconds) of one run of `name`
+        cycles, kernels = 0, 0.0
+        for line in computations[name]:
+            if match := _CYCLES.search(line):
+                cycles += int(match[1])
+            if 'custom_call_target="tpu_custom_call"' in line and (match := _COST.search(line)):
+                flops, bytes_ = int(match[1]), int(match[2])
+                kernels += max(flops / chip.peak_flops, bytes_ / chip.memory_bandwidth)
+            op = (_INSTRUCTION.match(line) or [None, None, ""])[2]
+            called: list[tuple[str, int]] = []
+            if op == "while":
+                body = re.search(r"\bbody=%?([\w.-]+)", line)[1]
+                called = [(body, _trip_count(line, computations))]
+            elif op == "call" or op.endswith("-start"):
+                called = [(c, 1) for c in re.findall(r"\b(?:to_apply|calls)=%?([\w.-]+)", line)]
+            elif op == "conditional":  # the costlier branch
+                listed = re.search(r"branch_computations=\{([^}]*)\}", line)
+                branches = re.findall(r"%?([\w.-]+)", listed[1]) if listed else []
+                branches += re.findall(r"\b(?:true|false)_computation=%?([\w.-]+)", line)
+                c, k = max(cost(b) for b in branches)
+                cycles, kernels = cycles + c, kernels + k
+            for callee, times in called:
+                c, k = cost(callee)
+                cycles, kernels = cycles + times * c, kernels + times * k
+        return cycles, kernels
+
+    cycles, kernels = cost(entry)
+    return StepTime(cycles / (chip.clock_ghz * 1e9), kernels, Basis.COST_MODEL)
+
+
+def _trip_count(line: str, computations: dict[str, list[str]]) -> int:
+    """How many times the while loop `line` runs its body: XLA's `known_trip_count` where given,
+    else the constant its condition's root compares the counter with (counters start at 0)."""
+    if match := re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line):
+        return int(match[1])
+    condition = computations[re.search(r"\bcondition=%?([\w.-]+)", line)[1]]
+    constants = {
+        m[1]: int(m[2])
+        for m in (re.match(r"^\s+%?([\w.-]+) = \S+ constant\((-?\d+)\)", ln) for ln in condition)
+        if m
+    }
+    root = next(ln for ln in condition if ln.lstrip().startswith("ROOT"))
+    compare = re.search(r"compare\(%?([\w.-]+), %?([\w.-]+)\), direction=(\w+)", root)
+    if compare is None or compare[2] not in constants or compare[3] not in ("LT", "LE"):
+        raise ValueError(f"a while loop whose trip count is not a constant bound: {root.strip()}")
+    return constants[compare[2]] + (compare[3] == "LE")
+
+
+def roofline(flops: float, bytes_accessed: float, chip: Gpu | Tpu) -> StepTime:
+    """A step's floor where the compiler gives no estimate: its flops at the chip's peak or its
+    bytes at the memory's bandwidth, whichever takes longer."""
+    seconds = max(flops / chip.peak_flops, bytes_accessed / chip.memory_bandwidth)
+    return StepTime(seconds, 0.0, Basis.ROOFLINE)
+
+
+def mfu(flops: float, time: StepTime, chip: Gpu | Tpu) -> float:
+    """The fraction of the chip's peak that `flops` (a step's, per device) in `time` would use."""
+    return flops / (time.seconds * chip.peak_flops) if time.seconds > 0 else math.nan
