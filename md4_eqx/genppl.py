@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from md4_eqx.errors import ScoringError, first_line
+from md4_eqx.data.hub import hub_call
+from md4_eqx.errors import ScoringError
 from md4_eqx.evaluate import standard_error
 
 
@@ -59,16 +60,13 @@ class CausalLM:
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        try:
+        with hub_call(ScoringError, f"load the causal LM {name_or_path!r}"):
             self.model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            raise ScoringError(
-                f"cannot load the causal LM {name_or_path!r}: {first_line(e)}"
-            ) from None
         self.model.to(self.device).eval()
         try:
-            self.tokenizer: Any = AutoTokenizer.from_pretrained(name_or_path)
-        except (OSError, ValueError):
+            with hub_call(ScoringError, f"load the tokenizer of {name_or_path!r}"):
+                self.tokenizer: Any = AutoTokenizer.from_pretrained(name_or_path)
+        except ScoringError:  # --tokens scores token ids without one
             self.tokenizer = None
         self.name = name_or_path
         cfg = self.model.config

@@ -24,8 +24,9 @@ import numpy as np
 from tqdm import tqdm
 
 from md4_eqx.data.cache import digest, path_fingerprint
+from md4_eqx.data.hub import hub_call
 from md4_eqx.data.tokenizers import ALPHABETS, Tokenizer
-from md4_eqx.errors import DataError, first_line
+from md4_eqx.errors import DataError
 
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
 OWT_DATASET = "Skylion007/openwebtext"
@@ -442,7 +443,5 @@ def _open_stream(path: str, config: str | None, split: str):
     converted or held in memory, so OpenWebText needs no disk beyond its tokens."""
     import datasets
 
-    try:
+    with hub_call(DataError, f"open dataset {path!r} ({split=})"):
         return datasets.load_dataset(path, config, split=split, streaming=True)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise DataError(f"cannot open dataset {path!r} ({split=}): {first_line(e)}") from None

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Int32, Integer
 
-from md4_eqx.errors import DataError, first_line
+from md4_eqx.data.hub import hub_call
+from md4_eqx.errors import DataError
 
 ALPHABETS = {
     "bytes": bytes(range(256)),  # UTF-8 bytes: lossless for any file, V = 256
@@ -63,10 +64,8 @@ class HFTokenizer:
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         from transformers import AutoTokenizer
 
-        try:
+        with hub_call(DataError, f"load tokenizer {name!r}"):
             self._tok = AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError) as e:
-            raise DataError(f"cannot load tokenizer {name!r}: {first_line(e)}") from None
         self.name = name
         self.vocab_size = len(self._tok)
         self.eos_id = self._tok.eos_token_id
