@@ -16,6 +16,8 @@ under a `transformers` causal LM (a hub name such as gpt2-large, or a local dire
 text retokenised, or with --tokens on the token ids as they are (an LM sharing the diffusion
 model's vocabulary). Needs PyTorch: pip install md4-eqx[eval].
 
+The network runs as the run was trained (--attention, --precision, ... change that), except for
+an attention kernel that does not run on this machine: this machine's default replaces it.
 --json prints one JSON object instead of the table. Bad input prints one line on stderr and
 exits with status 2.
 """
@@ -31,14 +33,21 @@ import numpy as np
 from tqdm import tqdm
 
 from md4_eqx import checkpoint
-from md4_eqx.cli import check_positive, field_flag, run_command, script_parser
+from md4_eqx.cli import (
+    add_execution_flags,
+    check_positive,
+    execution_here,
+    field_flag,
+    run_command,
+    script_parser,
+)
 from md4_eqx.data import load
 from md4_eqx.distributed import replicated_on_mesh
 from md4_eqx.errors import UsageError
 from md4_eqx.evaluate import NelboEstimate, nelbo_draws
 from md4_eqx.genppl import CausalLM, unigram_entropy
 from md4_eqx.parallel import DATA, make_mesh
-from md4_eqx.validate import validate
+from md4_eqx.validate import check_data, validate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     nelbo.add_argument("--cache-dir", help="default: $MD4_CACHE or ~/.cache/md4_eqx")
     nelbo.add_argument("--no-progress", action="store_true")
     nelbo.add_argument("--json", action="store_true")
+    add_execution_flags(nelbo)
 
     samples = commands.add_parser(
         "samples", help="generative perplexity and unigram entropy of samples"
@@ -92,6 +102,7 @@ def run_nelbo(args) -> dict:
     with checkpoint.Checkpoints(args.workdir) as checkpoints:
         step, config, _ = checkpoints.read_meta(args.step)
         mesh = make_mesh(model=args.model_parallel)
+        config = execution_here(config, args, mesh)
         parts = mesh.shape[DATA]
         batch = args.batch_size or max(
             parts, config.train.batch_size // config.train.microbatches // parts * parts
@@ -105,11 +116,7 @@ def run_nelbo(args) -> dict:
             data_path=args.data_path,
             progress=not args.no_progress,
         )
-        if ds.vocab_size > config.model.vocab_size:
-            raise UsageError(
-                f"{ds.name}'s vocabulary ({ds.vocab_size}) is larger than the model's "
-                f"({config.model.vocab_size})"
-            )
+        check_data(config.model, ds)
         split = ds.split(args.split)
         n = (
             split.num_examples

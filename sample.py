@@ -15,6 +15,8 @@ index). Positions past an --infill template are generated too (use bash's $'...'
 shares with the last and samples B = --block new ones (so a prompt may be longer than L); a bar
 on stderr counts windows and network calls. Images: a PNG grid (--out, default
 WORKDIR/samples_step<N>.png). --trajectory: a PNG strip and a GIF for images, text snapshots.
+The network runs as the run was trained (--attention, --precision, ... change that), except for
+an attention kernel that does not run on this machine: this machine's default replaces it.
 
 Bad input prints one line on stderr and exits with status 2.
 """
@@ -32,7 +34,14 @@ import numpy as np
 from tqdm import tqdm
 
 from md4_eqx import checkpoint
-from md4_eqx.cli import check_positive, field_flag, run_command, script_parser
+from md4_eqx.cli import (
+    add_execution_flags,
+    check_positive,
+    execution_here,
+    field_flag,
+    run_command,
+    script_parser,
+)
 from md4_eqx.config import Config, Loop, Rule, config_to_json
 from md4_eqx.data import load
 from md4_eqx.distributed import replicated_on_mesh
@@ -79,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--guidance",
         **field_flag(float),
-        help="classifier-free guidance w for class-conditional models (default: the run's config, 0)",
+        help="classifier-free guidance w, class-conditional models only (default: the run's, 0)",
     )
     parser.add_argument("--prompt", help="text kept at the start of every sample")
     parser.add_argument("--infill", help="template; [MASK:n] = n generated tokens")
@@ -96,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cache-dir", help="dataset cache, for the tokenizer (default: as train.py)"
     )
+    add_execution_flags(parser)
     return parser
 
 
@@ -130,6 +140,8 @@ def check(args, config) -> tuple[int, int]:
     length = seq_len if args.length is None else args.length
     block = max(seq_len // 4, 1) if args.block is None else args.block
     block_starts(seq_len, length, block)  # raises for a --length or --block that does not fit
+    if args.out and not Path(args.out).parent.is_dir():  # found before sampling, not after
+        raise UsageError(f"--out {args.out}: no folder {Path(args.out).parent}")
     if args.trajectory and length > seq_len:
         raise UsageError("--trajectory shows one window: leave --length at the model's seq_len")
     classes = config.model.num_classes
@@ -159,6 +171,7 @@ def sample(args) -> int:
         length, block = check(args, config)
         config = with_flags(config, args)
         mesh = make_mesh(devices=jax.devices()[: math.gcd(args.num_samples, jax.device_count())])
+        config = execution_here(config, args, mesh)
         validate(config, mesh, batch=args.num_samples)
         model = checkpoints.load_for_inference(step, config, mesh)
     ds = load(

@@ -29,24 +29,20 @@ def initialize(
     jax.distributed.initialize(coordinator, num_processes, process_id)
 
 
+def data_rows(devices: np.ndarray, process: int) -> list[int]:
+    """The rows of a mesh's [data, model] array of `devices` that hold devices of `process`."""
+    return sorted(
+        {i for (i, _), device in np.ndenumerate(devices) if device.process_index == process}
+    )
+
+
 def batch_part(mesh: Mesh) -> tuple[int, int]:
     """(index, count): this process's devices hold the index-th of `count` equal, contiguous
     parts of every global batch split over `data` (pass them to the data loader as its
-    process_index and process_count). Processes that differ only along `model` share a part."""
-    rows = sorted(
-        {
-            i
-            for (i, _), device in np.ndenumerate(mesh.devices)
-            if device.process_index == jax.process_index()
-        }
-    )
-    size, data = len(rows), mesh.shape[DATA]
-    if rows != list(range(rows[0], rows[0] + size)) or rows[0] % size or data % size:
-        raise ValueError(
-            f"process {jax.process_index()} holds rows {rows} of the mesh's data axis: not one "
-            f"of equal contiguous parts (order the mesh's devices by process)"
-        )
-    return rows[0] // size, data // size
+    process_index and process_count). Processes that differ only along `model` share a part;
+    `md4_eqx.validate.check_processes` has checked that the mesh splits this way."""
+    rows = data_rows(mesh.devices, jax.process_index())
+    return rows[0] // len(rows), mesh.shape[DATA] // len(rows)
 
 
 def global_batch(

@@ -2,8 +2,8 @@
 train.py, sample.py and evaluate.py run in-process (what `run_command` does is the same there),
 and once through the real entry point for the case that used to print 93 lines.
 
-The cases that need a trained checkpoint are next to it: tests/test_sample.py and
-tests/test_evaluate.py.
+The cases that need a trained checkpoint are next to it (tests/test_sample.py and
+tests/test_evaluate.py), but for those that a class-conditional checkpoint meets, below.
 """
 
 import os
@@ -12,10 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_evaluate import save_run
 
 import evaluate
 import sample
 import train
+from md4_eqx.cli import flag_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = [
@@ -154,3 +156,65 @@ def test_train_through_its_entry_point(tmp_path):
 def test_sample_and_evaluate(main, argv, needle, tmp_path, capsys):
     code, err = exit_and_stderr(main, [a.format(tmp=tmp_path) for a in argv], capsys)
     assert_one_line(code, err, needle)
+
+
+@pytest.mark.parametrize(
+    "program, argv, needle",
+    [
+        ("data.py", ["--dataset", "owt"], "cannot load tokenizer 'gpt2': We couldn't connect"),
+        (
+            "train.py",
+            ["--dataset", "hf:someone/stories", "--tokenizer", "bytes", "--workdir", "{tmp}/w"],
+            "cannot open dataset 'someone/stories' (split='train'): Couldn't reach",
+        ),
+    ],
+    ids=["data-owt", "train-hf"],
+)
+def test_unreachable_hub(program, argv, needle, tmp_path):
+    """An unreachable hub (nothing listens on loopback's port 9) is one line, not the hub
+    library's warnings about each of its retries. Its waits between retries (23 s) are skipped:
+    time.sleep returns at once in this process."""
+    argv = [program, *[a.format(tmp=tmp_path) for a in argv], "--cache-dir", str(tmp_path / "c")]
+    run = f"import runpy, sys, time; time.sleep = lambda s: None; sys.argv = {argv!r}; "
+    run += f"runpy.run_path({program!r}, run_name='__main__')"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    proc = subprocess.run(
+        [sys.executable, "-c", run], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert_one_line(proc.returncode, proc.stderr, needle)
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.fixture(scope="module")
+def classes_run(tmp_path_factory) -> Path:
+    """The checkpoint of a class-conditional model (2 classes) whose run read a text file."""
+    return save_run(tmp_path_factory.mktemp("classes"), model={"num_classes": 2})
+
+
+@pytest.mark.parametrize(
+    "main, argv, needle",
+    [
+        (sample.main, ["--out", "{tmp}/no/such/x.jsonl"], "--out {tmp}/no/such/x.jsonl: no folder"),
+        (
+            evaluate.main,
+            ["nelbo", "--dataset", "file:{run}/../corpus.txt"],
+            "corpus.txt has no labels; the model is class-conditional, with 2",
+        ),
+    ],
+    ids=["sample-out-folder", "nelbo-unlabelled"],
+)
+def test_a_class_conditional_checkpoint(main, argv, needle, classes_run, tmp_path, capsys):
+    """Each found before any work: nothing is sampled or evaluated."""
+    fill = {"tmp": tmp_path, "run": classes_run}
+    argv += ["--workdir", str(classes_run), "--no-progress", "--cache-dir", str(tmp_path / "c")]
+    code, err = exit_and_stderr(main, [a.format(**fill) for a in argv], capsys)
+    assert_one_line(code, err, needle.format(**fill))
+
+
+def test_config_errors_name_the_programs_own_flags():
+    """A field is shown as the flag that sets it in that program, or not at all."""
+    assert flag_of(train.build_parser(), "batch_size") == "--batch-size"
+    assert flag_of(sample.build_parser(), "attention") == "--attention"
+    assert flag_of(evaluate.build_parser(), "head_chunk") == "--head-chunk"
+    assert flag_of(sample.build_parser(), "rule") is None  # sample.py's --sampler sets it
+    assert flag_of(evaluate.build_parser(), "guidance") is None

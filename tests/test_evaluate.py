@@ -2,20 +2,24 @@
 and its standard error covers a known answer; generative perplexity agrees with the causal LM's
 own loss; bad input and a missing PyTorch give one line and status 2."""
 
+import dataclasses
 import json
 import math
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
 import evaluate
+import sample
 from md4_eqx import checkpoint
 from md4_eqx.config import (
     Config,
     DiffusionConfig,
     ExecutionConfig,
+    Impl,
     ModelConfig,
     Precision,
     TrainConfig,
@@ -53,18 +57,29 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A checkpoint of a fresh tiny model trained on a small local byte file."""
-    root = tmp_path_factory.mktemp("eval")
+def save_run(root: Path, **changes) -> Path:
+    """root/run: the checkpoint (step 0) of a fresh tiny model whose run read root/corpus.txt,
+    a small local byte file; `changes` replace fields of its config's sections, by section."""
     rng = np.random.default_rng(0)
     words = ["def", "return", "self", "import", "for", "in", "(x)", "\n", "    ", "=", "+", "1"]
     (root / "corpus.txt").write_text(" ".join(rng.choice(words, 12_000)))
     config = tiny_config(f"file:{root / 'corpus.txt'}")
+    config = dataclasses.replace(
+        config,
+        **{name: dataclasses.replace(getattr(config, name), **c) for name, c in changes.items()},
+    )
     optimizer = make_optimizer(config.optim, config.train.steps)
     state = init_state(config, optimizer, make_mesh(1, 1, jax.devices()[:1]))
     with checkpoint.Checkpoints(root / "run", config.train.keep_checkpoints) as checkpoints:
         checkpoints.save(state, {}, config)
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A checkpoint of a fresh tiny model trained on a small local byte file."""
+    root = tmp_path_factory.mktemp("eval")
+    save_run(root)
     return root
 
 
@@ -154,6 +169,32 @@ def test_nelbo_bad_input(workdir, capsys, argv, message):
     ]
     code, out, err = run(base + argv, capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and not out
+
+
+def test_a_run_trained_with_pallas_samples_and_evaluates_here(tmp_path, capsys):
+    """A run trained with the TPU's Pallas kernel, read on this CPU: both programs run it with
+    XLA's attention and say so in one line; an explicit --attention wins (and is refused here,
+    naming the flag these programs have)."""
+    run_dir = save_run(tmp_path, execution={"attention": Impl.PALLAS})
+    data = ["--workdir", str(run_dir), "--cache-dir", str(tmp_path / "cache")]
+    note = "the run's attention does not run here ('pallas' compiles only for TPU, this is cpu"
+    programs = {
+        "sample": (sample.main, [*data, "--num-samples", "2", "--steps", "2", "--no-progress"]),
+        "nelbo": (
+            evaluate.main,
+            ["nelbo", *data, "--draws", "1", "--batches", "1", "--no-progress", "--json"],
+        ),
+    }
+    for name, (main, argv) in programs.items():
+        assert main(argv) == 0, name
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and note in lines[0] and "using 'xla'" in lines[0], (name, err)
+        assert out, name
+        assert main([*argv, "--attention", "pallas"]) == 2
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "error: --attention: 'pallas' compiles only for TPU" in err, err
 
 
 def test_unigram_entropy():
