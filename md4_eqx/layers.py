@@ -114,9 +114,8 @@ def ada_norm(
 
 def activation(kind: MLPKind):
     """The gate activation of a GLU-family MLP; adaLN uses the same one (MD4_MATH.md)."""
-    return {MLPKind.GLU: jax.nn.sigmoid, MLPKind.SWIGLU: jax.nn.swish, MLPKind.GEGLU: jax.nn.gelu}[
-        kind
-    ]
+    kinds = {MLPKind.GLU: jax.nn.sigmoid, MLPKind.SWIGLU: jax.nn.swish, MLPKind.GEGLU: jax.nn.gelu}
+    return kinds[kind]
 
 
 def rope(x: Float[Array, "b l h d"], theta: float) -> Float[Array, "b l h d"]:
@@ -124,17 +123,15 @@ def rope(x: Float[Array, "b l h d"], theta: float) -> Float[Array, "b l h d"]:
     seq, half = x.shape[1], x.shape[-1] // 2
     freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # (d/2,)
     angles = jnp.arange(seq, dtype=jnp.float32)[:, None] * freqs[None, :]  # (l, d/2)
-    cos, sin = (
-        jnp.cos(angles)[None, :, None, :],
-        jnp.sin(angles)[None, :, None, :],
-    )  # (1, l, 1, d/2)
+    angles = angles[None, :, None, :]  # (1, l, 1, d/2)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
 def dropout(
-    x: Float[Array, "b *rest"], rate: float, keys: Key[Array, " b"] | None
-) -> Float[Array, "b *rest"]:
+    x: Float[Array, " b *rest"], rate: float, keys: Key[Array, " b"] | None
+) -> Float[Array, " b *rest"]:
     """Inverted dropout with one key per example (keys=None: inference, identity)."""
     if keys is None or rate == 0.0:
         return x
@@ -167,10 +164,10 @@ class Attention(eqx.Module):
         self.rope_theta = rope_theta
 
     def __call__(self, x: Float[Array, "b l d"], impl: Impl) -> Float[Array, "b l d"]:
-        b, l, _ = x.shape
+        b, seq, _ = x.shape
 
         def heads(proj: Linear) -> Float[Array, "b l h hd"]:
-            return proj(x, x.dtype).reshape(b, l, -1, self.head_dim)  # local heads
+            return proj(x, x.dtype).reshape(b, seq, -1, self.head_dim)  # local heads
 
         q, k, v = (
             rope(heads(self.wq), self.rope_theta),
@@ -178,7 +175,7 @@ class Attention(eqx.Module):
             heads(self.wv),
         )
         out = attention(q, k, v, impl=impl)  # (b, l, h_local, hd)
-        return self.wo(out.reshape(b, l, -1), x.dtype)  # in x's (compute) dtype
+        return self.wo(out.reshape(b, seq, -1), x.dtype)  # in x's (compute) dtype
 
 
 class MLP(eqx.Module):
@@ -202,7 +199,8 @@ class MLP(eqx.Module):
 
 
 def time_embedding(t: Float[Array, " b"], dim: int) -> Float[Array, "b dim"]:
-    """Sinusoidal embedding of 1000 t: half sin, half cos, frequencies exp(-k log(1e4) / (dim/2 - 1))."""
+    """Sinusoidal embedding of 1000 t: half sin, half cos, frequencies
+    exp(-k log(1e4) / (dim/2 - 1))."""
     half = dim // 2
     freqs = jnp.exp(-math.log(10_000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
     args = 1000.0 * t[:, None] * freqs[None, :]  # (b, dim/2)
@@ -222,9 +220,8 @@ class Conditioning(eqx.Module):
     def __init__(self, dim: int, num_classes: int, *, key: PRNGKeyArray):
         kc, k1, k2 = jax.random.split(key, 3)
         self.class_embed = embedding_table(kc, num_classes + 1, dim) if num_classes else None
-        self.dense1 = Linear(
-            dim * (2 if num_classes else 1), 4 * dim, key=k1, bias=True
-        )  # [time_emb, class_emb]
+        # Its input: [time_emb, class_emb].
+        self.dense1 = Linear(dim * (2 if num_classes else 1), 4 * dim, key=k1, bias=True)
         self.dense2 = Linear(4 * dim, dim, key=k2, bias=True)
         self.dim = dim
 

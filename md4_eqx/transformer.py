@@ -36,14 +36,17 @@ from md4_eqx.parallel import Split
 
 
 class Block(eqx.Module):
-    """One adaLN-zero block:
-    h = x + gate_a * Attn(LN(x) (1 + scale_a) + shift_a);  out = h + gate_m * MLP(LN(h) (1 + scale_m) + shift_m).
+    """One adaLN-zero block (MD4_MATH.md, "Network"):
+    h = x + gate_a * Attn(LN(x) (1 + scale_a) + shift_a);
+    out = h + gate_m * MLP(LN(h) (1 + scale_m) + shift_m).
 
     `Remat.MINIMAL` recomputes the block's norms and its MLP half in the backward pass, which then
     keeps only x (float32), the attention's input, q, k, v, output and Attn(...) (compute dtype),
     and MLP(...) (compute dtype): h, both norms and the MLP's [b, l, hidden] intermediates come
-    back from them, for two more MLP matmuls. `Remat.NONE` keeps everything and recomputes
-    nothing; `Remat.FULL` is applied to the whole block by `Transformer.features`.
+    back from them, for two more MLP matmuls (on XLA's CPU backend only with the layers rolled:
+    unrolled, it schedules the recomputation ahead of the backward pass). `Remat.NONE` keeps
+    everything and recomputes nothing; `Remat.FULL` is applied to the whole block by
+    `Transformer.features`.
     """
 
     ada: Linear  # zero-initialised: a fresh block is the identity
@@ -83,8 +86,8 @@ class Block(eqx.Module):
 
 
 class Transformer(eqx.Module):
-    """mu_theta: (z_t, t, label) -> float32 logits over this device's slice of the padded vocabulary;
-    `keys` (one per example) enable dropout."""
+    """mu_theta: (z_t, t, label) -> float32 logits over this device's slice of the padded
+    vocabulary; `keys` (one per example) enable dropout."""
 
     embed: Embedding
     cond: Conditioning

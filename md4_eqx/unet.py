@@ -60,7 +60,8 @@ def conv2d(
 
 
 def apply(layer: eqx.Module, x: Float[Array, "b ..."], dtype: jnp.dtype) -> Float[Array, "b ..."]:
-    """A per-example layer over the batch in `dtype` (float32 parameters cast for the call), to float32."""
+    """A per-example layer over the batch in `dtype` (float32 parameters cast for the call), to
+    float32."""
     layer = jax.tree.map(lambda p: p.astype(dtype), layer)
     return jax.vmap(layer)(x.astype(dtype)).astype(jnp.float32)
 
@@ -70,8 +71,9 @@ def group_norm(channels: int) -> eqx.nn.GroupNorm:
 
 
 class ResBlock(eqx.Module):
-    """h = Conv(swish(GN(x))) + Dense(c);  out = skip(x) + ZeroConv(Dropout(swish(GN(h)))), with
-    skip a 1x1 conv (a dense layer over channels) when the input has more channels, else identity."""
+    """h = Conv(swish(GN(x))) + Dense(c);  out = skip(x) + ZeroConv(Dropout(swish(GN(h)))),
+    with skip a 1x1 conv (a dense layer over channels) when the input has more channels, else
+    identity."""
 
     norm1: eqx.nn.GroupNorm
     conv1: eqx.nn.Conv2d
@@ -140,8 +142,8 @@ class SelfAttention(eqx.Module):
 
 
 class UNet(eqx.Module):
-    """mu_theta: (z_t, t, label) -> float32 logits over this device's slice of the padded vocabulary;
-    `keys` (one per example) enable dropout."""
+    """mu_theta: (z_t, t, label) -> float32 logits over this device's slice of the padded
+    vocabulary; `keys` (one per example) enable dropout."""
 
     embed: Float[Array, "ids width"]  # V + 1 rows: the sub-pixel values and the mask
     cond: Conditioning
@@ -163,9 +165,8 @@ class UNet(eqx.Module):
         self.cond = Conditioning(cfg.cond_dim, cfg.num_classes, key=kc)
         self.conv_in = conv2d(CHANNELS * width, width, 3, key=ki)
 
-        def stack(
-            in_channels: int, key: PRNGKeyArray, count: int
-        ) -> ResBlock:  # on a leading [count] axis
+        # `count` blocks on a leading [count] axis.
+        def stack(in_channels: int, key: PRNGKeyArray, count: int) -> ResBlock:
             return eqx.filter_vmap(lambda k: ResBlock(cfg, execution, in_channels, key=k))(
                 jax.random.split(key, count)
             )
@@ -188,8 +189,8 @@ class UNet(eqx.Module):
         keys: Key[Array, " b"] | None,
         first: int,
     ) -> Float[Array, "n b d hh ww"]:
-        """Run the n stacked blocks in turn (block i gets dropout keys `first + i`); with `skips`, block i
-        takes [h, skips[i]] concatenated over channels. Returns every block's output.
+        """Run the n stacked blocks in turn (block i gets dropout keys `first + i`); with `skips`,
+        block i takes [h, skips[i]] concatenated over channels. Returns every block's output.
 
         Any recomputation (`Remat.MINIMAL` or `Remat.FULL`: a ResBlock has no MLP half to
         recompute alone) recomputes whole blocks in the backward pass, and then the loop is rolled,
@@ -222,21 +223,20 @@ class UNet(eqx.Module):
         side = math.isqrt(cfg.seq_len // CHANNELS)  # ModelConfig checks seq_len = 3 side^2
         b, num = z.shape[0], cfg.num_layers
         c = self.cond(t, labels)  # (b, cond)
-        x = self.embed[z].reshape(
-            b, side, side, CHANNELS * cfg.width
-        )  # (b, h, w, 3 d), (h, w, c) order
+        # (b, h, w, 3 d), the sub-pixels in (h, w, c) order
+        x = self.embed[z].reshape(b, side, side, CHANNELS * cfg.width)
         h0 = apply(self.conv_in, x.transpose(0, 3, 1, 2), dtype)  # (b, d, h, w)
         down = self._blocks(self.down, h0, None, c, keys, first=0)  # (num, b, d, h, w)
         skips = jnp.concatenate([h0[None], down])
-        h = self.attn(
-            self.mid1(skips[-1], c, layer_keys(keys, num))
-        )  # the middle: block, attention, block
+        # The middle: block, attention, block.
+        h = self.attn(self.mid1(skips[-1], c, layer_keys(keys, num)))
         h = self.mid2(h, c, layer_keys(keys, num + 1))
         # The up path takes the skips last-in first-out, ending with the input conv's output.
         h = self._blocks(self.up, h, skips[::-1], c, keys, first=num + 2)[-1]
         h = apply(self.conv_out, jax.nn.swish(jax.vmap(self.norm_out)(h)), dtype)  # (b, 3 V, h, w)
         logits = h.transpose(0, 2, 3, 1).reshape(b, side * side * CHANNELS, cfg.vocab_size)
-        # Zero logits on the padded ids (the loss's normaliser excludes them), then this device's slice.
+        # Zero logits on the padded ids (the loss's normaliser excludes them), then this device's
+        # slice.
         full = jnp.pad(logits, ((0, 0), (0, 0), (0, cfg.padded_vocab - cfg.vocab_size)))
         v_local = cfg.padded_vocab // lax.axis_size(MODEL)
         return lax.dynamic_slice_in_dim(full, vocab_offset(v_local), v_local, axis=-1)

@@ -164,9 +164,8 @@ def test_dropout_keys_matter_only_with_dropout(getkey):
         logits_on(SINGLE, dropped, z, t, keys=keys),
         logits_on(SINGLE, dropped, z, t, keys=other),
     )
-    np.testing.assert_array_equal(
-        train_a, logits_on(SINGLE, dropped, z, t, keys=keys)
-    )  # keys decide
+    # The keys decide.
+    np.testing.assert_array_equal(train_a, logits_on(SINGLE, dropped, z, t, keys=keys))
     assert not np.allclose(train_a, logits_on(SINGLE, plain, z, t), atol=1e-3)
     assert not np.allclose(train_a, train_b, atol=1e-3)
 
@@ -183,9 +182,10 @@ def test_remat_gives_the_same_gradients_with_fewer_temporaries(getkey):
     for remat in (Remat.NONE, Remat.FULL):
         net = UNet(cfg, dataclasses.replace(RUN, remat=remat), key=key)
         params, static = eqx.partition(randomised(net, noise, 0.2), eqx.is_array)
-        loss = lambda p: jnp.sum(
-            jnp.sin(logits_on(SINGLE, eqx.combine(p, static), z, t, keys=keys))
-        )  # noqa: E731
+
+        def loss(p, static=static):
+            return jnp.sum(jnp.sin(logits_on(SINGLE, eqx.combine(p, static), z, t, keys=keys)))
+
         compiled = jax.jit(jax.grad(loss)).lower(params).compile()
         grads.append(jax.tree.leaves(compiled(params)))
         temp.append(compiled.memory_analysis().temp_size_in_bytes)
