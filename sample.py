@@ -36,13 +36,15 @@ from tqdm import tqdm
 from md4_eqx import checkpoint
 from md4_eqx.cli import (
     add_execution_flags,
+    add_field_flags,
     check_positive,
     execution_here,
     field_flag,
+    replace_given,
     run_command,
     script_parser,
 )
-from md4_eqx.config import Config, Loop, Rule, config_to_json
+from md4_eqx.config import Config, Rule, config_to_json
 from md4_eqx.data import load
 from md4_eqx.distributed import replicated_on_mesh
 from md4_eqx.errors import UsageError
@@ -66,29 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", default="runs/tiny-pystdlib")
     parser.add_argument("--step", **field_flag(int), help="checkpoint step (default: the newest)")
     parser.add_argument("--num-samples", **field_flag(int), default=4)
-    parser.add_argument(
-        "--steps", **field_flag(int), help="sampling steps (default: the run's config)"
-    )
-    parser.add_argument(
-        "--sampler",
-        **field_flag(Rule),
-        help="the per-step rule (default: the run's config, or top_p when --top-p is given)",
-    )
-    parser.add_argument(
-        "--loop",
-        **field_flag(Loop),
-        help="which steps call the network (default: the run's config)",
-    )
-    parser.add_argument("--top-p", **field_flag(float))
     parser.add_argument("--seed", **field_flag(int), default=0)
     parser.add_argument("--out", help="FILE.jsonl for text, FILE.png for images")
     parser.add_argument(
         "--label", **field_flag(int), help="class of every image (default: 0, 1, 2, ...)"
-    )
-    parser.add_argument(
-        "--guidance",
-        **field_flag(float),
-        help="classifier-free guidance w, class-conditional models only (default: the run's, 0)",
     )
     parser.add_argument("--prompt", help="text kept at the start of every sample")
     parser.add_argument("--infill", help="template; [MASK:n] = n generated tokens")
@@ -105,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cache-dir", help="dataset cache, for the tokenizer (default: as train.py)"
     )
+    add_field_flags(parser, ["sampler"], "the sampler (default: the run's; --top-p alone: top_p)")
     add_execution_flags(parser)
     return parser
 
@@ -151,17 +135,10 @@ def check(args, config) -> tuple[int, int]:
 
 
 def with_flags(config: Config, args) -> Config:
-    """The run's config with the sampler flags given (the sampler's ConfigError names the flag)."""
-    changes = {
-        "steps": args.steps,
-        "top_p": args.top_p,
-        "loop": args.loop,
-        "guidance": args.guidance,
-        "rule": args.sampler or (Rule.TOP_P if args.top_p is not None else None),
-    }
-    sampler = dataclasses.replace(
-        config.sampler, **{k: v for k, v in changes.items() if v is not None}
-    )
+    """The run's config with the sampler flags given; --top-p alone implies the top_p rule."""
+    sampler = replace_given(config.sampler, "sampler", args)
+    if "sampler.top_p" in vars(args) and "sampler.rule" not in vars(args):
+        sampler = dataclasses.replace(sampler, rule=Rule.TOP_P)
     return dataclasses.replace(config, sampler=sampler)
 
 

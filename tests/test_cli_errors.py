@@ -216,5 +216,5 @@ def test_config_errors_name_the_programs_own_flags():
     assert flag_of(train.build_parser(), "batch_size") == "--batch-size"
     assert flag_of(sample.build_parser(), "attention") == "--attention"
     assert flag_of(evaluate.build_parser(), "head_chunk") == "--head-chunk"
-    assert flag_of(sample.build_parser(), "rule") is None  # sample.py's --sampler sets it
-    assert flag_of(evaluate.build_parser(), "guidance") is None
+    assert flag_of(sample.build_parser(), "rule") == "--rule"
+    assert flag_of(evaluate.build_parser(), "guidance") is None  # the checkpoint's sampler
