@@ -1,10 +1,14 @@
 """Flash attention in Pallas, written for Mosaic TPU: the forward, dq and dk/dv kernels of
-md4_eqx.kernels.flash_vjp, the TPU way: a grid (b, h, block, reduced block) whose innermost axis
-walks the blocks being reduced over ("arbitrary"), with float32 accumulators in VMEM scratch that
-live across those steps; lse = m + log(l).
+md4_eqx.kernels.flash_vjp, the TPU way: a grid (b, head group, block, reduced block) whose
+innermost axis walks the blocks being reduced over ("arbitrary"), with float32 accumulators in
+VMEM scratch that live across those steps; lse = m + log(l).
 
-The public layout is [batch, seq, heads, head_dim]; the kernels see [batch, heads, seq,
-head_dim] so that every block is a (rows, head_dim) tile (Mosaic tiles the last two dims).
+The kernels read and write the projections' own layout, [batch, seq, heads, head_dim], seen as
+[batch, seq, heads * head_dim] (a reshape that moves no data): a block is (rows, a group of
+heads), and the kernel walks the group's heads in lanes. A transpose to [batch, heads, seq,
+head_dim] would be a copy of q, k, v and o in XLA before and after every call. Mosaic tiles the
+last two dims of a block in (8, 128): a group's width is a multiple of 128 lanes (two heads of
+64), or all the heads (a block as wide as the array is always allowed).
 """
 
 import dataclasses
@@ -85,11 +89,18 @@ def _scores(
     return jnp.where(position < length, s, -jnp.inf)
 
 
+def _head(j: int, head_dim: int) -> pl.Slice:
+    """The lanes of head `j` of a block's group."""
+    return pl.ds(j * head_dim, head_dim)
+
+
 def _forward_kernel(
     q_ref, k_ref, v_ref, o_ref, lse_ref, m_scratch, l_scratch, acc_scratch, *, scale, kv_len
 ):
-    """One (q-block, kv-block) step of the online softmax (FlashAttention Algorithm 1)."""
+    """One (q-block, kv-block) step of the online softmax (FlashAttention Algorithm 1), for each
+    head of the block's group."""
     kv_index, num_kv = pl.program_id(3), pl.num_programs(3)
+    heads, _, head_dim = acc_scratch.shape
 
     @pl.when(kv_index == 0)
     def _init():
@@ -97,45 +108,54 @@ def _forward_kernel(
         l_scratch[...] = jnp.zeros(l_scratch.shape, jnp.float32)
         acc_scratch[...] = jnp.zeros(acc_scratch.shape, jnp.float32)
 
-    s = _scores(q_ref[...], k_ref[...], scale=scale, block=kv_index, length=kv_len)  # (bq, bk)
-    m_prev, l_prev = m_scratch[...], l_scratch[...]  # (block_q, LANES)
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # (block_q, LANES)
-    # The first kv block holds a real key, so m_next is finite from then on: no inf - inf.
-    p = jnp.exp(s - m_next[:, :1])  # (block_q, block_k)
-    alpha = jnp.exp(m_prev - m_next)  # rescales what was accumulated under the old max
-    l_scratch[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-    m_scratch[...] = m_next
-    acc_scratch[...] = acc_scratch[...] * alpha[:, :1] + _nn(p.astype(v_ref.dtype), v_ref[...])
+    for j in range(heads):
+        cols = _head(j, head_dim)
+        s = _scores(q_ref[:, cols], k_ref[:, cols], scale=scale, block=kv_index, length=kv_len)
+        m_prev, l_prev = m_scratch[j], l_scratch[j]  # (block_q, LANES)
+        m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # (block_q, LANES)
+        # The first kv block holds a real key, so m_next is finite from then on: no inf - inf.
+        p = jnp.exp(s - m_next[:, :1])  # (block_q, block_k)
+        alpha = jnp.exp(m_prev - m_next)  # rescales what was accumulated under the old max
+        l_scratch[j] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+        m_scratch[j] = m_next
+        pv = _nn(p.astype(v_ref.dtype), v_ref[:, cols])  # (block_q, head_dim)
+        acc_scratch[j] = acc_scratch[j] * alpha[:, :1] + pv
 
     @pl.when(kv_index == num_kv - 1)
     def _finish():
-        l = l_scratch[...]
-        o_ref[...] = (acc_scratch[...] / l[:, :1]).astype(o_ref.dtype)
-        lse_ref[...] = m_scratch[...] + jnp.log(l)
+        for j in range(heads):
+            total = l_scratch[j]
+            o_ref[:, _head(j, head_dim)] = (acc_scratch[j] / total[:, :1]).astype(o_ref.dtype)
+            lse_ref[j] = m_scratch[j] + jnp.log(total)
 
 
 def _dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_scratch, *, scale, kv_len
 ):
-    """dq for one q block, accumulated over kv blocks (FlashAttention Algorithm 2)."""
+    """dq for one q block, accumulated over kv blocks (FlashAttention Algorithm 2), for each
+    head of the block's group."""
     kv_index, num_kv = pl.program_id(3), pl.num_programs(3)
+    heads, _, head_dim = dq_scratch.shape
 
     @pl.when(kv_index == 0)
     def _init():
         dq_scratch[...] = jnp.zeros(dq_scratch.shape, jnp.float32)
 
-    k = k_ref[...]
-    s = _scores(q_ref[...], k, scale=scale, block=kv_index, length=kv_len)  # (bq, bk)
-    lse = jnp.expand_dims(lse_ref[0], -1)  # (block_q, 1)
-    delta = jnp.expand_dims(delta_ref[0], -1)  # (block_q, 1)
-    p = jnp.exp(s - lse)
-    dp = _nt(do_ref[...], v_ref[...])  # (block_q, block_k)
-    ds = p * (dp - delta)
-    dq_scratch[...] += _nn(ds.astype(k.dtype), k)  # (block_q, head_dim)
+    for j in range(heads):
+        cols = _head(j, head_dim)
+        k = k_ref[:, cols]
+        s = _scores(q_ref[:, cols], k, scale=scale, block=kv_index, length=kv_len)  # (bq, bk)
+        lse = jnp.expand_dims(lse_ref[j, 0], -1)  # (block_q, 1)
+        delta = jnp.expand_dims(delta_ref[j, 0], -1)  # (block_q, 1)
+        p = jnp.exp(s - lse)
+        dp = _nt(do_ref[:, cols], v_ref[:, cols])  # (block_q, block_k)
+        ds = p * (dp - delta)
+        dq_scratch[j] += _nn(ds.astype(k.dtype), k)  # (block_q, head_dim)
 
     @pl.when(kv_index == num_kv - 1)
     def _finish():
-        dq_ref[...] = (dq_scratch[...] * scale).astype(dq_ref.dtype)
+        for j in range(heads):
+            dq_ref[:, _head(j, head_dim)] = (dq_scratch[j] * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(
@@ -154,42 +174,62 @@ def _dkv_kernel(
     q_len,
 ):
     """dk and dv for one kv block, accumulated over q blocks, computed transposed so that
-    lse and delta broadcast as rows (FlashAttention Algorithm 2)."""
+    lse and delta broadcast as rows (FlashAttention Algorithm 2), for each head of the block's
+    group."""
     q_index, num_q = pl.program_id(3), pl.num_programs(3)
+    heads, _, head_dim = dk_scratch.shape
 
     @pl.when(q_index == 0)
     def _init():
         dk_scratch[...] = jnp.zeros(dk_scratch.shape, jnp.float32)
         dv_scratch[...] = jnp.zeros(dv_scratch.shape, jnp.float32)
 
-    q, do = q_ref[...], do_ref[...]
-    s_t = _scores(k_ref[...], q, scale=scale, block=q_index, length=q_len)  # (block_k, block_q)
-    p_t = jnp.exp(s_t - lse_ref[...])  # lse row (1, block_q)
-    dv_scratch[...] += _nn(p_t.astype(do.dtype), do)  # (block_k, head_dim)
-    dp_t = _nt(v_ref[...], do)  # (block_k, block_q)
-    ds_t = p_t * (dp_t - delta_ref[...])
-    dk_scratch[...] += _nn(ds_t.astype(q.dtype), q)  # (block_k, head_dim)
+    for j in range(heads):
+        cols = _head(j, head_dim)
+        q, do = q_ref[:, cols], do_ref[:, cols]
+        s_t = _scores(k_ref[:, cols], q, scale=scale, block=q_index, length=q_len)  # (bk, bq)
+        p_t = jnp.exp(s_t - lse_ref[j])  # lse row (1, block_q)
+        dv_scratch[j] += _nn(p_t.astype(do.dtype), do)  # (block_k, head_dim)
+        dp_t = _nt(v_ref[:, cols], do)  # (block_k, block_q)
+        ds_t = p_t * (dp_t - delta_ref[j])
+        dk_scratch[j] += _nn(ds_t.astype(q.dtype), q)  # (block_k, head_dim)
 
     @pl.when(q_index == num_q - 1)
     def _finish():
-        dk_ref[...] = (dk_scratch[...] * scale).astype(dk_ref.dtype)
-        dv_ref[...] = dv_scratch[...].astype(dv_ref.dtype)
+        for j in range(heads):
+            cols = _head(j, head_dim)
+            dk_ref[:, cols] = (dk_scratch[j] * scale).astype(dk_ref.dtype)
+            dv_ref[:, cols] = dv_scratch[j].astype(dv_ref.dtype)
 
 
-def _rows(block: int, width: int, *, seq_axis: int) -> pl.BlockSpec:
-    """Spec for a (block, width) tile of a [b, h, seq, width] array; the grid's
-    `seq_axis`-th index (2 or 3) picks the block along seq."""
-    return pl.BlockSpec(
-        (None, None, block, width), lambda b, h, i, j: (b, h, (i, j)[seq_axis - 2], 0)
+def _group(heads: int, head_dim: int) -> int:
+    """Heads per block: the fewest that divide `heads` and fill whole 128-lane vregs, else all
+    of them (Mosaic takes a block as wide as the array whatever its width)."""
+    return next(
+        (g for g in range(1, heads + 1) if heads % g == 0 and g * head_dim % LANES == 0), heads
     )
 
 
-def _backward_specs(bq: int, bk: int, d: int, *, q_axis: int, kv_axis: int) -> list[pl.BlockSpec]:
+def _rows(block: int, width: int, *, seq_axis: int) -> pl.BlockSpec:
+    """Spec for a (block, width) tile of a [b, seq, heads * head_dim] array: the grid's
+    `seq_axis`-th index (2 or 3) picks the block along seq, its second index the head group."""
+    return pl.BlockSpec((None, block, width), lambda b, g, i, j: (b, (i, j)[seq_axis - 2], g))
+
+
+def _stats(group: int, block: int) -> pl.BlockSpec:
+    """Spec for a (group, block, LANES) tile of the forward's [b, h, tq, LANES] lse: the grid's
+    second index picks the head group, its third the q block."""
+    return pl.BlockSpec((None, group, block, LANES), lambda b, g, i, j: (b, g, i, 0))
+
+
+def _backward_specs(
+    bq: int, bk: int, d: int, group: int, *, q_axis: int, kv_axis: int
+) -> list[pl.BlockSpec]:
     """Specs for (q, k, v, do, lse rows, delta rows); q_axis and kv_axis are the grid axes
     (2 or 3) that walk the query and key blocks."""
-    q_rows, kv_rows = _rows(bq, d, seq_axis=q_axis), _rows(bk, d, seq_axis=kv_axis)
+    q_rows, kv_rows = _rows(bq, group * d, seq_axis=q_axis), _rows(bk, group * d, seq_axis=kv_axis)
     stats = pl.BlockSpec(
-        (None, None, 1, bq), lambda b, h, i, j: (b, h, 0, (i, j)[q_axis - 2])
+        (None, group, 1, bq), lambda b, g, i, j: (b, g, 0, (i, j)[q_axis - 2])
     )  # [b, h, 1, seq] rows
     return [q_rows, kv_rows, kv_rows, q_rows, stats, stats]
 
@@ -203,8 +243,8 @@ def _cost(matmuls: int, q, k, *, once: tuple, streamed: tuple, passes: int) -> p
     `matmuls` products of a [tq, tk] score tile with head_dim, one exp per score, the arrays
     `once` read or written once and those `streamed` read `passes` times (once per block of
     the axis the grid walks outside them). Padded sizes: the work the kernel does."""
-    b, h, tq, d = q.shape
-    tk = k.shape[2]
+    b, tq, h, d = q.shape
+    tk = k.shape[1]
     return pl.CostEstimate(
         flops=2 * matmuls * b * h * tq * tk * d,
         transcendentals=b * h * tq * tk,
@@ -218,56 +258,62 @@ def _pallas_call(kernel, *, interpret: bool, **kwargs):
     return pl.pallas_call(kernel, compiler_params=COMPILER_PARAMS, interpret=interpret, **kwargs)
 
 
+def _lanes(x: jax.Array) -> jax.Array:
+    """[b, seq, h, d] -> [b, seq, h * d], the kernels' view: the same bytes."""
+    return x.reshape(*x.shape[:2], -1)
+
+
 def _forward(q, k, v, *, kv_len, blocks, interpret):
-    """o and lse (float32, [b, h, tq]) of padded [b, h, seq, d] inputs."""
-    b, h, tq, d = q.shape
-    tk = k.shape[2]
-    bq, bk = blocks.block_q, blocks.block_k
+    """o ([b, tq, h, d]) and lse (float32, [b, h, tq]) of padded [b, seq, h, d] inputs."""
+    b, tq, h, d = q.shape
+    tk = k.shape[1]
+    bq, bk, group = blocks.block_q, blocks.block_k, _group(h, d)
     out_shape = [
-        out_type(q.shape, q.dtype, q, k, v),
+        out_type((b, tq, h * d), q.dtype, q, k, v),
         out_type((b, h, tq, LANES), jnp.float32, q, k, v),
     ]
     o, lse = _pallas_call(
         functools.partial(_forward_kernel, scale=d**-0.5, kv_len=kv_len),
-        grid=(b, h, tq // bq, tk // bk),
-        in_specs=[_rows(bq, d, seq_axis=2), _rows(bk, d, seq_axis=3), _rows(bk, d, seq_axis=3)],
-        out_specs=[_rows(bq, d, seq_axis=2), _rows(bq, LANES, seq_axis=2)],
+        grid=(b, h // group, tq // bq, tk // bk),
+        in_specs=[
+            _rows(bq, group * d, seq_axis=2),
+            _rows(bk, group * d, seq_axis=3),
+            _rows(bk, group * d, seq_axis=3),
+        ],
+        out_specs=[
+            _rows(bq, group * d, seq_axis=2),
+            _stats(group, bq),
+        ],
         out_shape=out_shape,
         scratch_shapes=[
-            pltpu.VMEM((bq, LANES), jnp.float32),  # m: running row max
-            pltpu.VMEM((bq, LANES), jnp.float32),  # l: running row sum of exp(s - m)
-            pltpu.VMEM((bq, d), jnp.float32),  # acc: unnormalised output
+            pltpu.VMEM((group, bq, LANES), jnp.float32),  # m: running row max
+            pltpu.VMEM((group, bq, LANES), jnp.float32),  # l: running row sum of exp(s - m)
+            pltpu.VMEM((group, bq, d), jnp.float32),  # acc: unnormalised output
         ],
         # s = q k^T, o = p v; the outputs are written once
         cost_estimate=_cost(2, q, k, once=(q, *out_shape), streamed=(k, v), passes=tq // bq),
         interpret=interpret,
         name="flash_attention_forward",
-    )(q, k, v)
-    return o, lse[..., 0]  # lse: (b, h, tq)
+    )(_lanes(q), _lanes(k), _lanes(v))
+    return o.reshape(q.shape), lse[..., 0]  # lse: (b, h, tq)
 
 
 def _backward(q, k, v, do, lse, delta, *, q_len, kv_len, blocks, interpret):
-    """dq, dk, dv of padded [b, h, seq, d] inputs."""
-    b, h, tq, d = q.shape
-    tk = k.shape[2]
-    bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
+    """dq, dk, dv ([b, seq, h, d]) of padded [b, seq, h, d] inputs; lse and delta [b, h, tq]."""
+    b, tq, h, d = q.shape
+    tk = k.shape[1]
+    bq, bk, group = blocks.block_q_bwd, blocks.block_k_bwd, _group(h, d)
     scale = d**-0.5
-    operands = (
-        q,
-        k,
-        v,
-        do,
-        lse[:, :, None],
-        delta[:, :, None],
-    )  # lse and delta rows: (b, h, 1, tq)
+    # q, k, v, do as [b, seq, h * d]; lse and delta rows: (b, h, 1, tq)
+    operands = (*map(_lanes, (q, k, v, do)), lse[:, :, None], delta[:, :, None])
 
     dq = _pallas_call(
         functools.partial(_dq_kernel, scale=scale, kv_len=kv_len),
-        grid=(b, h, tq // bq, tk // bk),
-        in_specs=_backward_specs(bq, bk, d, q_axis=2, kv_axis=3),
-        out_specs=_rows(bq, d, seq_axis=2),
-        out_shape=out_type(q.shape, q.dtype, *operands),
-        scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)],
+        grid=(b, h // group, tq // bq, tk // bk),
+        in_specs=_backward_specs(bq, bk, d, group, q_axis=2, kv_axis=3),
+        out_specs=_rows(bq, group * d, seq_axis=2),
+        out_shape=out_type(operands[0].shape, q.dtype, *operands),
+        scratch_shapes=[pltpu.VMEM((group, bq, d), jnp.float32)],
         # s = q k^T, dp = do v^T, dq = ds k; the output is q's size
         cost_estimate=_cost(3, q, k, once=(q, q, do, lse, delta), streamed=(k, v), passes=tq // bq),
         interpret=interpret,
@@ -276,11 +322,17 @@ def _backward(q, k, v, do, lse, delta, *, q_len, kv_len, blocks, interpret):
 
     dk, dv = _pallas_call(
         functools.partial(_dkv_kernel, scale=scale, q_len=q_len),
-        grid=(b, h, tk // bk, tq // bq),
-        in_specs=_backward_specs(bq, bk, d, q_axis=3, kv_axis=2),
-        out_specs=[_rows(bk, d, seq_axis=2), _rows(bk, d, seq_axis=2)],
-        out_shape=[out_type(k.shape, k.dtype, *operands), out_type(v.shape, v.dtype, *operands)],
-        scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
+        grid=(b, h // group, tk // bk, tq // bq),
+        in_specs=_backward_specs(bq, bk, d, group, q_axis=3, kv_axis=2),
+        out_specs=[_rows(bk, group * d, seq_axis=2), _rows(bk, group * d, seq_axis=2)],
+        out_shape=[
+            out_type(operands[1].shape, k.dtype, *operands),
+            out_type(operands[2].shape, v.dtype, *operands),
+        ],
+        scratch_shapes=[
+            pltpu.VMEM((group, bk, d), jnp.float32),
+            pltpu.VMEM((group, bk, d), jnp.float32),
+        ],
         # s^T = k q^T, dv = p^T do, dp^T = v do^T, dk = ds^T q; the outputs are k's and v's sizes
         cost_estimate=_cost(
             4, q, k, once=(k, v, k, v), streamed=(q, do, lse, delta), passes=tk // bk
@@ -288,18 +340,19 @@ def _backward(q, k, v, do, lse, delta, *, q_len, kv_len, blocks, interpret):
         interpret=interpret,
         name="flash_attention_dkv",
     )(*operands)
-    return dq, dk, dv
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
 
 
-_flash = flash_vjp(_forward, _backward, seq_axis=2)
+_flash = flash_vjp(_forward, _backward, seq_axis=1)
 
 
 def flash_attention(
     q: Float[Array, "b t h d"], k: Float[Array, "b s h d"], v: Float[Array, "b s h d"], *,
     block_sizes: BlockSizes | None = None, interpret: bool = False,
 ) -> Float[Array, "b t h d"]:  # fmt: skip
-    """softmax(q k^T / sqrt(d)) v with the Pallas kernels, differentiable: compiled for TPU by Mosaic, or run anywhere
-    with `interpret=True`. Inputs may be bfloat16 or float32 (one dtype for all three); accumulation is float32."""
+    """softmax(q k^T / sqrt(d)) v with the Pallas kernels, differentiable: compiled for TPU by
+    Mosaic, or run anywhere with `interpret=True`. Inputs may be bfloat16 or float32 (one dtype
+    for all three); accumulation is float32."""
     block_sizes = block_sizes or BlockSizes.default(interpret)
     # Mosaic TPU: block_k is the lane dim of s and block_q that of s^T and of the lse rows.
     align = 8 if interpret else LANES
@@ -315,8 +368,7 @@ def flash_attention(
         min(block_sizes.block_q_bwd, q_cap),
         min(block_sizes.block_k_bwd, kv_cap),
     )
-    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # the kernels' (b, h, seq, d)
-    o = _flash(
+    return _flash(
         q,
         k,
         v,
@@ -325,4 +377,3 @@ def flash_attention(
         q_multiple=math.lcm(blocks.block_q, blocks.block_q_bwd),
         kv_multiple=math.lcm(blocks.block_k, blocks.block_k_bwd),
     )
-    return jnp.swapaxes(o, 1, 2)
