@@ -3,6 +3,7 @@ and its standard error covers a known answer; generative perplexity agrees with 
 own loss; bad input and a missing PyTorch give one line and status 2."""
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -68,11 +69,19 @@ def save_run(root: Path, **changes) -> Path:
         config,
         **{name: dataclasses.replace(getattr(config, name), **c) for name, c in changes.items()},
     )
-    optimizer = make_optimizer(config.optim, config.train.steps)
-    state = init_state(config, optimizer, make_mesh(1, 1, jax.devices()[:1]))
+    # How the network is computed and what it read change none of the state's arrays.
+    base = tiny_config()
+    state = fresh_state(dataclasses.replace(config, execution=base.execution, train=base.train))
     with checkpoint.Checkpoints(root / "run", config.train.keep_checkpoints) as checkpoints:
         checkpoints.save(state, {}, config)
     return root / "run"
+
+
+@functools.cache
+def fresh_state(config: Config):
+    """A fresh TrainState of the model and optimiser of `config` (once per config: seconds)."""
+    optimizer = make_optimizer(config.optim, config.train.steps)
+    return init_state(config, optimizer, make_mesh(1, 1, jax.devices()[:1]))
 
 
 @pytest.fixture(scope="module")
