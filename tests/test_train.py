@@ -29,6 +29,7 @@ from md4_eqx import checkpoint
 from md4_eqx import workdir as workdir_lock
 from md4_eqx.cli import make_config
 from md4_eqx.config import Config, ExecutionConfig, Remat, preset
+from md4_eqx.metrics_log import MetricsLog, read_events
 from md4_eqx.visualize import line_chart
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,10 +96,22 @@ def data(tmp_path_factory) -> tuple[list[str], Path]:
     return ["--dataset", f"file:{path}", "--cache-dir", str(tmp / "cache")], tmp
 
 
+def strict_json(line: str) -> dict:
+    """`line` read as JSON by a reader that takes no NaN or Infinity (Python's json takes them)."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
 def events(workdir: Path) -> list[dict]:
-    """metrics.jsonl without the timing, which differs between runs."""
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"} for line in lines]
+    """metrics.jsonl as `read_events` gives it, without the timing, which differs between runs;
+    every line must be strict JSON."""
+    path = workdir / "metrics.jsonl"
+    for line in path.read_text().splitlines():
+        strict_json(line)
+    return [{k: v for k, v in e.items() if k != "tokens_per_s"} for e in read_events(path)]
 
 
 def tree_digest(path: Path) -> str:
@@ -122,7 +135,8 @@ def trained(data) -> tuple[list[str], Path]:
 
 
 def wait_until_logged(workdir: Path, step: int, proc: subprocess.Popen) -> None:
-    """Polls workdir's metrics.jsonl until `step` is logged; fails if `proc` ends or 240 s pass first."""
+    """Polls workdir's metrics.jsonl until `step` is logged; fails if `proc` ends or 240 s pass
+    first."""
     metrics = workdir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and f'"step": {step},' in metrics.read_text()):
@@ -248,7 +262,8 @@ def to_old_layout(meta_file: Path) -> None:
 @pytest.mark.slow
 def test_checkpoint_of_the_old_config_layout_resumes_and_loads(trained, tmp_path):
     """A checkpoint whose config JSON keeps the execution fields under "model" (written before
-    the split) reads as the same Config, and the same command resumes it as the uninterrupted run."""
+    the split) reads as the same Config, and the same command resumes it as the uninterrupted
+    run."""
     flags, full = trained
     workdir = tmp_path / "old-layout"
     subprocess.run(["cp", "-r", str(full), str(workdir)], check=True)
@@ -340,7 +355,7 @@ def test_two_processes_train_like_one_and_stop_together(trained, data):
     assert checkpoint.read_meta(workdir)[0] == stopped
     got, want = events(workdir), [e for e in events(full) if e["step"] <= stopped]
     assert [e.keys() for e in got] == [e.keys() for e in want]
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g == pytest.approx(w, rel=1e-4), (g, w)
 
 
@@ -528,6 +543,27 @@ def test_sigterm_checkpoints_the_step_and_the_rerun_matches_the_uninterrupted_ru
     assert resumed.returncode == 0, resumed.stderr
     assert f"from step {stopped}" in resumed.stdout
     assert events(workdir) == events(full)
+
+
+def test_non_finite_metrics_are_written_as_json_and_read_back(tmp_path):
+    """JSON has no NaN or Infinity: metrics.jsonl spells them as strings, which a strict JSON
+    reader takes and `read_events` turns back into floats; a resumed run keeps them so."""
+    log = MetricsLog(tmp_path, None, enabled=True)
+    log.write(step=1, train_bpt=7.5, lr=1e-3, grad_norm=0.5)
+    log.write(step=2, skipped=1, train_bpt=math.nan, grad_norm=math.inf)
+    log.write(step=3, eval_bpt=2.0e9, eval_bpt_stderr=1.0, eval_ppl=math.inf, drift=-math.inf)
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    assert [strict_json(line) for line in lines][1:] == [
+        {"step": 2, "skipped": 1, "train_bpt": "nan", "grad_norm": "inf"},
+        {"step": 3, "eval_bpt": 2.0e9, "eval_bpt_stderr": 1.0, "eval_ppl": "inf", "drift": "-inf"},
+    ]
+    first, skipped, evaluated = read_events(path)
+    assert first == {"step": 1, "train_bpt": 7.5, "lr": 1e-3, "grad_norm": 0.5}
+    assert math.isnan(skipped["train_bpt"]) and skipped["grad_norm"] == math.inf
+    assert evaluated["eval_ppl"] == math.inf and evaluated["drift"] == -math.inf
+    MetricsLog(tmp_path, 3, enabled=True)  # a resume from step 3 rewrites the events up to it
+    assert path.read_text().splitlines() == lines
 
 
 def test_unwritable_or_locked_workdir_exits_2_before_training(data, capsys):
