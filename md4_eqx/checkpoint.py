@@ -12,6 +12,7 @@ restores onto another; in a multi-process run every process reads only its own s
 are stored as their raw uint32 data.
 """
 
+import contextlib
 import functools
 import gc
 import logging
@@ -19,6 +20,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,8 @@ from md4_eqx.train_step import TrainState, init_state, state_specs
 
 class Checkpoints:
     """The checkpoints of one workdir, through one orbax `CheckpointManager`:
-    `with Checkpoints(workdir, keep) as checkpoints:` (the module's `read_meta` opens one for one read).
+    `with Checkpoints(workdir, keep) as checkpoints:` (the module's `read_meta` opens one for one
+    read).
 
     A writer (`keep` given: the run that holds the workdir's lock) creates the directory, removes
     the partial checkpoints that killed or failed saves left, and keeps the newest `keep`
@@ -46,10 +49,10 @@ class Checkpoints:
 
     def __init__(self, workdir: str | Path, keep: int | None = None):
         self.directory = Path(workdir).absolute() / "checkpoints"
-        _hide_orbax_aftermath()
         writer = keep is not None
         options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=False,  # `save` returns once the checkpoint is complete on disk
+            # `save` returns once the checkpoint is complete on disk
+            enable_async_checkpointing=False,
             create=writer,
             cleanup_tmp_directories=writer,  # done by process 0 before this manager's first save
             preservation_policy=ocp.checkpoint_managers.LatestN(keep) if writer else None,
@@ -84,12 +87,12 @@ class Checkpoints:
             ),
         )
         try:
-            self._manager.save(step, args=args)
+            with _failure_said_once():
+                self._manager.save(step, args=args)
             return
         except (OSError, ValueError) as e:
             code = re.search(r"os_error_code='?(\d+)", str(e))  # tensorstore's errno, e.g. ENOSPC
             reason = os.strerror(int(code.group(1))) if code else first_line(e)
-        gc.collect()  # the writes orbax abandoned, finalized now under `_hide_orbax_aftermath`, not at exit
         self._manager.reload()
         raise CheckpointError(
             f"checkpoint {step} could not be written to {self.directory} ({reason}); "
@@ -101,7 +104,8 @@ class Checkpoints:
         a CheckpointError: tensorstore's ValueError (an array's bytes or its metadata), the JSON
         decoder's (meta), OSError (a missing file), KeyError (a missing item)."""
         try:
-            return self._manager.restore(step, args=ocp.args.Composite(**items))
+            with _failure_said_once():
+                return self._manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, OSError, KeyError) as e:
             where = self.directory / str(step)
             raise CheckpointError(
@@ -154,7 +158,8 @@ class Checkpoints:
         step, saved, data_state = self.read_meta()
         if differences := model_differences(saved, config):
             raise CheckpointError(
-                f"the checkpoint in {self.directory.parent} is a different model: {'; '.join(differences)}"
+                f"the checkpoint in {self.directory.parent} is a different model: "
+                + "; ".join(differences)
             )
         abstract = eqx.filter_eval_shape(init_state, config, optimizer, mesh)
         arrays, specs = _arrays(abstract), state_specs(abstract, optimizer)
@@ -177,36 +182,46 @@ class Checkpoints:
         return eqx.combine(ema, abstract)
 
 
-@functools.cache  # once per process
-def _hide_orbax_aftermath() -> None:
-    """When a save or a restore fails, orbax raises the first error and abandons the array
-    reads and writes it started: they finish later, in tensorstore's threads, each reporting the
-    same failure, some only when Python exits. The CheckpointError already says what is wrong,
-    and orbax has no option to stop these reports, so four filters, process-wide because the
-    reports outlive the call (and the manager), drop exactly them; anything else is shown."""
-    # orbax's commit thread logs, through absl, the exception that `save` then raises.
-    logging.getLogger("absl").addFilter(
-        lambda record: "_SignalingThread.run() raised an exception" not in record.getMessage()
-    )
-    # asyncio logs the error of each abandoned read ("Future exception was never retrieved").
-    logging.getLogger("asyncio").addFilter(
-        lambda record: (
-            not record.getMessage().partition("\n")[0].endswith("exception was never retrieved")
-        )
-    )
-    # An abandoned write that never started: "coroutine '...write_fragment' was never awaited".
-    warnings.filterwarnings(
-        "ignore", r"coroutine '.*write_fragment' was never awaited", RuntimeWarning
-    )
+@contextlib.contextmanager
+def _failure_said_once() -> Iterator[None]:
+    """Around an orbax save or restore. When one fails, orbax raises the first error and abandons
+    the array writes or reads it started, in its threads and tensorstore's; they go on reporting
+    the same failure, which the CheckpointError already says, and orbax has no option to stop
+    them. This drops exactly those reports:
+    - orbax's threads log, through absl, the exception each met ("_SignalingThread.run() raised
+      an exception"): the one `save` raises, and those of the writes it abandoned;
+    - an abandoned read or write that finishes after orbax closed its event loop raises "Event loop
+      is closed" in its callback (`loop.call_soon_threadsafe`), which Python prints as an
+      unraisable exception;
+    - an abandoned write that never started is a coroutine never awaited (`write_fragment`), a
+      RuntimeWarning when collected: collected here, its warning dropped.
+    The first two come until Python exits, so after a failure their filters stay for the rest of
+    the process (which then ends with the CheckpointError); a call that succeeds leaves none."""
+    absl = logging.getLogger("absl")
+    absl.addFilter(_thread_report)
+    default = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_unless_loop_closed, default=default)
+    try:
+        yield
+    except BaseException:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", r"coroutine '.*write_fragment' was never awaited", RuntimeWarning
+            )
+            gc.collect()
+        raise
+    absl.removeFilter(_thread_report)
+    sys.unraisablehook = default
 
-    # A read or write that finishes after orbax closed the event loop it was started on: its
-    # callback (`loop.call_soon_threadsafe`) raises, unraisably, "Event loop is closed".
-    def hook(unraisable, default=sys.unraisablehook):
-        value = unraisable.exc_value
-        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
-            default(unraisable)
 
-    sys.unraisablehook = hook
+def _thread_report(record: logging.LogRecord) -> bool:
+    return "_SignalingThread.run() raised an exception" not in record.getMessage()
+
+
+def _unless_loop_closed(unraisable, default) -> None:
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+        default(unraisable)
 
 
 def _is_key(x) -> bool:
@@ -252,6 +267,7 @@ def _targets(arrays, specs, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 def read_meta(workdir: str | Path, step: int | None = None) -> tuple[int, Config, dict]:
-    """`Checkpoints.read_meta`, for a program (or a test) that reads a workdir's checkpoints once."""
+    """`Checkpoints.read_meta`, for a program (or a test) that reads a workdir's checkpoints
+    once."""
     with Checkpoints(workdir) as checkpoints:
         return checkpoints.read_meta(step)

@@ -9,6 +9,7 @@ and "the resumed run's metrics equal the uninterrupted run's" can be checked exa
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import signal
@@ -580,6 +581,35 @@ def test_unwritable_or_locked_workdir_exits_2_before_training(data, capsys):
         code, err = main_exit(["--workdir", str(workdir), *flags, *SMALL], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "in use by another run" in err, err
     assert sorted(p.name for p in workdir.iterdir()) == [".lock"]  # nothing written
+
+
+def test_orbax_report_filters_stay_only_after_a_failed_call(monkeypatch):
+    """A checkpoint call that succeeds leaves the process's hooks as they were (a program that
+    only reads checkpoints keeps its own); after one that fails, the absl filter and the
+    unraisable hook drop exactly orbax's late reports of that failure."""
+    absl = logging.getLogger("absl")
+    monkeypatch.setattr(absl, "filters", [])  # restored after the test
+    shown = []
+    monkeypatch.setattr(sys, "unraisablehook", shown.append)
+    with checkpoint._failure_said_once():
+        pass
+    assert absl.filters == [] and sys.unraisablehook == shown.append
+
+    with pytest.raises(ValueError), checkpoint._failure_said_once():
+        raise ValueError("a failed write")
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("absl", logging.ERROR, __file__, 0, message, None, None)
+
+    late = "[process=0][thread=array_type_handler] _SignalingThread.run() raised an exception: X"
+    assert not absl.filter(record(late)) and absl.filter(record("another error"))
+    closed, other = (
+        types.SimpleNamespace(exc_value=RuntimeError(text))
+        for text in ("Event loop is closed", "another error")
+    )
+    sys.unraisablehook(closed)
+    sys.unraisablehook(other)
+    assert shown == [other]
 
 
 # In the child, files may not grow past 64 KiB (root ignores permissions, not this limit): a
