@@ -1,10 +1,10 @@
 """Train MD4 / GenMD4 (Shi et al., 2024): a preset plus command-line overrides, on any mesh.
 
-    python train.py                                    # tiny preset on pystdlib: ~5 min, 2 CPU cores
+    python train.py                                   # tiny preset on pystdlib: ~5 min, 2 cores
     python train.py --preset text8 --dataset text8
     python train.py --preset md4-s --dataset owt --batch-size 512 --mesh data=4,model=2
     python train.py --preset cifar10 --dataset cifar10
-    python train.py --learnable true --workdir runs/genmd4   # GenMD4's learnable schedule
+    python train.py --learnable true --workdir runs/genmd4  # GenMD4's learnable schedule
 
 Every config field (md4_eqx/config.py) is a flag: `--section.field VALUE` (--model.width 256,
 --optim.lr 1e-3, --model.num-layers 6) or just `--field` where the name is unique (--width 256);
@@ -27,10 +27,12 @@ Bad input prints one line on stderr and exits with status 2.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import equinox as eqx
@@ -61,7 +63,7 @@ from md4_eqx.model import MD4
 from md4_eqx.parallel import DATA
 from md4_eqx.preemption import Preemption
 from md4_eqx.sampling import generate
-from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_train_step
+from md4_eqx.train_step import Metrics, init_state, make_optimizer, make_train_step
 from md4_eqx.validate import validate
 from md4_eqx.visualize import image_grid, to_images
 from md4_eqx.workdir import check_space, claim
@@ -158,7 +160,8 @@ def on_mesh(batch: dict, mesh: Mesh, labelled: bool) -> tuple[jax.Array, jax.Arr
 
 
 def eval_batches(ds: Dataset, cfg: Config, mesh: Mesh) -> list[tuple[jax.Array, jax.Array | None]]:
-    """The same held-out batches at every evaluation: the first `eval_batches` of "valid", in order."""
+    """The same held-out batches at every evaluation: the first `eval_batches` of "valid", in
+    order."""
     split = ds.split("valid")
     parts = mesh.shape[DATA]
     size = min(cfg.train.batch_size, split.num_examples // parts * parts)
@@ -209,6 +212,11 @@ def write_samples(
     return path, texts
 
 
+def planned_flags(cfg: Config) -> str:
+    """The line that says what `plan.resolve` chose for an `auto` batch size or microbatches."""
+    return f"planned: --batch-size {cfg.train.batch_size} --microbatches {cfg.train.microbatches}"
+
+
 def train(args: argparse.Namespace) -> int:
     """Config, data and mesh; then the run, holding the workdir (`md4_eqx.workdir.claim`)."""
     began = time.perf_counter()
@@ -218,7 +226,8 @@ def train(args: argparse.Namespace) -> int:
     target = targets.parse(args.target) if args.target else None
     if target is not None and not args.plan:
         raise UsageError(
-            f"--target {args.target} compiles for hardware this machine need not have: use it with --plan"
+            f"--target {args.target} compiles for hardware this machine need not have: "
+            "use it with --plan"
         )
     mesh = parse_mesh(args.mesh, None if target is None else target.devices())
     validate(cfg, mesh)  # before reading data or compiling anything
@@ -231,9 +240,7 @@ def train(args: argparse.Namespace) -> int:
             cfg, mesh, memory, by_compiler=by_compiler
         )  # an `auto` batch size or microbatch count
         if planned != cfg:
-            print(
-                f"planned: --batch-size {planned.train.batch_size} --microbatches {planned.train.microbatches}"
-            )
+            print(planned_flags(planned))
         return 0
     workdir = (
         Path(args.workdir) if args.workdir else default_workdir(args.preset, cfg.train.dataset)
@@ -242,6 +249,64 @@ def train(args: argparse.Namespace) -> int:
     cfg = fit_to_data(cfg, ds, given)
     with claim(workdir), checkpoint.Checkpoints(workdir, cfg.train.keep_checkpoints) as checkpoints:
         return run(args, cfg, ds, mesh, memory, workdir, checkpoints, began)
+
+
+def say(text: str) -> None:
+    """Prints on process 0, between the progress bar's updates."""
+    if jax.process_index() == 0:
+        tqdm.write(text, file=sys.stdout)
+
+
+class StepsInFlight:
+    """The train steps' metrics, read a step late, and the window of steps the log averages.
+
+    Reading a step's metrics waits for the device to finish it. `add` reads the previous step's
+    while the step just dispatched runs, so the host then loads and places the next batch with a
+    step still queued; `settle` reads the newest, before the state is logged, saved or evaluated.
+    Reading a step checks its `skipped` flag (`md4_eqx.divergence`): a skipped step is logged and
+    said, and `BadSteps.check` raises `Diverged` after --max-bad-steps of them in a row.
+
+    `window` hands the log the steps since its last call and their tokens per second, the time
+    spent `paused` (checkpoints, evaluations) left out."""
+
+    def __init__(self, bad_steps: BadSteps, log: MetricsLog):
+        self.bad_steps, self.log = bad_steps, log
+        self.unread: tuple[int, Metrics] | None = None  # the newest step, its flag not read yet
+        self.window_steps: list[Metrics] = []
+        self.window_began, self.window_paused = time.perf_counter(), 0.0
+
+    def add(self, step: int, metrics: Metrics) -> None:
+        self.settle()
+        self.unread = (step, metrics)
+        self.window_steps.append(metrics)
+
+    def settle(self) -> None:
+        if self.unread is None:
+            return
+        step, metrics = self.unread
+        self.unread = None
+        if event := self.bad_steps.observe(step, metrics):  # its update was skipped
+            self.log.write(**event)
+            say(
+                f"step {step}: non-finite loss or gradient norm, update skipped "
+                f"({event['skipped']} in a row)"
+            )
+            self.bad_steps.check()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_paused += time.perf_counter() - began
+
+    def window(self, tokens_per_step: int) -> tuple[list[Metrics], float]:
+        """(metrics of the steps since the last call, their tokens per second); a new window."""
+        now = time.perf_counter()
+        steps, seconds = self.window_steps, now - self.window_began - self.window_paused
+        self.window_steps, self.window_began, self.window_paused = [], now, 0.0
+        return steps, len(steps) * tokens_per_step / seconds
 
 
 def run(
@@ -255,21 +320,13 @@ def run(
     began: float,
 ) -> int:
     """The training run: state (fresh, or the newest checkpoint's), data, and the loop."""
-    main_process = jax.process_index() == 0
-
-    def say(text: str) -> None:  # process 0 prints, between progress bar updates
-        if main_process:
-            tqdm.write(text, file=sys.stdout)
-
     # An `auto` batch size or number of microbatches: planned now, the checkpoint's on resume.
     resume = checkpoints.latest_step()
     planned = plan.resolve(
         cfg, mesh, memory, None if resume is None else checkpoints.read_meta()[1]
     )
     if planned != cfg:
-        say(
-            f"planned: --batch-size {planned.train.batch_size} --microbatches {planned.train.microbatches}"
-        )
+        say(planned_flags(planned))
     cfg = planned
     validate(cfg, mesh)  # again, for what the data and the plan set: the vocabulary, the batch
     tc = cfg.train
@@ -293,8 +350,9 @@ def run(
         process_count=part_count,
         state=data_state,
     )
+    labelled = cfg.model.num_classes > 0
     evals = eval_batches(ds, cfg, mesh)
-    log = MetricsLog(workdir, resume, main_process)  # from here on the run writes into workdir
+    log = MetricsLog(workdir, resume, jax.process_index() == 0)  # from here on: into workdir
     params = sum(x.size for x in jax.tree.leaves(eqx.filter(state.model, eqx.is_array)))
     say(
         f"{'resuming' if resume else 'training'} {params / 1e6:.2f}M parameters on {ds.name} "
@@ -302,106 +360,76 @@ def run(
         f"workdir {workdir}" + (f", from step {resume}" if resume else "")
     )
     eval_key, sample_key = jax.random.key(tc.seed + 2), jax.random.key(tc.seed + 3)
-
-    def eval_and_sample(state: TrainState, step: int) -> list[str]:
-        est = NelboEstimate.from_nats(
-            nelbo_draws(state.ema, eval_key, evals, mesh, tc.eval_draws), cfg.model.seq_len
-        )
-        bpt, se, ppl = est.bits_per_token, est.stderr, est.perplexity
-        log.write(step=step, eval_bpt=bpt, eval_bpt_stderr=se, eval_ppl=ppl)
-        tokens = draw_samples(
-            state.ema, cfg, mesh, jax.random.fold_in(sample_key, step), tc.num_samples
-        )
-        if not main_process:
-            return []
-        path, texts = write_samples(
-            tokens, ds, state.ema.mask_id, workdir / "samples" / f"step_{step:07d}"
-        )
-        log.plot()
-        say(
-            f"step {step}: eval {bpt:.4f} ± {se:.4f} bits/token (perplexity <= {ppl:.2f}), samples in {path}"
-        )
-        return texts
-
-    texts = eval_and_sample(state, 0) if resume is None else []
     train_step = make_train_step(
         state, optimizer, mesh, microbatches=tc.microbatches, clip=cfg.optim.clip, ema=cfg.optim.ema
     )
-    step = resume or 0
+    bad_steps = BadSteps(tc.max_bad_steps)  # Diverged: exit status 1
+    in_flight = StepsInFlight(bad_steps, log)
+    preemption = Preemption()  # SIGTERM / SIGINT: stop after the step, checkpointed, exit 0
     bar = tqdm(
         total=tc.steps,
-        initial=step,
+        initial=resume or 0,
         unit="step",
-        disable=args.no_progress or not main_process,
+        disable=args.no_progress or jax.process_index() != 0,
         dynamic_ncols=True,
     )
-    pending, busy, tick = [], 0.0, time.perf_counter()  # busy: seconds spent outside train steps
-    unread = None  # (step, metrics) of the newest step whose `skipped` flag is not read yet
-    bad_steps = BadSteps(tc.max_bad_steps)  # Diverged: exit status 1
-    preemption = Preemption()  # SIGTERM / SIGINT: stop after the step, checkpointed, exit 0
+    step, stop, texts = resume or 0, False, []
+    while True:
+        # Evaluate and sample, with the EMA model: at step 0, every --eval-every steps and at the
+        # end (a resumed run's first step is the checkpoint's, evaluated by the run that saved it).
+        if step != resume and (step % tc.eval_every == 0 or step == tc.steps):
+            in_flight.settle()
+            with in_flight.paused():
+                nats = nelbo_draws(state.ema, eval_key, evals, mesh, tc.eval_draws)
+                est = NelboEstimate.from_nats(nats, cfg.model.seq_len)
+                bpt, se, ppl = est.bits_per_token, est.stderr, est.perplexity
+                log.write(step=step, eval_bpt=bpt, eval_bpt_stderr=se, eval_ppl=ppl)
+                key = jax.random.fold_in(sample_key, step)
+                tokens = draw_samples(state.ema, cfg, mesh, key, tc.num_samples)
+                if jax.process_index() == 0:
+                    stem = workdir / "samples" / f"step_{step:07d}"
+                    path, texts = write_samples(tokens, ds, state.ema.mask_id, stem)
+                    say(
+                        f"step {step}: eval {bpt:.4f} ± {se:.4f} bits/token "
+                        f"(perplexity <= {ppl:.2f}), samples in {path}"
+                    )
+                log.plot()
+        if step == tc.steps or stop:
+            break
 
-    def observe(step: int, metrics) -> None:  # reads the step's flag: waits for that step
-        if event := bad_steps.observe(step, metrics):  # a non-finite step, its update skipped
-            log.write(**event)
-            say(
-                f"step {step}: non-finite loss or gradient norm, update skipped ({event['skipped']} in a row)"
-            )
-            bad_steps.check()  # Diverged after --max-bad-steps in a row
-
-    while step < tc.steps:
-        tokens, labels = on_mesh(next(loader), mesh, cfg.model.num_classes > 0)
+        # Step: dispatched; the device runs it while the host reads the previous step's metrics
+        # and loads the next batch.
+        tokens, labels = on_mesh(next(loader), mesh, labelled)
         state, metrics = train_step(state, tokens, labels)
-        pending.append(metrics)
         step += 1
         bar.update()
-        # The previous step's flag, read while this step runs: the host waits for that step only,
-        # then loads and places the next batch, so the device always has a step queued.
-        if unread is not None:
-            observe(*unread)
-        unread = (step, metrics)
-        logs, evaluates, saves = (
-            step % every == 0 or step == tc.steps
-            for every in (tc.log_every, tc.eval_every, tc.checkpoint_every)
-        )
+        in_flight.add(step, metrics)
         stop = preemption.requested()  # every process stops at the same step
-        if logs or evaluates or saves or stop:
-            observe(*unread)  # before anything reads or saves this step's state
-            unread = None
-        if logs:
-            # The window's mean over the steps that updated (a skipped step's loss is not finite).
-            good = [m for m in pending if not bool(m.skipped)]
-            tokens_per_s = (
-                len(pending)
-                * tc.batch_size
-                * cfg.model.seq_len
-                / (time.perf_counter() - tick - busy)
-            )
-            if good:
+
+        # Log: the mean bits per token of the window's steps that updated (a skipped step's loss
+        # is not finite).
+        if step % tc.log_every == 0 or step == tc.steps:
+            in_flight.settle()
+            window, tokens_per_s = in_flight.window(tc.batch_size * cfg.model.seq_len)
+            if good := [m for m in window if not bool(m.skipped)]:
                 bpt = float(np.mean([float(m.bpt) for m in good]))
+                lr, grad_norm = float(good[-1].lr), float(good[-1].grad_norm)
                 log.write(
-                    step=step,
-                    train_bpt=bpt,
-                    lr=float(good[-1].lr),
-                    grad_norm=float(good[-1].grad_norm),
-                    tokens_per_s=tokens_per_s,
+                    step=step, train_bpt=bpt, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s
                 )
                 bar.set_postfix(bpt=f"{bpt:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            pending, busy, tick = [], 0.0, time.perf_counter()
-        started = time.perf_counter()
-        if (
-            saves and not bad_steps.streak
-        ) or stop:  # first: a failed evaluation must not cost the steps
-            checkpoints.save(state, loader.state(), cfg)
-        if evaluates:
-            texts = eval_and_sample(state, step)
-        busy += time.perf_counter() - started
-        if stop:
-            say(
-                f"step {step}: stopped by a signal; checkpoint saved, rerun the same command to resume"
-            )
-            break
+
+        # Checkpoint: on schedule, but not during a streak of skipped steps (the kept ones are
+        # then from before it), and on a stop. Before the evaluation: a failed one costs no steps.
+        if step % tc.checkpoint_every == 0 or step == tc.steps or stop:
+            in_flight.settle()
+            if stop or not bad_steps.streak:
+                with in_flight.paused():
+                    checkpoints.save(state, loader.state(), cfg)
     bar.close()
     loader.close()
+    if stop:
+        say(f"step {step}: stopped by a signal; checkpoint saved, rerun the same command to resume")
     say(f"step {step} reached in {(time.perf_counter() - began) / 60:.1f} min")
     if texts:
         say(f"\nsamples of the EMA model at step {step}:")
