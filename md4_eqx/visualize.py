@@ -1,7 +1,8 @@
-"""Pictures: image grids of samples, the unmasking trajectory (a strip, a GIF or text), training curves.
+"""Pictures: grids of image samples, the unmasking trajectory (a strip, a GIF or text), curves.
 
 Images are flattened sub-pixel sequences (CIFAR-10: 32 x 32 x 3 = 3072 tokens in [0, 256)); a
-sub-pixel still masked (id V) is drawn mid-grey. Text trajectories show masked tokens as `MASK_CHAR`.
+sub-pixel still masked (id V) is drawn mid-grey. Text trajectories show masked tokens as
+`MASK_CHAR`.
 """
 
 from collections.abc import Callable

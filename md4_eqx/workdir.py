@@ -68,5 +68,8 @@ def check_space(workdir: Path, state: TrainState) -> None:
     if jax.process_index() == 0:
         need, free = checkpoint_bytes(state), shutil.disk_usage(workdir).free
         if free < need:
-            error = f"workdir {workdir} has {free / 2**20:.1f} MiB free, a checkpoint needs {need / 2**20:.1f} MiB"
+            error = (
+                f"workdir {workdir} has {free / 2**20:.1f} MiB free, "
+                f"a checkpoint needs {need / 2**20:.1f} MiB"
+            )
     _agree(error)
