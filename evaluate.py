@@ -154,16 +154,19 @@ def run_nelbo(args) -> dict:
 def print_nelbo(r: dict) -> None:
     print(f"checkpoint  {r['workdir']} step {r['step']} (EMA parameters)")
     print(
-        f"data        {r['dataset']} {r['split']}: {r['sequences']:,} sequences of {r['seq_len']} tokens "
+        f"data        {r['dataset']} {r['split']}: "
+        f"{r['sequences']:,} sequences of {r['seq_len']} tokens "
         f"({r['batches']} batches of {r['batch_size']})"
     )
     print(
         f"NELBO       {r['bits_per_token']:.4f} bits/token  "
-        f"± {_se(r['mc_stderr'])} Monte Carlo ({r['draws']} draws)  ± {_se(r['stderr'])} over sequences"
+        f"± {_se(r['mc_stderr'])} Monte Carlo ({r['draws']} draws)  "
+        f"± {_se(r['stderr'])} over sequences"
     )
     print(
         f"perplexity  <= {r['perplexity']:.3f}  "
-        f"± {_se(r['perplexity_mc_stderr'])} Monte Carlo  ± {_se(r['perplexity_stderr'])} over sequences"
+        f"± {_se(r['perplexity_mc_stderr'])} Monte Carlo  "
+        f"± {_se(r['perplexity_stderr'])} over sequences"
     )
 
 
@@ -200,7 +203,7 @@ def read_samples(path: str) -> list[tuple[str, list[int]]]:
 
 def run_samples(args) -> dict:
     check_positive(args, "batch_size")
-    texts, tokens = zip(*read_samples(args.file))
+    texts, tokens = zip(*read_samples(args.file), strict=True)
     entropy = np.array([unigram_entropy(ids) for ids in tokens if ids])
     lm = CausalLM(args.model, args.device)
     scored = tokens if args.tokens else lm.encode(texts)
@@ -223,14 +226,17 @@ def run_samples(args) -> dict:
 def print_samples(r: dict) -> None:
     how = "token ids as they are" if r["scored"] == "tokens" else "text retokenised"
     print(
-        f"samples          {r['samples']} in {r['file']}, {r['tokens_per_sample']:.0f} tokens each on average"
+        f"samples          {r['samples']} in {r['file']}, "
+        f"{r['tokens_per_sample']:.0f} tokens each on average"
     )
     print(
-        f"unigram entropy  {r['unigram_entropy']:.3f} nats per sample (mean; min {r['unigram_entropy_min']:.3f}, "
+        f"unigram entropy  {r['unigram_entropy']:.3f} nats per sample "
+        f"(mean; min {r['unigram_entropy_min']:.3f}, "
         f"max {r['unigram_entropy_max']:.3f})"
     )
     print(
-        f"gen. perplexity  {r['gen_perplexity']:.3f} ± {_se(r['gen_perplexity_stderr'])} under {r['model']} "
+        f"gen. perplexity  {r['gen_perplexity']:.3f} ± {_se(r['gen_perplexity_stderr'])} "
+        f"under {r['model']} "
         f"({r['tokens_scored']:,} tokens scored, {how})"
     )
 

@@ -173,7 +173,8 @@ def make_config(args: argparse.Namespace) -> tuple[Config, set[str]]:
     """The preset with the given fields replaced, and the names ("model.width") given."""
     base = preset(args.preset)
     sections = {
-        s.name: replace_given(getattr(base, s.name), s.name, args) for s in dataclasses.fields(Config)
+        s.name: replace_given(getattr(base, s.name), s.name, args)
+        for s in dataclasses.fields(Config)
     }
     return Config(**sections), {name for name in vars(args) if "." in name}
 

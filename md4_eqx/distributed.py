@@ -46,8 +46,9 @@ def batch_part(mesh: Mesh) -> tuple[int, int]:
 
 
 def global_batch(
-    local: Shaped[np.ndarray, "b_local *rest"], mesh: Mesh
-) -> Shaped[Array, "b *rest"]:
+    local: Shaped[np.ndarray, "b_local *rest"],  # noqa: F821
+    mesh: Mesh,
+) -> Shaped[Array, "b *rest"]:  # noqa: F821
     """The global batch [B, ...] split over `data`, from this process's part [B / count, ...]
     (see `batch_part`); with one process it is simply `local` placed on the mesh."""
     _, count = batch_part(mesh)
@@ -61,7 +62,7 @@ def gather(x: Shaped[Array, "..."]) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def replicated_on_mesh(x: Shaped[np.ndarray, "b *rest"], mesh: Mesh) -> Shaped[Array, "b *rest"]:
+def replicated_on_mesh(x: Shaped[np.ndarray, "b *rest"], mesh: Mesh) -> Shaped[Array, "b *rest"]:  # noqa: F821
     """A host array every process holds in full -> a global array split over `data`."""
     return jax.make_array_from_callback(
         x.shape, NamedSharding(mesh, P(DATA)), lambda index: x[index]

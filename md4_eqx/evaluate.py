@@ -1,5 +1,6 @@
 """The NELBO of held-out data, on the same mesh as training: once per sequence (`nelbo`, the
-training-time evaluation), over several draws (`nelbo_draws`), and its error bars (`NelboEstimate`)."""
+training-time evaluation), over several draws (`nelbo_draws`), and its error bars
+(`NelboEstimate`)."""
 
 import dataclasses
 import math

@@ -99,13 +99,14 @@ class CausalLM:
         for i, ids in enumerate(samples):
             if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
                 raise ScoringError(
-                    f"sample {i} has token ids outside {self.name}'s vocabulary of {self.vocab_size}"
+                    f"sample {i} has token ids outside {self.name}'s vocabulary "
+                    f"of {self.vocab_size}"
                 )
         windows = [(i, w) for i, ids in enumerate(samples) for w in self.windows(ids) if len(w) > 1]
         nll, scored = np.zeros(len(samples)), np.zeros(len(samples), np.int64)
         with torch.no_grad():
             for start in range(0, len(windows), batch_size):
-                owners, batch = zip(*windows[start : start + batch_size])
+                owners, batch = zip(*windows[start : start + batch_size], strict=True)
                 width = max(map(len, batch))
                 ids = torch.tensor([w + [0] * (width - len(w)) for w in batch], device=self.device)
                 present = torch.tensor(

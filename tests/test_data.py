@@ -476,7 +476,10 @@ def test_two_processes_preparing_at_once_make_one_cache(tmp_path):
     path = tmp_path / "input.txt"
     path.write_bytes(Path(json.__file__).read_bytes() * 20)
     cache = tmp_path / "cache"
-    code = f"from md4_eqx.data import load; print(load('file:{path}', cache_dir={str(cache)!r}, progress=False).path)"
+    code = (
+        "from md4_eqx.data import load; "
+        f"print(load('file:{path}', cache_dir={str(cache)!r}, progress=False).path)"
+    )
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code],

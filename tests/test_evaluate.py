@@ -97,7 +97,8 @@ def test_draws_are_the_training_time_eval(getkey):
     batches = [(jax.random.randint(getkey(), (16, L), 0, V), None) for _ in range(2)]
     key = getkey()
     nats = nelbo_draws(model, key, batches, mesh, draws=3)  # (3, 32)
-    # Draw d of batch i is `nelbo`, the training-time evaluation, with key fold_in(fold_in(key, d), i).
+    # Draw d of batch i is `nelbo`, the training-time evaluation, with key
+    # fold_in(fold_in(key, d), i).
     for d, i in [(0, 0), (2, 1)]:
         once = nelbo(model, jax.random.fold_in(jax.random.fold_in(key, d), i), batches[i][0], mesh)
         np.testing.assert_array_equal(nats[d, 16 * i : 16 * (i + 1)], np.asarray(once, np.float64))

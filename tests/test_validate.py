@@ -36,12 +36,8 @@ def test_meshes_that_split_over_the_processes(processes, per_process, model, par
 @pytest.mark.parametrize(
     "processes, per_process, model, rows",
     [
-        (
-            3,
-            2,
-            3,
-            "process 1 holds data rows [0, 1]",
-        ),  # model=3 neither divides 2 nor is a multiple
+        # model=3 neither divides 2 nor is a multiple
+        (3, 2, 3, "process 1 holds data rows [0, 1]"),
         (2, 6, 4, "process 0 holds data rows [0, 1]"),  # 6 devices: rows 0-1 and 1-2 of 3
     ],
 )

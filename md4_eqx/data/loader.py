@@ -96,8 +96,8 @@ def _batches(
     epoch: int,
     position: int,
 ) -> Iterator[tuple[dict, dict]]:
-    """(this process's part of the next global batch, the state after it), forever. A function, not a
-    method: the prefetch thread runs it and must not keep the loader alive."""
+    """(this process's part of the next global batch, the state after it), forever. A function,
+    not a method: the prefetch thread runs it and must not keep the loader alive."""
     n = split.num_examples
     while True:
         examples = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)

@@ -9,6 +9,7 @@ into `Block`s, and `fingerprint()`, the JSON-able cache key, changes whenever th
 Adding a dataset: one `Source` subclass (its docstring says what it reads), one `SOURCES` row.
 """
 
+import itertools
 import os
 import sys
 import sysconfig
@@ -173,7 +174,9 @@ class Text8(Source):
         cuts = [0, n * 90 // 100, n * 95 // 100, n]
         return [
             Task(split, 0, span)
-            for split, span in zip(("train", "valid", "test"), zip(cuts, cuts[1:]))
+            for split, span in zip(
+                ("train", "valid", "test"), itertools.pairwise(cuts), strict=True
+            )
         ]
 
     def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
@@ -216,7 +219,7 @@ class TextFile(Source):
             for split, (lo, hi) in {"train": (0, tail), "valid": (tail, size)}.items():
                 inner = (_char_start(f, pos) for pos in range(lo + FILE_PIECE, hi, FILE_PIECE))
                 cuts = sorted({lo, hi, *inner})
-                tasks += [Task(split, i, span) for i, span in enumerate(zip(cuts, cuts[1:]))]
+                tasks += [Task(split, i, span) for i, span in enumerate(itertools.pairwise(cuts))]
         return tasks
 
     def run(self, task: Task, tokenizer: Tokenizer) -> Iterator[Block]:
@@ -227,8 +230,9 @@ class TextFile(Source):
 
 
 class HubSource(Source):
-    """A hub (or local) dataset, a task per shard of the hub split each stream reads (`hub_splits`);
-    `payload(ds)` (what a split's tasks carry to `run`) fails, before any work, without its columns."""
+    """A hub (or local) dataset, a task per shard of the hub split each stream reads
+    (`hub_splits`); `payload(ds)` (what a split's tasks carry to `run`) fails, before any work,
+    without its columns."""
 
     config: str | None = None
     parallel = True
@@ -392,7 +396,8 @@ def dataset_help() -> str:
 
 
 def parse(spec: str, *, tokenizer: str | None, data_path: str | None, cache_dir: Path) -> Source:
-    """The source named by `spec` (a row of `SOURCES`) with the options given (None: its default)."""
+    """The source named by `spec` (a row of `SOURCES`) with the options given (None: its
+    default)."""
     kind, colon, arg = spec.partition(":")
     # "kind:ARG" with a non-empty ARG where the row takes one, the bare kind where it does not
     entry = next(
