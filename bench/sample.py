@@ -1,11 +1,15 @@
-"""Sampling speed: tokens/s and network evaluations of each sampler, against the ancestral one.
+"""Sampling speed: tokens/s and network evaluations of each sampler, against the first row.
 
     python bench/sample.py                                   # tiny preset: 128 and 1000 steps
     python bench/sample.py --preset md4-s --batch 1 --steps 16 64
-    python bench/sample.py --preset md4-s --batch 16 --steps 1000      # the paper's setting, on a GPU
+    python bench/sample.py --preset md4-s --batch 16 --steps 1000  # the paper's setting, on a GPU
+    python bench/sample.py --preset md4-s --float32 --seq-len 128 --batch 1 --steps 128 \
+        --loops exact_skip                                   # the sparse head against the full one
 
-Each configuration is compiled once, then timed over --repeats runs (the median is reported) in
-the same process, so every speed-up is against the ancestral sampler measured on the same machine.
+Each loop runs twice: with the full head (`sampling.FullHead`: the head and the draw at every
+position) and with the sparse head (only where a position unmasks; the same tokens). Each
+configuration is compiled once, then timed over --repeats runs (the median is reported) in the
+same process, so every speed-up is against the first row measured on the same machine.
 A fresh model is used: sampling costs the same whatever the weights, and the exact-skip sampler's
 number of calls does not depend on the network at all. "calls" is the mean number of network
 evaluations per run (T + 1 for the ancestral sampler; for exact-skip, the distinct unmask steps
@@ -19,6 +23,7 @@ import platform
 import statistics
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +31,7 @@ import numpy as np
 from md4_eqx.config import PRESETS, Loop, Precision, preset
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
-from md4_eqx.sampling import expected_skip_calls, generate
+from md4_eqx.sampling import FullHead, expected_skip_calls, generate
 
 
 def machine() -> str:
@@ -37,7 +42,8 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     device = jax.devices()[0]
-    return f"{device.platform}: {device.device_kind}; host {cpu}, {os.cpu_count()} cores; JAX {jax.__version__}"
+    host = f"host {cpu}, {os.cpu_count()} cores"
+    return f"{device.platform}: {device.device_kind}; {host}; JAX {jax.__version__}"
 
 
 def bench(model: MD4, sampler_cfg, batch: int, repeats: int) -> tuple[float, float]:
@@ -67,6 +73,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="override the preset's number of layers")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--loops",
+        type=Loop,
+        nargs="+",
+        default=[Loop.EVERY_STEP, Loop.EXACT_SKIP],
+        help="which loops to time (each with the full head, then the sparse one)",
+    )
+    parser.add_argument(
         "--float32", action="store_true", help="float32 matmuls (default: the preset's)"
     )
     args = parser.parse_args()
@@ -80,31 +93,36 @@ def main() -> None:
         cfg = dataclasses.replace(
             cfg, execution=dataclasses.replace(cfg.execution, precision=Precision.FLOAT32)
         )
-    model = MD4(cfg.model, cfg.diffusion, cfg.execution, key=jax.random.key(0))
+    sparse = MD4(cfg.model, cfg.diffusion, cfg.execution, key=jax.random.key(0))
+    heads = {"full head": eqx.tree_at(lambda m: m.net, sparse, FullHead(sparse.net))}
+    heads["sparse head"] = sparse
     m = cfg.model
     print(f"machine: {machine()}")
     print(
         f"model: {args.preset}, {m.num_layers} layers, width {m.width}, vocab {m.vocab_size}, "
-        f"seq {m.seq_len}, {cfg.execution.precision.value}; batch {args.batch}; cosine grid; median of {args.repeats}"
+        f"seq {m.seq_len}, {cfg.execution.precision.value}; batch {args.batch}; cosine grid; "
+        f"median of {args.repeats}"
     )
     print("| steps | sampler | calls | expected | s/run | tokens/s | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for steps in args.steps:
         base = None
-        for loop in Loop:
-            sampler_cfg = dataclasses.replace(cfg.sampler, loop=loop, steps=steps)
-            seconds, calls = bench(model, sampler_cfg, args.batch, args.repeats)
-            base = base or seconds
-            expected = (
-                steps + 1
-                if loop is Loop.EVERY_STEP
-                else expected_skip_calls(model.schedule, sampler_cfg, m.seq_len)
-            )
-            print(
-                f"| {steps} | {sampler_cfg.rule.value}, {loop.value} | {calls:.1f} | {expected:.1f} | {seconds:.3f} | "
-                f"{args.batch * m.seq_len / seconds:.4g} | {base / seconds:.2f}x |",
-                flush=True,
-            )
+        for loop in args.loops:
+            for head, model in heads.items():
+                sampler_cfg = dataclasses.replace(cfg.sampler, loop=loop, steps=steps)
+                seconds, calls = bench(model, sampler_cfg, args.batch, args.repeats)
+                base = base or seconds
+                expected = (
+                    steps + 1
+                    if loop is Loop.EVERY_STEP
+                    else expected_skip_calls(model.schedule, sampler_cfg, m.seq_len)
+                )
+                print(
+                    f"| {steps} | {sampler_cfg.rule.value}, {loop.value}, {head} | {calls:.1f} | "
+                    f"{expected:.1f} | {seconds:.3f} | {args.batch * m.seq_len / seconds:.4g} | "
+                    f"{base / seconds:.2f}x |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -95,6 +95,7 @@ class Draws(enum.Enum):
 class Loop(enum.Enum):
     """Which steps of the time grid call the network (see `md4_eqx.sampling`)."""
 
+    AUTO = "auto"  # exact_skip wherever it samples the rule's law, else every_step
     EVERY_STEP = "every_step"
     EXACT_SKIP = "exact_skip"  # the same law, calling the network only on steps that unmask
 
@@ -232,7 +233,7 @@ class SamplerConfig:
     """The reverse process (MD4_MATH.md, "Reverse process")."""
 
     rule: Rule = Rule.ANCESTRAL
-    loop: Loop = Loop.EVERY_STEP
+    loop: Loop = Loop.AUTO  # md4_eqx.sampling.resolve_loop
     steps: int = 1000
     grid: TimeGrid = TimeGrid.COSINE
     top_p: float = 0.98

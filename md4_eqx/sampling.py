@@ -10,11 +10,23 @@ calling it only at steps where something unmasks (`sample_skip_local`), which ne
 step of a position to be independent of the network and of the token. So EXACT_SKIP takes
 ANCESTRAL, TOP_P and MEAN (whose unmask probability is the same for every token) under MD4's
 schedule; GenMD4's per-token schedule makes the unmask step depend on the token, and REMDM may
-unmask a position several times (`md4_eqx.validate.check_sampler`).
+unmask a position several times (`md4_eqx.validate.check_sampler`). `Loop.AUTO`, the default, is
+EXACT_SKIP wherever it runs, else EVERY_STEP (`resolve_loop`).
+
+At each network call the positions that unmask are known before the network runs: their drawn
+unmask step (EXACT_SKIP), or Bernoulli draws that do not read mu_theta under MD4's schedule
+(EVERY_STEP; `md4_eqx.reverse_step.moves`). So the transformer runs its trunk on every position
+but its head, the [V]-wide matmul, and the categorical draw over V only on those (`head_draws`,
+through `md4_eqx.model.selected_tokens`). Each position draws with its own key, so the tokens are
+those of the full head for the same key. The full head stays where this does not hold: GenMD4's
+every-step loop (the unmask probability depends on the token, so every position needs mu_theta)
+and the U-Net, whose head is a convolution over the image rather than a map of each token's
+features.
 
 Text longer than the training length L comes from `generate_long`, window by window.
 """
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -25,16 +37,23 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray
 
-from md4_eqx.categorical import categorical, exponential
+from md4_eqx.categorical import exponential
 from md4_eqx.config import Loop, Rule, SamplerConfig, TimeGrid
-from md4_eqx.errors import SamplingError
+from md4_eqx.errors import ConfigError, SamplingError
 from md4_eqx.loss import example_keys
-from md4_eqx.model import MD4
+from md4_eqx.model import MD4, selected_tokens
 from md4_eqx.parallel import DATA, batch_specs, example_ids, shard_map_modules, vocab_all_gather
-from md4_eqx.reverse_step import remasking, reverse_step, token_logits
+from md4_eqx.reverse_step import moves, remasking, reverse_step, unmasked_token
 from md4_eqx.schedule import MaskingSchedule
+from md4_eqx.transformer import Transformer
+from md4_eqx.validate import check_sampler
+
+# The sparse head's tokens go in this many chunks, each skipped when no selected token lands in
+# it: with few unmasking the head reads about 1/16 of the tokens, and the chunk loop stays 16
+# iterations long whatever the batch and length.
+HEAD_CHUNKS = 16
 
 
 class Samples(NamedTuple):
@@ -53,6 +72,36 @@ def time_grid(steps: int, grid: TimeGrid) -> tuple[Float[Array, " steps"], Float
     return t, s
 
 
+def resolve_loop(cfg: SamplerConfig, per_token_schedule: bool) -> SamplerConfig:
+    """`cfg` with `Loop.AUTO` made concrete: EXACT_SKIP (the same law, fewer network calls)
+    wherever `md4_eqx.validate.check_sampler` accepts it for the rule and schedule, else
+    EVERY_STEP. An explicit loop is kept as it is."""
+    if cfg.loop is not Loop.AUTO:
+        return cfg
+    skip = dataclasses.replace(cfg, loop=Loop.EXACT_SKIP)
+    try:
+        check_sampler(skip, per_token_schedule)
+    except ConfigError:
+        return dataclasses.replace(cfg, loop=Loop.EVERY_STEP)
+    return skip
+
+
+def with_null_class(
+    model: MD4, z: Int[Array, "b l"], t: Float[Array, " b"], labels: Int[Array, " b"]
+) -> tuple[Int[Array, "b2 l"], Float[Array, " b2"], Int[Array, " b2"]]:
+    """The batch doubled for classifier-free guidance: the second half has the null class, id
+    num_classes, so one network call gives both terms of `guide`."""
+    null = jnp.full_like(labels, model.config.num_classes)
+    return jnp.concatenate([z, z]), jnp.concatenate([t, t]), jnp.concatenate([labels, null])
+
+
+def guide(
+    cond: Float[Array, "*b v"], uncond: Float[Array, "*b v"], w: float
+) -> Float[Array, "*b v"]:
+    """Classifier-free guidance's logits (1 + w) logits(z, t, y) - w logits(z, t, null)."""
+    return (1.0 + w) * cond - w * uncond
+
+
 def guided_logits(
     model: MD4,
     z: Int[Array, "b l"],
@@ -60,19 +109,76 @@ def guided_logits(
     labels: Int[Array, " b"] | None,
     guidance: float,
 ) -> Float[Array, "b l v"]:
-    """mu_theta's logits over the full vocabulary (sampling gathers the vocabulary slices). With
-    classifier-free guidance w != 0: (1 + w) logits(z, t, y) - w logits(z, t, null), the null class
-    being id num_classes, in one network call on the batch doubled; w = 0: the conditional model."""
+    """mu_theta's logits over the full vocabulary at every position (sampling gathers the
+    vocabulary slices): `guide`d for w != 0, in one network call on the batch doubled; w = 0: the
+    conditional model."""
     if guidance:
-        null = jnp.full_like(labels, model.config.num_classes)
-        both = model.logits(
-            jnp.concatenate([z, z]), jnp.concatenate([t, t]), jnp.concatenate([labels, null])
-        )
-        cond, uncond = jnp.split(both, 2)  # each (b, l, v_local)
-        logits = (1.0 + guidance) * cond - guidance * uncond
+        both = model.logits(*with_null_class(model, z, t, labels))
+        logits = guide(*jnp.split(both, 2), guidance)  # (b, l, v_local)
     else:
         logits = model.logits(z, t, labels)
     return vocab_all_gather(logits, model.vocab_size)
+
+
+class FullHead(eqx.Module):
+    """A transformer seen as one map (z, t, labels) -> logits, without its features/head split:
+    the samplers run its whole head and draw at every position, then keep what unmasks. The
+    reference that the sparse head must match token for token (tests/test_sampling.py) and is
+    timed against (bench/sample.py)."""
+
+    net: Transformer
+
+    def __call__(
+        self,
+        z: Int[Array, "b l"],
+        t: Float[Array, " b"],
+        labels: Int[Array, " b"] | None = None,
+        *,
+        keys: Key[Array, " b"] | None = None,
+    ) -> Float[Array, "b l v_local"]:
+        return self.net(z, t, labels, keys=keys)
+
+
+def position_keys(keys: Key[Array, " b"], length: int) -> Key[Array, "b l"]:
+    """One key per position, fold_in(key of the example, position): a position's draw depends on
+    it and its logits alone, not on which other positions draw with it."""
+    return jax.vmap(
+        lambda k: jax.vmap(functools.partial(jax.random.fold_in, k))(jnp.arange(length))
+    )(keys)
+
+
+def head_draws(
+    model: MD4,
+    z: Int[Array, "b l"],
+    t: Float[Array, " b"],
+    labels: Int[Array, " b"] | None,
+    cfg: SamplerConfig,
+    where: Bool[Array, "b l"],
+    keys: Key[Array, "b l"],
+    final: Bool[Array, "b l"],
+) -> Int[Array, "b l"]:
+    """`unmasked_token` of mu_theta(z, t) at the positions `where`, 0 elsewhere: one network call.
+    The transformer's trunk reads every position, its head and the draw only `where`
+    (`selected_tokens`); any other network (the U-Net, `FullHead`) runs its whole head, then
+    draws at every position."""
+    draw = jax.vmap(functools.partial(unmasked_token, cfg=cfg))  # over tokens
+    if not isinstance(model.net, Transformer):
+        logits = guided_logits(model, z, t, labels, cfg.guidance)  # (b, l, V)
+        return jnp.where(where, jax.vmap(draw)(keys, logits, final), 0)
+    head, guidance, impl = model.net.head, cfg.guidance, jax.random.key_impl(keys)
+    if guidance:
+        h, h_null = jnp.split(model.net.features(*with_null_class(model, z, t, labels)), 2)
+    else:
+        h, h_null = model.net.features(z, t, labels), None  # (b, l, d)
+
+    def fn(h, *aux):  # n selected tokens: h (n, d), [h_null (n, d)], key data (n, 2), final (n,)
+        *h_null, key_data, final = aux
+        logits = guide(head(h), head(*h_null), guidance) if guidance else head(h)  # (n, v_local)
+        logits = vocab_all_gather(logits, model.vocab_size)  # (n, V)
+        return draw(jax.random.wrap_key_data(key_data, impl=impl), logits, final)
+
+    aux = (*([h_null] if guidance else []), jax.random.key_data(keys), final)
+    return selected_tokens(fn, h, where, aux, -(-z.size // HEAD_CHUNKS))
 
 
 def sample_local(
@@ -83,30 +189,50 @@ def sample_local(
     cfg: SamplerConfig,
     trajectory: bool,
 ) -> Samples:
-    """The sampling loop on this device's examples (runs inside the mesh's shard_map)."""
-    mask_id = model.mask_id
-    keys = example_keys(key, example_ids(template.shape[0]))
+    """The sampling loop on this device's examples (runs inside the mesh's shard_map). Under
+    MD4's schedule each step draws which positions unmask (and REMDM's remasks) first, then runs
+    the head only there (`head_draws`); GenMD4's every position reads mu_theta (`reverse_step`)."""
+    (b, length), mask_id = template.shape, model.mask_id
+    keys = example_keys(key, example_ids(b))
     ts, ss = time_grid(cfg.steps, cfg.grid)
     generated = template == mask_id  # (b, l) the positions REMDM may remask
-
-    def mu_logits(z, t):
-        return guided_logits(model, z, jnp.full((z.shape[0],), t), labels, cfg.guidance)
+    never = jnp.zeros(template.shape, bool)
 
     def step(z, inputs):
         i, t, s = inputs
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-        unmask, remask = model.schedule.unmask_probs(t, s, model.vocab_size), jnp.zeros(())
-        if cfg.rule is Rule.REMDM:  # MD4's schedule only (md4_eqx.validate.check_sampler)
+        if model.schedule.per_token:
+            logits = guided_logits(model, z, jnp.full((b,), t), labels, cfg.guidance)
+            unmask = model.schedule.unmask_probs(t, s, model.vocab_size)
+            z = reverse_step(step_keys, z, logits, unmask, mask_id, cfg)
+            return z, (z if trajectory else None)
+        unmask, remask = model.schedule.unmask_probs(t, s, 1)[0], jnp.zeros(())  # one for all v
+        if cfg.rule is Rule.REMDM:
             alpha = model.schedule.alpha
-            unmask_one, remask = remasking(t, alpha(t), alpha(jnp.maximum(s, 0.0)), cfg)
-            unmask = jnp.full_like(unmask, unmask_one)
-        z = reverse_step(step_keys, z, generated, mu_logits(z, t), unmask, remask, mask_id, cfg)
+            unmask, remask = remasking(t, alpha(t), alpha(jnp.maximum(s, 0.0)), cfg)
+        move_keys, token_keys = jax.vmap(jax.random.split, out_axes=1)(step_keys)
+        draw_moves = jax.vmap(moves, in_axes=(0, 0, 0, None, None, None, None))
+        unmasks, remasks = draw_moves(move_keys, z, generated, unmask, remask, mask_id, cfg.draws)
+        x = head_draws(
+            model,
+            z,
+            jnp.full((b,), t),
+            labels,
+            cfg,
+            unmasks,
+            position_keys(token_keys, length),
+            never,
+        )
+        z = jnp.where(unmasks, x.astype(z.dtype), jnp.where(remasks, mask_id, z))
         return z, (z if trajectory else None)
 
     z, traj = jax.lax.scan(step, template, (jnp.arange(cfg.steps), ts, ss))
     # Any position still masked after the last step takes the argmax of mu_theta(z, 0).
-    final = jnp.argmax(mu_logits(z, jnp.zeros(())), axis=-1).astype(z.dtype)
-    z = jnp.where(z == mask_id, final, z)
+    still = z == mask_id
+    fill = head_draws(
+        model, z, jnp.zeros((b,)), labels, cfg, still, position_keys(keys, length), ~never
+    )
+    z = jnp.where(still, fill.astype(z.dtype), z)
     return Samples(z, traj, jnp.full((1,), cfg.steps + 1, jnp.int32))
 
 
@@ -158,6 +284,7 @@ def sample_skip_local(
     steps, mask_id = cfg.steps, model.mask_id
     keys = example_keys(key, example_ids(template.shape[0]))
     step_keys, token_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
+    token_keys = position_keys(token_keys, template.shape[1])  # (b, l): a position unmasks once
     ts = jnp.concatenate(
         [time_grid(steps, cfg.grid)[0], jnp.zeros(1)]
     )  # step T: the final argmax fill at t = 0
@@ -170,14 +297,10 @@ def sample_skip_local(
     def body(carry):
         z, k, calls = carry
         now = jnp.min(k, axis=-1)  # (b,) each example's next step with an unmasking
-        logits = guided_logits(model, z, ts[jnp.minimum(now, steps)], labels, cfg.guidance)
-        draw = jax.vmap(lambda key, i, lg: categorical(jax.random.fold_in(key, i), lg, cfg.draws))
-        x = jnp.where(
-            (now == steps)[:, None],
-            jnp.argmax(logits, axis=-1),
-            draw(token_keys, now, token_logits(logits, cfg)),
-        )
         unmask = (k == now[:, None]) & (now < done)[:, None]  # (b, l)
+        final = jnp.broadcast_to((now == steps)[:, None], z.shape)  # the argmax fill at t = 0
+        t = ts[jnp.minimum(now, steps)]
+        x = head_draws(model, z, t, labels, cfg, unmask, token_keys, final)
         return jnp.where(unmask, x.astype(z.dtype), z), jnp.where(unmask, done, k), calls + 1
 
     init = (template, first, jnp.zeros((1,), jnp.int32))
@@ -201,14 +324,14 @@ def generate(
     """Samples for every row of `template`: positions equal to the mask id V are generated, the
     others are kept (all masks: unconditional; a prompt or an infilling template otherwise).
     The batch is split over the mesh's `data` axis; the result does not depend on the mesh.
-    `md4_eqx.validate` checks the model, sampler and batch against the mesh."""
-    if cfg.guidance and labels is None:
-        raise SamplingError(f"guidance {cfg.guidance} needs labels (a class-conditional model)")
+    `md4_eqx.validate` checks the model, sampler and batch against the mesh (guidance needs
+    labels, the loop suits the rule and schedule)."""
     if template.shape[1] != model.config.seq_len:
         raise SamplingError(
             f"template length {template.shape[1]} != seq_len {model.config.seq_len}"
         )
 
+    cfg = resolve_loop(cfg, model.schedule.per_token)
     local = functools.partial(
         sample_skip_local if cfg.loop is Loop.EXACT_SKIP else sample_local,
         cfg=cfg,

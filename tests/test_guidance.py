@@ -11,12 +11,21 @@ import pytest
 from conftest import randomised
 from jax.sharding import PartitionSpec as P
 
-from md4_eqx.config import Backbone, ExecutionConfig, ModelConfig, Precision, SamplerConfig
-from md4_eqx.errors import SamplingError
+from md4_eqx.config import (
+    Backbone,
+    Config,
+    ExecutionConfig,
+    Loop,
+    ModelConfig,
+    Precision,
+    SamplerConfig,
+)
+from md4_eqx.errors import ConfigError
 from md4_eqx.loss import LABEL_STREAM, drop_labels, losses
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
-from md4_eqx.sampling import generate, guided_logits
+from md4_eqx.sampling import FullHead, generate, guided_logits
+from md4_eqx.validate import validate
 
 MESH = make_mesh(1, 1, jax.devices()[:1])
 CLASSES = 3
@@ -30,7 +39,8 @@ CONFIGS = {
         cond_dim=16,
         num_classes=CLASSES,
     ),
-    # Width 64: two channels per GroupNorm group (with one, the norm after the conditioning removes it).
+    # Width 64: two channels per GroupNorm group (with one, the norm after the conditioning
+    # removes it).
     Backbone.UNET: ModelConfig(
         backbone=Backbone.UNET,
         vocab_size=20,
@@ -113,12 +123,28 @@ def test_guided_logits(getkey, backbone):
     np.testing.assert_allclose(guided, 2.5 * cond - 1.5 * uncond, rtol=1e-5, atol=1e-4)
 
 
-def test_guidance_needs_labels(getkey):
-    model = MD4(
-        dataclasses.replace(CONFIGS[Backbone.TRANSFORMER], num_classes=0),
-        execution=RUN,
-        key=getkey(),
+@pytest.mark.parametrize("loop", [Loop.EVERY_STEP, Loop.EXACT_SKIP], ids=lambda lp: lp.value)
+def test_guided_sampling_with_the_sparse_head(loop):
+    """Guidance at the selected positions only, (1 + w) head(h_cond) - w head(h_null): the
+    tokens of the full head's guided logits, the sparse head on one device and the full one on
+    a (data 2, model 2) mesh."""
+    cfg = CONFIGS[Backbone.TRANSFORMER]
+    sparse = randomised(MD4(cfg, execution=RUN, key=jax.random.key(0)), jax.random.key(1), 0.5)
+    full = eqx.tree_at(lambda m: m.net, sparse, FullHead(sparse.net))
+    template = jnp.full((4, cfg.seq_len), sparse.mask_id, jnp.int32)
+    labels, key = jnp.array([0, 1, 2, 1], jnp.int32), jax.random.key(2)
+    sampler = SamplerConfig(loop=loop, steps=8, guidance=1.5)
+    mesh = make_mesh(2, 2, jax.devices()[:4])
+    expected = generate(full, key, template, mesh, sampler, labels).tokens
+    np.testing.assert_array_equal(
+        generate(sparse, key, template, MESH, sampler, labels).tokens, expected
     )
-    template = jnp.full((2, model.config.seq_len), model.mask_id)
-    with pytest.raises(SamplingError, match="needs labels"):
-        generate(model, getkey(), template, MESH, SamplerConfig(steps=2, guidance=1.0))
+
+
+def test_guidance_needs_a_class_conditional_model():
+    config = Config(
+        model=dataclasses.replace(CONFIGS[Backbone.TRANSFORMER], num_classes=0),
+        sampler=SamplerConfig(guidance=1.0),
+    )
+    with pytest.raises(ConfigError, match="class-conditional"):
+        validate(config, MESH, batch=2)

@@ -194,7 +194,7 @@ def test_long_samples_keep_a_long_prompt_and_record_their_settings(workdir, tmp_
         )
         assert r["sampler"] == {
             "rule": "remdm",
-            "loop": "every_step",
+            "loop": "auto",  # the default, which runs remdm on every_step (calls below)
             "steps": 3,
             "grid": "cosine",
             "top_p": 0.8,
