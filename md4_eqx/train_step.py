@@ -182,26 +182,33 @@ def make_train_step(
             grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, clip / (grad_norm + 1e-6)), grads)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes Python floats and int32 counts
             updates, opt_state = optimizer.update(grads, state.opt_state, params)
-        params = optax.apply_updates(params, updates)
+        lr = jnp.asarray(opt_state.hyperparams["learning_rate"], jnp.float32)
+        # A non-finite loss or gradient norm keeps every array of the old state but the counter
+        # (`where`, not `cond`: both sides are computed anyway, and NaNs in the unused side vanish).
+        # Each `where` sits in the elementwise pass that computes its array from the old one, so
+        # XLA fuses it there: the update is gated to -0.0 (p + -0.0 == p, bitwise, for every p),
+        # which makes the gated params both the new state's and the EMA's input; selecting the
+        # params after the EMA had read them would cost a pass over every parameter of its own.
+        skipped = ~(jnp.isfinite(nelbo) & jnp.isfinite(grad_norm))
+
+        def keep(old, new):
+            return jax.tree.map(lambda o, n: jnp.where(skipped, o, n), old, new)
+
+        params = optax.apply_updates(
+            params, jax.tree.map(lambda u: jnp.where(skipped, -0.0, u), updates)
+        )
         # EMA decay warmed up as min(decay, (1 + step) / (10 + step)), so short runs are not all init.
         step = state.step.astype(jnp.float32)
         decay = jnp.minimum(ema, (1.0 + step) / (10.0 + step))
-        ema_params = optax.incremental_update(
-            params, eqx.filter(state.ema, eqx.is_array), 1.0 - decay
-        )
-        updated = TrainState(
+        ema_old = eqx.filter(state.ema, eqx.is_array)
+        ema_params = keep(ema_old, optax.incremental_update(params, ema_old, 1.0 - decay))
+        new_state = TrainState(
             step=state.step + 1,
             model=eqx.combine(params, static),
             ema=eqx.combine(ema_params, static),
-            opt_state=opt_state,
+            opt_state=keep(state.opt_state, opt_state),
             key=state.key,
         )
-        # A non-finite loss or gradient norm keeps every array of the old state but the counter
-        # (`where`, not `cond`: both sides are computed anyway, and NaNs in the unused side vanish).
-        skipped = ~(jnp.isfinite(nelbo) & jnp.isfinite(grad_norm))
-        new_state = jax.tree.map(lambda old, new: jnp.where(skipped, old, new), state, updated)
-        new_state = eqx.tree_at(lambda s: s.step, new_state, updated.step)
-        lr = jnp.asarray(opt_state.hyperparams["learning_rate"], jnp.float32)
         return new_state, Metrics(nelbo / math.log(2.0), grad_norm, lr, skipped)
 
     def in_specs(batch, state):  # P(DATA) covers the batch's labels when they are None, too
