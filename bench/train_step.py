@@ -20,8 +20,8 @@ MFU uses analytic FLOPs per token, forward + backward:
     6 x (parameters every token touches: per layer 4 d^2 attention + 3 d h MLP, plus the d x V_pad
          head; the embedding is a lookup and the adaLN / conditioning layers act once per example)
   + 12 x layers x seq x width (the attention scores and their mixing, forward + backward),
-(the U-Net's: `unet_flops_per_token`, its convolutions' multiply-adds per pixel), over the
-device's peak dense matmul rate for the compute dtype (--peak-tflops to override; on a
+(md4_eqx.step_time.flops_per_token; the U-Net's: its convolutions' multiply-adds per pixel),
+over the device's peak dense matmul rate for the compute dtype (--peak-tflops to override; on a
 CPU there is none to assume, so MFU is n/a unless given). Peak memory is the device's high-water
 mark so far in this process (`memory_stats`, GPU/TPU); cases run from the smallest batch up, so
 each row's figure is that case's own peak unless an earlier, larger one set it. CPU: n/a.
@@ -41,10 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from md4_eqx import plan
-from md4_eqx.config import PRESETS, Backbone, Config, ModelConfig, Precision, preset
+from md4_eqx.config import PRESETS, Config, Precision, preset
 from md4_eqx.kernels import Impl
 from md4_eqx.kernels.attention import available_impls
 from md4_eqx.parallel import make_mesh
+from md4_eqx.step_time import flops_per_token
 from md4_eqx.train_step import init_state, make_optimizer, make_train_step
 
 # Dense matmul peaks in TFLOP/s (no sparsity): bfloat16, and float32 as XLA runs it (TF32).
@@ -86,36 +87,6 @@ def build(config: Config) -> tuple[object, Callable]:
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line on stderr, exit code 2
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def flops_per_token(config: Config) -> float:
-    """Analytic forward + backward FLOPs per token (see the module docstring)."""
-    m = config.model
-    if m.backbone is Backbone.UNET:
-        return unet_flops_per_token(m)
-    touched = m.num_layers * (4 * m.width**2 + 3 * m.width * m.hidden) + m.width * m.padded_vocab
-    return 6.0 * touched + 12.0 * m.num_layers * m.seq_len * m.width
-
-
-def unet_flops_per_token(m: ModelConfig) -> float:
-    """The U-Net's: 6 x the multiply-adds per pixel of every layer that acts on each pixel (a 3x3
-    conv c_in -> c_out: 9 c_in c_out; a block's 1x1 skip; the attention's 4 projections, and its
-    scores and mixing 2 x pixels x width), over the 3 sub-pixels (tokens) of a pixel."""
-    w, pixels = m.width, m.seq_len // 3
-
-    def block(c_in: int) -> int:
-        return 9 * c_in * w + 9 * w * w + (c_in * w if c_in != w else 0)
-
-    macs = (
-        9 * 3 * w * w
-        + m.num_layers * block(w)
-        + 2 * block(w)
-        + 4 * w * w
-        + 2 * pixels * w
-        + (m.num_layers + 1) * block(2 * w)
-        + 9 * w * 3 * m.vocab_size
-    )
-    return 6.0 * macs / 3
 
 
 def peak_tflops(precision: Precision) -> float | None:

@@ -12,7 +12,8 @@ bandwidth is a floor for them. Collectives carry no cycles either: a multi-chip 
 leaves out its communication.
 
 GPU targets compile without a cost model's estimate: there the step time is a roofline, the
-HLO's flops and bytes (`Lowered.cost_analysis()`) at the card's peak.
+HLO's flops and bytes (`Lowered.cost_analysis()`, which counts a loop's body once) at the card's
+peak: a floor.
 """
 
 import dataclasses
@@ -20,6 +21,7 @@ import enum
 import math
 import re
 
+from md4_eqx.config import Backbone, Config, ModelConfig
 from md4_eqx.targets import Gpu, Tpu
 
 
@@ -27,7 +29,7 @@ class Basis(enum.Enum):
     """Where a step time comes from."""
 
     COST_MODEL = "the TPU compiler's cost model"
-    ROOFLINE = "a roofline of the HLO's flops and bytes at the card's peak"
+    ROOFLINE = "a roofline of the HLO's flops and bytes at the card's peak, loops once: a floor"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,3 +140,36 @@ def roofline(flops: float, bytes_accessed: float, chip: Gpu | Tpu) -> StepTime:
 def mfu(flops: float, time: StepTime, chip: Gpu | Tpu) -> float:
     """The fraction of the chip's peak that `flops` (a step's, per device) in `time` would use."""
     return flops / (time.seconds * chip.peak_flops) if time.seconds > 0 else math.nan
+
+
+def flops_per_token(config: Config) -> float:
+    """Analytic forward + backward FLOPs per token: 6 x the parameters every token touches (per
+    layer 4 d^2 attention + 3 d h MLP, plus the d x V_pad head; the embedding is a lookup and the
+    adaLN / conditioning layers act once per example) + 12 x layers x seq x width (the attention
+    scores and their mixing). The matmuls only: the numerator of a model-flops MFU."""
+    m = config.model
+    if m.backbone is Backbone.UNET:
+        return unet_flops_per_token(m)
+    touched = m.num_layers * (4 * m.width**2 + 3 * m.width * m.hidden) + m.width * m.padded_vocab
+    return 6.0 * touched + 12.0 * m.num_layers * m.seq_len * m.width
+
+
+def unet_flops_per_token(m: ModelConfig) -> float:
+    """The U-Net's: 6 x the multiply-adds per pixel of every layer that acts on each pixel (a 3x3
+    conv c_in -> c_out: 9 c_in c_out; a block's 1x1 skip; the attention's 4 projections, and its
+    scores and mixing 2 x pixels x width), over the 3 sub-pixels (tokens) of a pixel."""
+    w, pixels = m.width, m.seq_len // 3
+
+    def block(c_in: int) -> int:
+        return 9 * c_in * w + 9 * w * w + (c_in * w if c_in != w else 0)
+
+    macs = (
+        9 * 3 * w * w
+        + m.num_layers * block(w)
+        + 2 * block(w)
+        + 4 * w * w
+        + 2 * pixels * w
+        + (m.num_layers + 1) * block(2 * w)
+        + 9 * w * 3 * m.vocab_size
+    )
+    return 6.0 * macs / 3
