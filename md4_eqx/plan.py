@@ -1,4 +1,5 @@
-"""A memory plan: the largest batch the devices hold, found by compiling the step, not by crashing.
+"""A memory plan: the largest batch the devices hold, and the fastest way to run a given one,
+found by compiling the step, not by crashing.
 
 XLA reports, for a compiled program, the bytes of its arguments, its outputs (less those aliased
 to donated arguments) and its temporaries (`compiled.memory_analysis()`, on CPU, GPU and TPU).
@@ -18,14 +19,25 @@ abstract devices and the compiler is that hardware's own. On TPU a batch fits wh
 accepts it (`HBM_REFUSALS`): under memory pressure it rematerialises by itself, so the largest
 batch that compiles lies far above where the line through small batches crosses the memory. On
 GPU the memory analysis decides, as here (with XLA's attention: `_plannable`).
+
+Where the TPU compiler estimates a step's time (md4_eqx.step_time: its cost model; a GPU gets a
+roofline, printed but not weighed), the plan for a given global batch is the fastest step that
+fits, not the largest:
+`Planner.fastest` weighs what each block recomputes (`Remat`), the head chunk and the number of
+microbatches. More recomputation costs time, so it is compiled only where it needs fewer
+microbatches than less recomputation did; every compilation is made once (`step_memory`).
 """
 
+import contextlib
 import dataclasses
 import functools
 import math
+import os
 import re
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 import equinox as eqx
@@ -34,11 +46,13 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from md4_eqx.config import AUTO, Config, Impl, Remat
+from md4_eqx import targets
+from md4_eqx.config import AUTO, Backbone, Config, ExecutionConfig, Impl, Remat
 from md4_eqx.errors import PlanError
 from md4_eqx.kernels.attention import platform_of
 from md4_eqx.kernels.attention import resolve as resolve_attention
 from md4_eqx.parallel import DATA, shardings
+from md4_eqx.step_time import StepTime, flops_per_token, mfu, roofline, tpu_step_time
 from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_train_step, state_specs
 
 MARGIN = 0.10  # a tenth of the device's memory is kept free of the planned peak
@@ -98,7 +112,8 @@ def abstract_state(config: Config, mesh: Mesh) -> tuple[TrainState, TrainState]:
 
 
 def state_bytes(arrays: TrainState) -> dict[str, int]:
-    """Bytes per device of the parameters, their EMA and the optimizer state (`abstract_state`'s arrays)."""
+    """Bytes per device of the parameters, their EMA and the optimizer state (`abstract_state`'s
+    arrays)."""
 
     def size(tree) -> int:
         return sum(
@@ -115,17 +130,20 @@ def state_bytes(arrays: TrainState) -> dict[str, int]:
 
 @dataclasses.dataclass(frozen=True)
 class StepMemory:
-    """Per-device bytes of one compiled training step (XLA's memory analysis), its flops and its compile time."""
+    """One compiled training step: its per-device bytes (XLA's memory analysis), flops and
+    estimated time, and its compile time."""
 
     arguments: int  # state and batch
     outputs: int  # new state and metrics
     aliased: int  # outputs written into donated arguments (the state)
     temp: int  # activations, gradients, optimizer temporaries
-    flops: float | None  # per device, XLA's count (None where the compiler gives none: GPU targets)
+    flops: float | None  # per device, XLA's count, loop bodies once (None: GPU targets give none)
     seconds: float  # compile time
-    refused: str | None = (
-        None  # the TPU compiler's first line when the step does not fit in HBM (bytes then 0)
-    )
+    # The TPU compiler's first line when the step does not fit in HBM (bytes then 0).
+    refused: str | None = None
+    # md4_eqx.step_time's estimate of one step (None: devices without a chip record, e.g. CPUs).
+    estimate: StepTime | None = None
+    rematerialised: bool = False  # the compiler recomputed values to fit the memory
 
     @property
     def peak(self) -> int:
@@ -176,26 +194,30 @@ HBM_REFUSALS = (
     "Ran out of memory on HBM",
     "CompileTimeHbmOom",
 )
+# An instruction XLA's rematerialisation pass cloned to recompute it (`fusion.3.remat`).
+_REMATERIALISED = re.compile(r"^\s+(?:ROOT )?%?[\w.-]+\.remat\d* = ", re.MULTILINE)
 
 
 @functools.cache  # a Planner and its callers (tests, benchmarks) ask for the same compilations
 def step_memory(config: Config, mesh: Mesh, *, batch: int, microbatches: int) -> StepMemory:
-    """`lowered_step` compiled (not run), and its memory analysis. On CPU XLA's figures are its
-    CPU compilation's, a proxy for an accelerator's (which fuses and schedules differently); for
-    a target's abstract devices, its compiler's own."""
+    """`lowered_step` compiled (not run), its memory analysis and its estimated time. On CPU
+    XLA's figures are its CPU compilation's, a proxy for an accelerator's (which fuses and
+    schedules differently); for a target's abstract devices, its compiler's own. The compiler's
+    own log stays off stderr (`compiler_log`): where it says it rematerialised, the step says so."""
     lowered = lowered_step(config, mesh, batch=batch, microbatches=microbatches)
     started = time.perf_counter()
-    try:
-        compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as e:
-        if not any(refusal in str(e) for refusal in HBM_REFUSALS):
-            raise
-        return StepMemory(
-            0, 0, 0, 0, None, time.perf_counter() - started, refused=str(e).strip().splitlines()[0]
-        )
+    with compiler_log() as log:
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            if not any(refusal in str(e) for refusal in HBM_REFUSALS):
+                raise
+            first = str(e).strip().splitlines()[0]
+            return StepMemory(0, 0, 0, 0, None, time.perf_counter() - started, refused=first)
     seconds = time.perf_counter() - started
     m = compiled.memory_analysis()
     flops = (compiled.cost_analysis() or {}).get("flops")
+    text = compiled.as_text()
     return StepMemory(
         int(m.argument_size_in_bytes),
         int(m.output_size_in_bytes),
@@ -203,13 +225,69 @@ def step_memory(config: Config, mesh: Mesh, *, batch: int, microbatches: int) ->
         int(m.temp_size_in_bytes),
         flops,
         seconds,
+        estimate=_estimate(lowered, text, mesh),
+        rematerialised=bool(_REMATERIALISED.search(text))
+        or any("rematerializ" in line.lower() for line in log),
     )
+
+
+def _estimate(lowered: jax.stages.Lowered, text: str, mesh: Mesh) -> StepTime | None:
+    """The step's time on `mesh`'s chips: the TPU compiler's cost model, a GPU's roofline of the
+    program's flops and bytes per device (None for devices without a chip record)."""
+    chip = targets.chip_of(platform_of(mesh).device_kind)
+    if isinstance(chip, targets.Tpu):
+        return tpu_step_time(text, chip)
+    if chip is None:
+        return None
+    cost = lowered.cost_analysis() or {}
+    return roofline(
+        cost.get("flops", 0.0) / mesh.size, cost.get("bytes accessed", 0.0) / mesh.size, chip
+    )
+
+
+@contextlib.contextmanager
+def compiler_log() -> Iterator[list[str]]:
+    """Keeps the compiler's C++ log (XLA's warnings, such as hlo_rematerialization.cc's when a
+    program will not fit) off stderr while the block runs and hands its lines back: the plan's
+    report is what a user reads. The C++ logger writes to file descriptor 2 itself, so that is
+    what is redirected, to a temporary file, and restored after."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            lines += log.read().decode(errors="replace").splitlines()
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A step for a global batch: how it runs (`run`: what it recomputes, its head chunk), in how
+    many microbatches, and the compiled step."""
+
+    run: ExecutionConfig
+    microbatches: int
+    step: StepMemory
+
+    def describe(self) -> str:
+        chunk = f"head chunk {self.run.head_chunk}" if self.run.head_chunk else "no head chunk"
+        return f"remat {self.run.remat.value}, {chunk}, {self.microbatches} microbatch(es)"
+
+
+# The head chunks the speed plan weighs besides the config's own (`ExecutionConfig.head_chunk`).
+HEAD_CHUNKS = (0, 2048)
 
 
 class Planner:
     """Compiles the step for one config, mesh and memory budget (`step_memory` remembers every
     compilation). `by_compiler`: a batch fits when the compiler accepts it (default: on TPU), else
-    when its peak is within `memory` less the margin (also for a memory limit given for a TPU)."""
+    when its peak is within `memory` less the margin (also for a memory limit given for a TPU).
+    Each method takes the `run` (ExecutionConfig) to compile; `self.run` is the config's."""
 
     def __init__(self, config: Config, mesh: Mesh, memory: int, *, by_compiler: bool | None = None):
         self.platform = platform_of(mesh)
@@ -217,91 +295,129 @@ class Planner:
         self.mesh, self.memory, self.data = mesh, memory, mesh.shape[DATA]
         self.by_compiler = self.platform.name == "tpu" if by_compiler is None else by_compiler
         self.budget = int(memory * (1.0 - MARGIN))
-        self.remat = (
-            self.config.execution.remat
-        )  # what `microbatches`, `batch_size` and `report` plan for
+        self.run = self.config.execution
+        self.chip = targets.chip_of(self.platform.device_kind)  # None: no time estimate
 
-    def step(self, remat: Remat, microbatch: int, microbatches: int = 1) -> StepMemory:
+    def step(self, run: ExecutionConfig, microbatch: int, microbatches: int = 1) -> StepMemory:
         """The step compiled with `microbatches` chunks of `microbatch` examples per device."""
-        config = dataclasses.replace(
-            self.config, execution=dataclasses.replace(self.config.execution, remat=remat)
-        )
         return step_memory(
-            config,
+            dataclasses.replace(self.config, execution=run),
             self.mesh,
             batch=microbatch * microbatches * self.data,
             microbatches=microbatches,
         )
 
-    def fits(self, remat: Remat, microbatch: int, microbatches: int = 1) -> bool:
-        """The compiler accepts the step and, unless it alone judges, its peak is within the budget."""
-        step = self.step(remat, microbatch, microbatches)
+    def fits(self, run: ExecutionConfig, microbatch: int, microbatches: int = 1) -> bool:
+        """The compiler accepts the step and, unless it alone judges, its peak is in the budget."""
+        step = self.step(run, microbatch, microbatches)
         return step.refused is None and (self.by_compiler or step.peak <= self.budget)
 
-    def line(self, remat: Remat, at: tuple[int, int] = (1, 2)) -> tuple[int, int]:
-        """(fixed, per_example): the peak's line through microbatches of `at` examples per device."""
+    def line(self, run: ExecutionConfig, at: tuple[int, int] = (1, 2)) -> tuple[int, int]:
+        """(fixed, per_example): the peak's line through `at` examples per device."""
         small, large = at
-        low = self.step(remat, small).peak
-        per_example = max((self.step(remat, large).peak - low) // (large - small), 1)
+        low = self.step(run, small).peak
+        per_example = max((self.step(run, large).peak - low) // (large - small), 1)
         return low - small * per_example, per_example
 
-    def guess(self, remat: Remat) -> int:
+    def guess(self, run: ExecutionConfig) -> int:
         """The largest per-device microbatch that fits by the line through 1 and 2 examples (the
         cheapest compiles; at scale its slope runs 15-20% low), at least 1. A slope under a KiB
         per example says nothing (tiny models, where XLA's buffer reuse varies by more than one
         example's activations; on a TPU the tiny preset's peak moves by 512 bytes from 1 to 2
         examples): then 2, and the search gallops up from there."""
-        fixed, per_example = self.line(remat)
+        fixed, per_example = self.line(run)
         if per_example < 2**10:
             return 2
         return max(1, (self.budget - fixed) // per_example)
 
-    def largest(self, remat: Remat) -> int:
+    def largest(self, run: ExecutionConfig) -> int:
         """The largest per-device microbatch that fits, confirmed by compiling (0: none)."""
-        return _largest(lambda m: self.fits(remat, m), self.guess(remat))
+        return _largest(lambda m: self.fits(run, m), self.guess(run))
 
-    def fit(self, remat: Remat) -> tuple[int, int, int]:
+    def fit(self, run: ExecutionConfig) -> tuple[int, int, int]:
         """(fixed, per_example, largest): the largest per-device microbatch that fits (0: none)
         and the peak's line through it and half of it, where the slope matters (`head_chunk`'s
         chunk hides it at 1 and 2 examples). Where the compiler judges, the line through 1 and 2:
         it rematerialises under pressure, so no line holds up to its answer."""
-        largest = self.largest(remat)
+        largest = self.largest(run)
         at = (1, 2) if self.by_compiler else (max(largest // 2, 1), max(largest, 2))
-        return *self.line(remat, at), largest
+        return *self.line(run, at), largest
 
-    def microbatches(self, batch: int) -> int:
+    def fewest_microbatches(
+        self,
+        run: ExecutionConfig,
+        batch: int,
+        fewer_than: int | None = None,
+        near: int | None = None,
+    ) -> int | None:
         """The fewest gradient-accumulation chunks of the global `batch` whose step fits (`batch`
-        splits evenly over `data`: md4_eqx.validate checks it before any plan)."""
+        splits evenly over `data`: md4_eqx.validate checks it before any plan), looking only
+        below `fewer_than` chunks, which are taken to fit; None where none fits there. The
+        search starts at `near` chunks where given (a similar step's answer), else where the
+        line through 1 and 2 examples per device says (`guess`)."""
         per_device = batch // self.data
-        counts = [
-            k for k in range(per_device, 0, -1) if per_device % k == 0
-        ]  # chunk size ascending
-        guess = sum(1 for k in counts if per_device // k <= self.guess(self.remat))
+        counts = [k for k in range(per_device, 0, -1) if per_device % k == 0]  # chunks descending
+        known = 0 if fewer_than is None else counts.index(fewer_than) + 1
+        if known:
+            guess = known + 1
+        elif near is not None:
+            guess = counts.index(near) + 1
+        else:
+            guess = sum(1 for k in counts if per_device // k <= self.guess(run))
         best = _largest(
-            lambda i: self.fits(self.remat, per_device // counts[i - 1], counts[i - 1]),
+            lambda i: i <= known or self.fits(run, per_device // counts[i - 1], counts[i - 1]),
             max(guess, 1),
             top=len(counts),
         )
-        if not best:
-            self._no_fit(f"batch {batch} (data={self.data})", per_device)
-        return counts[best - 1]
+        return counts[best - 1] if best > known else None
+
+    def microbatches(self, batch: int) -> int:
+        """The fewest gradient-accumulation chunks of the global `batch` whose step fits."""
+        count = self.fewest_microbatches(self.run, batch)
+        if count is None:
+            self._no_fit(f"batch {batch} (data={self.data})", batch // self.data)
+        return count
+
+    def fastest(self, batch: int) -> list[Plan]:
+        """The steps weighed for the global `batch`, fastest first by the TPU compiler's estimate
+        (none on other devices): for each head chunk, each recomputation policy
+        from none to full at the fewest microbatches that fit, where it needs fewer than the
+        policy before it (more recomputation in as many microbatches only costs more)."""
+        if not isinstance(self.chip, targets.Tpu):  # a GPU's roofline cannot tell them apart
+            return []
+        chunks = dict.fromkeys((self.run.head_chunk, *HEAD_CHUNKS))  # the config's first
+        if self.config.model.backbone is Backbone.UNET:  # its head is a convolution
+            chunks = {0: None}
+        plans, near = [], None  # near: the first head chunk's answer, where the next start
+        for chunk in chunks:
+            fewest = None
+            for remat in Remat:
+                run = dataclasses.replace(self.run, remat=remat, head_chunk=chunk)
+                count = self.fewest_microbatches(run, batch, fewer_than=fewest, near=near)
+                near = near or count
+                if count is not None:
+                    fewest = count
+                    step = self.step(run, batch // self.data // count, count)
+                    plans.append(Plan(run, count, step))
+        return sorted(plans, key=lambda plan: plan.step.estimate.seconds)
 
     def batch_size(self) -> int:
         """The largest global batch whose step fits without gradient accumulation."""
-        largest = self.largest(self.remat)
+        largest = self.largest(self.run)
         if largest == 0:
             self._no_fit("one example per device")
         return largest * self.data
 
     def _no_fit(self, what: str, microbatches: int = 1) -> NoReturn:
         """The PlanError for `what`, with the step of one example per device in `microbatches`."""
-        step = self.step(self.remat, 1, microbatches)
+        step = self.step(self.run, 1, microbatches)
         if step.refused:
             raise PlanError(f"{what} does not fit: the TPU compiler says {step.refused}")
+        full = dataclasses.replace(self.run, remat=Remat.FULL)
         extra = (
             ""
-            if self.remat is Remat.FULL
-            else f" ({show_size(self.step(Remat.FULL, 1).peak)} with --remat full)"
+            if self.run.remat is Remat.FULL
+            else f" ({show_size(self.step(full, 1).peak)} with --remat full)"
         )
         raise PlanError(
             f"{what} does not fit: one example per device needs {show_size(step.peak)}{extra}, "
@@ -309,10 +425,11 @@ class Planner:
         )
 
     def report(self) -> str:
-        """What `train.py --plan` prints: state bytes, then the largest microbatch per device for
-        the config's remat setting, with its step's peak, flops and compile time."""
+        """What `train.py --plan` prints: state bytes, the largest microbatch per device for the
+        config's execution (one line), then, where the compiler estimates a step's time, the
+        fastest way to run the config's global batch (the largest's, for an `auto` batch)."""
         state = state_bytes(abstract_state(self.config, self.mesh)[0])
-        m, run = self.config.model, self.config.execution
+        m, run = self.config.model, self.run
         chunk = f", the head {run.head_chunk} tokens at a time" if run.head_chunk else ""
         judge = (
             "a batch fits when the TPU compiler accepts it"
@@ -320,8 +437,9 @@ class Planner:
             else "XLA's compiled memory analysis"
         )
         lines = [
-            f"memory plan per device, mesh {dict(self.mesh.shape)} of {self.platform.device_kind}, seq {m.seq_len}, "
-            f"{run.precision.value} compute{chunk}, attention {run.attention.value} ({judge}):"
+            f"memory plan per device, mesh {dict(self.mesh.shape)} of "
+            f"{self.platform.device_kind}, seq {m.seq_len}, {run.precision.value} compute{chunk}, "
+            f"attention {run.attention.value} ({judge}):"
         ]
         if self.note:
             lines.append(f"  note: {self.note}")
@@ -332,23 +450,54 @@ class Planner:
             else f"; budget {show_size(self.budget)} after a {MARGIN:.0%} margin"
         )
         lines.append(f"  device memory    {show_size(self.memory)}{budget}")
-        fixed, per_example, largest = self.fit(self.remat)
+        fixed, per_example, largest = self.fit(run)
         if largest == 0:
             self._no_fit("one example per device")
-        step = self.step(self.remat, largest)
+        step = self.step(run, largest)
         flops = (
             "flops not counted by the compiler"
             if step.flops is None
             else f"{step.flops / 1e12:.3g} TFLOP"
         )
+        at = " at 1-2 examples" if self.by_compiler else ""
         lines.append(
-            f"  remat {self.remat.value}: largest microbatch {largest} per device "
+            f"  remat {run.remat.value}: largest microbatch {largest} per device "
             f"(global {largest * self.data} without accumulation): peak {show_size(step.peak)}, "
             f"{flops} per step, compiled in {step.seconds:.1f} s; line {show_size(fixed)} + "
-            f"{per_example / 2**20:.1f} MiB per example{' at 1-2 examples' if self.by_compiler else ''} "
-            "(--remat none, minimal or full: what each block recomputes)"
+            f"{per_example / 2**20:.1f} MiB per example{at}"
+            + ("; the compiler rematerialised to fit it" if step.rematerialised else "")
         )
+        batch = self.config.train.batch_size or largest * self.data
+        if self.chip is None:
+            lines.append(f"  no step-time estimate for {self.platform.device_kind} devices")
+        elif plans := self.fastest(batch):
+            lines += self._speed_lines(batch, plans)
+        else:  # a GPU: the largest batch's roofline
+            lines += self._speed_lines(largest * self.data, [Plan(run, 1, step)])
         return "\n".join(lines)
+
+    def _speed_lines(self, batch: int, plans: list[Plan]) -> list[str]:
+        """The fastest plan for the global `batch` with its estimated time, tokens/s per chip and
+        MFU, then the others weighed, one line each."""
+        best = plans[0]
+        seconds = best.step.estimate.seconds
+        tokens = batch * self.config.model.seq_len
+        model_flops = flops_per_token(self.config) * tokens / self.mesh.size
+        remat = "; the compiler rematerialised to fit it" if best.step.rematerialised else ""
+        lines = [
+            f"  {'fastest' if len(plans) > 1 else 'plan'} for the global batch {batch}: "
+            f"{best.describe()} "
+            f"(--remat {best.run.remat.value} --head-chunk {best.run.head_chunk} "
+            f"--microbatches {best.microbatches}): estimated step {best.step.estimate.describe()}, "
+            f"{tokens / seconds / self.mesh.size:,.0f} tokens/s per chip, MFU "
+            f"{mfu(model_flops, best.step.estimate, self.chip):.0%} (the compiler's estimate, "
+            f"not a measurement; collectives not counted){remat}"
+        ]
+        lines += [
+            f"    also weighed: {plan.describe()}: {plan.step.estimate.seconds * 1e3:.1f} ms"
+            for plan in plans[1:]
+        ]
+        return lines
 
 
 def _plannable(config: Config, platform) -> tuple[Config, str]:
@@ -360,8 +509,9 @@ def _plannable(config: Config, platform) -> tuple[Config, str]:
     if platform.name != "gpu" or kernel.impl is Impl.XLA:
         return config, ""
     note = (
-        f"attention {run.attention.value} would run {kernel.impl.value} here, which is compiled only on the "
-        f"GPU itself: this plan uses XLA's attention instead (more memory: the [T, T] scores)"
+        f"attention {run.attention.value} would run {kernel.impl.value} here, which is compiled "
+        f"only on the GPU itself: this plan uses XLA's attention instead (more memory: the "
+        f"[T, T] scores)"
     )
     return dataclasses.replace(config, execution=dataclasses.replace(run, attention=Impl.XLA)), note
 
@@ -390,8 +540,11 @@ def resolve(
 ) -> Config:
     """`config` with an `AUTO` batch size or microbatch count replaced: by the checkpoint's
     (`saved`, so a resumed run keeps its choice), else by the planner's (for `memory`, default
-    what the device reports; `by_compiler` as `Planner` takes it)."""
-    train = config.train
+    what the device reports; `by_compiler` as `Planner` takes it). An `auto` batch size is the
+    largest without accumulation; `auto` microbatches for a given batch come with the
+    recomputation policy and head chunk of the fastest plan (`Planner.fastest`) where the
+    compiler estimates step times, else the fewest that fit the config's own."""
+    train, execution = config.train, config.execution
     if AUTO not in (train.batch_size, train.microbatches):
         return config
     if saved is not None:
@@ -400,14 +553,19 @@ def resolve(
             batch_size=train.batch_size or saved.train.batch_size,
             microbatches=train.microbatches or saved.train.microbatches,
         )
+        if config.train.microbatches == AUTO:  # planned with the microbatches
+            run = saved.execution
+            execution = dataclasses.replace(execution, remat=run.remat, head_chunk=run.head_chunk)
     else:
         planner = Planner(config, mesh, memory or device_memory(), by_compiler=by_compiler)
-        if train.batch_size == AUTO:
-            if train.microbatches not in (AUTO, 1):
-                raise PlanError(
-                    f"--batch-size auto picks a batch without accumulation: drop --microbatches {train.microbatches}"
-                )
+        if train.batch_size == AUTO:  # md4_eqx.validate: with microbatches auto or 1
             train = dataclasses.replace(train, batch_size=planner.batch_size(), microbatches=1)
+        elif plans := planner.fastest(train.batch_size):
+            best = plans[0]
+            train = dataclasses.replace(train, microbatches=best.microbatches)
+            execution = dataclasses.replace(
+                execution, remat=best.run.remat, head_chunk=best.run.head_chunk
+            )
         else:
             train = dataclasses.replace(train, microbatches=planner.microbatches(train.batch_size))
-    return dataclasses.replace(config, train=train)
+    return dataclasses.replace(config, train=train, execution=execution)

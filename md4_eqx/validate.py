@@ -37,6 +37,11 @@ def validate(config: Config, mesh: Mesh, batch: int | None = None) -> None:
             f"guidance={config.sampler.guidance} needs a class-conditional model "
             f"(num_classes > 0); this one has no classes",
         )
+    if config.train.batch_size == AUTO and config.train.microbatches not in (AUTO, 1):
+        raise ConfigError(
+            "microbatches",
+            "batch_size auto is the largest batch without accumulation: give a batch size",
+        )
     microbatches = 1 if batch is not None else config.train.microbatches or 1
     batch = config.train.batch_size if batch is None else batch
     if batch != AUTO and batch % (mesh.shape[DATA] * microbatches):

@@ -4,13 +4,26 @@ Each compilation of even this small step takes seconds on 2 CPU cores, so the te
 config and mesh (step_memory caches its compilations).
 """
 
+import dataclasses
+import os
+
 import jax
 import pytest
 
 import train
+from md4_eqx import targets
 from md4_eqx.config import AUTO, Config, ExecutionConfig, ModelConfig, Precision, Remat
 from md4_eqx.parallel import make_mesh
-from md4_eqx.plan import MARGIN, PlanError, Planner, parse_size, step_memory
+from md4_eqx.plan import (
+    MARGIN,
+    PlanError,
+    Planner,
+    StepMemory,
+    compiler_log,
+    parse_size,
+    step_memory,
+)
+from md4_eqx.step_time import Basis, StepTime
 
 CONFIG = Config(
     model=ModelConfig(vocab_size=32, seq_len=16, width=32, num_layers=1, num_heads=2, cond_dim=8),
@@ -67,11 +80,11 @@ def test_batch_size_auto_is_the_largest_that_fits(mesh):
     five = step_memory(CONFIG, mesh, batch=10, microbatches=1).peak
     planner = Planner(CONFIG, mesh, int((four + five) / 2 / (1.0 - MARGIN)))
     assert planner.batch_size() == 8
-    fixed, per_example, largest = planner.fit(remat=Remat.NONE)
+    fixed, per_example, largest = planner.fit(planner.run)
     assert largest == 4 and per_example > 0
     # The reported line runs through the answer and half of it, where the slope matters.
     for m in (2, 4):
-        assert abs(fixed + per_example * m - planner.step(Remat.NONE, m).peak) <= m, m
+        assert abs(fixed + per_example * m - planner.step(planner.run, m).peak) <= m, m
     # At this size the peak does not grow from 1 to 2 examples per device (XLA's buffer reuse
     # varies more than an example's activations); the search still stays near the answer:
     # 4 and 5 per device above, 1 and 2 for the line, then 3 (the gallop from a guess of 2).
@@ -94,9 +107,69 @@ def test_bad_memory_limit_is_one_line_and_status_2(capsys):
     assert err.count("\n") == 1 and "--memory-limit '80 gigs'" in err
 
 
+def test_auto_batch_with_microbatches_is_refused_before_any_work(capsys):
+    assert train.main(["--plan", "--batch-size", "auto", "--microbatches", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--microbatches: batch_size auto is the largest batch" in err
+
+
+def test_compiler_log_is_kept_off_stderr(capfd):
+    """What a C++ logger writes to file descriptor 2 during a compile comes back as lines."""
+    with compiler_log() as log:
+        os.write(2, b"W hlo_rematerialization.cc:3021] Can't reduce memory use below 60GiB\n")
+    assert log == ["W hlo_rematerialization.cc:3021] Can't reduce memory use below 60GiB"]
+    assert capfd.readouterr().err == ""
+
+
 def test_auto_flags_parse_to_auto():
     args = train.build_parser().parse_args(["--batch-size", "auto", "--microbatches", "auto"])
     cfg, _ = train.make_config(args)
     assert (cfg.train.batch_size, cfg.train.microbatches) == (AUTO, AUTO)
     with pytest.raises(SystemExit):
         train.build_parser().parse_args(["--steps", "auto"])
+
+
+@pytest.mark.parametrize(
+    ("seconds_per_example", "fastest"),
+    [
+        ({Remat.NONE: 1.0, Remat.MINIMAL: 1.1, Remat.FULL: 1.05}, (Remat.FULL, 2048, 1)),
+        ({Remat.NONE: 1.0, Remat.MINIMAL: 1.6, Remat.FULL: 2.5}, (Remat.NONE, 2048, 4)),
+        ({Remat.NONE: 1.0, Remat.MINIMAL: 1.02, Remat.FULL: 2.5}, (Remat.MINIMAL, 2048, 2)),
+    ],
+    ids=["full-in-one", "none-in-four", "minimal-in-two"],
+)
+def test_fastest_is_the_fastest_that_fits(mesh, monkeypatch, seconds_per_example, fastest):
+    """With steps whose peak and time follow a model (more recomputation: less memory, more time;
+    more microbatches: a fixed cost each; the larger head chunk saves time and costs memory), the
+    plan is the fastest of every (remat, head chunk, microbatches) that fits, found by brute
+    force, and steps that cannot beat one already found are never compiled."""
+    per_example = {Remat.NONE: 100, Remat.MINIMAL: 50, Remat.FULL: 25}  # bytes
+    compiled = []
+
+    def step(run, microbatch, microbatches=1):
+        compiled.append((run.remat, run.head_chunk, microbatches))
+        peak = per_example[run.remat] * microbatch + (10 if run.head_chunk else 0)
+        seconds = microbatches * (0.5 + seconds_per_example[run.remat] * microbatch)
+        seconds -= 0.1 if run.head_chunk else 0.0
+        return StepMemory(peak, 0, 0, 0, None, 0.0, estimate=StepTime(seconds, 0.0, Basis.ROOFLINE))
+
+    planner = Planner(CONFIG, mesh, 0)
+    planner.budget, planner.chip = 8 * 25 + 10, targets.CHIPS["v5e"]  # FULL fits 8 per device
+    monkeypatch.setattr(planner, "step", step)
+    plans = planner.fastest(BATCH)
+    best = plans[0]
+    assert (best.run.remat, best.run.head_chunk, best.microbatches) == fastest
+    per_device = BATCH // 2
+    every = [
+        (step(dataclasses.replace(CONFIG.execution, remat=r, head_chunk=c), per_device // k, k), k)
+        for r in Remat
+        for c in (0, 2048)
+        for k in (1, 2, 4, 8)
+    ]
+    fitting = [s.estimate.seconds for s, _ in every if s.peak <= planner.budget]
+    assert best.step.estimate.seconds == min(fitting)
+    assert [p.step.estimate.seconds for p in plans] == sorted(
+        p.step.estimate.seconds for p in plans
+    )
+    searched = compiled[: -len(every)]
+    assert not any(k == 8 and r is not Remat.NONE for r, _, k in searched)  # never beats NONE's 4
