@@ -126,7 +126,8 @@ def _forward_kernel(
         for j in range(heads):
             total = l_scratch[j]
             o_ref[:, _head(j, head_dim)] = (acc_scratch[j] / total[:, :1]).astype(o_ref.dtype)
-            lse_ref[j] = m_scratch[j] + jnp.log(total)
+            lse = m_scratch[j] + jnp.log(total)  # (block_q, LANES), equal lanes
+            lse_ref[j] = lse.T[:1]  # the row (1, block_q) the backward kernels read
 
 
 def _dq_kernel(
@@ -216,10 +217,10 @@ def _rows(block: int, width: int, *, seq_axis: int) -> pl.BlockSpec:
     return pl.BlockSpec((None, block, width), lambda b, g, i, j: (b, (i, j)[seq_axis - 2], g))
 
 
-def _stats(group: int, block: int) -> pl.BlockSpec:
-    """Spec for a (group, block, LANES) tile of the forward's [b, h, tq, LANES] lse: the grid's
-    second index picks the head group, its third the q block."""
-    return pl.BlockSpec((None, group, block, LANES), lambda b, g, i, j: (b, g, i, 0))
+def _stats(group: int, block: int, *, q_axis: int) -> pl.BlockSpec:
+    """Spec for the (group, 1, block) rows of a [b, h, 1, seq] per-query statistic (lse,
+    delta): the grid's `q_axis`-th index (2 or 3) picks the q block."""
+    return pl.BlockSpec((None, group, 1, block), lambda b, g, i, j: (b, g, 0, (i, j)[q_axis - 2]))
 
 
 def _backward_specs(
@@ -228,9 +229,7 @@ def _backward_specs(
     """Specs for (q, k, v, do, lse rows, delta rows); q_axis and kv_axis are the grid axes
     (2 or 3) that walk the query and key blocks."""
     q_rows, kv_rows = _rows(bq, group * d, seq_axis=q_axis), _rows(bk, group * d, seq_axis=kv_axis)
-    stats = pl.BlockSpec(
-        (None, group, 1, bq), lambda b, g, i, j: (b, g, 0, (i, j)[q_axis - 2])
-    )  # [b, h, 1, seq] rows
+    stats = _stats(group, bq, q_axis=q_axis)
     return [q_rows, kv_rows, kv_rows, q_rows, stats, stats]
 
 
@@ -270,7 +269,7 @@ def _forward(q, k, v, *, kv_len, blocks, interpret):
     bq, bk, group = blocks.block_q, blocks.block_k, _group(h, d)
     out_shape = [
         out_type((b, tq, h * d), q.dtype, q, k, v),
-        out_type((b, h, tq, LANES), jnp.float32, q, k, v),
+        out_type((b, h, 1, tq), jnp.float32, q, k, v),
     ]
     o, lse = _pallas_call(
         functools.partial(_forward_kernel, scale=d**-0.5, kv_len=kv_len),
@@ -282,7 +281,7 @@ def _forward(q, k, v, *, kv_len, blocks, interpret):
         ],
         out_specs=[
             _rows(bq, group * d, seq_axis=2),
-            _stats(group, bq),
+            _stats(group, bq, q_axis=2),
         ],
         out_shape=out_shape,
         scratch_shapes=[
@@ -295,7 +294,7 @@ def _forward(q, k, v, *, kv_len, blocks, interpret):
         interpret=interpret,
         name="flash_attention_forward",
     )(_lanes(q), _lanes(k), _lanes(v))
-    return o.reshape(q.shape), lse[..., 0]  # lse: (b, h, tq)
+    return o.reshape(q.shape), lse[:, :, 0]  # lse: (b, h, tq)
 
 
 def _backward(q, k, v, do, lse, delta, *, q_len, kv_len, blocks, interpret):
