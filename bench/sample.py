@@ -8,8 +8,9 @@
 
 Each loop runs twice: with the full head (`sampling.FullHead`: the head and the draw at every
 position) and with the sparse head (only where a position unmasks; the same tokens). Each
-configuration is compiled once, then timed over --repeats runs (the median is reported) in the
-same process, so every speed-up is against the first row measured on the same machine.
+configuration is compiled once, then timed over --repeats runs (the median is reported), the
+configurations taking turns within each repeat in the same process, so every speed-up is against
+the first row measured on the same machine under the same load.
 A fresh model is used: sampling costs the same whatever the weights, and the exact-skip sampler's
 number of calls does not depend on the network at all. "calls" is the mean number of network
 evaluations per run (T + 1 for the ancestral sampler; for exact-skip, the distinct unmask steps
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from md4_eqx.config import PRESETS, Loop, Precision, preset
+from md4_eqx.config import PRESETS, Loop, Precision, SamplerConfig, preset
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
 from md4_eqx.sampling import FullHead, expected_skip_calls, generate
@@ -46,22 +47,24 @@ def machine() -> str:
     return f"{device.platform}: {device.device_kind}; {host}; JAX {jax.__version__}"
 
 
-def bench(model: MD4, sampler_cfg, batch: int, repeats: int) -> tuple[float, float]:
-    """(median seconds per run, mean network calls per run) of `batch` unconditional samples."""
+def bench(
+    runs: list[tuple[MD4, SamplerConfig]], batch: int, repeats: int
+) -> list[tuple[float, float]]:
+    """(median seconds per run, mean network calls per run) of `batch` unconditional samples, for
+    each (model, sampler) of `runs`. Each is compiled first; then every repeat times each of them
+    in turn with the same key, so a change in the machine's load falls on all of them alike."""
     mesh = make_mesh(1, 1, jax.devices()[:1])
-    template = jnp.full((batch, model.config.seq_len), model.mask_id, jnp.int32)
-    jax.block_until_ready(
-        generate(model, jax.random.key(0), template, mesh, sampler_cfg)
-    )  # compile
-    times, calls = [], []
+    template = jnp.full((batch, runs[0][0].config.seq_len), runs[0][0].mask_id, jnp.int32)
+    for model, cfg in runs:  # compile
+        jax.block_until_ready(generate(model, jax.random.key(0), template, mesh, cfg))
+    times, calls = [[] for _ in runs], [[] for _ in runs]
     for r in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(
-            generate(model, jax.random.key(r + 1), template, mesh, sampler_cfg)
-        )
-        times.append(time.perf_counter() - start)
-        calls.append(float(np.mean(out.calls)))
-    return statistics.median(times), float(np.mean(calls))
+        for i, (model, cfg) in enumerate(runs):
+            start = time.perf_counter()
+            out = jax.block_until_ready(generate(model, jax.random.key(r + 1), template, mesh, cfg))
+            times[i].append(time.perf_counter() - start)
+            calls[i].append(float(np.mean(out.calls)))
+    return [(statistics.median(t), float(np.mean(c))) for t, c in zip(times, calls, strict=True)]
 
 
 def main() -> None:
@@ -106,23 +109,25 @@ def main() -> None:
     print("| steps | sampler | calls | expected | s/run | tokens/s | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for steps in args.steps:
-        base = None
-        for loop in args.loops:
-            for head, model in heads.items():
-                sampler_cfg = dataclasses.replace(cfg.sampler, loop=loop, steps=steps)
-                seconds, calls = bench(model, sampler_cfg, args.batch, args.repeats)
-                base = base or seconds
-                expected = (
-                    steps + 1
-                    if loop is Loop.EVERY_STEP
-                    else expected_skip_calls(model.schedule, sampler_cfg, m.seq_len)
-                )
-                print(
-                    f"| {steps} | {sampler_cfg.rule.value}, {loop.value}, {head} | {calls:.1f} | "
-                    f"{expected:.1f} | {seconds:.3f} | {args.batch * m.seq_len / seconds:.4g} | "
-                    f"{base / seconds:.2f}x |",
-                    flush=True,
-                )
+        rows = [
+            (head, model, dataclasses.replace(cfg.sampler, loop=loop, steps=steps))
+            for loop in args.loops
+            for head, model in heads.items()
+        ]
+        timed = bench([(model, c) for _, model, c in rows], args.batch, args.repeats)
+        base = timed[0][0]
+        for (head, model, sampler_cfg), (seconds, calls) in zip(rows, timed, strict=True):
+            expected = (
+                steps + 1
+                if sampler_cfg.loop is Loop.EVERY_STEP
+                else expected_skip_calls(model.schedule, sampler_cfg, m.seq_len)
+            )
+            print(
+                f"| {steps} | {sampler_cfg.rule.value}, {sampler_cfg.loop.value}, {head} | "
+                f"{calls:.1f} | {expected:.1f} | {seconds:.3f} | "
+                f"{args.batch * m.seq_len / seconds:.4g} | {base / seconds:.2f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
