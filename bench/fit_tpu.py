@@ -1,9 +1,9 @@
 """The largest MD4-S batch one TPU chip holds, by the real TPU compiler, on a CPU-only host.
 
-    python bench/fit_tpu.py --precision bfloat16                      # bisect the largest batch
+    python bench/fit_tpu.py --precision bfloat16                      # search the largest batch
     python bench/fit_tpu.py --precision float32 --attention xla --lo 16 --hi 48
     python bench/fit_tpu.py --precision bfloat16 --remat full --head-chunk 2048 --lo 64 --hi 256
-    python bench/fit_tpu.py --precision bfloat16 --batch 8            # one compile: memory analysis
+    python bench/fit_tpu.py --precision bfloat16 --batch 16           # one compile
     python bench/fit_tpu.py ... --reference /path/to/google-deepmind/md4   # and DeepMind's, alike
 
 Needs the TPU compiler (`pip install -e ".[tpu]"`: the libtpu that jax pins); the chips are
@@ -13,17 +13,18 @@ RESOURCE_EXHAUSTED), checking twice, a first verdict within seconds and a second
 (`CompileTimeHbmOom`) after scheduling, minutes later; under pressure it rematerialises by itself,
 so `memory_analysis()` at a small batch does not predict the answer: only finished compiles do.
 `--batch` prints that analysis for one size (temp bytes: the proxy used to compare levers).
+Every compiled step's line also gives the compiler's estimate of its time and tokens/s per chip
+(md4_eqx.step_time; the Pallas kernels at their CostEstimate's floor).
 
 The reference's figure is DeepMind's md4 (its openwebtext config, float32, its own train step)
 compiled the same way: 40 examples per v5e chip (issue 24). With `--reference` (or
-$MD4_REFERENCE) and flax installed the script compiles the reference's step too and prints both.
+$MD4_REFERENCE) and flax installed the script compiles the reference's step too and prints both
+(with `--batch`, at the same batch: like for like).
 """
 
 import argparse
 import dataclasses
-import importlib
 import importlib.util
-import inspect
 import os
 import sys
 import time
@@ -31,36 +32,14 @@ from importlib import metadata
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from md4_eqx import plan, targets
 from md4_eqx.config import Impl, Precision, Remat, preset
-from md4_eqx.plan import lowered_step
+from md4_eqx.parallel import make_mesh
+from md4_eqx.step_time import StepTime, tpu_step_time
 
 REFERENCE_PER_V5E_CHIP = 40  # DeepMind's MD4-S, float32, compiled for one v5e chip (issue 24)
-OOM_MARKS = ("Ran out of memory", "RESOURCE_EXHAUSTED", "CompileTimeHbmOom")
-
-
-def tpu_mesh(target: str) -> jax.sharding.Mesh:
-    """A (data, model) = (chips, 1) mesh over the abstract chips of `target`, e.g. "v5e:1x1"."""
-    from jax.experimental import topologies
-
-    chips = int(np.prod([int(n) for n in target.split(":")[1].split("x")]))
-    extra = {"chip_config_name": "megacore"} if target.startswith(("v4", "v5:")) else {}
-    if chips == 1:
-        extra |= {"chips_per_host_bounds": (1, 1, 1), "wrap": (False, False, False)}
-    devices = topologies.get_topology_desc(topology_name=target, platform="tpu", **extra).devices
-    return jax.sharding.Mesh(np.array(devices).reshape(len(devices), 1), ("data", "model"))
-
-
-def kernels_for(platform: str) -> None:
-    """Pick attention kernels for `platform`'s chips, not this host's backend, where `resolve`
-    still asks the host (older trees: `resolve(..., backend=None)` read `jax.default_backend()`)."""
-    module = importlib.import_module("md4_eqx.kernels.attention")
-    if "backend" in inspect.signature(module.resolve).parameters:
-        resolve = module.resolve
-        module.resolve = lambda impl, dtype, head_dim, backend=None: resolve(
-            impl, dtype, head_dim, backend or platform
-        )
+SEQ = 1024  # MD4-S's sequence, ours and the reference's
 
 
 @dataclasses.dataclass
@@ -73,43 +52,42 @@ class Outcome:
     temp: int | None = None  # bytes of HLO temporaries, where it compiled
     peak: int | None = None  # arguments + outputs - aliased + temp
     flops: float | None = None
+    estimate: StepTime | None = None  # the compiler's estimate of the step (md4_eqx.step_time)
     why: str = ""
 
-    def line(self) -> str:
+    def line(self, chips: int, seq_len: int) -> str:
         if self.fits:
+            tokens = self.batch * seq_len / self.estimate.seconds / chips
             return (
-                f"batch {self.batch:4d}: compiles in {self.seconds:6.1f} s ({self.traced:.0f} s tracing, "
-                f"{self.cpu:.0f} CPU s), temp {self.temp / 2**30:6.2f} GiB, peak {self.peak / 2**30:6.2f} GiB"
+                f"batch {self.batch:4d}: compiles in {self.seconds:6.1f} s ({self.traced:.0f} s "
+                f"tracing, {self.cpu:.0f} CPU s), temp {self.temp / 2**30:6.2f} GiB, peak "
+                f"{self.peak / 2**30:6.2f} GiB"
                 + (f", {self.flops / 1e12:.2f} TFLOP" if self.flops else "")
+                + f"; estimated step {self.estimate.describe()}, {tokens:,.0f} tokens/s per chip"
             )
         return (
-            f"batch {self.batch:4d}: refused in {self.seconds:6.1f} s ({self.traced:.0f} s tracing, "
-            f"{self.cpu:.0f} CPU s; {self.why})"
+            f"batch {self.batch:4d}: refused in {self.seconds:6.1f} s ({self.traced:.0f} s "
+            f"tracing, {self.cpu:.0f} CPU s; {self.why})"
         )
 
 
-def compile_step(lower, batch: int) -> Outcome:
-    """Compile `lower(batch)` and say whether the compiler took it."""
+def compile_step(lower, batch: int, chip: targets.Tpu) -> Outcome:
+    """Compile `lower(batch)` and say whether the compiler took it (`plan.HBM_REFUSALS`)."""
     start, cpu = time.perf_counter(), time.process_time()
     lowered = lower(batch)
     traced = time.perf_counter() - start  # tracing and lowering, before the compiler runs
     try:
-        compiled = lowered.compile()
-    except Exception as e:
+        with plan.compiler_log():
+            compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
         text = str(e)
-        if not any(mark in text for mark in OOM_MARKS):
+        if not any(refusal in text for refusal in plan.HBM_REFUSALS):
             raise
         why = next(
             (ln.strip() for ln in text.splitlines() if "memory" in ln.lower()), text.splitlines()[0]
         )
-        return Outcome(
-            batch,
-            False,
-            time.perf_counter() - start,
-            traced,
-            time.process_time() - cpu,
-            why=why[:160],
-        )
+        elapsed = time.perf_counter() - start
+        return Outcome(batch, False, elapsed, traced, time.process_time() - cpu, why=why[:160])
     seconds = time.perf_counter() - start
     m = compiled.memory_analysis()
     peak = (
@@ -118,8 +96,6 @@ def compile_step(lower, batch: int) -> Outcome:
         - m.alias_size_in_bytes
         + m.temp_size_in_bytes
     )
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
     return Outcome(
         batch,
         True,
@@ -128,26 +104,15 @@ def compile_step(lower, batch: int) -> Outcome:
         time.process_time() - cpu,
         int(m.temp_size_in_bytes),
         int(peak),
-        (cost or {}).get("flops"),
+        (compiled.cost_analysis() or {}).get("flops"),
+        tpu_step_time(compiled.as_text(), chip),
     )
 
 
-def bisect(lower, lo: int, hi: int, step: int, log) -> tuple[int, list[Outcome]]:
-    """The largest multiple of `step` in [lo, hi] that compiles (lo - step if none); lo is tried first."""
-    outcomes: list[Outcome] = []
-
-    def fits(b: int) -> bool:
-        outcomes.append(compile_step(lower, b))
-        log(outcomes[-1].line())
-        return outcomes[-1].fits
-
-    if not fits(lo):
-        return lo - step, outcomes
-    good, bad = lo, hi + step
-    while bad - good > step:
-        mid = good + (bad - good) // (2 * step) * step
-        good, bad = (mid, bad) if fits(mid) else (good, mid)
-    return good, outcomes
+def search(fits, lo: int, hi: int, step: int) -> int:
+    """The largest multiple of `step` up to `hi` whose step compiles (`fits(batch)`; 0 if none),
+    by `plan._largest` from `lo`: galloping up while sizes compile, then bisecting."""
+    return plan._largest(lambda n: fits(n * step), max(lo // step, 1), top=hi // step) * step
 
 
 def ours(args, mesh):
@@ -162,7 +127,7 @@ def ours(args, mesh):
     )
     model = dataclasses.replace(config.model, num_layers=args.layers or config.model.num_layers)
     config = dataclasses.replace(config, model=model, execution=execution)
-    return lambda batch: lowered_step(config, mesh, batch=batch, microbatches=1)
+    return lambda batch: plan.lowered_step(config, mesh, batch=batch, microbatches=1)
 
 
 def reference(path: str, mesh):
@@ -176,7 +141,7 @@ def reference(path: str, mesh):
     import optax
 
     model = md4.MD4(
-        data_shape=(1024,),
+        data_shape=(SEQ,),
         cont_time=True,
         feature_dim=64,
         num_heads=12,
@@ -203,9 +168,12 @@ def reference(path: str, mesh):
     def step(state, tokens):
         params, ema, opt_state, key = state
         key, sample_key = jax.random.split(key)
-        loss_fn = lambda p: model.apply(
-            {"params": p}, tokens, train=True, rngs={"sample": sample_key}
-        )["loss"]
+
+        def loss_fn(p):
+            return model.apply({"params": p}, tokens, train=True, rngs={"sample": sample_key})[
+                "loss"
+            ]
+
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -213,8 +181,8 @@ def reference(path: str, mesh):
         return (params, ema, opt_state, key), loss
 
     def lower(batch: int):
-        tokens = jax.ShapeDtypeStruct((batch, 1024), jnp.int32, sharding=rows)
-        state = jax.eval_shape(init, jax.ShapeDtypeStruct((1, 1024), jnp.int32))
+        tokens = jax.ShapeDtypeStruct((batch, SEQ), jnp.int32, sharding=rows)
+        state = jax.eval_shape(init, jax.ShapeDtypeStruct((1, SEQ), jnp.int32))
         state = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state
         )
@@ -239,9 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--batch", type=int, help="compile this global batch only and print its memory analysis"
     )
-    parser.add_argument("--lo", type=int, default=8, help="bisection: smallest batch tried (first)")
-    parser.add_argument("--hi", type=int, default=64, help="bisection: largest batch tried")
-    parser.add_argument("--step", type=int, default=1, help="bisection: batch granularity")
+    parser.add_argument("--lo", type=int, default=8, help="search: the batch tried first")
+    parser.add_argument("--hi", type=int, default=64, help="search: the largest batch tried")
+    parser.add_argument("--step", type=int, default=1, help="search: batch granularity")
     parser.add_argument(
         "--reference",
         default=os.environ.get("MD4_REFERENCE"),
@@ -251,42 +219,51 @@ def main(argv: list[str] | None = None) -> None:
     if importlib.util.find_spec("libtpu") is None:
         print('skipped: the TPU compiler is not installed (pip install -e ".[tpu]")')
         return
-    mesh = tpu_mesh(args.target)
-    kernels_for("tpu")
-    log = lambda s: print(s, flush=True)
+    target = targets.parse(args.target)
+    mesh = make_mesh(target.chips, 1, target.devices())
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
     layers = f" ({args.layers} layers)" if args.layers else ""
     label = (
         f"md4-eqx md4-s{layers} {args.precision} attention={args.attention} remat={args.remat} "
         f"{'rolled' if args.rolled else 'unrolled'} head_chunk={args.head_chunk}"
     )
     log(
-        f"{label}, {args.target} ({mesh.size} chip(s)), JAX {jax.__version__}, libtpu {metadata.version('libtpu')}"
+        f"{label}, {args.target} ({mesh.size} chip(s)), JAX {jax.__version__}, "
+        f"libtpu {metadata.version('libtpu')}"
     )
-    lower = ours(args, mesh)
-    if args.batch:
-        log(compile_step(lower, args.batch).line())
-        return
-    best, _ = bisect(lower, args.lo, args.hi, args.step, log)
-    per_chip = best // mesh.size
-    log(
-        f"largest batch that compiles: {best} ({per_chip} per chip); reference (DeepMind md4, float32): "
-        f"{REFERENCE_PER_V5E_CHIP} per v5e chip (issue 24)"
-    )
+
+    def compiler(lower, name: str):  # fits(batch), logging each compile
+        def fits(batch: int) -> bool:
+            outcome = compile_step(lower, batch, target.chip)
+            log(f"{name}{outcome.line(mesh.size, SEQ)}")
+            return outcome.fits
+
+        return fits
+
+    ref = None
     if not args.reference or not os.path.isdir(os.path.join(args.reference, "md4")):
         log("reference not compiled here: no checkout (pass --reference or set MD4_REFERENCE)")
-        return
-    ref = reference(args.reference, mesh)
-    if ref is None:
+    elif (ref := reference(args.reference, mesh)) is None:
         log("reference not compiled here: it needs flax and optax")
+    ours_fit = compiler(ours(args, mesh), "")
+    ref_fit = None if ref is None else compiler(ref, "reference ")
+    if args.batch:  # like for like: one batch, ours and the reference's
+        ours_fit(args.batch)
+        if ref_fit is not None:
+            ref_fit(args.batch)
         return
-    ref_best, _ = bisect(
-        ref,
-        REFERENCE_PER_V5E_CHIP * mesh.size - 8,
-        REFERENCE_PER_V5E_CHIP * mesh.size + 8,
-        1,
-        lambda s: log(f"reference {s}"),
+    best = search(ours_fit, args.lo, args.hi, args.step)
+    per_chip = best // mesh.size
+    log(
+        f"largest batch that compiles: {best} ({per_chip} per chip); reference (DeepMind md4, "
+        f"float32): {REFERENCE_PER_V5E_CHIP} per v5e chip (issue 24)"
     )
-    log(f"| {args.target} per chip | md4-eqx {per_chip} | reference {ref_best // mesh.size} |")
+    if ref_fit is not None:
+        ref_best = search(ref_fit, (REFERENCE_PER_V5E_CHIP - 8) * mesh.size, 10**6, 1)
+        log(f"| {args.target} per chip | md4-eqx {per_chip} | reference {ref_best // mesh.size} |")
 
 
 if __name__ == "__main__":
