@@ -199,11 +199,11 @@ class ExecutionConfig:
     remat: Remat = Remat.NONE  # what each block recomputes in the backward pass
     # Straight-line blocks (faster steps); False, or Remat.FULL: a rolled loop (faster compiles).
     unroll_layers: bool = True
-    # > 0: the loss runs the output head on this many tokens at a time (MD4.readout).
+    # The loss's head runs on the masked tokens this many at a time (MD4.readout); 0: HEAD_CHUNK.
     head_chunk: int = 0
 
     def __post_init__(self):
-        _check(self, "must be 0 (off) or a token count", lambda v: v >= 0, "head_chunk")
+        _check(self, "must be 0 (the default) or a token count", lambda v: v >= 0, "head_chunk")
 
 
 @dataclasses.dataclass(frozen=True)

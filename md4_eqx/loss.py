@@ -11,10 +11,18 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray
 
 from md4_eqx.model import MD4
-from md4_eqx.parallel import MODEL, psum, vocab_gather, vocab_log_normaliser, vocab_offset
+from md4_eqx.parallel import (
+    MODEL,
+    psum,
+    vary_like,
+    vocab_gather,
+    vocab_log_normaliser,
+    vocab_offset,
+)
 
 LABEL_STREAM = (
     1  # fold_in(key, LABEL_STREAM): the label dropout's key, apart from the split in `losses`
@@ -96,9 +104,9 @@ def md4_losses(
     z = forward_mask(
         jax.vmap(jax.random.split)(keys)[:, 0], x, schedule.alpha(t)[:, None], model.mask_id
     )
-    log_probs = functools.partial(log_probs_at, vocab_size=model.vocab_size)
-    logp = model.readout(log_probs, z, t, labels, x, keys=dropout_keys)
     masked = z == model.mask_id  # (b, l)
+    log_probs = functools.partial(log_probs_at, vocab_size=model.vocab_size)
+    logp = model.readout(log_probs, z, t, labels, x, masked, keys=dropout_keys)
     diffusion = weight * jnp.sum(jnp.where(masked, logp, 0.0), axis=-1)  # (b,)
     recon = jnp.full_like(
         diffusion, x.shape[1] * schedule.mask_prob(jnp.zeros(())) * math.log(model.vocab_size)
@@ -155,13 +163,16 @@ def genmd4_losses(
     w_x = w[x]  # (b, l)
     alpha = learned.alpha(t[:, None], w_x)  # (b, l): alpha_t(x^i)
 
+    # The head reads w only at masked tokens, inside `selected_tokens`' branches: w varies over
+    # the batch's axes before it gets there (see `selected_tokens`).
+    w_pad = vary_like(w_pad, x)
     terms = functools.partial(genmd4_token_terms, w=w_pad, vocab_size=model.vocab_size)
 
     def one_draw(draw: int) -> tuple[Float[Array, " b"], Float[Array, " b"]]:
         mask_keys = jax.vmap(lambda k: jax.random.fold_in(k, draw))(keys)
         z = forward_mask(mask_keys, x, jax.lax.stop_gradient(alpha), model.mask_id)
         masked = z == model.mask_id
-        logp, expected_w = model.readout(terms, z, t, labels, x, keys=dropout_keys)
+        logp, expected_w = model.readout(terms, z, t, labels, x, masked, keys=dropout_keys)
         loss = genmd4_integrand(logp, expected_w, w_x, t, masked)
         log_q_masked = jnp.log1p(-learned.eps) + w_x * jnp.log(t)[:, None]
         log_q = jnp.sum(jnp.where(masked, log_q_masked, jnp.log(alpha)), axis=-1)  # log q(z | x)
@@ -180,6 +191,27 @@ def genmd4_losses(
     return Losses(diffusion, recon, surrogate + recon)
 
 
+def strata(batch: int) -> np.ndarray:
+    """perm(b) for b < B: the rank of b's base-2 radical inverse (van der Corput: b's binary
+    digits mirrored about the point) among those of 0..B-1; for B a power of two, b's bits
+    reversed. Antithetic times t_b = (u + perm(b) / B) mod 1 are the stratified set of t_b = (u +
+    b / B) mod 1, but every contiguous block of a power-of-two size, a data shard, holds times
+    spread over [0, 1) rather than one end of it: the loss's head runs only on masked tokens, so
+    a shard of times near 1 would hold nearly all of them, and a step waits for its slowest
+    shard. It depends on B and b alone, so any mesh draws the same run."""
+
+    def radical_inverse(b: int) -> float:  # 0.b_0 b_1 b_2 ... in base 2, b_0 b's lowest bit
+        value, digit = 0.0, 0.5
+        while b:
+            value, b, digit = value + digit * (b & 1), b >> 1, digit / 2
+        return value
+
+    order = np.argsort([radical_inverse(b) for b in range(batch)])  # distinct, exact in float64
+    rank = np.empty(batch, np.int32)
+    rank[order] = np.arange(batch, dtype=np.int32)
+    return rank
+
+
 def losses(
     model: MD4,
     x: Int[Array, "b l"],
@@ -191,15 +223,15 @@ def losses(
     train: bool,
 ) -> Losses:
     """The model's NELBO terms for a batch: GenMD4's if its schedule is per token, else MD4's. Draws
-    the batch's randomness: mask keys, times t ~ U[0, 1) (antithetic: t_b = (u + b / B) mod 1 with one
-    u) and, when training, dropout keys and labels dropped to the null class at `label_dropout`."""
+    the batch's randomness: mask keys, times t ~ U[0, 1) (antithetic: t_b = (u + perm(b) / B) mod
+    1 with one u, `strata`) and, when training, dropout keys and labels dropped to the null class
+    at `label_dropout`."""
     cfg = model.config
     time_key, example_key = jax.random.split(key)
     keys = example_keys(example_key, ids)
     if model.diffusion.antithetic:
-        t = jnp.mod(
-            jax.random.uniform(time_key, ()) + ids.astype(jnp.float32) / global_batch, 1.0
-        )  # (b,)
+        stratum = jnp.asarray(strata(global_batch))[ids].astype(jnp.float32)  # (b,)
+        t = jnp.mod(jax.random.uniform(time_key, ()) + stratum / global_batch, 1.0)  # (b,)
     else:
         t = jax.vmap(lambda k: jax.random.uniform(k, ()))(example_keys(time_key, ids))
     dropout_keys = jax.vmap(lambda k: jax.random.fold_in(k, 7))(keys) if train else None

@@ -8,9 +8,15 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray, PyTree
 
 from md4_eqx.config import Backbone, DiffusionConfig, ExecutionConfig, ModelConfig
+from md4_eqx.parallel import vary_like
 from md4_eqx.schedule import LearnableSchedule, MaskingSchedule
 from md4_eqx.transformer import Transformer
 from md4_eqx.unet import UNet
+
+# Tokens per chunk of the loss's head (`MD4.readout`) when `ExecutionConfig.head_chunk` is 0: a
+# chunk's float32 logits are 256 x 50304 floats (51 MB) on OpenWebText's padded vocabulary, and
+# the masked tokens fill all but their last chunk.
+HEAD_CHUNK = 256
 
 
 class MD4(eqx.Module):
@@ -69,21 +75,25 @@ class MD4(eqx.Module):
         t: Float[Array, " b"],
         labels: Int[Array, " b"] | None,
         x: Int[Array, "b l"],
+        where: Bool[Array, "b l"],
         *,
         keys: Key[Array, " b"] | None = None,
     ) -> PyTree[Float[Array, "b l"]]:
-        """fn(logits, x) at every token: what a loss needs of mu_theta(z_t, t), per token. `fn` maps
-        any leading token axes, [b, l] or a chunk's [n]. With `head_chunk` (the transformer's), the
-        head and `fn` run in `token_chunks`, so the [b, l, V] logits and their gradient never exist
-        whole, for one more head matmul. MD4-S in bfloat16 at 2048 tokens a chunk: 1243 -> 862 MiB
-        per example without remat, 429 -> 143 MiB with it (bench/RESULTS.md)."""
-        if not self.execution.head_chunk:
-            return fn(self.logits(z, t, labels, keys=keys), x)
+        """fn(logits, x) at the tokens where `where` holds, zeros elsewhere: what a loss needs of
+        mu_theta(z_t, t), per token. The losses read log mu_theta(z_t, t)[x] only where z_t is
+        masked (MD4_MATH.md, "Continuous-time NELBO"), so the transformer runs its head and `fn`
+        (the vocabulary-parallel log-normaliser) only there: `selected_tokens`, `head_chunk`
+        tokens at a time (0: HEAD_CHUNK), the masked tokens first and chunks holding none
+        skipped. The [b, l, V] logits and their gradient never exist whole. `fn` maps any
+        leading token axes, [b, l] or a chunk's [n]. The U-Net's head is its last convolution,
+        over the whole image: it runs on every token, and `where` only zeroes the result."""
+        if self.config.backbone is Backbone.UNET:
+            out = fn(self.logits(z, t, labels, keys=keys), x)
+            return jax.tree.map(lambda o: jnp.where(where, o, 0.0), out)
         h = self.net.features(z, t, labels, keys=keys)  # (b, l, d)
-        everywhere = jnp.ones(x.shape, bool)
-        return selected_tokens(
-            lambda h, x: fn(self.net.head(h), x), h, everywhere, (x,), self.execution.head_chunk
-        )
+        head = vary_like(self.net.head, h)  # its gradient summed over `data` here, once
+        size = self.execution.head_chunk or HEAD_CHUNK
+        return selected_tokens(lambda h, x: fn(head(h), x), h, where, (x,), size)
 
 
 def selected_tokens(
@@ -99,7 +109,12 @@ def selected_tokens(
     selected ones first), split into chunks of `size`, and each chunk runs under a `lax.cond`
     that skips it when it holds no selected token. The loop's body is recomputed in the backward
     pass (`jax.checkpoint`), so only one chunk's intermediates (the head's [size, V] logits) are
-    ever live. Differentiable; with `where` all true it is the whole of fn, chunk by chunk."""
+    ever live. Differentiable; with `where` all true it is the whole of fn, chunk by chunk.
+
+    Inside a shard_map, what fn closes over and differentiates (the head's weights) must already
+    vary over the mesh axes that h varies over (`md4_eqx.parallel.vary_like`): otherwise fn
+    casts it inside the `lax.cond`, and the gradient's sum over those axes, the cast's
+    transpose, would wait there for devices whose chunk took the other branch."""
     b, seq = where.shape
     tokens = b * seq
     count = -(-tokens // size)
@@ -117,13 +132,15 @@ def selected_tokens(
     first = jax.tree.map(lambda a: a[0], (hs, aux))
     shapes = jax.eval_shape(lambda h, aux: fn(h, *aux), *first)
 
+    def zeros(s: jax.ShapeDtypeStruct) -> Array:  # typed as varying where fn's output is
+        axes = s.manual_axis_type.varying if s.manual_axis_type else ()
+        z = jnp.zeros(s.shape, s.dtype)
+        return jax.lax.pcast(z, tuple(axes), to="varying") if axes else z
+
     @jax.checkpoint
     def chunk_out(chunk):
         h, picked, aux = chunk
-
-        def skip():
-            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
+        skip = lambda: jax.tree.map(zeros, shapes)  # noqa: E731
         return jax.lax.cond(jnp.any(picked), lambda: fn(h, *aux), skip)
 
     out = jax.lax.map(chunk_out, (hs, chosen, aux))  # leaves (count, size, ...)

@@ -77,6 +77,21 @@ def pvary(x: PyTree, axis: str) -> PyTree:
     return x if lax.axis_size(axis) == 1 else lax.pcast(x, (axis,), to="varying")
 
 
+def vary_like(tree: PyTree, like: Array) -> PyTree:
+    """Every array of `tree` marked as varying over the mesh axes `like` varies over (no
+    communication): its gradient's sum over those axes, the mark's transpose, is then taken
+    where the mark is, not where `tree` meets `like` (see `md4_eqx.model.selected_tokens`)."""
+    manual = jax.typeof(like).manual_axis_type
+    axes = manual.varying if manual else frozenset()
+
+    def mark(x: Array) -> Array:
+        have = jax.typeof(x).manual_axis_type
+        missing = tuple(sorted(axes - (have.varying if have else frozenset())))
+        return lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(mark, tree)
+
+
 def _axis_index(axis: str) -> Int[Array, ""]:
     """This device's position on `axis`: a constant 0 on an axis of size 1, so that nothing
     computed from it is typed as varying over that axis."""

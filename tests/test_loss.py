@@ -147,7 +147,7 @@ def test_head_chunks_change_the_memory_not_the_loss(getkey):
     key, head_key, noise_key = getkey(), getkey(), getkey()
     x = jax.random.randint(getkey(), (batch, seq), 0, vocab)
     results, temp = [], []
-    for chunk in (0, 7):  # 7 divides no part of the 96 tokens: the last chunk is padded
+    for chunk in (96, 7):  # one chunk; 7 divides no part of the 96 tokens: the last is padded
         cfg = small(vocab, seq)
         cfg = dataclasses.replace(
             cfg, execution=dataclasses.replace(cfg.execution, head_chunk=chunk)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import randomised
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -36,17 +37,30 @@ from md4_eqx.config import (
 )
 from md4_eqx.distributed import batch_part, gather, global_batch, initialize
 from md4_eqx.evaluate import nelbo
-from md4_eqx.loss import log_probs_at
-from md4_eqx.parallel import DATA, MODEL, make_mesh, param_specs, shardings, vocab_log_normaliser
+from md4_eqx.loss import log_probs_at, losses, strata
+from md4_eqx.model import HEAD_CHUNK, MD4
+from md4_eqx.parallel import (
+    DATA,
+    MODEL,
+    batch_specs,
+    example_ids,
+    make_mesh,
+    param_specs,
+    shard_map_modules,
+    shardings,
+    vocab_log_normaliser,
+)
 from md4_eqx.sampling import generate
 from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_train_step, state_specs
 
 # GenMD4 (two forward passes and the learned schedule's REINFORCE gradient) with dropout and
 # class labels: every part of the step that touches the mesh. 8 heads, hidden 128 and the
-# padded vocabulary 256 all divide by model=8.
+# padded vocabulary 640 all divide by model=8; 600, 601 and 640 are no other size (tokens per
+# device or chunk, 256 and 512; 6 x width), so `test_no_device_holds_full_vocabulary_logits`
+# finds only vocabularies.
 CONFIG = Config(
     model=ModelConfig(
-        vocab_size=200,
+        vocab_size=600,
         seq_len=32,
         width=64,
         num_layers=2,
@@ -237,6 +251,79 @@ def test_vocab_parallel_log_softmax_matches_float64():
     np.testing.assert_allclose(np.asarray(logp), want, atol=1e-5)
 
 
+def loss_and_grad(model: MD4, mesh, tokens, labels, key):
+    """The mean training objective over the global batch and its gradient, on `mesh`."""
+    batch = tokens.shape[0]
+
+    def objective(model, key, tokens, labels):
+        ids = example_ids(tokens.shape[0])
+        return losses(model, tokens, labels, ids, key, global_batch=batch, train=True).objective
+
+    per_example = shard_map_modules(objective, mesh, batch_specs, P(DATA))
+    mean = lambda model: jnp.mean(per_example(model, key, tokens, labels))  # noqa: E731
+    return eqx.filter_jit(eqx.filter_value_and_grad(mean))(model)
+
+
+@pytest.mark.parametrize(
+    "diffusion, shapes",
+    [
+        (DiffusionConfig(), [REFERENCE, (8, 1), (4, 2), (1, 8)]),
+        (DiffusionConfig(timesteps=10), [REFERENCE, (4, 2)]),
+        (DiffusionConfig(learnable=True), [REFERENCE, (1, 8)]),
+    ],
+    ids=["md4", "md4-discrete", "genmd4"],
+)
+def test_masked_only_head_equals_full_head(diffusion, shapes, monkeypatch):
+    """The loss reads the head only where z_t is masked (each GenMD4 draw its own mask), in
+    chunks of 24 of the 512 tokens with the empty ones skipped: the same objective and gradient
+    as the head on every token on one device, for the same key. (GenMD4's masked-only head on
+    the other meshes: `test_sharded_step_equals_single_device`; fewer meshes here keep the
+    compiles few.)"""
+    cfg = dataclasses.replace(
+        CONFIG,
+        model=dataclasses.replace(CONFIG.model, num_layers=1),
+        execution=dataclasses.replace(CONFIG.execution, head_chunk=24),
+        diffusion=diffusion,
+    )
+    model = randomised(
+        MD4(cfg.model, cfg.diffusion, cfg.execution, key=jax.random.key(3)), jax.random.key(4), 0.3
+    )
+    key, tokens, labels = eval_inputs()
+    sparse = {
+        shape: loss_and_grad(on_mesh(model, mesh_of(shape)), mesh_of(shape), tokens, labels, key)
+        for shape in shapes
+    }
+    every_token = MD4.readout
+
+    def full_readout(self, fn, z, t, labels, x, where, *, keys=None):
+        return every_token(self, fn, z, t, labels, x, jnp.ones_like(where), keys=keys)
+
+    monkeypatch.setattr(MD4, "readout", full_readout)
+    full_loss, full_grad = loss_and_grad(model, mesh_of(REFERENCE), tokens, labels, key)
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(full_grad))
+    for shape, (loss, grad) in sparse.items():
+        # float32 sums in other orders (chunks, meshes): a few ulp of a loss of hundreds of nats.
+        np.testing.assert_allclose(loss, full_loss, rtol=1e-5, err_msg=str(shape))
+        for got, want in zip(host(grad), host(full_grad), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale, err_msg=str(shape))
+
+
+def test_antithetic_strata_spread_over_shards():
+    """perm(b) keeps the stratified set {(u + k / B) mod 1}, gives every contiguous shard of B / D
+    examples one time in each 1/D of [0, 1) (D = 2, 4, 8), and is the bit reversal for B a power
+    of two; for other B it is still a permutation."""
+    for batch in (16, 64):
+        perm = strata(batch)
+        bits = batch.bit_length() - 1
+        assert [int(format(b, f"0{bits}b")[::-1], 2) for b in range(batch)] == list(perm)
+        for shards in (2, 4, 8):
+            for shard in perm.reshape(shards, -1):
+                assert sorted(shard // shards) == list(range(batch // shards))
+    for batch in (1, 6, 12, 100):
+        assert sorted(strata(batch)) == list(range(batch))
+    assert list(strata(6)) == [0, 3, 2, 5, 1, 4]  # radical inverses 0 1/2 1/4 3/4 1/8 5/8
+
+
 def sub_jaxprs(eqn):
     """The jaxprs an equation calls (a shard_map's body, a scan's, a custom_vjp's...)."""
     for param in eqn.params.values():
@@ -281,7 +368,8 @@ def test_collectives_only_over_axes_of_size_above_one(runs, shape):
 @pytest.mark.parametrize("shape", [REFERENCE, (2, 4)], ids=["data1-model1", "data2-model4"])
 def test_no_device_holds_full_vocabulary_logits(runs, shape):
     """No value of rank >= 2 inside the training step has a vocabulary-sized axis (V, V + 1 or the
-    padded V) once the vocabulary is split; on one device the logits [b, l, V_pad] are found."""
+    padded V) once the vocabulary is split; on one device a chunk's logits [HEAD_CHUNK, V_pad]
+    are found, and never the whole [b, l, V_pad]."""
     state, step, _, _ = runs[shape]
     tokens, labels = batches(1)[0]
     jaxpr = eqx.filter_make_jaxpr(step)(state, jnp.asarray(tokens), jnp.asarray(labels))[0]
@@ -292,7 +380,8 @@ def test_no_device_holds_full_vocabulary_logits(runs, shape):
         if len(s) >= 2 and {m.vocab_size, m.vocab_size + 1, m.padded_vocab} & set(s)
     ]
     if shape == REFERENCE:
-        assert (CONFIG.train.batch_size, m.seq_len, m.padded_vocab) in vocab_sized
+        assert (HEAD_CHUNK, m.padded_vocab) in vocab_sized
+        assert (CONFIG.train.batch_size, m.seq_len, m.padded_vocab) not in vocab_sized
     else:
         assert vocab_sized == []
 
