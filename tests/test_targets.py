@@ -1,4 +1,5 @@
-"""Compile targets: the real TPU compiler (libtpu, the [tpu] extra) on abstract devices, on this CPU.
+"""Compile targets: the real TPU compiler (libtpu, the [tpu] extra) on abstract devices, on this
+CPU.
 
 These are compiles, not lowerings: Mosaic compiles our TPU kernel at the block sizes the TPU
 uses, and a kernel over VMEM is refused (the negative control: a lowering alone would pass it).
@@ -8,6 +9,9 @@ Shapes are small: a compile costs 1-2 s on 2 cores.
 
 import dataclasses
 import importlib.util
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -68,14 +72,16 @@ def test_unknown_target_lists_the_known(name):
 )
 def test_tpu_kernel_compiles(target, head_dim, dtype):
     """Forward and backward, compiled by Mosaic with the TPU's default blocks (512 forward, 256
-    backward), a ragged length (600: the last block part padding), counted by XLA's cost analysis."""
+    backward), a ragged length (600: the last block part padding), counted by XLA's cost
+    analysis."""
     x = jax.ShapeDtypeStruct((1, 600, 2, head_dim), dtype)
 
     def loss(q, k, v):
         return jnp.sum(flash_attention(q, k, v).astype(jnp.float32))
 
     compiled = compile_for(target, jax.grad(loss, argnums=(0, 1, 2)), x, x, x)
-    # The kernels' cost estimates: 4 + 6 + 8 products of [t, t] scores with head_dim over the padded length.
+    # The kernels' cost estimates: 4 + 6 + 8 products of [t, t] scores with head_dim over the
+    # padded length.
     attention_flops = 18 * 2 * 1024**2 * head_dim
     assert compiled.cost_analysis()["flops"] >= attention_flops
 
@@ -154,6 +160,9 @@ def test_plan_for_a_target(capsys):
     assert out.count("largest microbatch") == 1 and "TFLOP per step" in out
     largest = int(out.split("remat none: largest microbatch ")[1].split()[0])
     assert largest >= 1 and f"planned: --batch-size {largest} --microbatches 1" in out
+    fastest = out.split(f" for the global batch {largest}: ")[1]
+    assert "estimated step" in fastest and "the TPU compiler's cost model" in fastest
+    assert "tokens/s per chip, MFU" in fastest and "(the compiler's estimate" in fastest
 
 
 @needs_libtpu
@@ -177,9 +186,9 @@ def test_tpu_compiler_refusal_marks_a_batch_too_big():
         make_mesh(1, 1, targets.parse("v5e:1x1").devices()),
         targets.CHIPS["v5e"].memory,
     )
-    assert planner.by_compiler and planner.fits(False, 1)
-    assert not planner.fits(False, 8192)  # ~25 GiB of temporaries against 15.75 GiB
-    assert "memory" in planner.step(False, 8192).refused.lower()
+    assert planner.by_compiler and planner.fits(planner.run, 1)
+    assert not planner.fits(planner.run, 8192)  # ~25 GiB of temporaries against 15.75 GiB
+    assert "memory" in planner.step(planner.run, 8192).refused.lower()
 
 
 def test_unknown_target_is_one_line_and_status_2(capsys):
@@ -207,3 +216,22 @@ def test_gpu_target_compiles_the_step():
     cfg = dataclasses.replace(cfg, execution=dataclasses.replace(cfg.execution, attention=Impl.XLA))
     compiled = lowered_step(cfg, make_mesh(8, 1, devices), batch=8, microbatches=1).compile()
     assert compiled.memory_analysis().temp_size_in_bytes > 0
+
+
+@needs_libtpu
+def test_a_program_without_a_target_does_not_load_libtpu():
+    """On this host (no TPU chip) with libtpu installed, a program that names no TPU target runs
+    on the CPU and its stderr stays empty: libtpu, left to load, prints five lines there."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_ACCELERATOR_TYPE")
+    }
+    code = (
+        "from md4_eqx.targets import keep_jax_off_absent_tpus\n"
+        "keep_jax_off_absent_tpus()\n"
+        "import jax\n"
+        "print(jax.devices()[0].platform)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "cpu\n", "")
