@@ -236,9 +236,8 @@ def train(args: argparse.Namespace) -> int:
         by_compiler = None if memory is None else False
         memory = memory or (target.chip.memory if target else plan.device_memory())
         print(plan.Planner(cfg, mesh, memory, by_compiler=by_compiler).report())
-        planned = plan.resolve(
-            cfg, mesh, memory, by_compiler=by_compiler
-        )  # an `auto` batch size or microbatch count
+        # an `auto` batch size or microbatch count
+        planned = plan.resolve(cfg, mesh, memory, by_compiler=by_compiler)
         if planned != cfg:
             print(planned_flags(planned))
         return 0

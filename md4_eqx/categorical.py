@@ -1,4 +1,4 @@
-"""Categorical and Bernoulli draws with untruncated tails, and top-p without a sort, for the samplers.
+"""Categorical and Bernoulli draws with untruncated tails, and top-p without a sort (samplers).
 
 `jax.random.categorical` adds float32 Gumbel noise -log(-log u), and float32's largest uniform
 below 1 caps that noise near 16.6: a token more than ~16.6 nats below the leading one is never
@@ -94,9 +94,8 @@ def top_p_filter(logits: Float[Array, "*b v"], top_p: float) -> Float[Array, "*b
         reaches = mass(mid) >= top_p
         return jnp.where(reaches, mid, lo), jnp.where(reaches, hi, mid)
 
-    top = (
-        jax.lax.bitcast_convert_type(jnp.max(probs, axis=-1), jnp.int32) + 1
-    )  # <= bits(1.0) + 1 < 2^30
+    # <= bits(1.0) + 1 < 2^30
+    top = jax.lax.bitcast_convert_type(jnp.max(probs, axis=-1), jnp.int32) + 1
     lo, _ = jax.lax.fori_loop(0, 30, halve, (jnp.zeros_like(top), top))
     threshold = jax.lax.bitcast_convert_type(lo, jnp.float32)[..., None]
     return jnp.where(probs >= threshold, logits, -jnp.inf)

@@ -1,4 +1,4 @@
-"""Configuration: one frozen dataclass per concern, and the paper's presets (MD4_MATH.md, last tables).
+"""Configuration: one frozen dataclass per concern, and the paper's presets (MD4_MATH.md, end).
 
 Every field is a plain value (int, float, bool, str or an Enum) so that `train.py` can expose each
 one as a command-line flag and a checkpoint can store the whole `Config` as JSON.
@@ -24,7 +24,8 @@ class Schedule(enum.Enum):
 
 
 class Backbone(enum.Enum):
-    """The network mu_theta: the transformer (`md4_eqx.transformer`), or the VDM-style U-Net (`md4_eqx.unet`)."""
+    """The network mu_theta: the transformer (`md4_eqx.transformer`), or the VDM-style U-Net
+    (`md4_eqx.unet`)."""
 
     TRANSFORMER = "transformer"
     UNET = "unet"
@@ -56,7 +57,8 @@ class Impl(enum.Enum):
     XLA = "xla"  # the plain-JAX attention_reference, on any backend
     CUDNN = "cudnn"  # cuDNN's fused kernel (jax.nn.dot_product_attention), GPU
     PALLAS = "pallas"  # our hand-written flash attention: Mosaic TPU, or Mosaic GPU on Hopper
-    PALLAS_INTERPRET = "pallas-interpret"  # the same kernel run by the Pallas interpreter: any backend, slow (tests)
+    # the same kernel run by the Pallas interpreter: any backend, slow (tests)
+    PALLAS_INTERPRET = "pallas-interpret"
 
 
 class Remat(enum.Enum):
@@ -114,9 +116,8 @@ def _check(config: Any, rule: str, holds: Callable[[Any], bool], *names: str) ->
             raise ConfigError(name, f"{name}={getattr(config, name)} {rule}")
 
 
-UNET_CHANNELS = (
-    3  # sub-pixels per pixel (RGB); the data pipeline flattens images row-major (h, w, c)
-)
+# sub-pixels per pixel (RGB); the data pipeline flattens images row-major (h, w, c)
+UNET_CHANNELS = 3
 UNET_GROUPS = 32  # the U-Net's GroupNorm groups (Flax's default, as the VDM U-Net uses)
 
 
@@ -124,7 +125,8 @@ UNET_GROUPS = 32  # the U-Net's GroupNorm groups (Flax's default, as the VDM U-N
 class ModelConfig:
     """The network mu_theta (MD4_MATH.md, "Network"), all a checkpoint's parameters must match on
     resume (how it is computed is `ExecutionConfig`). mlp, mlp_hidden and rope_theta are the
-    transformer's only; the U-Net's width is its channels, num_layers its residual blocks down (one more up)."""
+    transformer's only; the U-Net's width is its channels, num_layers its residual blocks down
+    (one more up)."""
 
     backbone: Backbone = Backbone.TRANSFORMER
     vocab_size: int = 256
@@ -136,9 +138,8 @@ class ModelConfig:
     mlp_hidden: int = 0  # 0: 2/3 of 4 * width rounded up to a multiple of 32 (2048 at width 768)
     cond_dim: int = 64  # width of the time (and class) conditioning vector
     num_classes: int = 0  # > 0 adds a class-label embedding (CIFAR-10: 10), plus a null class
-    label_dropout: float = (
-        0.1  # with classes: P(a training label becomes the null class), for guidance
-    )
+    # with classes: P(a training label becomes the null class), for guidance
+    label_dropout: float = 0.1
     dropout: float = 0.0
     rope_theta: float = 10_000.0
 
@@ -283,10 +284,10 @@ class TrainConfig:
     """The training loop: batch, length of the run, logging, evaluation and checkpoints."""
 
     dataset: str = "pystdlib"
-    batch_size: int = (
-        512  # global batch, over every device and microbatch; AUTO: the largest that fits
-    )
-    microbatches: int = 1  # gradient accumulation: the batch is split into this many chunks; AUTO: the fewest that fit
+    # global batch, over every device and microbatch; AUTO: the largest that fits
+    batch_size: int = 512
+    # gradient accumulation: the batch is split into this many chunks; AUTO: the fewest that fit
+    microbatches: int = 1
     steps: int = 1_000_000
     seed: int = 0
     log_every: int = 100
@@ -334,7 +335,8 @@ class Config:
 
 
 def _md4_s() -> Config:
-    """The paper's MD4-S on OpenWebText: seq 1024, else the defaults (12 layers, width 768, GLU, linear, batch 512)."""
+    """The paper's MD4-S on OpenWebText: seq 1024, else the defaults (12 layers, width 768, GLU,
+    linear, batch 512)."""
     return Config(
         model=ModelConfig(vocab_size=50257, seq_len=1024), train=TrainConfig(dataset="owt")
     )
@@ -435,12 +437,21 @@ def config_from_json(data: dict) -> Config:
                 section.name, f"unknown config fields {section.name}.{sorted(unknown)}"
             )
         sections[section.name] = section.type(
-            **{
-                name: kinds[name](value) if isinstance(kinds[name], enum.EnumMeta) else value
-                for name, value in values.items()
-            }
+            **{name: _json_value(section.name, name, kinds[name], v) for name, v in values.items()}
         )
     return Config(**sections)
+
+
+def _json_value(section: str, name: str, kind: Any, value: Any) -> Any:
+    """A saved field's value as its type: an enum by its value (a ConfigError naming the choices
+    for one this code does not know, e.g. a checkpoint's `remat: true` from before `Remat`)."""
+    if not isinstance(kind, enum.EnumMeta):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(str(m.value) for m in kind)
+        raise ConfigError(name, f"{section}.{name}={value!r} is not one of: {choices}") from None
 
 
 def model_differences(saved: Config, config: Config) -> list[str]:

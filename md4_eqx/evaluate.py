@@ -54,9 +54,8 @@ def nelbo_draws(
     columns = []
     for i, (tokens, labels) in enumerate(batches):
         per_draw = [nelbo(model, jax.random.fold_in(k, i), tokens, mesh, labels) for k in draw_keys]
-        columns.append(
-            np.stack([gather(x).astype(np.float64) for x in per_draw])
-        )  # (draws, b), every process
+        # (draws, b), every process
+        columns.append(np.stack([gather(x).astype(np.float64) for x in per_draw]))
     if not columns:
         raise DataError("no batches to evaluate: the split is empty")
     return np.concatenate(columns, axis=1)

@@ -120,9 +120,8 @@ class CausalLM:
                 ]
                 target = present[:, 1:].bool()  # (b, w - 1): predicted tokens that exist
                 per_window = -(logp * target).sum(dim=1)
-                np.add.at(
-                    nll, list(owners), per_window.tolist()
-                )  # a sample may own several windows
+                # a sample may own several windows
+                np.add.at(nll, list(owners), per_window.tolist())
                 np.add.at(scored, list(owners), target.sum(dim=1).tolist())
         if scored.sum() == 0:
             raise ScoringError("no token to score: the samples are empty")

@@ -24,13 +24,13 @@ from md4_eqx.parallel import (
     vocab_offset,
 )
 
-LABEL_STREAM = (
-    1  # fold_in(key, LABEL_STREAM): the label dropout's key, apart from the split in `losses`
-)
+# fold_in(key, LABEL_STREAM): the label dropout's key, apart from the split in `losses`
+LABEL_STREAM = 1
 
 
 class Losses(NamedTuple):
-    """Per-example terms, in nats summed over positions (`bits_per_token` gives the reported number)."""
+    """Per-example terms, in nats summed over positions (`bits_per_token` gives the reported
+    number)."""
 
     diffusion: Float[Array, " b"]  # the diffusion term of the NELBO
     recon: Float[Array, " b"]  # the reconstruction term
@@ -52,9 +52,13 @@ def example_keys(key: PRNGKeyArray, ids: Int[Array, " b"]) -> Key[Array, " b"]:
 
 
 def forward_mask(
-    keys: Key[Array, " b"], x: Int[Array, "b l"], alpha: Float[Array, "b #l"], mask_id: int
+    keys: Key[Array, " b"],
+    x: Int[Array, "b l"],
+    alpha: Float[Array, "b #l"],  # noqa: F821 (a jaxtyping shape: b and a broadcastable l)
+    mask_id: int,
 ) -> Int[Array, "b l"]:
-    """z_t ~ q(z_t | x): each token kept with probability alpha_t, else replaced by the mask m = V."""
+    """z_t ~ q(z_t | x): each token kept with probability alpha_t, else replaced by the mask
+    m = V."""
     u = jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:]))(keys)  # (b, l)
     return jnp.where(u < alpha, x, mask_id)
 
@@ -88,7 +92,8 @@ def md4_losses(
     = 0), MD4_MATH.md "Continuous-time NELBO":
         L_inf = E_t [ alpha'(t) / (1 - alpha(t)) * sum_{i: z_t^i = m} log mu_theta(z_t, t)[x^i] ];
     discrete time (T = timesteps, s = t - 1 / T), "Discrete-time NELBO":
-        L_T = T E_t [ (alpha_s - alpha_t) / (1 - alpha_t) * sum_{i masked} -log mu_theta(z_t, t)[x^i] ].
+        L_T = T E_t [ (alpha_s - alpha_t) / (1 - alpha_t)
+                      * sum_{i masked} -log mu_theta(z_t, t)[x^i] ].
     Plus the reconstruction term L (1 - alpha(0)) log V.
     """
     cfg, schedule = model.diffusion, model.schedule
@@ -96,9 +101,8 @@ def md4_losses(
         big_t = cfg.timesteps
         t = (jnp.floor(t * big_t) + 1.0) / big_t  # round up to the grid: t in {1/T, ..., 1}
         mask_t = schedule.mask_prob(t)
-        weight = (
-            -big_t * (mask_t - schedule.mask_prob(t - 1.0 / big_t)) / mask_t
-        )  # (alpha_s - alpha_t) / (1 - alpha_t)
+        # (alpha_s - alpha_t) / (1 - alpha_t)
+        weight = -big_t * (mask_t - schedule.mask_prob(t - 1.0 / big_t)) / mask_t
     else:
         weight = schedule.weight(t)
     z = forward_mask(
@@ -181,9 +185,8 @@ def genmd4_losses(
     (l1, q1), (l2, q2) = one_draw(1), one_draw(2)
     diffusion = 0.5 * (l1 + l2)
     surrogate = diffusion + 0.5 * jax.lax.stop_gradient(l1 - l2) * (q1 - q2)
-    log_t1 = math.log(
-        cfg.t1
-    )  # recon = sum_i -(1 - eps) t1^{w_x} (w_x log t1 - logsumexp_v(w_v log t1))
+    # recon = sum_i -(1 - eps) t1^{w_x} (w_x log t1 - logsumexp_v(w_v log t1))
+    log_t1 = math.log(cfg.t1)
     per_token = (
         -(1.0 - learned.eps) * jnp.exp(w_x * log_t1) * (w_x * log_t1 - jax.nn.logsumexp(w * log_t1))
     )

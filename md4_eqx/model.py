@@ -65,7 +65,7 @@ class MD4(eqx.Module):
         *,
         keys: Key[Array, " b"] | None = None,
     ) -> Float[Array, "b l v_local"]:
-        """mu_theta(z_t, t) as logits over this device's vocabulary slice (see `md4_eqx.parallel`)."""
+        """mu_theta(z_t, t) as logits over this device's vocabulary slice (`md4_eqx.parallel`)."""
         return self.net(z, t, labels, keys=keys)
 
     def readout(

@@ -64,7 +64,8 @@ def check_model_split(cfg: ModelConfig, model: int) -> None:
 # Collectives over a mesh axis of size 1 cost nothing here. XLA:CPU keeps a collective over one
 # device as a real all-reduce (a copy that also splits fusions), so these helpers (and the pmax in
 # `vocab_log_normaliser`) skip the axis when its size is 1, and `shard_map_modules` drops such axes
-# from every spec: no value ever varies over an axis of size 1, so skipping leaves its type unchanged.
+# from every spec: no value ever varies over an axis of size 1, so skipping leaves its type
+# unchanged.
 
 
 def psum(x: PyTree, axis: str) -> PyTree:
@@ -114,7 +115,8 @@ class Sharded(eqx.Module):
 
 
 def param_specs(tree: PyTree) -> PyTree:
-    """A pytree of PartitionSpecs matching `tree`: `Sharded` weights split, everything else replicated."""
+    """A pytree of PartitionSpecs matching `tree`: `Sharded` weights split, everything else
+    replicated."""
 
     def leaf_spec(node):
         if isinstance(node, Sharded):
@@ -148,7 +150,8 @@ def shard_map_modules(fn, mesh: Mesh, in_specs, out_specs):
 
 
 def batch_specs(model: eqx.Module, key, tokens, labels) -> tuple:
-    """In-specs of (model, key, tokens, labels or None): `param_specs`, the key replicated, rows over `data`."""
+    """In-specs of (model, key, tokens, labels or None): `param_specs`, the key replicated, rows
+    over `data`."""
     return param_specs(model), P(), P(DATA), P(DATA)
 
 

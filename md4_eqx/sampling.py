@@ -285,9 +285,8 @@ def sample_skip_local(
     keys = example_keys(key, example_ids(template.shape[0]))
     step_keys, token_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
     token_keys = position_keys(token_keys, template.shape[1])  # (b, l): a position unmasks once
-    ts = jnp.concatenate(
-        [time_grid(steps, cfg.grid)[0], jnp.zeros(1)]
-    )  # step T: the final argmax fill at t = 0
+    # step T: the final argmax fill at t = 0
+    ts = jnp.concatenate([time_grid(steps, cfg.grid)[0], jnp.zeros(1)])
     energy = jax.vmap(lambda k: exponential(k, template.shape[1:], cfg.draws))(step_keys)  # (b, l)
     hazard = -log_survival(model.schedule, steps, cfg.grid)  # (T,), increasing
     drawn = jnp.searchsorted(hazard, energy).astype(template.dtype)  # (b, l) in [0, T]

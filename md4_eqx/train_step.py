@@ -39,7 +39,8 @@ from md4_eqx.parallel import (
 
 
 class TrainState(eqx.Module):
-    """Everything a checkpoint holds but the data position: resuming it continues the run exactly."""
+    """Everything a checkpoint holds but the data position: resuming it continues the run
+    exactly."""
 
     step: Int[Array, ""]
     model: MD4
@@ -58,9 +59,10 @@ class Metrics(NamedTuple):
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW, its learning rate warmed up linearly (over at most a tenth of the run) then decayed as a
-    cosine; weight decay only on weight matrices and embedding tables (fields named `weight`). Its
-    hyperparameters live in its state (`optax.inject_hyperparams`), so the step can report its lr."""
+    """AdamW, its learning rate warmed up linearly (over at most a tenth of the run) then decayed
+    as a cosine; weight decay only on weight matrices and embedding tables (fields named `weight`).
+    Its hyperparameters live in its state (`optax.inject_hyperparams`), so the step can report its
+    lr."""
 
     def decay_mask(params):
         return jax.tree.map_with_path(
@@ -97,9 +99,8 @@ def init_state(config: Config, optimizer: optax.GradientTransformation, mesh: Me
     abstract = eqx.filter_eval_shape(fresh)
     out_shardings = shardings(mesh, state_specs(abstract, optimizer))
     arrays = jax.jit(lambda: eqx.filter(fresh(), eqx.is_array), out_shardings=out_shardings)()
-    return eqx.combine(
-        arrays, abstract
-    )  # the arrays, and abstract's static fields where they have none
+    # the arrays, and abstract's static fields where they have none
+    return eqx.combine(arrays, abstract)
 
 
 def state_specs(state: TrainState, optimizer: optax.GradientTransformation) -> PyTree:
@@ -168,10 +169,8 @@ def make_train_step(
             (_, nll), g = jax.value_and_grad(loss_fn, has_aux=True)(local_params, *batch)
             return (jax.tree.map(jnp.add, grads, g), nelbo + nll), None
 
-        zero = (
-            jax.tree.map(jnp.zeros_like, local_params),
-            pvary(jnp.zeros(()), DATA),
-        )  # per-device sums
+        # per-device sums
+        zero = (jax.tree.map(jnp.zeros_like, local_params), pvary(jnp.zeros(()), DATA))
         (grads, nelbo), _ = lax.scan(
             accumulate, zero, (chunks(tokens), chunks(labels), chunks(ids))
         )
@@ -197,7 +196,8 @@ def make_train_step(
         params = optax.apply_updates(
             params, jax.tree.map(lambda u: jnp.where(skipped, -0.0, u), updates)
         )
-        # EMA decay warmed up as min(decay, (1 + step) / (10 + step)), so short runs are not all init.
+        # EMA decay warmed up as min(decay, (1 + step) / (10 + step)), so short runs are not all
+        # init.
         step = state.step.astype(jnp.float32)
         decay = jnp.minimum(ema, (1.0 + step) / (10.0 + step))
         ema_old = eqx.filter(state.ema, eqx.is_array)

@@ -56,9 +56,8 @@ def trajectory_strip(
 ) -> Image.Image:
     """One row per sample, one column per chosen step: how each image unmasked."""
     picked = frame_indices(trajectory.shape[0], frames)
-    images = np.stack(
-        [to_images(trajectory[i], shape, mask_id) for i in picked], axis=1
-    )  # [n, f, ...]
+    # [n, f, ...]
+    images = np.stack([to_images(trajectory[i], shape, mask_id) for i in picked], axis=1)
     return image_grid(images.reshape(-1, *images.shape[2:]), columns=len(picked))
 
 

@@ -84,7 +84,7 @@ def output_and_gradients(fn, q, k, v, do):
 
 
 def assert_matches(actual, expected, dtype):
-    for name, a, e in zip(("o", "dq", "dk", "dv"), actual, expected):
+    for name, a, e in zip(("o", "dq", "dk", "dv"), actual, expected, strict=True):
         a = np.asarray(a, np.float64)
         assert np.isfinite(a).all(), f"{name} has non-finite elements (unwritten?)"
         error = np.abs(a - e).max() / np.abs(e).max()

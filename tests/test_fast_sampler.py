@@ -143,7 +143,8 @@ def test_the_statistics_reject_a_late_network(ancestral):
 
 def test_network_calls(ancestral, skip):
     """A device calls the network once per distinct unmask step of its busiest sequence, and a
-    sequence's distinct unmask steps average `expected_skip_calls`; every step calls it T + 1 times."""
+    sequence's distinct unmask steps average `expected_skip_calls`; every step calls it T + 1
+    times."""
     np.testing.assert_array_equal(ancestral.calls, [T + 1] * 4)
     busiest = skip.distinct.reshape(4, N // 4).max(axis=1)  # 4 data shards of N / 4 sequences
     np.testing.assert_array_equal(skip.calls, busiest)

@@ -95,7 +95,7 @@ def test_discrete_nelbo_approaches_continuous(getkey, schedule):
 
     continuous = estimate(0)
     gaps = [abs(estimate(t) - continuous) / continuous for t in (4, 64, 4096)]
-    assert all(b < a for a, b in zip(gaps[:-1], gaps[1:])), gaps
+    assert all(b < a for a, b in zip(gaps[:-1], gaps[1:], strict=True)), gaps
     assert gaps[-1] < 1e-3, gaps
     assert gaps[0] > 10 * gaps[-1], gaps
 
@@ -104,12 +104,12 @@ def test_genmd4_equal_exponents_is_md4_poly(getkey):
     """With w_v = k for every v, GenMD4's integrand sum_v (-w_v/t)[(log p[x] + 1) 1{v=x} - p[v]]
     equals MD4's -k/t sum log p[x]; and MD4's poly-k weight alpha'/(1 - alpha) equals -k/t up to
     its eps shift (relative difference < 2 eps / t^k)."""
-    b, l, vocab, k = 4, 16, 40, 2.5
+    b, seq, vocab, k = 4, 16, 40, 2.5
     padded = 128
-    logits = jax.random.normal(getkey(), (b, l, padded)) * 3.0
-    x = jax.random.randint(getkey(), (b, l), 0, vocab)
+    logits = jax.random.normal(getkey(), (b, seq, padded)) * 3.0
+    x = jax.random.randint(getkey(), (b, seq), 0, vocab)
     t = jnp.array([0.2, 0.4, 0.7, 0.95])
-    masked = jax.random.bernoulli(getkey(), 0.5, (b, l))
+    masked = jax.random.bernoulli(getkey(), 0.5, (b, seq))
     w = jnp.zeros((padded,)).at[:vocab].set(k)
 
     gen = on_mesh(
@@ -155,7 +155,7 @@ def test_head_chunks_change_the_memory_not_the_loss(getkey):
         model = perturbed(build(cfg, key), head_key)
         params, static = eqx.partition(model, eqx.is_array)
 
-        def loss(params):
+        def loss(params, static=static):
             def per_example(params):
                 return losses(
                     eqx.combine(params, static),

@@ -9,7 +9,16 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from jaxtyping import TypeCheckError
 
-from md4_eqx.config import ExecutionConfig, MLPKind, ModelConfig, Precision, Remat, preset
+from md4_eqx.config import (
+    ExecutionConfig,
+    MLPKind,
+    ModelConfig,
+    Precision,
+    Remat,
+    config_from_json,
+    config_to_json,
+    preset,
+)
 from md4_eqx.errors import ConfigError
 from md4_eqx.model import MD4, selected_tokens
 from md4_eqx.parallel import MODEL, make_mesh, param_specs, shard_map_modules
@@ -175,6 +184,17 @@ def test_runtime_type_checks_are_on(getkey):
 def test_config_errors_name_the_value(make, fields, message):
     with pytest.raises(ConfigError, match=message):
         make(**fields)
+
+
+def test_a_saved_enum_value_this_code_does_not_know_is_a_config_error():
+    """A checkpoint from before `Remat` stored `remat: false`: one line naming the choices."""
+    saved = config_to_json(preset("tiny"))
+    assert config_from_json(saved) == preset("tiny")
+    saved["execution"]["remat"] = False
+    with pytest.raises(
+        ConfigError, match="^execution.remat=False is not one of: none, minimal, full$"
+    ):
+        config_from_json(saved)
 
 
 @pytest.mark.parametrize("size", [5, 7, 96], ids=["size5", "size7", "one-chunk"])

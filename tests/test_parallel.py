@@ -77,8 +77,9 @@ CONFIG = Config(
 )
 REFERENCE = (1, 1)
 MESHES = [(8, 1), (4, 2), (2, 4), (1, 8)]
-# This mesh's run also computes the head and the loss's log-softmax 24 tokens at a time (head_chunk,
-# MD4.readout): the chunked loop under the vocabulary split over 8, the last chunk padded (512 tokens).
+# This mesh's run also computes the head and the loss's log-softmax 24 tokens at a time
+# (head_chunk, MD4.readout): the chunked loop under the vocabulary split over 8, the last chunk
+# padded (512 tokens).
 CHUNKED = (1, 8)
 STEPS = 3
 # float32 parameters after 3 steps: the meshes sum the same numbers in different orders (psum
@@ -407,6 +408,7 @@ def test_state_memory_per_device_falls_as_one_over_m(runs):
         for x, s in zip(
             jax.tree.leaves(eqx.filter(ref.model, eqx.is_array)),
             jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, P)),
+            strict=True,
         )
         if MODEL in s
     )
@@ -486,7 +488,7 @@ def test_two_processes_match_one(runs, tmp_path):
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outputs):
+    for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
     got = np.load(tmp_path / "result.npz")
     ref_state, _, optimizer, ref_metrics = runs[REFERENCE]

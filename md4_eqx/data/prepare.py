@@ -29,9 +29,8 @@ def prepare(
     """Writes the cache entry for `source` (identified by `fingerprint`); returns its metadata."""
     source.fetch(progress)
     tokenizer = get_tokenizer(source.tokenizer)
-    dtype = np.min_scalar_type(
-        tokenizer.vocab_size - 1
-    )  # the narrowest unsigned one: GPT-2's 50257 ids fit uint16
+    # the narrowest unsigned one: GPT-2's 50257 ids fit uint16
+    dtype = np.min_scalar_type(tokenizer.vocab_size - 1)
     tasks = source.tasks()
     procs = min(num_proc, len(tasks)) if source.parallel else 1
     with EntryWriter(entry) as writer:

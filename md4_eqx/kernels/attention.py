@@ -125,7 +125,8 @@ COMPILED = tuple(k for k in KERNELS if k.impl is not Impl.PALLAS_INTERPRET)
 
 
 def available_impls(platform: Platform | None = None) -> tuple[Impl, ...]:
-    """The compiled implementations that run on `platform` (default: `platform_of()`) for some dtype and head_dim."""
+    """The compiled implementations that run on `platform` (default: `platform_of()`) for some
+    dtype and head_dim."""
     platform = platform or platform_of()
     runs = [k.impl for k in COMPILED if k.refuses(platform, jnp.dtype(jnp.bfloat16), 64) is None]
     return tuple(dict.fromkeys(runs))
