@@ -69,7 +69,9 @@ def test_step_time_and_tokens_per_s_match_the_tests_own_clock(tmp_path, capsys, 
     tokens = 4 * preset("tiny").model.seq_len
     assert tokens / (2 * ours) <= case["tokens_per_s"] <= tokens / ours
     assert case["mfu"] is None and case["peak_memory_gib"] is None  # a CPU has neither
-    assert 0 < case["bits_per_token"] < 9  # a fresh model predicts ~log2(256) = 8 bits/token
+    # A fresh model predicts log2(256) = 8 bits/token; a batch of 4 estimates it with the 1 / t
+    # weights' noise (one example may have t near 0). Per sequence it would be 128 times that.
+    assert 4 < case["bits_per_token"] < 16
 
 
 def test_flops_per_token_matches_xlas_count_of_the_compiled_step():

@@ -120,8 +120,9 @@ def test_training_step_with_pallas_compiles_for_v5e_2x2():
     assert "tpu_custom_call" in compiled.as_text()
 
 
-# One layer of width 64 and a 300,000-token head over 6,144 positions: the logits make one or
-# two examples fill a v5e chip, so the search ends after four compiles (two of them refusals).
+# One layer of width 64 and a 300,000-token head. The masked-only head keeps one chunk of its
+# logits live whatever the batch, so at 6,144 positions XLA's attention scores ([heads, seq, seq]
+# an example) bound the batch; at 12,288 one chunk of all the positions is more than the chip.
 BIG_HEAD = [
     "--preset",
     "tiny",
@@ -146,6 +147,8 @@ def test_plan_for_a_target(capsys):
                 *BIG_HEAD,
                 "--seq-len",
                 "6144",
+                "--attention",
+                "xla",
                 "--plan",
                 "--target",
                 "v5e:1x1",
@@ -169,7 +172,17 @@ def test_plan_for_a_target(capsys):
 def test_plan_for_a_target_that_holds_no_example(capsys):
     """Twice the positions: one example is more than the chip's HBM, and the compiler's refusal is
     the one line."""
-    assert train.main([*BIG_HEAD, "--seq-len", "12288", "--plan", "--target", "v5e:1x1"]) == 2
+    args = [
+        *BIG_HEAD,
+        "--seq-len",
+        "12288",
+        "--head-chunk",
+        "12288",
+        "--plan",
+        "--target",
+        "v5e:1x1",
+    ]
+    assert train.main(args) == 2
     err = capsys.readouterr().err
     assert (
         err.count("\n") == 1 and "one example per device does not fit: the TPU compiler says" in err
