@@ -204,6 +204,9 @@ def _failure_said_once() -> Iterator[None]:
     try:
         yield
     except BaseException:
+        # An abandoned write's task fails after orbax stopped awaiting it: asyncio logs "Task
+        # exception was never retrieved" with its traceback when the task is collected.
+        logging.getLogger("asyncio").addFilter(_never_retrieved)
         with warnings.catch_warnings():
             warnings.filterwarnings(
                 "ignore", r"coroutine '.*write_fragment' was never awaited", RuntimeWarning
@@ -212,6 +215,10 @@ def _failure_said_once() -> Iterator[None]:
         raise
     absl.removeFilter(_thread_report)
     sys.unraisablehook = default
+
+
+def _never_retrieved(record: logging.LogRecord) -> bool:
+    return "exception was never retrieved" not in record.getMessage()
 
 
 def _thread_report(record: logging.LogRecord) -> bool:
