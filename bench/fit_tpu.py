@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from md4_eqx import plan, targets
 from md4_eqx.config import Impl, Precision, Remat, preset
 from md4_eqx.parallel import make_mesh
-from md4_eqx.step_time import StepTime, tpu_step_time
+from md4_eqx.step_time import StepTime, head_chunks_taken, tpu_step_time
 
 REFERENCE_PER_V5E_CHIP = 40  # DeepMind's MD4-S, float32, compiled for one v5e chip (issue 24)
 SEQ = 1024  # MD4-S's sequence, ours and the reference's
@@ -71,8 +71,9 @@ class Outcome:
         )
 
 
-def compile_step(lower, batch: int, chip: targets.Tpu) -> Outcome:
-    """Compile `lower(batch)` and say whether the compiler took it (`plan.HBM_REFUSALS`)."""
+def compile_step(lower, batch: int, chip: targets.Tpu, taken: float = 1.0) -> Outcome:
+    """Compile `lower(batch)` and say whether the compiler took it (`plan.HBM_REFUSALS`); its
+    estimate with conditionals taken `taken` of the time (`step_time.tpu_step_time`)."""
     start, cpu = time.perf_counter(), time.process_time()
     lowered = lower(batch)
     traced = time.perf_counter() - start  # tracing and lowering, before the compiler runs
@@ -105,7 +106,7 @@ def compile_step(lower, batch: int, chip: targets.Tpu) -> Outcome:
         int(m.temp_size_in_bytes),
         int(peak),
         (compiled.cost_analysis() or {}).get("flops"),
-        tpu_step_time(compiled.as_text(), chip),
+        tpu_step_time(compiled.as_text(), chip, taken),
     )
 
 
@@ -127,7 +128,10 @@ def ours(args, mesh):
     )
     model = dataclasses.replace(config.model, num_layers=args.layers or config.model.num_layers)
     config = dataclasses.replace(config, model=model, execution=execution)
-    return lambda batch: plan.lowered_step(config, mesh, batch=batch, microbatches=1)
+    return (
+        lambda batch: plan.lowered_step(config, mesh, batch=batch, microbatches=1),
+        lambda batch: head_chunks_taken(config, batch // mesh.size * SEQ),
+    )
 
 
 def reference(path: str, mesh):
@@ -235,9 +239,9 @@ def main(argv: list[str] | None = None) -> None:
         f"libtpu {metadata.version('libtpu')}"
     )
 
-    def compiler(lower, name: str):  # fits(batch), logging each compile
+    def compiler(lower, name: str, taken=lambda batch: 1.0):  # fits(batch), logging each compile
         def fits(batch: int) -> bool:
-            outcome = compile_step(lower, batch, target.chip)
+            outcome = compile_step(lower, batch, target.chip, taken(batch))
             log(f"{name}{outcome.line(mesh.size, SEQ)}")
             return outcome.fits
 
@@ -248,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         log("reference not compiled here: no checkout (pass --reference or set MD4_REFERENCE)")
     elif (ref := reference(args.reference, mesh)) is None:
         log("reference not compiled here: it needs flax and optax")
-    ours_fit = compiler(ours(args, mesh), "")
+    lower, taken = ours(args, mesh)
+    ours_fit = compiler(lower, "", taken)
     ref_fit = None if ref is None else compiler(ref, "reference ")
     if args.batch:  # like for like: one batch, ours and the reference's
         ours_fit(args.batch)

@@ -36,6 +36,7 @@ import fit_tpu  # noqa: E402  (bench/fit_tpu.py)
 
 from md4_eqx import plan, targets  # noqa: E402
 from md4_eqx.config import Precision, Remat, preset  # noqa: E402
+from md4_eqx.model import HEAD_CHUNK  # noqa: E402
 from md4_eqx.parallel import make_mesh  # noqa: E402
 from md4_eqx.step_time import flops_per_token  # noqa: E402
 
@@ -57,7 +58,7 @@ def row(name: str, config) -> str:
     speed = "-" if step.estimate is None else f"{tokens / step.estimate.seconds:,.0f}"
     return (
         f"| {name} | md4-eqx | {run.precision.value} | {run.remat.value} | "
-        f"{run.head_chunk or '-'} | {largest} | {8 * largest} | {speed} | {peak} | "
+        f"{run.head_chunk or HEAD_CHUNK} | {largest} | {8 * largest} | {speed} | {peak} | "
         f"{step.seconds:.0f} s | {searched:.0f} s | {flops} |"
         + (f" {planner.note}" if planner.note else "")
     )

@@ -14,9 +14,12 @@ from md4_eqx.transformer import Transformer
 from md4_eqx.unet import UNet
 
 # Tokens per chunk of the loss's head (`MD4.readout`) when `ExecutionConfig.head_chunk` is 0: a
-# chunk's float32 logits are 256 x 50304 floats (51 MB) on OpenWebText's padded vocabulary, and
-# the masked tokens fill all but their last chunk.
-HEAD_CHUNK = 256
+# chunk's float32 logits are 2048 x 50304 floats (412 MB) on OpenWebText's padded vocabulary.
+# Each chunk also adds the head weight's gradient into its sum, a [d, V] pass whatever the
+# chunk's size: on an accelerator, small chunks spend more time on that than on their matmuls
+# (bench/RESULTS.md, "Step time by the TPU compiler's estimate"). A chunk is at most all the
+# tokens of a device.
+HEAD_CHUNK = 2048
 
 
 class MD4(eqx.Module):
@@ -117,6 +120,7 @@ def selected_tokens(
     transpose, would wait there for devices whose chunk took the other branch."""
     b, seq = where.shape
     tokens = b * seq
+    size = min(size, tokens)  # one chunk at most of all the tokens
     count = -(-tokens // size)
     pad = count * size - tokens
     # Padding tokens are not selected, so they sort last with the unselected ones.

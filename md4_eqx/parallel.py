@@ -169,7 +169,11 @@ def vocab_log_normaliser(logits: Float[Array, "*b v_local"], vocab_size: int) ->
     `model`: padded columns are excluded, and no device ever holds the full [*b, V] logits."""
     v_local = logits.shape[-1]
     ids = vocab_offset(v_local) + jnp.arange(v_local)
-    logits = jnp.where(ids < vocab_size, logits, -jnp.inf)
+    # Padded columns to -inf by adding a [v_local] row, not a `where` over [*b, v_local]: the
+    # sum's gradient there is exp(-inf) = 0 either way, and an addition's transpose needs no mask
+    # (XLA:TPU would materialise the [*b, v_local] mask again in the backward pass).
+    padded = jnp.where(ids < vocab_size, 0.0, -jnp.inf).astype(logits.dtype)
+    logits = logits + jnp.broadcast_to(padded, logits.shape)
     # The max is only a numerical shift: its gradient cancels, so it is held constant.
     m = lax.stop_gradient(jnp.max(logits, axis=-1))
     m = m if lax.axis_size(MODEL) == 1 else lax.pmax(m, MODEL)

@@ -51,8 +51,16 @@ from md4_eqx.config import AUTO, Backbone, Config, ExecutionConfig, Impl, Remat
 from md4_eqx.errors import PlanError
 from md4_eqx.kernels.attention import platform_of
 from md4_eqx.kernels.attention import resolve as resolve_attention
+from md4_eqx.model import HEAD_CHUNK
 from md4_eqx.parallel import DATA, shardings
-from md4_eqx.step_time import StepTime, flops_per_token, mfu, roofline, tpu_step_time
+from md4_eqx.step_time import (
+    StepTime,
+    flops_per_token,
+    head_chunks_taken,
+    mfu,
+    roofline,
+    tpu_step_time,
+)
 from md4_eqx.train_step import TrainState, init_state, make_optimizer, make_train_step, state_specs
 
 MARGIN = 0.10  # a tenth of the device's memory is kept free of the planned peak
@@ -225,18 +233,23 @@ def step_memory(config: Config, mesh: Mesh, *, batch: int, microbatches: int) ->
         int(m.temp_size_in_bytes),
         flops,
         seconds,
-        estimate=_estimate(lowered, text, mesh),
+        estimate=_estimate(lowered, text, mesh, config, batch // microbatches // mesh.shape[DATA]),
         rematerialised=bool(_REMATERIALISED.search(text))
         or any("rematerializ" in line.lower() for line in log),
     )
 
 
-def _estimate(lowered: jax.stages.Lowered, text: str, mesh: Mesh) -> StepTime | None:
-    """The step's time on `mesh`'s chips: the TPU compiler's cost model, a GPU's roofline of the
-    program's flops and bytes per device (None for devices without a chip record)."""
+def _estimate(
+    lowered: jax.stages.Lowered, text: str, mesh: Mesh, config: Config, microbatch: int
+) -> StepTime | None:
+    """The step's time on `mesh`'s chips: the TPU compiler's cost model (the masked-only head's
+    chunks as many as a `microbatch` of examples per device computes on average), a GPU's
+    roofline of the program's flops and bytes per device (None for devices without a chip
+    record)."""
     chip = targets.chip_of(platform_of(mesh).device_kind)
     if isinstance(chip, targets.Tpu):
-        return tpu_step_time(text, chip)
+        taken = head_chunks_taken(config, microbatch * config.model.seq_len)
+        return tpu_step_time(text, chip, taken)
     if chip is None:
         return None
     cost = lowered.cost_analysis() or {}
@@ -275,12 +288,14 @@ class Plan:
     step: StepMemory
 
     def describe(self) -> str:
-        chunk = f"head chunk {self.run.head_chunk}" if self.run.head_chunk else "no head chunk"
-        return f"remat {self.run.remat.value}, {chunk}, {self.microbatches} microbatch(es)"
+        run = self.run
+        chunk = run.head_chunk or HEAD_CHUNK
+        return f"remat {run.remat.value}, head chunk {chunk}, {self.microbatches} microbatch(es)"
 
 
-# The head chunks the speed plan weighs besides the config's own (`ExecutionConfig.head_chunk`).
-HEAD_CHUNKS = (0, 2048)
+# The head chunks the speed plan weighs besides the config's own (`ExecutionConfig.head_chunk`):
+# the default (md4_eqx.model.HEAD_CHUNK) and a quarter of it, less memory for more time.
+HEAD_CHUNKS = (0, 512)
 
 
 class Planner:
@@ -430,7 +445,7 @@ class Planner:
         fastest way to run the config's global batch (the largest's, for an `auto` batch)."""
         state = state_bytes(abstract_state(self.config, self.mesh)[0])
         m, run = self.config.model, self.run
-        chunk = f", the head {run.head_chunk} tokens at a time" if run.head_chunk else ""
+        chunk = f", the head {run.head_chunk or HEAD_CHUNK} masked tokens at a time"
         judge = (
             "a batch fits when the TPU compiler accepts it"
             if self.by_compiler

@@ -9,7 +9,11 @@ compares the counter with (or XLA's `known_trip_count` where it says). The sum, 
 clock, is the compiler's estimate of a step. Pallas TPU calls (`tpu_custom_call`) carry no
 cycles; their `cost_estimate` (`pl.CostEstimate`: flops, bytes) at the chip's peak flops and
 bandwidth is a floor for them. Collectives carry no cycles either: a multi-chip step's estimate
-leaves out its communication.
+leaves out its communication. A `conditional` runs one branch: each is priced at its costlier
+branch a `taken` fraction of its runs and at its cheaper one otherwise (`taken` = 1: an upper
+bound). In a training step the only conditionals are the masked-only head's chunks
+(`md4_eqx.model.selected_tokens`), and `head_chunks_taken` is the fraction of them that compute
+on average.
 
 GPU targets compile without a cost model's estimate: there the step time is a roofline, the
 HLO's flops and bytes (`Lowered.cost_analysis()`, which counts a loop's body once) at the card's
@@ -21,7 +25,8 @@ import enum
 import math
 import re
 
-from md4_eqx.config import Backbone, Config, ModelConfig
+from md4_eqx.config import Backbone, Config, ModelConfig, Schedule
+from md4_eqx.model import HEAD_CHUNK
 from md4_eqx.targets import Gpu, Tpu
 
 
@@ -35,11 +40,15 @@ class Basis(enum.Enum):
 @dataclasses.dataclass(frozen=True)
 class StepTime:
     """One step's estimated seconds: `compiled` (the cost model's cycles, or the roofline) plus
-    `kernels` (the Pallas calls at their cost estimate's floor)."""
+    `kernels` (the Pallas calls at their cost estimate's floor), with the conditionals' costlier
+    branches taken a `taken` fraction of the time; `bound`: the seconds with every conditional at
+    its costlier branch (the same where `taken` is 1 or there is none)."""
 
     compiled: float
     kernels: float
     basis: Basis
+    taken: float = 1.0
+    bound: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -55,7 +64,13 @@ class StepTime:
             else ""
         )
         compiled = f"{self.compiled * 1e3:.1f} ms"
-        return f"{self.seconds * 1e3:.1f} ms ({self.basis.value}: {compiled}{kernels})"
+        chunks = (
+            f"; the masked-only head's chunks priced at the {self.taken:.0%} of them that compute "
+            f"on average, {self.bound * 1e3:.1f} ms if all did"
+            if self.bound > self.seconds
+            else ""
+        )
+        return f"{self.seconds * 1e3:.1f} ms ({self.basis.value}: {compiled}{kernels}{chunks})"
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.-]+) .*\{$")
@@ -66,11 +81,12 @@ _COST = re.compile(
 )
 
 
-def tpu_step_time(hlo: str, chip: Tpu) -> StepTime:
+def tpu_step_time(hlo: str, chip: Tpu, taken: float = 1.0) -> StepTime:
     """The XLA:TPU cost model's estimate of the program `hlo` (`compiled.as_text()`) on `chip`:
     the estimated cycles of the entry computation, each loop body times its trip count (nested
-    loops multiply), at the chip's clock, plus every Pallas call's flops and bytes at the chip's
-    peak (the larger of the two: a floor)."""
+    loops multiply), each conditional at its costlier branch a `taken` fraction of the time and at
+    its cheaper one otherwise, at the chip's clock, plus every Pallas call's flops and bytes at the
+    chip's peak (the larger of the two: a floor)."""
     computations: dict[str, list[str]] = {}
     entry = None
     for line in hlo.splitlines():
@@ -82,8 +98,8 @@ def tpu_step_time(hlo: str, chip: Tpu) -> StepTime:
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
 
-    def cost(name: str) -> tuple[int, float]:  # (cycles, Pallas seconds) of one run of `name`
-        cycles, kernels = 0, 0.0
+    def cost(name: str, taken: float) -> tuple[float, float]:  # (cycles, Pallas seconds) of a run
+        cycles, kernels = 0.0, 0.0
         for line in computations[name]:
             if match := _CYCLES.search(line):
                 cycles += int(match[1])
@@ -97,19 +113,48 @@ def tpu_step_time(hlo: str, chip: Tpu) -> StepTime:
                 called = [(body, _trip_count(line, computations))]
             elif op == "call" or op.endswith("-start"):
                 called = [(c, 1) for c in re.findall(r"\b(?:to_apply|calls)=%?([\w.-]+)", line)]
-            elif op == "conditional":  # the costlier branch
+            elif op == "conditional":
                 listed = re.search(r"branch_computations=\{([^}]*)\}", line)
                 branches = re.findall(r"%?([\w.-]+)", listed[1]) if listed else []
                 branches += re.findall(r"\b(?:true|false)_computation=%?([\w.-]+)", line)
-                c, k = max(cost(b) for b in branches)
-                cycles, kernels = cycles + c, kernels + k
+                costs = sorted(cost(b, taken) for b in branches)
+                (cheap, cheap_k), (dear, dear_k) = costs[0], costs[-1]
+                cycles += taken * dear + (1.0 - taken) * cheap
+                kernels += taken * dear_k + (1.0 - taken) * cheap_k
             for callee, times in called:
-                c, k = cost(callee)
+                c, k = cost(callee, taken)
                 cycles, kernels = cycles + times * c, kernels + times * k
         return cycles, kernels
 
-    cycles, kernels = cost(entry)
-    return StepTime(cycles / (chip.clock_ghz * 1e9), kernels, Basis.COST_MODEL)
+    clock = chip.clock_ghz * 1e9
+    cycles, kernels = cost(entry, taken)
+    all_cycles, all_kernels = cost(entry, 1.0)
+    return StepTime(
+        cycles / clock, kernels, Basis.COST_MODEL, taken, all_cycles / clock + all_kernels
+    )
+
+
+def head_chunks_taken(config: Config, tokens: int) -> float:
+    """The fraction of the masked-only head's chunks (`md4_eqx.model.selected_tokens`) that compute
+    in a step of `tokens` tokens per device: the masked tokens come first, so a device runs
+    ceil(masked / chunk) of its chunks. Taken at the schedule's mean masking rate, the mean of
+    1 - alpha(t) over t ~ U[0, 1) (the antithetic strata give every device times across [0, 1)),
+    and rounded up to the next whole chunk (a little over the mean: a conservative estimate).
+    GenMD4's learned schedules are taken at their initial (linear) one."""
+    m, d = config.model, config.diffusion
+    chunk = config.execution.head_chunk or HEAD_CHUNK
+    if m.backbone is Backbone.UNET:  # its head runs on every token, without conditionals
+        return 1.0
+    match Schedule.LINEAR if d.learnable else d.schedule:
+        case Schedule.LINEAR:  # the mean of t
+            mean = 0.5
+        case Schedule.COSINE:  # the mean of cos(pi / 2 (1 - t))
+            mean = 2 / math.pi
+        case Schedule.POLY:  # the mean of t^k
+            mean = 1 / (d.exponent + 1)
+    mean = (1 - 2 * d.eps) * mean + d.eps
+    count = -(-tokens // chunk)
+    return min(count, math.floor(mean * tokens / chunk) + 1) / count
 
 
 def _trip_count(line: str, computations: dict[str, list[str]]) -> int:

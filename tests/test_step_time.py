@@ -1,6 +1,7 @@
 """The step time the TPU compiler's cost model gives (md4_eqx.step_time): a hand-checked HLO text,
 and programs compiled for an abstract v5e chip whose loops must be counted trip-count times."""
 
+import dataclasses
 import importlib.util
 
 import jax
@@ -11,7 +12,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from md4_eqx import targets
-from md4_eqx.step_time import Basis, mfu, roofline, tpu_step_time
+from md4_eqx.config import Schedule, preset
+from md4_eqx.step_time import Basis, head_chunks_taken, mfu, roofline, tpu_step_time
 
 V5E = targets.CHIPS["v5e"]
 
@@ -79,6 +81,56 @@ def test_known_trip_count_wins():
         'condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"7"}}',
     )
     assert tpu_step_time(known, V5E).compiled == pytest.approx((1000 + 7 * 140) / 1.5e9)
+
+
+def test_a_conditional_is_its_branches_weighted_by_how_often_the_costlier_runs():
+    """A conditional after the entry's own cycles, its branches 300 and 20 cycles: at its costlier
+    branch by default (an upper bound), weighted by `taken` where given; `bound` is the first."""
+    hlo = HLO.replace(
+        '  ROOT %r = f32[] reduce(%w), backend_config={"estimated_cycles":"0"}',
+        "  %p = pred[] constant(true)\n"
+        "  ROOT %r = f32[8] conditional(%p, %x, %x), true_computation=%dear, "
+        "false_computation=%cheap",
+    ).replace(
+        "ENTRY",
+        "%dear (a: f32[8]) -> f32[8] {\n"
+        '  ROOT %e = f32[8]{0} exponential(%a), backend_config={"estimated_cycles":"300"}\n'
+        "}\n\n"
+        "%cheap (a: f32[8]) -> f32[8] {\n"
+        '  ROOT %b = f32[8]{0} broadcast(), backend_config={"estimated_cycles":"20"}\n'
+        "}\n\n"
+        "ENTRY",
+    )
+    loops = 1000 + 5 * (100 + 4 * 10)
+    upper = tpu_step_time(hlo, V5E)
+    assert upper.compiled == pytest.approx((loops + 300) / 1.5e9)
+    assert upper.bound == pytest.approx(upper.seconds)
+    quarter = tpu_step_time(hlo, V5E, taken=0.25)
+    assert quarter.compiled == pytest.approx((loops + 0.25 * 300 + 0.75 * 20) / 1.5e9)
+    assert quarter.bound == pytest.approx(upper.seconds)
+    assert "25% of them" in quarter.describe() and "if all did" in quarter.describe()
+
+
+def test_head_chunks_taken_at_the_schedules_mean_masking_rate():
+    """ceil-ish(mean masked / chunk) of the chunks: the linear schedule masks half the tokens on
+    average (2 / pi for the cosine one, 1 / (k + 1) for t^k), and one example in a chunk bigger
+    than it always runs its one chunk."""
+    md4s = preset("md4-s")
+
+    def taken(tokens: int, chunk: int, **diffusion) -> float:
+        config = dataclasses.replace(
+            md4s,
+            execution=dataclasses.replace(md4s.execution, head_chunk=chunk),
+            diffusion=dataclasses.replace(md4s.diffusion, **diffusion),
+        )
+        return head_chunks_taken(config, tokens)
+
+    assert taken(16 * 1024, 2048) == 5 / 8  # 8,192 masked: 4 chunks, rounded up to 5
+    assert taken(16 * 1024, 256) == 33 / 64
+    assert taken(1024, 2048) == 1.0
+    assert taken(1024, 256, schedule=Schedule.COSINE) == 3 / 4  # 652 masked
+    assert taken(1024, 64, schedule=Schedule.POLY, exponent=3.0) == 5 / 16  # 256 masked
+    assert taken(16 * 1024, 2048, learnable=True) == 5 / 8
 
 
 def test_roofline_and_mfu():
