@@ -6,28 +6,70 @@ import os
 # otherwise load them to look for their devices (libtpu then prints its warnings on stderr,
 # which the one-line-error tests read). Compile targets (md4_eqx.targets) still load them.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 import equinox as eqx
 import jax
 import pytest
 from jax.flatten_util import ravel_pytree
 
+# XLA:CPU builds the tests' programs with LLVM's optimisations off: the same HLO and results to
+# within the tests' tolerances, compiled in about 3/4 of the time (most of this suite is
+# compiling; the few long training loops run ~5% slower). The TPU compiler's estimates are the
+# same with it. The tests' subprocesses take it too (`with_fast_compile`).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def with_fast_compile(flags: str = "") -> str:
+    """XLA_FLAGS of `flags` and FAST_COMPILE."""
+    return f"{flags} {FAST_COMPILE}".strip()
+
+
+# XLA reads them when it makes the CPU backend, at the first computation: not yet.
+os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
+
+# train.py's flags for a model far smaller than the tiny preset, for the runs of the CLI tests.
+SMALL = [
+    "--width",
+    "32",
+    "--num-layers",
+    "1",
+    "--num-heads",
+    "2",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "8",
+    "--eval-batches",
+    "2",
+    "--sampler.steps",
+    "4",
+    "--num-samples",
+    "2",
+    "--no-progress",
+]
+
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
-# The slowest files first (about 60-180 s each on 2 cores; the others take under 50 s), so
-# that with `--dist loadfile --no-loadscope-reorder` (.ci/run) the two workers share out the
-# short files last and finish together.
+# The slowest files first, longest first (from about 250 s down to 40 s each on 2 cores;
+# test_targets.py: the TPU compiler; the rest take less), so that with `--dist loadfile
+# --no-loadscope-reorder` (.ci/run) the two workers share out the short files last and finish
+# together. A long file left to the end keeps one worker busy alone.
 SLOWEST_FIRST = (
+    "test_targets.py",
+    "test_sampling.py",
     "test_parallel.py",
     "test_train.py",
-    "test_sampling.py",
     "test_ground_truth.py",
     "test_data.py",
     "test_plan.py",
-    "test_loss.py",
+    "test_unet.py",
+    "test_sample.py",
+    "test_model.py",
+    "test_guidance.py",
     "test_attention.py",
+    "test_loss.py",
+    "test_flash_attention_gpu.py",
 )
 
 

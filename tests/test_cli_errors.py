@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SMALL
 from test_evaluate import save_run
 
 import evaluate
@@ -20,25 +21,6 @@ import train
 from md4_eqx.cli import flag_of
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = [
-    "--width",
-    "32",
-    "--num-layers",
-    "1",
-    "--num-heads",
-    "2",
-    "--seq-len",
-    "32",
-    "--batch-size",
-    "8",
-    "--eval-batches",
-    "2",
-    "--sampler.steps",
-    "4",
-    "--num-samples",
-    "2",
-    "--no-progress",
-]
 
 
 @pytest.fixture(scope="module")

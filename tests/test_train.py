@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SMALL, with_fast_compile
 from PIL import Image
 
 import train
@@ -34,31 +35,12 @@ from md4_eqx.metrics_log import MetricsLog, read_events
 from md4_eqx.visualize import line_chart
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = [
-    "--width",
-    "32",
-    "--num-layers",
-    "1",
-    "--num-heads",
-    "2",
-    "--seq-len",
-    "32",
-    "--batch-size",
-    "8",
-    "--eval-batches",
-    "2",
-    "--sampler.steps",
-    "4",
-    "--num-samples",
-    "2",
-    "--no-progress",
-]
 # The runs compile the same few programs again and again: they share a persistent compilation
 # cache, this module's own (a size limit turns on its file lock, so concurrent runs are safe).
 COMPILED = tempfile.TemporaryDirectory(prefix="md4-eqx-test-compiled-")
 ENV = {
     **os.environ,
-    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
+    "XLA_FLAGS": with_fast_compile("--xla_cpu_multi_thread_eigen=false"),
     "JAX_PLATFORMS": "cpu",
     "JAX_COMPILATION_CACHE_DIR": COMPILED.name,
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
