@@ -11,21 +11,6 @@ import jax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-# XLA:CPU builds the tests' programs with LLVM's optimisations off: the same HLO and results to
-# within the tests' tolerances, compiled in about 3/4 of the time (most of this suite is
-# compiling; the few long training loops run ~5% slower). The TPU compiler's estimates are the
-# same with it. The tests' subprocesses take it too (`with_fast_compile`).
-FAST_COMPILE = "--xla_backend_optimization_level=0"
-
-
-def with_fast_compile(flags: str = "") -> str:
-    """XLA_FLAGS of `flags` and FAST_COMPILE."""
-    return f"{flags} {FAST_COMPILE}".strip()
-
-
-# XLA reads them when it makes the CPU backend, at the first computation: not yet.
-os.environ["XLA_FLAGS"] = with_fast_compile(os.environ.get("XLA_FLAGS", ""))
-
 # train.py's flags for a model far smaller than the tiny preset, for the runs of the CLI tests.
 SMALL = [
     "--width",

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import randomised, with_fast_compile
+from conftest import randomised
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -477,7 +477,7 @@ def test_two_processes_match_one(runs, tmp_path):
     model axis spans the processes and evaluate there. Same numbers as the one-process run."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = with_fast_compile()  # without any device count of the caller's
+    env.pop("XLA_FLAGS", None)
     procs = [
         subprocess.Popen(
             [sys.executable, __file__, "worker", str(i), str(port), str(tmp_path)],

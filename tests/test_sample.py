@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import with_fast_compile
 from PIL import Image
 
 import sample
@@ -39,7 +38,7 @@ def workdir(tmp_path_factory) -> Path:
     data.write_text(Path(json.__file__).read_text() * 4)
     env = {
         **os.environ,
-        "XLA_FLAGS": with_fast_compile("--xla_force_host_platform_device_count=4"),
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
         "JAX_PLATFORMS": "cpu",
     }
     proc = subprocess.run(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SMALL, with_fast_compile
+from conftest import SMALL
 from PIL import Image
 
 import train
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPILED = tempfile.TemporaryDirectory(prefix="md4-eqx-test-compiled-")
 ENV = {
     **os.environ,
-    "XLA_FLAGS": with_fast_compile("--xla_cpu_multi_thread_eigen=false"),
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
     "JAX_PLATFORMS": "cpu",
     "JAX_COMPILATION_CACHE_DIR": COMPILED.name,
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
