@@ -120,9 +120,11 @@ def test_training_step_with_pallas_compiles_for_v5e_2x2():
     assert "tpu_custom_call" in compiled.as_text()
 
 
-# One layer of width 64 and a 300,000-token head. The masked-only head keeps one chunk of its
-# logits live whatever the batch, so at 6,144 positions XLA's attention scores ([heads, seq, seq]
-# an example) bound the batch; at 12,288 one chunk of all the positions is more than the chip.
+# One layer of width 64 and a 300,000-token head, at 12,288 positions. In chunks of 2048 (the
+# default) XLA's attention scores ([heads, seq, seq] an example) bound the batch at a few
+# examples, so the plan's search compiles few and small programs (the TPU compiler takes longer
+# for each batch it accepts, the larger the longer); a chunk of all 12,288 positions is more
+# than the chip, even for one example.
 BIG_HEAD = [
     "--preset",
     "tiny",
@@ -134,6 +136,8 @@ BIG_HEAD = [
     "2",
     "--vocab-size",
     "300000",
+    "--seq-len",
+    "12288",
 ]
 
 
@@ -145,8 +149,6 @@ def test_plan_for_a_target(capsys):
         train.main(
             [
                 *BIG_HEAD,
-                "--seq-len",
-                "6144",
                 "--attention",
                 "xla",
                 "--plan",
@@ -174,8 +176,6 @@ def test_plan_for_a_target_that_holds_no_example(capsys):
     the one line."""
     args = [
         *BIG_HEAD,
-        "--seq-len",
-        "12288",
         "--head-chunk",
         "12288",
         "--plan",
