@@ -6,6 +6,7 @@ import os
 # otherwise load them to look for their devices (libtpu then prints its warnings on stderr,
 # which the one-line-error tests read). Compile targets (md4_eqx.targets) still load them.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import equinox as eqx
 import jax
 import pytest

@@ -142,9 +142,8 @@ def test_auto_flags_parse_to_auto():
 def test_fastest_is_the_fastest_that_fits(mesh, monkeypatch, seconds_per_example, fastest):
     """With steps whose peak and time follow a model (more recomputation: less memory, more time;
     more microbatches: a fixed cost each; the default head chunk, the larger, saves time and costs
-    memory), the
-    plan is the fastest of every (remat, head chunk, microbatches) that fits, found by brute
-    force, and steps that cannot beat one already found are never compiled."""
+    memory), the plan is the fastest of every (remat, head chunk, microbatches) that fits, found
+    by brute force, and steps that cannot beat one already found are never compiled."""
     per_example = {Remat.NONE: 100, Remat.MINIMAL: 50, Remat.FULL: 25}  # bytes
     compiled = []
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SMALL
 from PIL import Image
 
 import sample
@@ -27,7 +28,7 @@ from md4_eqx.visualize import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-SEQ = 32
+SEQ = int(SMALL[SMALL.index("--seq-len") + 1])  # the run's sequence length
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +54,7 @@ def workdir(tmp_path_factory) -> Path:
             str(tmp / "cache"),
             "--mesh",
             "data=2,model=2",
-            "--width",
-            "32",
-            "--num-layers",
-            "1",
-            "--num-heads",
-            "2",
-            "--seq-len",
-            str(SEQ),
-            "--batch-size",
-            "8",
+            *SMALL,
             "--steps",
             "4",
             "--eval-every",
@@ -71,11 +63,6 @@ def workdir(tmp_path_factory) -> Path:
             "2",
             "--eval-batches",
             "1",
-            "--sampler.steps",
-            "4",
-            "--num-samples",
-            "2",
-            "--no-progress",
         ],
         cwd=ROOT,
         env=env,

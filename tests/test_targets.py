@@ -172,8 +172,8 @@ def test_plan_for_a_target(capsys):
 
 @needs_libtpu
 def test_plan_for_a_target_that_holds_no_example(capsys):
-    """Twice the positions: one example is more than the chip's HBM, and the compiler's refusal is
-    the one line."""
+    """The head in one chunk of all 12,288 positions: one example is more than the chip's HBM, and
+    the compiler's refusal is the one line."""
     args = [
         *BIG_HEAD,
         "--head-chunk",
