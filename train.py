@@ -235,7 +235,7 @@ def train(args: argparse.Namespace) -> int:
         # On a TPU the compiler's refusal marks the largest batch, unless a memory limit is given.
         by_compiler = None if memory is None else False
         memory = memory or (target.chip.memory if target else plan.device_memory())
-        print(plan.Planner(cfg, mesh, memory, by_compiler=by_compiler).report())
+        print(plan.Planner(cfg, mesh, memory, by_compiler=by_compiler, echo=print).report())
         # an `auto` batch size or microbatch count
         planned = plan.resolve(cfg, mesh, memory, by_compiler=by_compiler)
         if planned != cfg:

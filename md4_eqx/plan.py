@@ -28,6 +28,7 @@ microbatches. More recomputation costs time, so it is compiled only where it nee
 microbatches than less recomputation did; every compilation is made once (`step_memory`).
 """
 
+import bisect
 import contextlib
 import dataclasses
 import functools
@@ -37,7 +38,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 import equinox as eqx
@@ -152,6 +153,8 @@ class StepMemory:
     # md4_eqx.step_time's estimate of one step (None: devices without a chip record, e.g. CPUs).
     estimate: StepTime | None = None
     rematerialised: bool = False  # the compiler recomputed values to fit the memory
+    # A refused step's need over the chip's memory, from the refusal's text (`_over`).
+    over: float | None = None
 
     @property
     def peak(self) -> int:
@@ -202,6 +205,29 @@ HBM_REFUSALS = (
     "Ran out of memory on HBM",
     "CompileTimeHbmOom",
 )
+# The sizes a refusal names: "the total memory required for HLO temporaries (50.34G) exceeds
+# available HBM (15.75G)" (the first check: temporaries alone), "Used 16.26G of 15.75G hbm" (the
+# second: everything).
+_SIZE = r"([0-9.]+)([KMGT]?)"
+_TEMPORARIES = re.compile(rf"temporaries \({_SIZE}\) exceeds available HBM \({_SIZE}\)")
+_USED = re.compile(rf"Used {_SIZE} of {_SIZE} hbm")
+
+
+def _over(refusal: str, arguments: int) -> float | None:
+    """How many times the chip's memory a refused step needs, from the refusal's text, with the
+    step's `arguments` (its state) added where the refusal counted temporaries alone; None where
+    the text names no sizes."""
+
+    def size(number: str, unit: str) -> float:
+        return float(number) * 1024 ** " KMGT".index(unit or " ")
+
+    if match := _USED.search(refusal):
+        return size(*match.groups()[:2]) / size(*match.groups()[2:])
+    if match := _TEMPORARIES.search(refusal):
+        return (size(*match.groups()[:2]) + arguments) / size(*match.groups()[2:])
+    return None
+
+
 # An instruction XLA's rematerialisation pass cloned to recompute it (`fusion.3.remat`).
 _REMATERIALISED = re.compile(r"^\s+(?:ROOT )?%?[\w.-]+\.remat\d* = ", re.MULTILINE)
 
@@ -220,8 +246,10 @@ def step_memory(config: Config, mesh: Mesh, *, batch: int, microbatches: int) ->
         except jax.errors.JaxRuntimeError as e:
             if not any(refusal in str(e) for refusal in HBM_REFUSALS):
                 raise
-            first = str(e).strip().splitlines()[0]
-            return StepMemory(0, 0, 0, 0, None, time.perf_counter() - started, refused=first)
+            seconds, first = time.perf_counter() - started, str(e).strip().splitlines()[0]
+            arguments = sum(state_bytes(abstract_state(config, mesh)[0]).values())
+            over = _over(str(e), arguments)
+            return StepMemory(0, 0, 0, 0, None, seconds, refused=first, over=over)
     seconds = time.perf_counter() - started
     m = compiled.memory_analysis()
     flops = (compiled.cost_analysis() or {}).get("flops")
@@ -296,6 +324,9 @@ class Plan:
 # The head chunks the speed plan weighs besides the config's own (`ExecutionConfig.head_chunk`):
 # the default (md4_eqx.model.HEAD_CHUNK) and a quarter of it, less memory for more time.
 HEAD_CHUNKS = (0, 512)
+# Where the TPU compiler's search for the largest microbatch per device starts (`search`), in
+# tokens per device: a refusal far above the answer costs seconds, like one near it.
+TOP_TOKENS = 2**20
 
 
 class Planner:
@@ -304,7 +335,15 @@ class Planner:
     when its peak is within `memory` less the margin (also for a memory limit given for a TPU).
     Each method takes the `run` (ExecutionConfig) to compile; `self.run` is the config's."""
 
-    def __init__(self, config: Config, mesh: Mesh, memory: int, *, by_compiler: bool | None = None):
+    def __init__(
+        self,
+        config: Config,
+        mesh: Mesh,
+        memory: int,
+        *,
+        by_compiler: bool | None = None,
+        echo: Callable[[str], None] | None = None,
+    ):
         self.platform = platform_of(mesh)
         self.config, self.note = _plannable(config, self.platform)
         self.mesh, self.memory, self.data = mesh, memory, mesh.shape[DATA]
@@ -312,15 +351,25 @@ class Planner:
         self.budget = int(memory * (1.0 - MARGIN))
         self.run = self.config.execution
         self.chip = targets.chip_of(self.platform.device_kind)  # None: no time estimate
+        self.echo = echo  # where each new compilation is told, as it ends
 
     def step(self, run: ExecutionConfig, microbatch: int, microbatches: int = 1) -> StepMemory:
         """The step compiled with `microbatches` chunks of `microbatch` examples per device."""
-        return step_memory(
+        compiled = step_memory.cache_info().misses
+        step = step_memory(
             dataclasses.replace(self.config, execution=run),
             self.mesh,
             batch=microbatch * microbatches * self.data,
             microbatches=microbatches,
         )
+        if self.echo and step_memory.cache_info().misses > compiled:
+            over = "" if step.over is None else f", {step.over:.2f}x the HBM"
+            verdict = f"refused{over}" if step.refused else f"peak {show_size(step.peak)}"
+            self.echo(
+                f"  compiled {Plan(run, microbatches, step).describe()} of {microbatch} per "
+                f"device: {verdict}, {step.seconds:.0f} s"
+            )
+        return step
 
     def fits(self, run: ExecutionConfig, microbatch: int, microbatches: int = 1) -> bool:
         """The compiler accepts the step and, unless it alone judges, its peak is in the budget."""
@@ -338,25 +387,60 @@ class Planner:
         """The largest per-device microbatch that fits by the line through 1 and 2 examples (the
         cheapest compiles; at scale its slope runs 15-20% low), at least 1. A slope under a KiB
         per example says nothing (tiny models, where XLA's buffer reuse varies by more than one
-        example's activations; on a TPU the tiny preset's peak moves by 512 bytes from 1 to 2
-        examples): then 2, and the search gallops up from there."""
+        example's activations): then 2, and the search gallops up from there."""
         fixed, per_example = self.line(run)
         if per_example < 2**10:
             return 2
         return max(1, (self.budget - fixed) // per_example)
 
+    def search(self, step_at: Callable[[int], StepMemory], sizes: Sequence[int]) -> int:
+        """The largest of `sizes` (per-device microbatches, ascending) whose step the TPU compiler
+        accepts (0: none). It refuses a step too big in seconds where it takes minutes to accept
+        one (MD4-S), so the search starts at the largest size, and as memory is near-linear in
+        the microbatch, each try goes where a line meets the chip's memory: the line through the
+        closest tries that fit and that do not, or before any fits, through the last two
+        refusals (zero examples, zero memory after the first). A refusal says how far over the
+        memory its step is (`StepMemory.over`), the memory analysis how far under. A try that
+        leaves more than half of the interval is followed by its midpoint."""
+        below, refused = (-1, 0, 0.0), []  # (index, size, memory / HBM): the closest that fits
+        i, width = len(sizes) - 1, math.inf
+        while True:
+            step = step_at(sizes[i])
+            if step.refused:
+                refused.append((i, sizes[i], step.over))
+            else:
+                below = (i, sizes[i], min(step.peak / self.memory, 1.0))
+            if not refused or refused[-1][0] - below[0] <= 1:
+                return below[1]
+            above = refused[-1]
+            halve, width = above[0] - below[0] > width / 2, above[0] - below[0]
+            (_, m0, l0), (_, m1, l1) = (
+                refused[-2:] if below[0] < 0 < len(refused) - 1 else (below, above)
+            )
+            if halve or None in (l0, l1) or (l1 - l0) * (m1 - m0) <= 0:  # no rising line
+                i = (below[0] + above[0]) // 2
+            else:
+                i = bisect.bisect_right(sizes, m0 + (1.0 - l0) * (m1 - m0) / (l1 - l0)) - 1
+                i = min(max(i, below[0] + 1), above[0] - 1)
+
     def largest(self, run: ExecutionConfig) -> int:
-        """The largest per-device microbatch that fits, confirmed by compiling (0: none)."""
+        """The largest per-device microbatch that fits, confirmed by compiling (0: none): where
+        the compiler judges, searched up to `TOP_TOKENS` tokens per device (`search`), else by
+        galloping from the line's guess."""
+        if self.by_compiler:
+            sizes = range(1, max(TOP_TOKENS // self.config.model.seq_len, 1) + 1)
+            return self.search(lambda m: self.step(run, m), sizes)
         return _largest(lambda m: self.fits(run, m), self.guess(run))
 
-    def fit(self, run: ExecutionConfig) -> tuple[int, int, int]:
-        """(fixed, per_example, largest): the largest per-device microbatch that fits (0: none)
-        and the peak's line through it and half of it, where the slope matters (`head_chunk`'s
-        chunk hides it at 1 and 2 examples). Where the compiler judges, the line through 1 and 2:
-        it rematerialises under pressure, so no line holds up to its answer."""
+    def fit(self, run: ExecutionConfig) -> tuple[tuple[int, int] | None, int]:
+        """(line, largest): the largest per-device microbatch that fits (0: none) and the peak's
+        line (fixed, per_example) through it and half of it, where the slope matters
+        (`head_chunk`'s chunk hides it at 1 and 2 examples). None where the compiler judges: it
+        rematerialises under pressure, so no line holds up to its answer."""
         largest = self.largest(run)
-        at = (1, 2) if self.by_compiler else (max(largest // 2, 1), max(largest, 2))
-        return *self.line(run, at), largest
+        if self.by_compiler:
+            return None, largest
+        return self.line(run, (max(largest // 2, 1), max(largest, 2))), largest
 
     def fewest_microbatches(
         self,
@@ -367,20 +451,25 @@ class Planner:
     ) -> int | None:
         """The fewest gradient-accumulation chunks of the global `batch` whose step fits (`batch`
         splits evenly over `data`: md4_eqx.validate checks it before any plan), looking only
-        below `fewer_than` chunks, which are taken to fit; None where none fits there. The
-        search starts at `near` chunks where given (a similar step's answer), else where the
-        line through 1 and 2 examples per device says (`guess`)."""
+        below `fewer_than` chunks, which are taken to fit; None where none fits there. Where the
+        compiler judges, the search starts at one chunk (`search`); else at `near`
+        chunks where given (a similar step's answer), or where the line through 1 and 2
+        examples per device says (`guess`)."""
         per_device = batch // self.data
         counts = [k for k in range(per_device, 0, -1) if per_device % k == 0]  # chunks descending
         known = 0 if fewer_than is None else counts.index(fewer_than) + 1
+        sizes = [per_device // k for k in counts]  # per-device microbatches, ascending
+        if self.by_compiler:
+            size = self.search(lambda m: self.step(run, m, per_device // m), sizes[known:])
+            return per_device // size if size else None
         if known:
             guess = known + 1
         elif near is not None:
             guess = counts.index(near) + 1
         else:
-            guess = sum(1 for k in counts if per_device // k <= self.guess(run))
+            guess = sum(1 for m in sizes if m <= self.guess(run))
         best = _largest(
-            lambda i: i <= known or self.fits(run, per_device // counts[i - 1], counts[i - 1]),
+            lambda i: i <= known or self.fits(run, sizes[i - 1], counts[i - 1]),
             max(guess, 1),
             top=len(counts),
         )
@@ -395,25 +484,33 @@ class Planner:
 
     def fastest(self, batch: int) -> list[Plan]:
         """The steps weighed for the global `batch`, fastest first by the TPU compiler's estimate
-        (none on other devices): for each head chunk, each recomputation policy
-        from none to full at the fewest microbatches that fit, where it needs fewer than the
-        policy before it (more recomputation in as many microbatches only costs more)."""
+        (none on other devices): each recomputation policy (`Remat`) with each head chunk at the
+        fewest microbatches that fit. A step that recomputes as much or more with a chunk as
+        small or smaller than one already found (more recomputation, and more chunks each adding
+        the head's [d, V] weight gradient, cost time) is compiled only where it needs fewer
+        microbatches than that one."""
         if not isinstance(self.chip, targets.Tpu):  # a GPU's roofline cannot tell them apart
             return []
-        chunks = dict.fromkeys((self.run.head_chunk, *HEAD_CHUNKS))  # the config's first
-        if self.config.model.backbone is Backbone.UNET:  # its head is a convolution
-            chunks = {0: None}
-        plans, near = [], None  # near: the first head chunk's answer, where the next start
-        for chunk in chunks:
-            fewest = None
-            for remat in Remat:
-                run = dataclasses.replace(self.run, remat=remat, head_chunk=chunk)
-                count = self.fewest_microbatches(run, batch, fewer_than=fewest, near=near)
-                near = near or count
-                if count is not None:
-                    fewest = count
-                    step = self.step(run, batch // self.data // count, count)
-                    plans.append(Plan(run, count, step))
+        chunks = [0] if self.config.model.backbone is Backbone.UNET else HEAD_CHUNKS  # a conv head
+        sizes = {c or HEAD_CHUNK: c for c in (*chunks, self.run.head_chunk)}  # the config's wins
+        chunks = [sizes[size] for size in sorted(sizes, reverse=True)]  # the largest first
+        order = list(Remat)
+        plans, fewest, near = [], {}, None  # near: the first answer, where the next start
+        for remat, chunk in ((r, c) for r in order for c in chunks):
+            faster = [
+                count
+                for (r, c), count in fewest.items()
+                if order.index(r) <= order.index(remat)
+                and (c or HEAD_CHUNK) >= (chunk or HEAD_CHUNK)
+            ]
+            run = dataclasses.replace(self.run, remat=remat, head_chunk=chunk)
+            count = self.fewest_microbatches(
+                run, batch, fewer_than=min(faster, default=None), near=near
+            )
+            near = near or count
+            if count is not None:
+                fewest[remat, chunk] = count
+                plans.append(Plan(run, count, self.step(run, batch // self.data // count, count)))
         return sorted(plans, key=lambda plan: plan.step.estimate.seconds)
 
     def batch_size(self) -> int:
@@ -465,7 +562,7 @@ class Planner:
             else f"; budget {show_size(self.budget)} after a {MARGIN:.0%} margin"
         )
         lines.append(f"  device memory    {show_size(self.memory)}{budget}")
-        fixed, per_example, largest = self.fit(run)
+        line, largest = self.fit(run)
         if largest == 0:
             self._no_fit("one example per device")
         step = self.step(run, largest)
@@ -474,12 +571,16 @@ class Planner:
             if step.flops is None
             else f"{step.flops / 1e12:.3g} TFLOP"
         )
-        at = " at 1-2 examples" if self.by_compiler else ""
+        if line is None:  # the compiler judged: what it said to the next size
+            over = self.step(run, largest + 1).over
+            needs = "" if over is None else f", {over:.2f}x the HBM"
+            line_text = f"{largest + 1} refused{needs}"
+        else:
+            line_text = f"line {show_size(line[0])} + {line[1] / 2**20:.1f} MiB per example"
         lines.append(
             f"  remat {run.remat.value}: largest microbatch {largest} per device "
             f"(global {largest * self.data} without accumulation): peak {show_size(step.peak)}, "
-            f"{flops} per step, compiled in {step.seconds:.1f} s; line {show_size(fixed)} + "
-            f"{per_example / 2**20:.1f} MiB per example{at}"
+            f"{flops} per step, compiled in {step.seconds:.1f} s; {line_text}"
             + ("; the compiler rematerialised to fit it" if step.rematerialised else "")
         )
         batch = self.config.train.batch_size or largest * self.data

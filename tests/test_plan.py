@@ -20,6 +20,7 @@ from md4_eqx.plan import (
     PlanError,
     Planner,
     StepMemory,
+    _over,
     compiler_log,
     parse_size,
     step_memory,
@@ -81,7 +82,7 @@ def test_batch_size_auto_is_the_largest_that_fits(mesh):
     five = step_memory(CONFIG, mesh, batch=10, microbatches=1).peak
     planner = Planner(CONFIG, mesh, int((four + five) / 2 / (1.0 - MARGIN)))
     assert planner.batch_size() == 8
-    fixed, per_example, largest = planner.fit(planner.run)
+    (fixed, per_example), largest = planner.fit(planner.run)
     assert largest == 4 and per_example > 0
     # The reported line runs through the answer and half of it, where the slope matters.
     for m in (2, 4):
@@ -90,6 +91,51 @@ def test_batch_size_auto_is_the_largest_that_fits(mesh):
     # varies more than an example's activations); the search still stays near the answer:
     # 4 and 5 per device above, 1 and 2 for the line, then 3 (the gallop from a guess of 2).
     assert step_memory.cache_info().misses - compiled <= 5
+
+
+@pytest.mark.parametrize(
+    ("refusal", "over"),
+    [
+        (
+            "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+            "temporaries (12.50G) exceeds available HBM (15.75G).",
+            (12.5 + 3.5) / 15.75,  # the state's 3.5 GiB added to the temporaries
+        ),
+        (
+            "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 16.26G of 15.75G hbm. "
+            "Exceeded hbm capacity by 520.50M.",
+            16.26 / 15.75,
+        ),
+        ("RESOURCE_EXHAUSTED: Ran out of memory in memory space vmem.", None),
+    ],
+    ids=["temporaries", "used", "no-sizes"],
+)
+def test_refusal_says_how_far_over_the_memory(refusal, over):
+    measured = _over(refusal, int(3.5 * 2**30))
+    assert measured == (None if over is None else pytest.approx(over))
+
+
+@pytest.mark.parametrize(
+    ("fixed", "fits"),
+    [(0.33, 31), (0.97, 1), (1.1, 0), (0.0, 1024)],
+    ids=["md4-s", "one", "none", "all"],
+)
+def test_search_finds_the_largest_the_compiler_accepts_in_few_compiles(mesh, fixed, fits):
+    """Memory linear in the microbatch: a fixed part and 2.15% of the chip per example, as MD4-S's
+    refusals read on a v5e. The compiler refuses above the memory (`over` from its text) and
+    accepts below (its peak): the search returns the largest that fits after a handful of
+    compiles, from 1,024 examples per device down, not the ~20 of a bisection."""
+    tried = []
+
+    def step_at(m):
+        tried.append(m)
+        load = fixed + 0.0215 * m * (fits != 1024)
+        if load > 1:
+            return StepMemory(0, 0, 0, 0, None, 0.0, refused="out of memory", over=load)
+        return StepMemory(int(load * 2**30), 0, 0, 0, None, 0.0)
+
+    assert Planner(CONFIG, mesh, 2**30).search(step_at, range(1, 1025)) == fits
+    assert tried[0] == 1024 and len(tried) == len(set(tried)) and len(tried) <= 5, tried
 
 
 def test_nothing_fits_names_the_numbers(mesh):
