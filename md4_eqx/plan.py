@@ -213,19 +213,16 @@ _TEMPORARIES = re.compile(rf"temporaries \({_SIZE}\) exceeds available HBM \({_S
 _USED = re.compile(rf"Used {_SIZE} of {_SIZE} hbm")
 
 
-def _over(refusal: str, arguments: int) -> float | None:
-    """How many times the chip's memory a refused step needs, from the refusal's text, with the
-    step's `arguments` (its state) added where the refusal counted temporaries alone; None where
-    the text names no sizes."""
+def _over(refusal: str) -> float | None:
+    """How many times the chip's memory a refused step needs, as the refusal says it (its first
+    check counts temporaries alone: the compiler may still fit a step there, rematerialising);
+    None where the text names no sizes."""
 
     def size(number: str, unit: str) -> float:
         return float(number) * 1024 ** " KMGT".index(unit or " ")
 
-    if match := _USED.search(refusal):
-        return size(*match.groups()[:2]) / size(*match.groups()[2:])
-    if match := _TEMPORARIES.search(refusal):
-        return (size(*match.groups()[:2]) + arguments) / size(*match.groups()[2:])
-    return None
+    match = _USED.search(refusal) or _TEMPORARIES.search(refusal)
+    return None if match is None else size(*match.groups()[:2]) / size(*match.groups()[2:])
 
 
 # An instruction XLA's rematerialisation pass cloned to recompute it (`fusion.3.remat`).
@@ -247,9 +244,7 @@ def step_memory(config: Config, mesh: Mesh, *, batch: int, microbatches: int) ->
             if not any(refusal in str(e) for refusal in HBM_REFUSALS):
                 raise
             seconds, first = time.perf_counter() - started, str(e).strip().splitlines()[0]
-            arguments = sum(state_bytes(abstract_state(config, mesh)[0]).values())
-            over = _over(str(e), arguments)
-            return StepMemory(0, 0, 0, 0, None, seconds, refused=first, over=over)
+            return StepMemory(0, 0, 0, 0, None, seconds, refused=first, over=_over(str(e)))
     seconds = time.perf_counter() - started
     m = compiled.memory_analysis()
     flops = (compiled.cost_analysis() or {}).get("flops")
@@ -400,11 +395,13 @@ class Planner:
         the microbatch, each try goes where a line meets the chip's memory: the line through the
         closest tries that fit and that do not, or before any fits, through the last two
         refusals (zero examples, zero memory after the first). A refusal says how far over the
-        memory its step is (`StepMemory.over`), the memory analysis how far under. A try that
+        memory its step is (`StepMemory.over`), the memory analysis how far under. The first
+        refusals count temporaries alone, so the line through them meets the memory at the
+        largest size the compiler's first check passes: the answer or just above it. A try that
         leaves more than half of the interval is followed by its midpoint."""
         below, refused = (-1, 0, 0.0), []  # (index, size, memory / HBM): the closest that fits
         i, width = len(sizes) - 1, math.inf
-        while True:
+        while i >= 0:
             step = step_at(sizes[i])
             if step.refused:
                 refused.append((i, sizes[i], step.over))
@@ -422,6 +419,7 @@ class Planner:
             else:
                 i = bisect.bisect_right(sizes, m0 + (1.0 - l0) * (m1 - m0) / (l1 - l0)) - 1
                 i = min(max(i, below[0] + 1), above[0] - 1)
+        return 0  # no sizes
 
     def largest(self, run: ExecutionConfig) -> int:
         """The largest per-device microbatch that fits, confirmed by compiling (0: none): where
@@ -577,10 +575,16 @@ class Planner:
             line_text = f"{largest + 1} refused{needs}"
         else:
             line_text = f"line {show_size(line[0])} + {line[1] / 2**20:.1f} MiB per example"
+        speed = (
+            ""
+            if step.estimate is None
+            else f", {largest * m.seq_len / step.estimate.seconds:,.0f} tokens/s per chip by "
+            f"{step.estimate.basis.value} (an estimate)"
+        )
         lines.append(
             f"  remat {run.remat.value}: largest microbatch {largest} per device "
             f"(global {largest * self.data} without accumulation): peak {show_size(step.peak)}, "
-            f"{flops} per step, compiled in {step.seconds:.1f} s; {line_text}"
+            f"{flops} per step{speed}, compiled in {step.seconds:.1f} s; {line_text}"
             + ("; the compiler rematerialised to fit it" if step.rematerialised else "")
         )
         batch = self.config.train.batch_size or largest * self.data

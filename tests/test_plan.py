@@ -99,7 +99,7 @@ def test_batch_size_auto_is_the_largest_that_fits(mesh):
         (
             "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
             "temporaries (12.50G) exceeds available HBM (15.75G).",
-            (12.5 + 3.5) / 15.75,  # the state's 3.5 GiB added to the temporaries
+            12.5 / 15.75,  # temporaries alone: the compiler's first check
         ),
         (
             "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 16.26G of 15.75G hbm. "
@@ -111,7 +111,7 @@ def test_batch_size_auto_is_the_largest_that_fits(mesh):
     ids=["temporaries", "used", "no-sizes"],
 )
 def test_refusal_says_how_far_over_the_memory(refusal, over):
-    measured = _over(refusal, int(3.5 * 2**30))
+    measured = _over(refusal)
     assert measured == (None if over is None else pytest.approx(over))
 
 
@@ -135,6 +135,7 @@ def test_search_finds_the_largest_the_compiler_accepts_in_few_compiles(mesh, fix
         return StepMemory(int(load * 2**30), 0, 0, 0, None, 0.0)
 
     assert Planner(CONFIG, mesh, 2**30).search(step_at, range(1, 1025)) == fits
+    assert Planner(CONFIG, mesh, 2**30).search(step_at, []) == 0  # nothing left to try
     assert tried[0] == 1024 and len(tried) == len(set(tried)) and len(tried) <= 5, tried
 
 
@@ -185,12 +186,17 @@ def test_auto_flags_parse_to_auto():
     ],
     ids=["full-in-one", "none-in-four", "minimal-in-two"],
 )
-def test_fastest_is_the_fastest_that_fits(mesh, monkeypatch, seconds_per_example, fastest):
+@pytest.mark.parametrize("by_compiler", [False, True], ids=["by-memory", "by-compiler"])
+def test_fastest_is_the_fastest_that_fits(
+    mesh, monkeypatch, seconds_per_example, fastest, by_compiler
+):
     """With steps whose peak and time follow a model (more recomputation: less memory, more time;
     more microbatches: a fixed cost each; the default head chunk, the larger, saves time and costs
     memory), the plan is the fastest of every (remat, head chunk, microbatches) that fits, found
-    by brute force, and steps that cannot beat one already found are never compiled."""
+    by brute force, and steps that cannot beat one already found are never compiled; alike where
+    the compiler's refusal says what fits (a TPU)."""
     per_example = {Remat.NONE: 100, Remat.MINIMAL: 50, Remat.FULL: 25}  # bytes
+    budget = 8 * 25 + 10  # FULL fits 8 per device
     compiled = []
 
     def step(run, microbatch, microbatches=1):
@@ -198,10 +204,13 @@ def test_fastest_is_the_fastest_that_fits(mesh, monkeypatch, seconds_per_example
         peak = per_example[run.remat] * microbatch + (0 if run.head_chunk else 10)
         seconds = microbatches * (0.5 + seconds_per_example[run.remat] * microbatch)
         seconds -= 0.0 if run.head_chunk else 0.1
-        return StepMemory(peak, 0, 0, 0, None, 0.0, estimate=StepTime(seconds, 0.0, Basis.ROOFLINE))
+        estimate = StepTime(seconds, 0.0, Basis.ROOFLINE)
+        if by_compiler and peak > budget:
+            return StepMemory(0, 0, 0, 0, None, 0.0, refused="out", over=peak / budget)
+        return StepMemory(peak, 0, 0, 0, None, 0.0, estimate=estimate)
 
-    planner = Planner(CONFIG, mesh, 0)
-    planner.budget, planner.chip = 8 * 25 + 10, targets.CHIPS["v5e"]  # FULL fits 8 per device
+    planner = Planner(CONFIG, mesh, budget, by_compiler=by_compiler)
+    planner.budget, planner.chip = budget, targets.CHIPS["v5e"]
     monkeypatch.setattr(planner, "step", step)
     plans = planner.fastest(BATCH)
     best = plans[0]
@@ -213,7 +222,7 @@ def test_fastest_is_the_fastest_that_fits(mesh, monkeypatch, seconds_per_example
         for c in HEAD_CHUNKS
         for k in (1, 2, 4, 8)
     ]
-    fitting = [s.estimate.seconds for s, _ in every if s.peak <= planner.budget]
+    fitting = [s.estimate.seconds for s, _ in every if not s.refused and s.peak <= planner.budget]
     assert best.step.estimate.seconds == min(fitting)
     assert [p.step.estimate.seconds for p in plans] == sorted(
         p.step.estimate.seconds for p in plans
