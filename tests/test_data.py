@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import ByteLevelBPETokenizer
 
+import data as data_script
 from md4_eqx import checkpoint
 from md4_eqx.config import Backbone
 from md4_eqx.data import BatchLoader, DataError, Subset, dataset_help, load
@@ -458,16 +459,41 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("args", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
-def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args):
+def _bad_input_files(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").touch()
     (tmp_path / "binary.bin").write_bytes(b"\xff\xfe\x00 binary")
     _text8_zip(tmp_path / "bad.zip", b"Capital letters")
+
+
+def _assert_one_line_and_exit_2(status: int, stderr: str) -> None:
+    assert status == 2
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert "Traceback" not in stderr and stderr.startswith("data.py: error: ")
+
+
+@pytest.mark.parametrize("args", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, monkeypatch, capfd):
+    """data.py's main in-process, as its entry point calls it (the entry point itself: the test
+    below): what reaches file descriptor 2, from Python or from a native library, is one line.
+    An exception that escapes main fails the test, as its traceback would."""
+    _bad_input_files(tmp_path)
     args = [a.format(tmp=tmp_path) for a in args]
-    result = _cli(*args, cache=tmp_path / "cache")
-    assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "Traceback" not in result.stderr and result.stderr.startswith("data.py: error: ")
+    monkeypatch.setenv("MD4_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sys, "argv", [str(REPO / "data.py"), *args])  # argparse's prog
+    monkeypatch.chdir(REPO)
+    try:
+        status = data_script.main(args)
+    except SystemExit as e:  # argparse's errors
+        status = e.code
+    _assert_one_line_and_exit_2(status, capfd.readouterr().err)
+
+
+def test_cli_bad_input_through_the_entry_point(tmp_path):
+    """One bad input through `python data.py`: nothing else (an import's warning) on stderr. The
+    image case: it reaches the dataset libraries."""
+    _bad_input_files(tmp_path)
+    result = _cli(*BAD_INPUTS["image seq-len"], cache=tmp_path / "cache")
+    _assert_one_line_and_exit_2(result.returncode, result.stderr)
 
 
 def test_two_processes_preparing_at_once_make_one_cache(tmp_path):

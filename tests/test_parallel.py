@@ -167,11 +167,17 @@ def runs():
     the same fresh state (made once and moved: `init_state` compiles for each mesh)."""
     optimizer = make_optimizer(CONFIG.optim, CONFIG.train.steps)
     fresh = init_state(CONFIG, optimizer, mesh_of(REFERENCE))
-    chunked = init_state(
-        dataclasses.replace(CONFIG, execution=dataclasses.replace(CONFIG.execution, head_chunk=24)),
-        optimizer,
-        mesh_of(REFERENCE),
-    )  # the same arrays, another static config
+    # The same arrays under another static config: the chunked state's structure (traced, not
+    # compiled) with the fresh state's leaves.
+    chunked_config = dataclasses.replace(
+        CONFIG, execution=dataclasses.replace(CONFIG.execution, head_chunk=24)
+    )
+    chunked = jax.tree.unflatten(
+        jax.tree.structure(
+            eqx.filter_eval_shape(init_state, chunked_config, optimizer, mesh_of(REFERENCE))
+        ),
+        jax.tree.leaves(fresh),
+    )
     # Copies first: training donates its state, and a moved array may share the original's buffer.
     starts = {
         shape: place(

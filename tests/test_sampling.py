@@ -77,6 +77,12 @@ def token_counts(tokens, vocab):
     return np.bincount(np.asarray(tokens).ravel(), minlength=vocab)
 
 
+def frequency_config(rule: Rule, loop: Loop) -> SamplerConfig:
+    """The sampler of the token-frequency tests (one compile per rule and loop, which
+    `test_wrong_distribution_is_detected` shares)."""
+    return SamplerConfig(rule=rule, loop=loop, steps=32, top_p=0.75, eta=0.1)
+
+
 @pytest.mark.parametrize(
     "rule, expected",
     [
@@ -92,7 +98,7 @@ def token_counts(tokens, vocab):
 def test_token_frequencies_match_the_model(rule, expected, loop):
     seq = 64
     model = fixed_output_model(PROBS, seq)
-    cfg = SamplerConfig(rule=rule, loop=loop, steps=32, top_p=0.75, eta=0.1)
+    cfg = frequency_config(rule, loop)
     template = jnp.full((64, seq), model.mask_id)
     if rule is Rule.REMDM and loop is Loop.EXACT_SKIP:
         with pytest.raises(ConfigError, match="every_step"):
@@ -141,12 +147,13 @@ def test_genmd4_sampler_follows_its_per_token_schedule():
 
 
 def test_wrong_distribution_is_detected():
-    """The chi-square check above has power: the same samples fail against shuffled
-    probabilities."""
+    """The chi-square check above has power: the same samples (its ancestral sampler's, for
+    the same key) fail against shuffled probabilities."""
     seq = 64
     model = fixed_output_model(PROBS, seq)
+    cfg = frequency_config(Rule.ANCESTRAL, Loop.EXACT_SKIP)
     tokens = generate(
-        model, jax.random.key(1), jnp.full((64, seq), model.mask_id), MESH, SamplerConfig(steps=32)
+        model, jax.random.key(1), jnp.full((64, seq), model.mask_id), MESH, cfg
     ).tokens
     counts = token_counts(tokens, model.vocab_size)
     assert stats.chisquare(counts, counts.sum() * PROBS[::-1]).pvalue < 1e-10
@@ -344,13 +351,14 @@ def test_sparse_head_draws_the_full_heads_tokens(rule, loop):
 
 def test_sparse_head_long_text():
     """`generate_long`, window by window, with the sparse head on a (2, 2) mesh: the full head's
-    tokens on one device."""
+    tokens on one device. The windows, sampler and mesh of
+    `test_generate_long_is_generate_window_by_window`, whose compiled window this shares."""
     seq = 8
     sparse, full = sparse_and_full(seq)
-    template = jnp.full((2, 20), sparse.mask_id, jnp.int32).at[:, :4].set(3)
+    template = jnp.full((4, 15), sparse.mask_id, jnp.int32).at[:, :4].set(3)
     cfg, key = SamplerConfig(steps=6), jax.random.key(9)
-    expected = generate_long(full, key, template, MESH, cfg, block=4)
-    out = generate_long(sparse, key, template, make_mesh(2, 2, jax.devices()[:4]), cfg, block=4)
+    expected = generate_long(full, key, template, MESH, cfg, block=3)
+    out = generate_long(sparse, key, template, make_mesh(2, 2, jax.devices()[:4]), cfg, block=3)
     np.testing.assert_array_equal(out.tokens, expected.tokens)
     assert int(jnp.max(out.tokens)) < sparse.vocab_size
 
