@@ -398,7 +398,8 @@ class Planner:
         memory its step is (`StepMemory.over`), the memory analysis how far under. The first
         refusals count temporaries alone, so the line through them meets the memory at the
         largest size the compiler's first check passes: the answer or just above it. A try that
-        leaves more than half of the interval is followed by its midpoint."""
+        leaves more than half of the interval above a size that fits is followed by its
+        midpoint."""
         below, refused = (-1, 0, 0.0), []  # (index, size, memory / HBM): the closest that fits
         i, width = len(sizes) - 1, math.inf
         while i >= 0:
@@ -410,7 +411,9 @@ class Planner:
             if not refused or refused[-1][0] - below[0] <= 1:
                 return below[1]
             above = refused[-1]
-            halve, width = above[0] - below[0] > width / 2, above[0] - below[0]
+            # Halving only above a size that fits: below the refusals' line lie accepted steps.
+            halve = below[0] >= 0 and above[0] - below[0] > width / 2
+            width = above[0] - below[0]
             (_, m0, l0), (_, m1, l1) = (
                 refused[-2:] if below[0] < 0 < len(refused) - 1 else (below, above)
             )

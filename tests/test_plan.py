@@ -137,6 +137,25 @@ def test_search_finds_the_largest_the_compiler_accepts_in_few_compiles(mesh, fix
     assert Planner(CONFIG, mesh, 2**30).search(step_at, range(1, 1025)) == fits
     assert Planner(CONFIG, mesh, 2**30).search(step_at, []) == 0  # nothing left to try
     assert tried[0] == 1024 and len(tried) == len(set(tried)) and len(tried) <= 5, tried
+    assert sum(m <= fits for m in tried) <= 1  # one accepted compile: the answer's
+
+
+def test_search_past_the_first_check_takes_one_accepted_compile(mesh):
+    """MD4-S on a v5e as the 2x4 plan met it: the first refusals (temporaries alone) put the
+    HBM at 35.3 examples; 35 passes that check and is refused after scheduling ("Used 15.76G of
+    15.75G"), and 34 fits (the compiler rematerialises to fit it). The search stays among the
+    refusals until the answer: one accepted compile."""
+    tried = []
+
+    def step_at(m):
+        tried.append(m)
+        if m >= 35:
+            over = 1.0006 if m == 35 else 0.1 + 0.0255 * m
+            return StepMemory(0, 0, 0, 0, None, 0.0, refused="out of memory", over=over)
+        return StepMemory(int(0.98 * 2**30), 0, 0, 0, None, 0.0)
+
+    assert Planner(CONFIG, mesh, 2**30).search(step_at, range(1, 1025)) == 34
+    assert sum(m <= 34 for m in tried) == 1 and len(tried) <= 5, tried
 
 
 def test_nothing_fits_names_the_numbers(mesh):
