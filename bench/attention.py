@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from md4_eqx.kernels import Impl, attention
 from md4_eqx.kernels.attention import available_impls
+from md4_eqx.targets import keep_jax_off_absent_tpus
 
 SHAPES = [(16, 1024, 12, 64), (4, 4096, 12, 64)]  # (batch, seq, heads, head_dim)
 SMALL_SHAPES = [(2, 256, 4, 64), (1, 1024, 4, 64)]
@@ -106,4 +107,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    keep_jax_off_absent_tpus()  # no libtpu warnings on a host without a TPU
     main()

@@ -40,6 +40,7 @@ from md4_eqx.config import (
     TrainConfig,
 )
 from md4_eqx.parallel import make_mesh
+from md4_eqx.targets import keep_jax_off_absent_tpus
 from md4_eqx.train_step import init_state, make_optimizer, make_train_step
 
 VOCAB, SEQ, LAYERS, HEADS, HEAD_DIM, BATCH = 256, 128, 4, 4, 64, 32
@@ -212,4 +213,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    keep_jax_off_absent_tpus()  # no libtpu warnings on a host without a TPU
     main()

@@ -24,6 +24,7 @@ from md4_eqx.config import Impl, Precision, preset
 from md4_eqx.loss import losses
 from md4_eqx.model import HEAD_CHUNK, MD4
 from md4_eqx.parallel import DATA, batch_specs, example_ids, make_mesh, shard_map_modules
+from md4_eqx.targets import keep_jax_off_absent_tpus
 
 
 def full_readout(readout):
@@ -97,4 +98,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    keep_jax_off_absent_tpus()  # no libtpu warnings on a host without a TPU
     main()

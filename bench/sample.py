@@ -33,6 +33,7 @@ from md4_eqx.config import PRESETS, Loop, Precision, SamplerConfig, preset
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
 from md4_eqx.sampling import FullHead, expected_skip_calls, generate
+from md4_eqx.targets import keep_jax_off_absent_tpus
 
 
 def machine() -> str:
@@ -131,4 +132,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    keep_jax_off_absent_tpus()  # no libtpu warnings on a host without a TPU
     main()

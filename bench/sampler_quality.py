@@ -33,6 +33,7 @@ from md4_eqx.genppl import CausalLM, unigram_entropy
 from md4_eqx.model import MD4
 from md4_eqx.parallel import make_mesh
 from md4_eqx.sampling import generate
+from md4_eqx.targets import keep_jax_off_absent_tpus
 from md4_eqx.train_step import init_state, make_optimizer, make_train_step
 
 BOS = 256  # the scorer's extra token, after the 256 bytes
@@ -179,4 +180,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    keep_jax_off_absent_tpus()  # no libtpu warnings on a host without a TPU
     sys.exit(main())

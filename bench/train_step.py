@@ -46,6 +46,7 @@ from md4_eqx.kernels import Impl
 from md4_eqx.kernels.attention import available_impls
 from md4_eqx.parallel import make_mesh
 from md4_eqx.step_time import flops_per_token
+from md4_eqx.targets import keep_jax_off_absent_tpus
 from md4_eqx.train_step import init_state, make_optimizer, make_train_step
 
 # Dense matmul peaks in TFLOP/s (no sparsity): bfloat16, and float32 as XLA runs it (TF32).
@@ -252,4 +253,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    keep_jax_off_absent_tpus()  # no libtpu warnings on a host without a TPU
     main()
