@@ -347,6 +347,7 @@ class Planner:
         self.run = self.config.execution
         self.chip = targets.chip_of(self.platform.device_kind)  # None: no time estimate
         self.echo = echo  # where each new compilation is told, as it ends
+        self.top = max(TOP_TOKENS // self.config.model.seq_len, 1)  # `largest`'s first try
 
     def step(self, run: ExecutionConfig, microbatch: int, microbatches: int = 1) -> StepMemory:
         """The step compiled with `microbatches` chunks of `microbatch` examples per device."""
@@ -429,8 +430,7 @@ class Planner:
         the compiler judges, searched up to `TOP_TOKENS` tokens per device (`search`), else by
         galloping from the line's guess."""
         if self.by_compiler:
-            sizes = range(1, max(TOP_TOKENS // self.config.model.seq_len, 1) + 1)
-            return self.search(lambda m: self.step(run, m), sizes)
+            return self.search(lambda m: self.step(run, m), range(1, self.top + 1))
         return _largest(lambda m: self.fits(run, m), self.guess(run))
 
     def fit(self, run: ExecutionConfig) -> tuple[tuple[int, int] | None, int]:
@@ -492,9 +492,10 @@ class Planner:
         microbatches than that one."""
         if not isinstance(self.chip, targets.Tpu):  # a GPU's roofline cannot tell them apart
             return []
-        chunks = [0] if self.config.model.backbone is Backbone.UNET else HEAD_CHUNKS  # a conv head
-        sizes = {c or HEAD_CHUNK: c for c in (*chunks, self.run.head_chunk)}  # the config's wins
+        sizes = {c or HEAD_CHUNK: c for c in (*HEAD_CHUNKS, self.run.head_chunk)}  # config's wins
         chunks = [sizes[size] for size in sorted(sizes, reverse=True)]  # the largest first
+        if self.config.model.backbone is Backbone.UNET:  # its head is a convolution
+            chunks = [self.run.head_chunk]
         order = list(Remat)
         plans, fewest, near = [], {}, None  # near: the first answer, where the next start
         for remat, chunk in ((r, c) for r in order for c in chunks):
@@ -572,10 +573,13 @@ class Planner:
             if step.flops is None
             else f"{step.flops / 1e12:.3g} TFLOP"
         )
-        if line is None:  # the compiler judged: what it said to the next size
+        if line is None and largest == self.top:
+            line_text = f"the most the search tries ({TOP_TOKENS:,} tokens)"
+        elif line is None:  # the compiler judged: what it said to the next size
             over = self.step(run, largest + 1).over
-            needs = "" if over is None else f", {over:.2f}x the HBM"
-            line_text = f"{largest + 1} refused{needs}"
+            line_text = f"{largest + 1} refused" + (
+                "" if over is None else f", {over:.2f}x the HBM"
+            )
         else:
             line_text = f"line {show_size(line[0])} + {line[1] / 2**20:.1f} MiB per example"
         speed = (

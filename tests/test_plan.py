@@ -158,6 +158,24 @@ def test_search_past_the_first_check_takes_one_accepted_compile(mesh):
     assert sum(m <= 34 for m in tried) == 1 and len(tried) <= 5, tried
 
 
+def test_report_says_where_the_search_stops(mesh, monkeypatch):
+    """Where the compiler accepts the search's first size (2^20 tokens per device), the report
+    says so, and compiles nothing above it to name a refusal."""
+    tried = []
+
+    def step(run, microbatch, microbatches=1):
+        tried.append(microbatch)
+        return StepMemory(2**20, 0, 0, 0, 1.0, 0.0)
+
+    planner = Planner(CONFIG, mesh, 2**30, by_compiler=True)
+    planner.chip = None  # no step-time estimate: the largest microbatch's line alone
+    monkeypatch.setattr(planner, "step", step)
+    report = planner.report()
+    assert f"largest microbatch {2**20 // 16} per device" in report
+    assert "the most the search tries (1,048,576 tokens)" in report
+    assert max(tried) == 2**20 // 16
+
+
 def test_nothing_fits_names_the_numbers(mesh):
     planner = Planner(CONFIG, mesh, 2**10)
     with pytest.raises(
