@@ -17,15 +17,18 @@ collectives' buffers).
 For a target (md4_eqx.targets: a TPU slice or GPUs this host does not have) the mesh is over its
 abstract devices and the compiler is that hardware's own. On TPU a batch fits when the compiler
 accepts it (`HBM_REFUSALS`): under memory pressure it rematerialises by itself, so the largest
-batch that compiles lies far above where the line through small batches crosses the memory. On
-GPU the memory analysis decides, as here (with XLA's attention: `_plannable`).
+batch that compiles lies far above where the line through small batches crosses the memory. It
+refuses a step too big in seconds and takes minutes to accept one, so there the search starts
+high and walks down along the figures its refusals name (`Planner.search`), not up from the
+line. On GPU the memory analysis decides, as here (with XLA's attention: `_plannable`).
 
 Where the TPU compiler estimates a step's time (md4_eqx.step_time: its cost model; a GPU gets a
 roofline, printed but not weighed), the plan for a given global batch is the fastest step that
 fits, not the largest:
 `Planner.fastest` weighs what each block recomputes (`Remat`), the head chunk and the number of
-microbatches. More recomputation costs time, so it is compiled only where it needs fewer
-microbatches than less recomputation did; every compilation is made once (`step_memory`).
+microbatches. More recomputation and smaller chunks cost time, so a step is compiled only where
+it needs fewer microbatches than one that recomputes no more with a chunk no smaller; every
+compilation is made once (`step_memory`).
 """
 
 import bisect
